@@ -1,0 +1,148 @@
+/* adam.c -- entry points: per-step constants, one OpenMP region over all blocks,
+ * and the call through the kernel table. Built with baseline flags only. */
+#include "fastadam.h"
+#include "dispatch.h"
+
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+void fa_step_consts_init(fa_step_consts *c, const fa_options *o, int64_t step)
+{
+    /* Everything here is double precision and happens once per block run,
+     * never per element. Powers use pow() of the exact integer t, as torch
+     * does with Python floats. */
+    const double t = (double)step;
+    const double bias_correction1 = o->bias_correction ? 1.0 - pow(o->beta1, t) : 1.0;
+    const double bias_correction2 = o->bias_correction ? 1.0 - pow(o->beta2, t) : 1.0;
+    const int decoupled = o->decoupled_weight_decay && o->weight_decay != 0.0;
+
+    c->grad_mul = (o->maximize ? -1.0 : 1.0) / o->grad_scale;
+    c->l2 = !o->decoupled_weight_decay && o->weight_decay != 0.0;
+    c->l2_weight_decay = c->l2 ? o->weight_decay : 0.0;
+    c->param_decay = decoupled ? 1.0 - o->lr * o->weight_decay : 1.0;
+    c->one_minus_beta1 = 1.0 - o->beta1;
+    c->beta2 = o->beta2;
+    c->one_minus_beta2 = 1.0 - o->beta2;
+    c->eps = o->eps;
+    c->amsgrad = o->amsgrad != 0;
+    if (o->eps_mode == FA_EPS_HAT) {
+        c->inv_sqrt_bias_correction2 = 1.0;
+        c->step_size = o->lr * sqrt(bias_correction2) / bias_correction1;
+    } else {
+        c->inv_sqrt_bias_correction2 = 1.0 / sqrt(bias_correction2);
+        c->step_size = o->lr / bias_correction1;
+    }
+}
+
+typedef struct { const fa_options *options; int64_t step; fa_step_consts consts; } consts_cache;
+
+static const fa_step_consts *consts_for(consts_cache *cache, const fa_block *b)
+{
+    /* Consecutive blocks of one group share options and step: compute once. */
+    if (cache->options != b->options || cache->step != b->step) {
+        fa_step_consts_init(&cache->consts, b->options, b->step);
+        cache->options = b->options;
+        cache->step = b->step;
+    }
+    return &cache->consts;
+}
+
+static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
+                      size_t nblocks, size_t lo, size_t hi)
+{
+    /* Process elements [lo, hi) of the concatenation of all blocks. */
+    consts_cache cache = {0};
+    size_t start = 0; /* global index of blocks[b]'s first element */
+    for (size_t b = 0; b < nblocks && start < hi; b++) {
+        const fa_block *blk = &blocks[b];
+        const size_t end = start + blk->n;
+        if (end > lo && blk->n > 0) {
+            const size_t i0 = lo > start ? lo - start : 0;
+            const size_t i1 = (hi < end ? hi : end) - start;
+            const size_t off = i0 * esize;
+            char *vmax = blk->max_exp_avg_sq ? (char *)blk->max_exp_avg_sq + off : NULL;
+            kernel(consts_for(&cache, blk), (char *)blk->param + off,
+                   (const char *)blk->grad + off, (char *)blk->exp_avg + off,
+                   (char *)blk->exp_avg_sq + off, vmax, i1 - i0);
+        }
+        start = end;
+    }
+}
+
+void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
+                  int num_threads, size_t chunk, fa_isa isa)
+{
+    const fa_kernel_table *table = fa_table(isa);
+    const fa_kernel_fn kernel = dtype == FA_FLOAT64 ? table->f64 : table->f32;
+    const size_t esize = dtype == FA_FLOAT64 ? sizeof(double) : sizeof(float);
+    size_t total = 0;
+    for (size_t b = 0; b < nblocks; b++) total += blocks[b].n;
+    if (chunk == 0) chunk = FA_DEFAULT_CHUNK;
+    const size_t nchunks = (total + chunk - 1) / chunk;
+
+#ifdef _OPENMP
+    int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+    if (nt > 1 && nchunks > 1) {
+        if ((size_t)nt > nchunks) nt = (int)nchunks;
+        /* One team for all blocks; thread k takes chunks [k*C/T, (k+1)*C/T).
+         * Every element is computed by exactly one thread with the same
+         * operations, so the bits do not depend on the split. */
+#pragma omp parallel num_threads(nt)
+        {
+            const size_t k = (size_t)omp_get_thread_num();
+            const size_t team = (size_t)omp_get_num_threads();
+            const size_t c0 = nchunks * k / team, c1 = nchunks * (k + 1) / team;
+            const size_t lo = c0 * chunk, hi = c1 * chunk < total ? c1 * chunk : total;
+            if (lo < hi) run_range(kernel, esize, blocks, nblocks, lo, hi);
+        }
+        return;
+    }
+#else
+    (void)num_threads;
+    (void)nchunks;
+#endif
+    run_range(kernel, esize, blocks, nblocks, 0, total);
+}
+
+void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
+                    float *exp_avg_sq, size_t n, int num_threads)
+{
+    const fa_kernel_table *table = fa_table(FA_ISA_AUTO);
+#ifdef _OPENMP
+    int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+    const size_t nchunks = (n + FA_DEFAULT_CHUNK - 1) / FA_DEFAULT_CHUNK;
+    if (nt > 1 && nchunks > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const size_t k = (size_t)omp_get_thread_num();
+            const size_t team = (size_t)omp_get_num_threads();
+            const size_t lo = n * k / team, hi = n * (k + 1) / team;
+            table->traffic(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, hi - lo);
+        }
+        return;
+    }
+#else
+    (void)num_threads;
+#endif
+    table->traffic(param, grad, exp_avg, exp_avg_sq, n);
+}
+
+int fa_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int fa_max_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}

@@ -1,0 +1,109 @@
+/* adam_kernel.h -- THE Adam kernel, written once as a plain C loop.
+ *
+ * Each isa_*.c file defines FA_SUFFIX and includes this header; CMake compiles
+ * each of them with its own instruction-set flags and always with
+ * -ffp-contract=off and without fast-math, so the compiler may vectorise the
+ * loop but may not fuse, reorder or approximate anything. Every operation
+ * below is a single IEEE-754 operation (+, -, *, /, sqrt, compare) that is
+ * correctly rounded in scalar and vector form alike; hence every path gives
+ * the same bits. fastadam/reference.py is the same sequence in NumPy.
+ *
+ * Per element, in the element type T (constants rounded once from double):
+ *     g  = grad * grad_mul                    sign for maximize, 1/grad_scale
+ *     g  = g + l2_weight_decay * p            only when L2 decay is on
+ *     p  = p * param_decay                    AdamW; exactly 1 otherwise
+ *     m  = m + one_minus_beta1 * (g - m)      torch's lerp form
+ *     v  = v * beta2 + (one_minus_beta2 * g) * g
+ *     vm = vm >= v ? vm : v                   AMSGrad only; denominator uses vm
+ *     d  = sqrt(v) * inv_sqrt_bias_correction2 + eps
+ *     p  = p - step_size * (m / d)
+ */
+#include "fastadam.h"
+
+#ifndef FA_SUFFIX
+#error "define FA_SUFFIX before including adam_kernel.h"
+#endif
+
+#define FA_CAT_(a, b) a##_##b
+#define FA_CAT(a, b) FA_CAT_(a, b)
+
+#if defined(_MSC_VER)
+#define FA_RESTRICT __restrict
+#define FA_INLINE static __forceinline
+#else
+#define FA_RESTRICT __restrict__
+#define FA_INLINE static inline __attribute__((always_inline))
+#endif
+
+/* The loop body, instantiated for constant (L2, AMSGRAD) so that the
+ * compiler sees four branch-free loops. */
+#define FA_DEFINE_KERNEL(T, SQRT, NAME)                                              \
+    FA_INLINE void NAME##_body(const fa_step_consts *c, T *FA_RESTRICT param,        \
+                               const T *FA_RESTRICT grad, T *FA_RESTRICT exp_avg,    \
+                               T *FA_RESTRICT exp_avg_sq,                            \
+                               T *FA_RESTRICT max_exp_avg_sq, size_t n,              \
+                               const int L2, const int AMSGRAD)                      \
+    {                                                                                \
+        const T grad_mul = (T)c->grad_mul;                                           \
+        const T l2_weight_decay = (T)c->l2_weight_decay;                             \
+        const T param_decay = (T)c->param_decay;                                     \
+        const T one_minus_beta1 = (T)c->one_minus_beta1;                             \
+        const T beta2 = (T)c->beta2;                                                 \
+        const T one_minus_beta2 = (T)c->one_minus_beta2;                             \
+        const T inv_sqrt_bc2 = (T)c->inv_sqrt_bias_correction2;                      \
+        const T eps = (T)c->eps;                                                     \
+        const T step_size = (T)c->step_size;                                         \
+        for (size_t i = 0; i < n; i++) {                                             \
+            T p = param[i];                                                          \
+            T g = grad[i] * grad_mul;                                                \
+            if (L2) g = g + l2_weight_decay * p;                                     \
+            p = p * param_decay;                                                     \
+            T m = exp_avg[i];                                                        \
+            m = m + one_minus_beta1 * (g - m);                                       \
+            T v = exp_avg_sq[i];                                                     \
+            v = v * beta2 + (one_minus_beta2 * g) * g;                               \
+            exp_avg[i] = m;                                                          \
+            exp_avg_sq[i] = v;                                                       \
+            T vd = v;                                                                \
+            if (AMSGRAD) {                                                           \
+                T vm = max_exp_avg_sq[i];                                            \
+                vm = vm >= v ? vm : v;                                               \
+                max_exp_avg_sq[i] = vm;                                              \
+                vd = vm;                                                             \
+            }                                                                        \
+            T d = SQRT(vd) * inv_sqrt_bc2 + eps;                                     \
+            param[i] = p - step_size * (m / d);                                      \
+        }                                                                            \
+    }                                                                                \
+    void FA_CAT(NAME, FA_SUFFIX)(const fa_step_consts *c, void *param,               \
+                                 const void *grad, void *exp_avg, void *exp_avg_sq,  \
+                                 void *max_exp_avg_sq, size_t n)                     \
+    {                                                                                \
+        T *p = (T *)param, *m = (T *)exp_avg, *v = (T *)exp_avg_sq;                  \
+        T *vm = (T *)max_exp_avg_sq;                                                 \
+        const T *g = (const T *)grad;                                                \
+        if (c->l2) {                                                                 \
+            if (c->amsgrad) NAME##_body(c, p, g, m, v, vm, n, 1, 1);                 \
+            else NAME##_body(c, p, g, m, v, vm, n, 1, 0);                            \
+        } else {                                                                     \
+            if (c->amsgrad) NAME##_body(c, p, g, m, v, vm, n, 0, 1);                 \
+            else NAME##_body(c, p, g, m, v, vm, n, 0, 0);                            \
+        }                                                                            \
+    }
+
+#include <math.h>
+
+FA_DEFINE_KERNEL(float, sqrtf, fa_kernel_f32)
+FA_DEFINE_KERNEL(double, sqrt, fa_kernel_f64)
+
+/* The traffic-only pattern for the roofline: same loads and stores, one add each. */
+void FA_CAT(fa_traffic_f32, FA_SUFFIX)(float *FA_RESTRICT p, const float *FA_RESTRICT g,
+                                       float *FA_RESTRICT m, float *FA_RESTRICT v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const float x = g[i];
+        p[i] += x;
+        m[i] += x;
+        v[i] += x;
+    }
+}

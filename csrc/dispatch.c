@@ -1,0 +1,161 @@
+/* dispatch.c -- CPU feature detection and the kernel table. Built with
+ * baseline flags only: nothing here may execute an instruction the CPU lacks. */
+#include "dispatch.h"
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#define FA_X86 1
+#if defined(_MSC_VER)
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
+#endif
+
+#define FA_DECLARE(S)                                                                 \
+    void fa_kernel_f32_##S(const fa_step_consts *, void *, const void *, void *,      \
+                           void *, void *, size_t);                                   \
+    void fa_kernel_f64_##S(const fa_step_consts *, void *, const void *, void *,      \
+                           void *, void *, size_t);                                   \
+    void fa_traffic_f32_##S(float *, const float *, float *, float *, size_t);
+#define FA_ENTRY(S) {fa_kernel_f32_##S, fa_kernel_f64_##S, fa_traffic_f32_##S}
+#define FA_MISSING {0, 0, 0}
+
+FA_DECLARE(scalar)
+#ifdef FA_HAVE_SSE2
+FA_DECLARE(sse2)
+#endif
+#ifdef FA_HAVE_AVX2
+FA_DECLARE(avx2)
+#endif
+#ifdef FA_HAVE_AVX512
+FA_DECLARE(avx512)
+#endif
+#ifdef FA_HAVE_NEON
+FA_DECLARE(neon)
+#endif
+
+/* Indexed by fa_isa; an entry of null pointers means "not compiled in". */
+static const fa_kernel_table fa_tables[FA_ISA_COUNT] = {
+    FA_ENTRY(scalar),
+#ifdef FA_HAVE_SSE2
+    FA_ENTRY(sse2),
+#else
+    FA_MISSING,
+#endif
+#ifdef FA_HAVE_AVX2
+    FA_ENTRY(avx2),
+#else
+    FA_MISSING,
+#endif
+#ifdef FA_HAVE_AVX512
+    FA_ENTRY(avx512),
+#else
+    FA_MISSING,
+#endif
+#ifdef FA_HAVE_NEON
+    FA_ENTRY(neon),
+#else
+    FA_MISSING,
+#endif
+};
+
+static const char *const fa_names[FA_ISA_COUNT] = {"scalar", "sse2", "avx2", "avx512", "neon"};
+
+/* The dispatch choice: the one piece of global mutable state, set by fa_init. */
+static fa_isa fa_current = FA_ISA_SCALAR;
+static int fa_initialised = 0;
+
+#ifdef FA_X86
+static void cpuid(unsigned leaf, unsigned sub, unsigned r[4])
+{
+#if defined(_MSC_VER)
+    int regs[4];
+    __cpuidex(regs, (int)leaf, (int)sub);
+    for (int i = 0; i < 4; i++) r[i] = (unsigned)regs[i];
+#else
+    if (!__get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3])) r[0] = r[1] = r[2] = r[3] = 0;
+#endif
+}
+
+static unsigned long long xgetbv0(void)
+{
+#if defined(_MSC_VER)
+    return _xgetbv(0);
+#else
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+#endif
+}
+#endif
+
+int fa_isa_supported(fa_isa isa)
+{
+    switch (isa) {
+    case FA_ISA_SCALAR:
+        return 1;
+#ifdef FA_X86
+    case FA_ISA_SSE2:
+        return 1; /* part of x86-64 */
+    case FA_ISA_AVX2:
+    case FA_ISA_AVX512: {
+        unsigned r1[4], r7[4];
+        cpuid(0, 0, r1);
+        if (r1[0] < 7) return 0;
+        cpuid(1, 0, r1);
+        cpuid(7, 0, r7);
+        const int osxsave = (r1[2] >> 27) & 1, avx = (r1[2] >> 28) & 1, fma = (r1[2] >> 12) & 1;
+        if (!osxsave || !avx) return 0;
+        /* The OS must save the YMM (and for AVX-512, opmask and ZMM) state. */
+        const unsigned long long xcr0 = xgetbv0();
+        if ((xcr0 & 0x6) != 0x6) return 0;
+        if (isa == FA_ISA_AVX2) return fma && ((r7[1] >> 5) & 1);
+        return ((r7[1] >> 16) & 1) && (xcr0 & 0xe6) == 0xe6;
+    }
+#endif
+#if defined(__aarch64__) || defined(_M_ARM64)
+    case FA_ISA_NEON:
+        return 1; /* part of AArch64 */
+#endif
+    default:
+        return 0;
+    }
+}
+
+int fa_isa_compiled(fa_isa isa)
+{
+    return isa >= 0 && isa < FA_ISA_COUNT && fa_tables[isa].f32 != 0;
+}
+
+int fa_isa_usable(fa_isa isa) { return fa_isa_compiled(isa) && fa_isa_supported(isa); }
+
+const char *fa_isa_name(fa_isa isa)
+{
+    return isa >= 0 && isa < FA_ISA_COUNT ? fa_names[isa] : "auto";
+}
+
+int fa_init(fa_isa force)
+{
+    if (force != FA_ISA_AUTO) {
+        if (!fa_isa_usable(force)) return -1;
+        fa_current = force;
+    } else {
+        fa_isa best = FA_ISA_SCALAR;
+        for (int i = 0; i < FA_ISA_COUNT; i++)
+            if (fa_isa_usable((fa_isa)i)) best = (fa_isa)i; /* enum is in order of preference */
+        fa_current = best;
+    }
+    fa_initialised = 1;
+    return fa_current;
+}
+
+fa_isa fa_isa_current(void)
+{
+    if (!fa_initialised) fa_init(FA_ISA_AUTO);
+    return fa_current;
+}
+
+const fa_kernel_table *fa_table(fa_isa isa)
+{
+    return &fa_tables[isa == FA_ISA_AUTO ? fa_isa_current() : isa];
+}

@@ -1,0 +1,40 @@
+"""Command line: ``python -m fastadam info`` (build and machine) and ``bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def info(argv=None):
+    import fastadam
+
+    c = fastadam.config()
+    print(f"fastadam {c['version']}")
+    print(f"  SIMD path in use : {c['simd']}")
+    print(f"  usable here      : {', '.join(c['simd_available'])}")
+    print(f"  compiled in      : {', '.join(c['simd_compiled'])}")
+    print(f"  OpenMP           : {'yes' if c['openmp'] else 'no (serial build)'}")
+    print(f"  max threads      : {c['max_threads']}")
+    print("  force a path with FASTADAM_SIMD=" + "|".join(c["simd_compiled"] + ["auto"]))
+    return 0
+
+
+def bench_main(argv=None):
+    from .bench import main
+
+    return main(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m fastadam",
+                                     description="fastadam command line")
+    parser.add_argument("command", choices=["info", "bench"], help="what to do")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        return info(rest)
+    return bench_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Checking and normalising user arguments (plain Python, shared by every entry point).
+
+Every function raises TypeError (wrong kind of value) or ValueError (value out of
+range) naming the argument, and is called before any buffer is touched.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+EPS_MODES = {"paper": 0, "hat": 1}
+
+
+class Options(NamedTuple):
+    """Hyperparameters of one group, checked, in the order _core._Plan.set_options takes."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    amsgrad: bool
+    maximize: bool
+    bias_correction: bool
+    eps_mode: int
+    grad_scale: float = 1.0
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, int)) or isinstance(value, float):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                  bias_correction, eps_mode, grad_scale=1.0) -> Options:
+    lr = _real("lr", lr)
+    if not (lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    beta1, beta2 = _real("betas[0]", beta1), _real("betas[1]", beta2)
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"betas[0] (beta1) must be in [0, 1), got {beta1}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"betas[1] (beta2) must be in [0, 1), got {beta2}")
+    eps = _real("eps", eps)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    weight_decay = _real("weight_decay", weight_decay)
+    if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    grad_scale = _real("grad_scale", grad_scale)
+    if not (grad_scale > 0.0 and math.isfinite(grad_scale)):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be 'paper' or 'hat', got {eps_mode!r}")
+    return Options(lr, beta1, beta2, eps, weight_decay,
+                   _flag("decoupled_weight_decay", decoupled_weight_decay),
+                   _flag("amsgrad", amsgrad), _flag("maximize", maximize),
+                   _flag("bias_correction", bias_correction), EPS_MODES[eps_mode], grad_scale)
+
+
+def check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer >= 1 (the paper's t), got {type(step).__name__}")
+    step = int(step)
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the paper's t), got {step}")
+    if step > 2**62:
+        raise ValueError(f"step must be < 2**62, got {step}")
+    return step
+
+
+def check_threads(num_threads) -> int:
+    """None -> 0 (OpenMP's default); else an int >= 1."""
+    if num_threads is None:
+        return 0
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an int >= 1 or None, got {type(num_threads).__name__}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+    return int(num_threads)

@@ -1,0 +1,60 @@
+"""The functional step: one fused C pass over one parameter tensor."""
+from __future__ import annotations
+
+from . import _core
+from ._options import check_options, check_step, check_threads
+
+__all__ = ["adam_step"]
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
+              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
+              max_exp_avg_sq=None, maximize=False, bias_correction=True, eps_mode="paper",
+              num_threads=None, grad_scale=1.0):
+    r"""One Adam step, in place, in a single fused pass (GIL released).
+
+    With alpha = ``lr``, (beta1, beta2) = ``betas``, epsilon = ``eps``, lambda =
+    ``weight_decay`` and t = ``step``::
+
+        m <- beta1 * m + (1 - beta1) * g          (exp_avg)
+        v <- beta2 * v + (1 - beta2) * g**2       (exp_avg_sq)
+        p <- p - alpha * m_hat / (sqrt(v_hat) + epsilon),
+             m_hat = m / (1 - beta1**t),  v_hat = v / (1 - beta2**t)
+
+    The exact order of operations, the ``eps_mode="hat"`` variant, weight decay (L2, or
+    decoupled as in AdamW), AMSGrad and maximize are specified by
+    :func:`fastadam.reference.adam_step`, whose results this function reproduces bit for
+    bit on every SIMD path and thread count.
+
+    Parameters
+    ----------
+    param, exp_avg, exp_avg_sq : writable C-contiguous arrays (or buffer-protocol objects)
+        of one dtype, float32 or float64, updated in place. Start exp_avg, exp_avg_sq at 0.
+    grad : C-contiguous array of the same dtype and shape; read only. It may not share
+        memory with any buffer written.
+    step : int >= 1, the step being taken (t). No hidden counter: pass 1, 2, 3, ...
+    max_exp_avg_sq : like exp_avg_sq; required (and updated) when ``amsgrad=True``,
+        ignored otherwise.
+    grad_scale : gradients are divided by this inside the pass (loss scaling); 1 = none.
+    num_threads : OpenMP threads (None: OpenMP's default). Does not change the result.
+
+    Raises
+    ------
+    TypeError, ValueError
+        naming the argument, before any buffer is written.
+    """
+    options = check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                            maximize, bias_correction, eps_mode, grad_scale)
+    step = check_step(step)
+    nt = check_threads(num_threads)
+    return _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, nt)
+
+
+def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, num_threads,
+          isa=-1, chunk=0):
+    """adam_step after argument checks; isa and chunk let tests force a path and a split."""
+    plan = _core._Plan([param], [exp_avg], [exp_avg_sq],
+                       [max_exp_avg_sq if options.amsgrad else None], [0], 1, True)
+    plan.set_options(0, *options)
+    plan.set_step(0, step - 1)
+    plan.step([grad], num_threads, chunk, isa)
