@@ -205,3 +205,29 @@ def test_fastadam_simd_environment_variable():
         assert f"FASTADAM_SIMD={name!r}" in r.stderr
         assert ("not compiled" in r.stderr or "does not support" in r.stderr
                 or "unknown SIMD path" in r.stderr)
+
+
+def test_step_allocates_no_buffers():
+    """A step over 1e6 parameters allocates no array memory (tracemalloc sees NumPy's
+    data allocations): only a few small Python objects."""
+    import tracemalloc
+    params = [np.zeros(500_000, np.float32), np.zeros((500, 1000), np.float32)]
+    grads = [np.ones_like(p) for p in params]
+    opt = fastadam.Adam(params, amsgrad=True)
+    opt.step(grads)
+    tracemalloc.start()
+    try:
+        opt.step(grads)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4096, f"a step allocated {peak} bytes"
+    # and the reference, by contrast, allocates temporaries of the tensor's size
+    tracemalloc.start()
+    try:
+        reference.adam_step(params[0], grads[0], opt.state[0]["exp_avg"],
+                            opt.state[0]["exp_avg_sq"], step=3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak > 2_000_000
