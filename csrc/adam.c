@@ -106,6 +106,66 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
     run_range(kernel, esize, blocks, nblocks, 0, total);
 }
 
+size_t fa_grad_stats_workspace(size_t total_elements)
+{
+    return (total_elements + FA_NORM_CHUNK - 1) / FA_NORM_CHUNK;
+}
+
+/* Chunks [c0, c1) of the concatenated grads: one sum of squares per chunk into ws[c]. */
+static void stats_range(fa_sumsq_fn sumsq, size_t esize, const fa_block *blocks, size_t nblocks,
+                        size_t total, size_t c0, size_t c1, double *ws, double *nonfinite)
+{
+    size_t b = 0, start = 0; /* first block that ends after the chunk's start */
+    for (size_t c = c0; c < c1; c++) {
+        const size_t lo = c * FA_NORM_CHUNK;
+        const size_t hi = lo + FA_NORM_CHUNK < total ? lo + FA_NORM_CHUNK : total;
+        double acc[16] = {0};
+        while (b < nblocks && start + blocks[b].n <= lo) start += blocks[b++].n;
+        for (size_t bb = b, s = start; bb < nblocks && s < hi; s += blocks[bb++].n) {
+            const size_t e = s + blocks[bb].n;
+            const size_t i0 = lo > s ? lo - s : 0, i1 = (hi < e ? hi : e) - s;
+            if (i1 > i0) sumsq((const char *)blocks[bb].grad + i0 * esize, i1 - i0, acc, nonfinite);
+        }
+        double sum = acc[0];
+        for (int j = 1; j < 16; j++) sum = sum + acc[j];
+        ws[c] = sum;
+    }
+}
+
+double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, double *workspace,
+                     int num_threads, fa_isa isa, int *nonfinite)
+{
+    const fa_kernel_table *table = fa_table(isa);
+    const fa_sumsq_fn sumsq = dtype == FA_FLOAT64 ? table->sumsq_f64 : table->sumsq_f32;
+    const size_t esize = dtype == FA_FLOAT64 ? sizeof(double) : sizeof(float);
+    size_t total = 0;
+    for (size_t b = 0; b < nblocks; b++) total += blocks[b].n;
+    const size_t nchunks = fa_grad_stats_workspace(total);
+    double nf = 0.0; /* NaN iff some element is inf or NaN; order of + is irrelevant to that */
+#ifdef _OPENMP
+    int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+    if (nt > 1 && nchunks > 1) {
+        if ((size_t)nt > nchunks) nt = (int)nchunks;
+#pragma omp parallel num_threads(nt) reduction(+ : nf)
+        {
+            const size_t k = (size_t)omp_get_thread_num();
+            const size_t team = (size_t)omp_get_num_threads();
+            stats_range(sumsq, esize, blocks, nblocks, total, nchunks * k / team,
+                        nchunks * (k + 1) / team, workspace, &nf);
+        }
+    } else
+#else
+    (void)num_threads;
+#endif
+    {
+        stats_range(sumsq, esize, blocks, nblocks, total, 0, nchunks, workspace, &nf);
+    }
+    double sum = 0.0;
+    for (size_t c = 0; c < nchunks; c++) sum = sum + workspace[c];
+    *nonfinite = nf != nf;
+    return sum;
+}
+
 void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
                     float *exp_avg_sq, size_t n, int num_threads)
 {

@@ -96,6 +96,37 @@
 FA_DEFINE_KERNEL(float, sqrtf, fa_kernel_f32)
 FA_DEFINE_KERNEL(double, sqrt, fa_kernel_f64)
 
+/* Sum of squares with 16 interleaved double accumulators: lane j takes the elements
+ * whose index within the segment is j mod 16, in order. Each lane is one sequential
+ * chain, so vectorising across lanes does not change a bit. acc[16] carries on across
+ * the segments of one chunk; nonfinite accumulates x*0, which is NaN iff x is inf/NaN. */
+#define FA_DEFINE_SUMSQ(T, NAME)                                                       \
+    void FA_CAT(NAME, FA_SUFFIX)(const void *src, size_t n, double *FA_RESTRICT acc,   \
+                                 double *FA_RESTRICT nonfinite)                        \
+    {                                                                                  \
+        const T *FA_RESTRICT x = (const T *)src;                                       \
+        double a[16], z[16];                                                           \
+        for (int j = 0; j < 16; j++) { a[j] = acc[j]; z[j] = 0.0; }                    \
+        size_t i = 0;                                                                  \
+        for (; i + 16 <= n; i += 16)                                                   \
+            for (int j = 0; j < 16; j++) {                                             \
+                const double d = (double)x[i + j];                                     \
+                a[j] = a[j] + d * d;                                                   \
+                z[j] = z[j] + d * 0.0;                                                 \
+            }                                                                          \
+        for (int j = 0; i + (size_t)j < n; j++) {                                      \
+            const double d = (double)x[i + j];                                         \
+            a[j] = a[j] + d * d;                                                       \
+            z[j] = z[j] + d * 0.0;                                                     \
+        }                                                                              \
+        double zs = 0.0;                                                               \
+        for (int j = 0; j < 16; j++) { acc[j] = a[j]; zs = zs + z[j]; }                \
+        *nonfinite = *nonfinite + zs;                                                  \
+    }
+
+FA_DEFINE_SUMSQ(float, fa_sumsq_f32)
+FA_DEFINE_SUMSQ(double, fa_sumsq_f64)
+
 /* The traffic-only pattern for the roofline: same loads and stores, one add each. */
 void FA_CAT(fa_traffic_f32, FA_SUFFIX)(float *FA_RESTRICT p, const float *FA_RESTRICT g,
                                        float *FA_RESTRICT m, float *FA_RESTRICT v, size_t n)

@@ -16,9 +16,12 @@
                            void *, void *, size_t);                                   \
     void fa_kernel_f64_##S(const fa_step_consts *, void *, const void *, void *,      \
                            void *, void *, size_t);                                   \
-    void fa_traffic_f32_##S(float *, const float *, float *, float *, size_t);
-#define FA_ENTRY(S) {fa_kernel_f32_##S, fa_kernel_f64_##S, fa_traffic_f32_##S}
-#define FA_MISSING {0, 0, 0}
+    void fa_traffic_f32_##S(float *, const float *, float *, float *, size_t);         \
+    void fa_sumsq_f32_##S(const void *, size_t, double *, double *);                  \
+    void fa_sumsq_f64_##S(const void *, size_t, double *, double *);
+#define FA_ENTRY(S) \
+    {fa_kernel_f32_##S, fa_kernel_f64_##S, fa_traffic_f32_##S, fa_sumsq_f32_##S, fa_sumsq_f64_##S}
+#define FA_MISSING {0, 0, 0, 0, 0}
 
 FA_DECLARE(scalar)
 #ifdef FA_HAVE_SSE2

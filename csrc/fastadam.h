@@ -105,6 +105,20 @@ typedef struct fa_block {
 void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
                   int num_threads, size_t chunk, fa_isa isa);
 
+/* Gradient statistics for loss scaling and global-norm clipping, in one read pass.
+ * Returns the sum of the squares of every grad element of every block (in double;
+ * float32 elements are widened exactly), and sets *nonfinite to 1 if any element is
+ * inf or NaN, else 0. The sum is deterministic: the concatenation of the blocks is cut
+ * into fixed chunks of FA_NORM_CHUNK elements, each chunk summed with 16 interleaved
+ * accumulators in a fixed order, then the chunk sums added in chunk order -- the same
+ * bits for every thread count and SIMD path. workspace must hold
+ * fa_grad_stats_workspace(total elements) doubles (caller-owned, no allocation here).
+ * Only the grad and n fields of the blocks are read. */
+#define FA_NORM_CHUNK ((size_t)16384)
+size_t fa_grad_stats_workspace(size_t total_elements);
+double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
+                     double *workspace, int num_threads, fa_isa isa, int *nonfinite);
+
 /* Dispatch. fa_init picks the best usable path, or `force` if it is usable
  * (force == FA_ISA_AUTO: best). Returns the chosen path, or -1 (nothing
  * changed) if `force` is not usable. Called once, at import. */

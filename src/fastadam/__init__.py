@@ -13,10 +13,11 @@ import os as _os
 
 from . import _core
 from .functional import adam_step
-from .optim import Adam, AdamW, InverseSqrtDecay, aligned_zeros
+from .optim import Adam, AdamW, InverseSqrtDecay, aligned_zeros, clip_grad_norm_
 
 __version__ = _core.VERSION
-__all__ = ["Adam", "AdamW", "InverseSqrtDecay", "adam_step", "aligned_zeros", "config",
+__all__ = ["Adam", "AdamW", "InverseSqrtDecay", "adam_step", "aligned_zeros", "clip_grad_norm_",
+           "config",
            "reference", "__version__"]
 
 

@@ -46,5 +46,9 @@ cdef extern from "fastadam.h" nogil:
     const char *fa_isa_name(fa_isa isa)
     int fa_openmp()
     int fa_max_threads()
+    size_t FA_NORM_CHUNK
+    size_t fa_grad_stats_workspace(size_t total_elements)
+    double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
+                         double *workspace, int num_threads, fa_isa isa, int *nonfinite)
     void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
                         float *exp_avg_sq, size_t n, int num_threads)

@@ -18,6 +18,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_RECORDS
                              PyBuffer_IsContiguous)
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, qsort
+from libc.math cimport sqrt
 
 from fastadam._cfastadam cimport *
 
@@ -167,6 +168,7 @@ cdef class _Plan:
     cdef fa_block *active
     cdef fa_options *options
     cdef _Interval *intervals
+    cdef double *workspace         # per-chunk sums for fa_grad_stats
     cdef readonly tuple arrays     # keeps every state object alive
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
@@ -190,6 +192,7 @@ cdef class _Plan:
         self.active = <fa_block *>calloc(n + 1, sizeof(fa_block))
         self.options = <fa_options *>calloc(ngroups, sizeof(fa_options))
         self.intervals = <_Interval *>calloc(4 * n + 1, sizeof(_Interval))
+        cdef size_t total = 0
         if (self.out == NULL or self.held == NULL or self.grad_views == NULL or
                 self.blocks == NULL or self.active == NULL or self.options == NULL or
                 self.intervals == NULL):
@@ -223,6 +226,11 @@ cdef class _Plan:
             self.blocks[i].n = <size_t>(self.out[4 * i].len // self.out[4 * i].itemsize)
             self.blocks[i].options = &self.options[g]
             self.blocks[i].step = 0
+        for i in range(n):
+            total += self.blocks[i].n
+        self.workspace = <double *>calloc(fa_grad_stats_workspace(total) + 1, sizeof(double))
+        if self.workspace == NULL:
+            raise MemoryError()
         # Every buffer the step writes must be disjoint from every other one.
         qsort(self.intervals, self.nintervals, sizeof(_Interval), _cmp_interval)
         for j in range(1, <Py_ssize_t>self.nintervals):
@@ -245,7 +253,7 @@ cdef class _Plan:
                 if self.held[i]:
                     PyBuffer_Release(&self.out[i])
         free(self.out); free(self.held); free(self.grad_views); free(self.blocks)
-        free(self.active); free(self.options); free(self.intervals)
+        free(self.active); free(self.options); free(self.intervals); free(self.workspace)
 
     @property
     def dtype(self):
@@ -267,24 +275,23 @@ cdef class _Plan:
     def set_options(self, Py_ssize_t group, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bint decoupled_weight_decay, bint amsgrad,
                     bint maximize, bint bias_correction, int eps_mode, double grad_scale=1.0):
+        # grad_scale is accepted (it is a field of _options.Options) but each step sets
+        # its own: it belongs to the step, not to the group.
         """Set one group's hyperparameters (already checked by _options.py)."""
         if not (0 <= group < <Py_ssize_t>self.ngroups):
             raise IndexError(group)
         cdef fa_options *o = &self.options[group]
         o.lr = lr; o.beta1 = beta1; o.beta2 = beta2; o.eps = eps
-        o.weight_decay = weight_decay; o.grad_scale = grad_scale
+        o.weight_decay = weight_decay; o.grad_scale = 1.0
         o.decoupled_weight_decay = decoupled_weight_decay; o.amsgrad = amsgrad
         o.maximize = maximize; o.bias_correction = bias_correction
         o.eps_mode = <fa_eps_mode>eps_mode
 
-    def step(self, grads, int num_threads=0, size_t chunk=0, int isa=-1):
-        """Take one step for every block whose grad is not None; returns how many.
-
-        Everything is checked before anything is written; on error no buffer
-        and no step count changes.
-        """
+    cdef size_t _acquire_grads(self, grads) except? 0:
+        """Acquire and check every non-None grad into grad_views/active; on error none is
+        held. Returns the number of active blocks."""
         cdef Py_ssize_t i, lo, hi, mid
-        cdef size_t nactive = 0, k
+        cdef size_t nactive = 0
         cdef Py_buffer *v
         cdef uintptr_t gs, ge
         if not isinstance(grads, (list, tuple)):
@@ -292,10 +299,6 @@ cdef class _Plan:
         if <size_t>len(grads) != self.n:
             raise ValueError(f"grads must have one entry per parameter ({self.n}), "
                              f"got {len(grads)}")
-        if isa != -1 and not fa_isa_usable(<fa_isa>isa):
-            raise ValueError(f"SIMD path {isa} is not usable on this machine")
-        if num_threads < 0:
-            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
         try:
             for i in range(<Py_ssize_t>self.n):
                 g = grads[i]
@@ -326,18 +329,100 @@ cdef class _Plan:
                 if lo > 0 and self.intervals[lo - 1].end > gs:
                     raise ValueError(f"{_label('grad', i, self.single)} shares memory with "
                                      f"{self._interval_label(lo - 1)}, which the step writes")
+        except BaseException:
+            self._release_grads(nactive)
+            raise
+        return nactive
+
+    cdef void _release_grads(self, size_t nactive) noexcept:
+        cdef size_t k
+        for k in range(nactive):
+            PyBuffer_Release(&self.grad_views[k])
+
+    def step(self, grads, int num_threads=0, size_t chunk=0, int isa=-1,
+             double grad_scale=1.0, bint skip_nonfinite=False, double max_grad_norm=0.0):
+        """Take one step for every block whose grad is not None.
+
+        grad_scale: every gradient is divided by it inside the pass (loss scaling).
+        skip_nonfinite: first check the gradients; if any element is inf/NaN, change
+        nothing (buffers and step counts) and return (False, norm).
+        max_grad_norm > 0: clip the global L2 norm of the unscaled gradients to it, as
+        torch.nn.utils.clip_grad_norm_ (coefficient max_norm/(norm + 1e-6), at most 1),
+        folded into the update pass.
+        Returns (stepped, grad_norm): grad_norm is the unscaled global norm before
+        clipping when it was computed (skip_nonfinite or clipping), else None.
+        Everything is checked before anything is written.
+        """
+        cdef size_t nactive, g
+        cdef int nonfinite = 0
+        cdef double sumsq = 0.0, norm = 0.0, coef = 1.0, scale = grad_scale
+        cdef bint stats = skip_nonfinite or max_grad_norm > 0.0
+        if isa != -1 and not fa_isa_usable(<fa_isa>isa):
+            raise ValueError(f"SIMD path {isa} is not usable on this machine")
+        if num_threads < 0:
+            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+        nactive = self._acquire_grads(grads)
+        try:
             with nogil:
-                fa_adam_step(<fa_dtype>self.dtype, self.active, nactive, num_threads, chunk,
-                             <fa_isa>isa)
+                if stats:
+                    sumsq = fa_grad_stats(<fa_dtype>self.dtype, self.active, nactive,
+                                          self.workspace, num_threads, <fa_isa>isa, &nonfinite)
+                    norm = sqrt(sumsq) / grad_scale
+                    if nonfinite:
+                        norm = sumsq  # inf or NaN, as torch reports it
+                    if max_grad_norm > 0.0:
+                        coef = max_grad_norm / (norm + 1e-6)
+                        if coef < 1.0:
+                            scale = grad_scale / coef
+                if not (skip_nonfinite and nonfinite):
+                    for g in range(self.ngroups):
+                        self.options[g].grad_scale = scale
+                    fa_adam_step(<fa_dtype>self.dtype, self.active, nactive, num_threads,
+                                 chunk, <fa_isa>isa)
         finally:
-            for k in range(nactive):
-                PyBuffer_Release(&self.grad_views[k])
-        # Commit the step counts of the blocks that moved.
-        k = 0
-        for i in range(<Py_ssize_t>self.n):
+            self._release_grads(nactive)
+        if skip_nonfinite and nonfinite:
+            return False, norm
+        for i in range(<Py_ssize_t>self.n):  # commit the step counts of the blocks that moved
             if grads[i] is not None:
                 self.blocks[i].step += 1
-        return nactive
+        return True, (norm if stats else None)
+
+
+def grad_stats(grads, int num_threads=0, int isa=-1):
+    """(sum of squares in double, any inf/NaN) over a list of float32 or float64 arrays,
+    deterministic for every thread count and SIMD path (see fa_grad_stats)."""
+    cdef Py_ssize_t n = len(grads), i
+    cdef Py_buffer *views = <Py_buffer *>calloc(n + 1, sizeof(Py_buffer))
+    cdef fa_block *blocks = <fa_block *>calloc(n + 1, sizeof(fa_block))
+    cdef double *ws = NULL
+    cdef Py_ssize_t held = 0
+    cdef int dtype = -1, nonfinite = 0
+    cdef size_t total = 0
+    cdef double sumsq = 0.0
+    if views == NULL or blocks == NULL:
+        free(views); free(blocks)
+        raise MemoryError()
+    try:
+        if isa != -1 and not fa_isa_usable(<fa_isa>isa):
+            raise ValueError(f"SIMD path {isa} is not usable on this machine")
+        for i in range(n):
+            dtype = _acquire(&views[i], grads[i], f"grads[{i}]", False, dtype, NULL)
+            held += 1
+            blocks[i].grad = views[i].buf
+            blocks[i].n = <size_t>(views[i].len // views[i].itemsize)
+            total += blocks[i].n
+        ws = <double *>calloc(fa_grad_stats_workspace(total) + 1, sizeof(double))
+        if ws == NULL:
+            raise MemoryError()
+        with nogil:
+            sumsq = fa_grad_stats(<fa_dtype>(dtype if dtype >= 0 else 0), blocks, n, ws,
+                                  num_threads, <fa_isa>isa, &nonfinite)
+    finally:
+        for i in range(held):
+            PyBuffer_Release(&views[i])
+        free(views); free(blocks); free(ws)
+    return sumsq, bool(nonfinite)
 
 
 def step_consts(double lr, double beta1, double beta2, double eps, double weight_decay,

@@ -10,7 +10,7 @@ __all__ = ["adam_step"]
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
               max_exp_avg_sq=None, maximize=False, bias_correction=True, eps_mode="paper",
-              num_threads=None, grad_scale=1.0):
+              num_threads=None, grad_scale=1.0, skip_nonfinite=False):
     r"""One Adam step, in place, in a single fused pass (GIL released).
 
     With alpha = ``lr``, (beta1, beta2) = ``betas``, epsilon = ``eps``, lambda =
@@ -36,7 +36,14 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     max_exp_avg_sq : like exp_avg_sq; required (and updated) when ``amsgrad=True``,
         ignored otherwise.
     grad_scale : gradients are divided by this inside the pass (loss scaling); 1 = none.
+    skip_nonfinite : if True, first check grad (one read pass); if it holds an inf or NaN,
+        change nothing and return False.
     num_threads : OpenMP threads (None: OpenMP's default). Does not change the result.
+
+    Returns
+    -------
+    bool
+        True if the step was taken (always, unless ``skip_nonfinite`` found inf/NaN).
 
     Raises
     ------
@@ -47,14 +54,16 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
                             maximize, bias_correction, eps_mode, grad_scale)
     step = check_step(step)
     nt = check_threads(num_threads)
-    return _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, nt)
+    return _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, nt,
+                 skip_nonfinite=bool(skip_nonfinite))
 
 
 def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, num_threads,
-          isa=-1, chunk=0):
+          isa=-1, chunk=0, skip_nonfinite=False):
     """adam_step after argument checks; isa and chunk let tests force a path and a split."""
     plan = _core._Plan([param], [exp_avg], [exp_avg_sq],
                        [max_exp_avg_sq if options.amsgrad else None], [0], 1, True)
     plan.set_options(0, *options)
     plan.set_step(0, step - 1)
-    plan.step([grad], num_threads, chunk, isa)
+    stepped, _ = plan.step([grad], num_threads, chunk, isa, options.grad_scale, skip_nonfinite)
+    return stepped

@@ -8,7 +8,7 @@ import numpy as np
 from . import _core
 from ._options import EPS_MODES, check_options, check_threads
 
-__all__ = ["Adam", "AdamW", "InverseSqrtDecay", "aligned_zeros"]
+__all__ = ["Adam", "AdamW", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm_"]
 
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad",
                "maximize", "bias_correction", "eps_mode")
@@ -65,6 +65,12 @@ class Adam:
     lr : float >= 0 or a callable ``lr(t) -> float`` of the 1-based step number (see
         :class:`InverseSqrtDecay`).
     num_threads : OpenMP threads for every step (None: OpenMP's default).
+    max_grad_norm : if set, clip the global L2 norm of all gradients to it, as
+        ``torch.nn.utils.clip_grad_norm_`` followed by the step would, but fused: one read
+        pass computes the norm (deterministically) and the clip coefficient is folded into
+        the update pass; gradients are not rewritten.
+    skip_nonfinite : if True, a step whose gradients hold an inf or NaN changes nothing
+        (parameters, moments, step counts) and ``step`` returns False.
 
     The moment buffers are allocated zeroed, 64-byte aligned, at construction; ``step``
     allocates nothing. ``state_dict()`` mirrors torch's layout (per-parameter ``step``,
@@ -76,7 +82,8 @@ class Adam:
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=None,
-                 bias_correction=True, eps_mode="paper", num_threads=None):
+                 bias_correction=True, eps_mode="paper", num_threads=None,
+                 max_grad_norm=None, skip_nonfinite=False):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         self.defaults = dict(lr=lr, betas=tuple(betas) if _is_pair(betas) else betas, eps=eps,
@@ -86,6 +93,9 @@ class Adam:
         self._check_group(self.defaults, "defaults")
         self.num_threads = num_threads
         check_threads(num_threads)
+        self.max_grad_norm = _check_max_norm(max_grad_norm)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.last_grad_norm = None
         if isinstance(params, np.ndarray) or not hasattr(params, "__iter__"):
             raise TypeError("params must be a list of arrays or of param-group dicts, "
                             f"got {type(params).__name__}")
@@ -179,17 +189,29 @@ class Adam:
         self._applied = [None] * len(self.param_groups)
 
     # -------------------------------------------------------------------- step
-    def step(self, grads):
+    def step(self, grads, grad_scale=1.0):
         """Update every parameter in place from ``grads`` (one array, or None to skip, per
-        parameter, in the order of the param groups) with one call into C."""
+        parameter, in the order of the param groups) with one call into C.
+
+        ``grad_scale``: the gradients are divided by it inside the pass (loss scaling).
+        Returns True if the step was taken, False if ``skip_nonfinite`` skipped it. When
+        the global gradient norm was computed (clipping or skip_nonfinite) it is left in
+        ``self.last_grad_norm`` (unscaled, before clipping)."""
         t = self._step_count + 1
         keys = [((g["lr"](t) if callable(g["lr"]) else g["lr"]), g["betas"], g["eps"],
                  g["weight_decay"], g["decoupled_weight_decay"], g["amsgrad"], g["maximize"],
                  g["bias_correction"], g["eps_mode"]) for g in self.param_groups]
         if keys != self._applied:
             self._apply(keys)
-        self._plan.step(grads, check_threads(self.num_threads), self._chunk, self._isa)
-        self._step_count = t
+        if grad_scale != 1.0:
+            check_options(1.0, (0.0, 0.0), 0.0, 0.0, False, False, False, True, "paper",
+                          grad_scale)
+        stepped, self.last_grad_norm = self._plan.step(
+            grads, check_threads(self.num_threads), self._chunk, self._isa, grad_scale,
+            self.skip_nonfinite, self.max_grad_norm or 0.0)
+        if stepped:
+            self._step_count = t
+        return stepped
 
     def _apply(self, keys):
         """Check every group's options, then hand them to the plan (all or nothing)."""
@@ -324,12 +346,53 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, maximize=False, decoupled_weight_decay=True,
-                 bias_correction=True, eps_mode="paper", num_threads=None):
+                 bias_correction=True, eps_mode="paper", num_threads=None,
+                 max_grad_norm=None, skip_nonfinite=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
                          bias_correction=bias_correction, eps_mode=eps_mode,
-                         num_threads=num_threads)
+                         num_threads=num_threads, max_grad_norm=max_grad_norm,
+                         skip_nonfinite=skip_nonfinite)
+
+
+def _check_max_norm(max_norm):
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.floating)):
+        raise TypeError(f"max_grad_norm must be a number > 0 or None, got "
+                        f"{type(max_norm).__name__}")
+    max_norm = float(max_norm)
+    if not (max_norm > 0.0 and math.isfinite(max_norm)):
+        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_norm}")
+    return max_norm
+
+
+def clip_grad_norm_(grads, max_norm, num_threads=None):
+    """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_``: coefficient max_norm / (norm + 1e-6), applied only
+    when below 1. Returns the norm before clipping (a float).
+
+    The norm is computed in C in one read pass, in double precision, with the same bits
+    for every thread count and SIMD path. To clip without rewriting the gradients, pass
+    ``max_grad_norm`` to the optimizer instead.
+    """
+    max_norm = _check_max_norm(max_norm)
+    if max_norm is None:
+        raise TypeError("max_norm must be a number > 0")
+    grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
+    sumsq, nonfinite = _core.grad_stats(grads, check_threads(num_threads))
+    norm = math.sqrt(sumsq)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            a = np.asarray(g)
+            if not a.flags.writeable:
+                raise ValueError("grads must be writable to be clipped in place")
+        for g in grads:
+            a = np.asarray(g)
+            a *= a.dtype.type(coef)
+    return norm
 
 
 def _is_pair(x):

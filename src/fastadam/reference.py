@@ -94,11 +94,12 @@ def step_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
               max_exp_avg_sq=None, maximize=False, bias_correction=True, eps_mode="paper",
-              num_threads=None, grad_scale=1.0):
+              num_threads=None, grad_scale=1.0, skip_nonfinite=False):
     """One Adam step in place, in plain NumPy: the specification of fastadam.adam_step.
 
     Same signature and results (bit for bit) as :func:`fastadam.adam_step`;
-    ``num_threads`` is accepted and ignored.
+    ``num_threads`` is accepted and ignored. Returns False, changing nothing, when
+    ``skip_nonfinite`` and grad holds an inf or NaN; True otherwise.
     """
     c = step_constants(step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
@@ -117,6 +118,8 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
             raise ValueError("max_exp_avg_sq is required when amsgrad=True")
         max_exp_avg_sq = np.asarray(max_exp_avg_sq)
 
+    if skip_nonfinite and not np.isfinite(grad).all():
+        return False
     with np.errstate(all="ignore"):  # IEEE semantics for inf/NaN, as documented
         p = param.copy()
         g = grad * T(c.grad_mul)
@@ -132,3 +135,4 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
             max_exp_avg_sq[...] = v
         denom = np.sqrt(v) * T(c.inv_sqrt_bias_correction2) + T(c.eps)
         param[...] = p - T(c.step_size) * (m / denom)
+    return True
