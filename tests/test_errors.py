@@ -261,3 +261,27 @@ def test_read_only_grad_and_any_buffer_object_accepted():
     fastadam.adam_step(p, memoryview(array.array("d", [1.0, 1.0])), array.array("d", [0, 0]),
                        array.array("d", [0, 0]), step=1, lr=0.5)
     assert list(p) == pytest.approx([0.5, 1.5])
+
+
+def test_ndarray_subclasses_and_byte_order():
+    """Exact ndarrays take a fast path; subclasses and other buffers the general one, with
+    the same checks."""
+    class Sub(np.ndarray):
+        pass
+
+    a = _arrays()
+    ref = {k: v.copy() for k, v in a.items()}
+    a["param"] = a["param"].view(Sub)
+    a["grad"] = a["grad"].view(Sub)
+    _call(a)
+    fastadam.reference.adam_step(ref["param"], ref["grad"], ref["exp_avg"], ref["exp_avg_sq"],
+                                 step=1)
+    assert np.array_equal(np.asarray(a["param"]), ref["param"])
+    a = _arrays()
+    a["grad"] = a["grad"].astype(a["grad"].dtype.newbyteorder())  # non-native byte order
+    _rejects(TypeError, "grad must have dtype float32", a)
+    a = _arrays()
+    a["param"] = a["param"].view(Sub)[::2]
+    for k in ("grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        a[k] = a[k][:17]
+    _rejects(ValueError, "param must be C-contiguous", a)

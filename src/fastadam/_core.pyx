@@ -21,6 +21,9 @@ from libc.stdlib cimport calloc, free, qsort
 from libc.math cimport sqrt
 
 from fastadam._cfastadam cimport *
+cimport numpy as cnp
+
+cnp.import_array()
 
 import sys
 
@@ -37,6 +40,7 @@ _OUT_NAMES[3] = b"max_exp_avg_sq"
 _PLURAL = {"param": "params", "grad": "grads", "exp_avg": "exp_avgs",
            "exp_avg_sq": "exp_avg_sqs", "max_exp_avg_sq": "max_exp_avg_sqs"}
 _DTYPE_NAMES = ("float32", "float64")
+_OUT_BASES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 # ----------------------------------------------------------------------- dispatch
@@ -96,32 +100,52 @@ cdef int _dtype_code(const Py_buffer *v) noexcept:
         return 1
     return -1
 
-cdef int _acquire(Py_buffer *view, object obj, str label, bint writable,
-                  int dtype, const Py_buffer *like) except -1:
+cdef int _acquire(Py_buffer *view, object obj, str base, Py_ssize_t index, bint single,
+                  bint writable, int dtype, const Py_buffer *like) except -1:
     """Acquire obj's buffer into *view and check it; on error nothing is held.
 
-    dtype: the required dtype code, or -1 for "float32 or float64".
-    like: the buffer whose shape this one must have, or NULL.
+    The argument is named _label(base, index, single) in errors (formatted only then:
+    this runs once per tensor per step). dtype: the required dtype code, or -1 for
+    "float32 or float64". like: the buffer whose shape this one must have, or NULL.
     """
     cdef int code, k
+    cdef bint same
+    cdef str label
+    if cnp.PyArray_CheckExact(obj):
+        code = _fill_from_ndarray(view, <cnp.ndarray>obj)
+        if code >= 0 and (dtype < 0 or code == dtype) and not (writable and view.readonly):
+            same = like == NULL or view.ndim == like.ndim
+            k = 0
+            while same and like != NULL and k < view.ndim:
+                same = view.shape[k] == like.shape[k]
+                k += 1
+            if same:
+                return code
+        # fall through: the general path below produces the error message
     if obj is None:
+        label = _label(base, index, single)
         raise TypeError(f"{label} must be a float32 or float64 array, got None")
     try:
         PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO)
     except Exception:
+        label = _label(base, index, single)
         raise TypeError(f"{label} must support the buffer protocol (a NumPy array, say); "
                         f"got {_describe(obj)}") from None
     try:
         code = _dtype_code(view)
+        label = None
         if code < 0 or (dtype >= 0 and code != dtype):
+            label = _label(base, index, single)
             want = _DTYPE_NAMES[dtype] if dtype >= 0 else "float32 or float64"
             raise TypeError(f"{label} must have dtype {want} (all buffers of a step share "
                             f"one dtype); got {_describe(obj)} with format "
                             f"{(view.format or b'?').decode()!r}")
         if not PyBuffer_IsContiguous(view, b'C'):
+            label = _label(base, index, single)
             raise ValueError(f"{label} must be C-contiguous; got a strided view "
                              f"(use numpy.ascontiguousarray and keep that array)")
         if writable and view.readonly:
+            label = _label(base, index, single)
             raise ValueError(f"{label} is updated in place and must be writable; "
                              f"got a read-only buffer")
         if like != NULL:
@@ -131,12 +155,36 @@ cdef int _acquire(Py_buffer *view, object obj, str label, bint writable,
                 same = view.shape[k] == like.shape[k]
                 k += 1
             if not same:
+                label = _label(base, index, single)
                 raise ValueError(f"{label} must have the shape of its parameter "
                                  f"{tuple(like.shape[k] for k in range(like.ndim))}; "
                                  f"got {tuple(view.shape[k] for k in range(view.ndim))}")
     except BaseException:
         PyBuffer_Release(view)
         raise
+    return code
+
+
+cdef int _fill_from_ndarray(Py_buffer *view, cnp.ndarray a) noexcept:
+    """The fast path for exact numpy.ndarray (no buffer export: ~20 ns instead of ~150 ns
+    per tensor per step). Fills the Py_buffer fields the checks and the call read and
+    leaves view.obj as it is: NULL, since every view slot is zeroed at allocation and
+    PyBuffer_Release resets it, so releasing this view is a no-op. The caller holds a reference to
+    the array for as long as the pointer is used. Returns the dtype code, or -1 when the
+    array is not a C-contiguous, native-order float32/float64 array (the general path
+    then reports what is wrong)."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    cdef int code = 0 if t == cnp.NPY_FLOAT32 else (1 if t == cnp.NPY_FLOAT64 else -1)
+    if code < 0 or not cnp.PyArray_ISNOTSWAPPED(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        return -1
+    view.buf = cnp.PyArray_DATA(a)
+    view.itemsize = 4 if code == 0 else 8
+    view.len = cnp.PyArray_SIZE(a) * view.itemsize
+    view.readonly = not cnp.PyArray_ISWRITEABLE(a)
+    view.ndim = cnp.PyArray_NDIM(a)
+    view.shape = <Py_ssize_t *>cnp.PyArray_DIMS(a)
+    view.strides = NULL
+    view.format = NULL
     return code
 
 
@@ -209,8 +257,8 @@ cdef class _Plan:
                 if which == 3 and objs[3] is None:
                     continue
                 v = &self.out[4 * i + which]
-                label = _label(_OUT_NAMES[which].decode(), i, single)
-                self.dtype = _acquire(v, objs[which], label, True, self.dtype,
+                self.dtype = _acquire(v, objs[which], _OUT_BASES[which], i, single, True,
+                                      self.dtype,
                                       NULL if which == 0 else &self.out[4 * i])
                 self.held[4 * i + which] = 1
                 if v.len > 0:
@@ -305,7 +353,7 @@ cdef class _Plan:
                 if g is None:
                     continue
                 v = &self.grad_views[nactive]
-                _acquire(v, g, _label("grad", i, self.single), False, self.dtype, &self.out[4 * i])
+                _acquire(v, g, "grad", i, self.single, False, self.dtype, &self.out[4 * i])
                 nactive += 1
                 self.active[nactive - 1] = self.blocks[i]
                 self.active[nactive - 1].grad = v.buf
@@ -407,7 +455,7 @@ def grad_stats(grads, int num_threads=0, int isa=-1):
         if isa != -1 and not fa_isa_usable(<fa_isa>isa):
             raise ValueError(f"SIMD path {isa} is not usable on this machine")
         for i in range(n):
-            dtype = _acquire(&views[i], grads[i], f"grads[{i}]", False, dtype, NULL)
+            dtype = _acquire(&views[i], grads[i], "grad", i, False, False, dtype, NULL)
             held += 1
             blocks[i].grad = views[i].buf
             blocks[i].n = <size_t>(views[i].len // views[i].itemsize)
