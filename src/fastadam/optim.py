@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
@@ -13,6 +14,7 @@ __all__ = ["Adam", "AdamW", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad",
                "maximize", "bias_correction", "eps_mode")
 _ALIGN = 64
+_group_key = operator.itemgetter(*_GROUP_KEYS)  # one C call per group per step
 
 
 def aligned_zeros(shape, dtype=np.float32, align=_ALIGN):
@@ -92,7 +94,6 @@ class Adam:
                              bias_correction=bias_correction, eps_mode=eps_mode)
         self._check_group(self.defaults, "defaults")
         self.num_threads = num_threads
-        check_threads(num_threads)
         self.max_grad_norm = _check_max_norm(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm = None
@@ -111,6 +112,15 @@ class Adam:
         for group in groups:
             self._add_group(group)
         self._rebuild()
+
+    @property
+    def num_threads(self):
+        """OpenMP threads per step (None: OpenMP's default); may be changed between steps."""
+        return self._num_threads or None
+
+    @num_threads.setter
+    def num_threads(self, value):
+        self._num_threads = check_threads(value)
 
     # ------------------------------------------------------------------ groups
     @staticmethod
@@ -198,16 +208,17 @@ class Adam:
         the global gradient norm was computed (clipping or skip_nonfinite) it is left in
         ``self.last_grad_norm`` (unscaled, before clipping)."""
         t = self._step_count + 1
-        keys = [((g["lr"](t) if callable(g["lr"]) else g["lr"]), g["betas"], g["eps"],
-                 g["weight_decay"], g["decoupled_weight_decay"], g["amsgrad"], g["maximize"],
-                 g["bias_correction"], g["eps_mode"]) for g in self.param_groups]
+        keys = [_group_key(g) for g in self.param_groups]
+        for i, k in enumerate(keys):
+            if callable(k[0]):  # an lr schedule: evaluate it for this step
+                keys[i] = (k[0](t),) + k[1:]
         if keys != self._applied:
             self._apply(keys)
         if grad_scale != 1.0:
             check_options(1.0, (0.0, 0.0), 0.0, 0.0, False, False, False, True, "paper",
                           grad_scale)
         stepped, self.last_grad_norm = self._plan.step(
-            grads, check_threads(self.num_threads), self._chunk, self._isa, grad_scale,
+            grads, self._num_threads, self._chunk, self._isa, grad_scale,
             self.skip_nonfinite, self.max_grad_norm or 0.0)
         if stepped:
             self._step_count = t
