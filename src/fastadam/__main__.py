@@ -27,13 +27,16 @@ def bench_main(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m fastadam",
-                                     description="fastadam command line")
-    parser.add_argument("command", choices=["info", "bench"], help="what to do")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "info":
-        return info(rest)
-    return bench_main(rest)
+    commands = {"info": info, "bench": bench_main}
+    if argv and argv[0] in commands:  # the subcommand parses (and documents) the rest
+        return commands[argv[0]](argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastadam", description="fastadam command line",
+        epilog="'python -m fastadam bench --help' lists the benchmark's options")
+    parser.add_argument("command", choices=list(commands), help="info: build and machine; "
+                        "bench: benchmark one Adam step against NumPy and torch")
+    parser.parse_args(argv)
+    return 2
 
 
 if __name__ == "__main__":
