@@ -64,9 +64,12 @@ static const fa_kernel_table fa_tables[FA_ISA_COUNT] = {
 
 static const char *const fa_names[FA_ISA_COUNT] = {"scalar", "sse2", "avx2", "avx512", "neon"};
 
-/* The dispatch choice: the one piece of global mutable state, set by fa_init. */
+/* The dispatch state, set once by fa_init: the chosen path and what the CPU supports
+ * (CPUID traps to the hypervisor under virtualisation, microseconds a call, so it is
+ * asked once, not per step). */
 static fa_isa fa_current = FA_ISA_SCALAR;
 static int fa_initialised = 0;
+static int fa_supported_cache[FA_ISA_COUNT];
 
 #ifdef FA_X86
 static void cpuid(unsigned leaf, unsigned sub, unsigned r[4])
@@ -92,7 +95,7 @@ static unsigned long long xgetbv0(void)
 }
 #endif
 
-int fa_isa_supported(fa_isa isa)
+static int detect_supported(fa_isa isa)
 {
     switch (isa) {
     case FA_ISA_SCALAR:
@@ -125,6 +128,18 @@ int fa_isa_supported(fa_isa isa)
     }
 }
 
+static void detect_all(void)
+{
+    for (int i = 0; i < FA_ISA_COUNT; i++) fa_supported_cache[i] = detect_supported((fa_isa)i);
+}
+
+int fa_isa_supported(fa_isa isa)
+{
+    if (isa < 0 || isa >= FA_ISA_COUNT) return 0;
+    if (!fa_initialised) fa_init(FA_ISA_AUTO);
+    return fa_supported_cache[isa];
+}
+
 int fa_isa_compiled(fa_isa isa)
 {
     return isa >= 0 && isa < FA_ISA_COUNT && fa_tables[isa].f32 != 0;
@@ -139,6 +154,8 @@ const char *fa_isa_name(fa_isa isa)
 
 int fa_init(fa_isa force)
 {
+    if (!fa_initialised) detect_all();
+    fa_initialised = 1; /* the support table is valid from here on */
     if (force != FA_ISA_AUTO) {
         if (!fa_isa_usable(force)) return -1;
         fa_current = force;
