@@ -91,14 +91,15 @@ typedef struct fa_block {
     int64_t step;              /* t, the step being taken (>= 1) */
 } fa_block;
 
-/* Default number of elements a thread takes at a time (see fa_adam_step). */
-#define FA_DEFAULT_CHUNK ((size_t)32768)
+/* Default least number of elements worth a thread (see fa_adam_step). */
+#define FA_DEFAULT_CHUNK ((size_t)16384)
 
 /* Update every block in place: one OpenMP parallel region over the
- * concatenation of all blocks, cut into chunks of `chunk` elements (0 means
- * FA_DEFAULT_CHUNK); each thread takes a contiguous run of chunks, so work is
- * balanced by element count whatever the block sizes. num_threads <= 0 means
- * OpenMP's default; a single chunk runs on the calling thread. isa selects a
+ * concatenation of all blocks, split into equal contiguous shares (cut on
+ * multiples of 16 elements), one per thread, so work is balanced by element
+ * count whatever the block sizes. A thread is used only for each `chunk`
+ * elements of work (0 means FA_DEFAULT_CHUNK): less than 2*chunk elements run
+ * on the calling thread. num_threads <= 0 means OpenMP's default. isa selects a
  * path (FA_ISA_AUTO: the chosen one); it must be compiled in and supported
  * (see fa_isa_usable), which the caller checks. The result does not depend on
  * num_threads, chunk or isa. */
