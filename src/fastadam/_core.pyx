@@ -419,7 +419,7 @@ cdef class _Plan:
                     if nonfinite:
                         norm = sumsq  # inf or NaN, as torch reports it
                     if max_grad_norm > 0.0:
-                        coef = max_grad_norm / (norm + 1e-6)
+                        coef = max_grad_norm / (norm + 1e-6)  # _options.clip_coefficient
                         if coef < 1.0:
                             scale = grad_scale / coef
                 if not (skip_nonfinite and nonfinite):

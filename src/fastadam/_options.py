@@ -60,15 +60,37 @@ def check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
     weight_decay = _real("weight_decay", weight_decay)
     if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
-    grad_scale = _real("grad_scale", grad_scale)
-    if not (grad_scale > 0.0 and math.isfinite(grad_scale)):
-        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
+    grad_scale = check_grad_scale(grad_scale)
     if eps_mode not in EPS_MODES:
         raise ValueError(f"eps_mode must be 'paper' or 'hat', got {eps_mode!r}")
     return Options(lr, beta1, beta2, eps, weight_decay,
                    _flag("decoupled_weight_decay", decoupled_weight_decay),
                    _flag("amsgrad", amsgrad), _flag("maximize", maximize),
                    _flag("bias_correction", bias_correction), EPS_MODES[eps_mode], grad_scale)
+
+
+def check_grad_scale(grad_scale) -> float:
+    """The loss scale gradients are divided by: a finite number > 0."""
+    grad_scale = _real("grad_scale", grad_scale)
+    if not (grad_scale > 0.0 and math.isfinite(grad_scale)):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
+    return grad_scale
+
+
+def check_max_norm(max_norm):
+    """None (no clipping) or a finite number > 0."""
+    if max_norm is None:
+        return None
+    max_norm = _real("max_grad_norm", max_norm)
+    if not (max_norm > 0.0 and math.isfinite(max_norm)):
+        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_norm}")
+    return max_norm
+
+
+def clip_coefficient(norm, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), capped at 1.
+    (_core._Plan.step applies the same formula inside its GIL-free section.)"""
+    return min(max_norm / (norm + 1e-6), 1.0)
 
 
 def check_step(step) -> int:

@@ -7,7 +7,8 @@ import operator
 import numpy as np
 
 from . import _core
-from ._options import EPS_MODES, check_options, check_threads
+from ._options import (EPS_MODES, check_grad_scale, check_max_norm, check_options,
+                       check_threads, clip_coefficient)
 
 __all__ = ["Adam", "AdamW", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm_"]
 
@@ -106,7 +107,7 @@ class Adam:
                              bias_correction=bias_correction, eps_mode=eps_mode)
         self._check_group(self.defaults, "defaults")
         self.num_threads = num_threads
-        self.max_grad_norm = _check_max_norm(max_grad_norm)
+        self.max_grad_norm = check_max_norm(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm = None
         if isinstance(params, np.ndarray) or not hasattr(params, "__iter__"):
@@ -233,8 +234,7 @@ class Adam:
         if keys != self._applied:
             self._apply(keys)
         if grad_scale != 1.0:
-            check_options(1.0, (0.0, 0.0), 0.0, 0.0, False, False, False, True, "paper",
-                          grad_scale)
+            grad_scale = check_grad_scale(grad_scale)
         stepped, self.last_grad_norm = self._plan.step(
             grads, self._num_threads, self._chunk, self._isa, grad_scale,
             self.skip_nonfinite, self.max_grad_norm or 0.0)
@@ -385,18 +385,6 @@ class AdamW(Adam):
                          skip_nonfinite=skip_nonfinite)
 
 
-def _check_max_norm(max_norm):
-    if max_norm is None:
-        return None
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.floating)):
-        raise TypeError(f"max_grad_norm must be a number > 0 or None, got "
-                        f"{type(max_norm).__name__}")
-    max_norm = float(max_norm)
-    if not (max_norm > 0.0 and math.isfinite(max_norm)):
-        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_norm}")
-    return max_norm
-
-
 def clip_grad_norm_(grads, max_norm, num_threads=None):
     """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``, as
     ``torch.nn.utils.clip_grad_norm_``: coefficient max_norm / (norm + 1e-6), applied only
@@ -406,13 +394,13 @@ def clip_grad_norm_(grads, max_norm, num_threads=None):
     for every thread count and SIMD path. To clip without rewriting the gradients, pass
     ``max_grad_norm`` to the optimizer instead.
     """
-    max_norm = _check_max_norm(max_norm)
+    max_norm = check_max_norm(max_norm)
     if max_norm is None:
         raise TypeError("max_norm must be a number > 0")
     grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
     sumsq, nonfinite = _core.grad_stats(grads, check_threads(num_threads))
     norm = math.sqrt(sumsq)
-    coef = max_norm / (norm + 1e-6)
+    coef = clip_coefficient(norm, max_norm)
     if coef < 1.0:
         for g in grads:
             a = np.asarray(g)

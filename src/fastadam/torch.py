@@ -17,15 +17,14 @@ their memory; nothing is copied to or from NumPy. The arithmetic is
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 
 import torch as _torch
 from torch.optim import Optimizer as _Optimizer
 
 from fastadam import _core
-from fastadam._options import check_options, check_threads
-from fastadam.optim import _check_max_norm
+from fastadam._options import (check_grad_scale, check_max_norm, check_options, check_threads,
+                               clip_coefficient)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -202,7 +201,7 @@ class Adam(_Optimizer):
                       for b in beta_pair)
         check_options(_scalar(lr), tuple(_scalar(b) for b in betas), eps, weight_decay,
                       decoupled_weight_decay, amsgrad, maximize, True, "paper")
-        self.max_grad_norm = _check_max_norm(max_grad_norm)
+        self.max_grad_norm = check_max_norm(max_grad_norm)
         check_threads(num_threads)
         self.num_threads = num_threads
         self.last_grad_norm = None
@@ -433,13 +432,9 @@ class Adam(_Optimizer):
             return loss
         scale = 1.0
         if grad_scale is not None:
-            scale = _scalar(grad_scale)
-            if isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
-                    or not (scale > 0 and math.isfinite(scale)):
-                raise ValueError(f"grad_scale must be a finite number > 0, got {scale!r}")
-            scale = float(scale)
+            scale = check_grad_scale(_scalar(grad_scale))
         threads = check_threads(self.num_threads)
-        max_norm = _check_max_norm(self.max_grad_norm) or 0.0
+        max_norm = check_max_norm(self.max_grad_norm) or 0.0
 
         groups = self.param_groups
         keys = [(_scalar(g["lr"]), tuple(map(_scalar, g["betas"])), _scalar(g["eps"]),
@@ -485,7 +480,7 @@ class Adam(_Optimizer):
                     if present:
                         sumsq += _core.grad_stats(present, threads)[0]
                 norm = math.sqrt(sumsq) / scale if math.isfinite(sumsq) else sumsq
-                coef = max_norm / (norm + 1e-6)
+                coef = clip_coefficient(norm, max_norm)
                 if coef < 1.0:
                     scales = [scale / coef if coef > 0 else math.inf] * len(c.plans)
                 self.last_grad_norm = norm
