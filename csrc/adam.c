@@ -50,7 +50,7 @@ static const fa_step_consts *consts_for(consts_cache *cache, const fa_block *b)
 }
 
 static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
-                      size_t nblocks, size_t lo, size_t hi)
+                      size_t nblocks, size_t lo, size_t hi, int prefetch)
 {
     /* Process elements [lo, hi) of the concatenation of all blocks. */
     consts_cache cache = {0};
@@ -65,14 +65,23 @@ static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
             char *vmax = blk->max_exp_avg_sq ? (char *)blk->max_exp_avg_sq + off : NULL;
             kernel(consts_for(&cache, blk), (char *)blk->param + off,
                    (const char *)blk->grad + off, (char *)blk->exp_avg + off,
-                   (char *)blk->exp_avg_sq + off, vmax, i1 - i0);
+                   (char *)blk->exp_avg_sq + off, vmax, i1 - i0, prefetch);
         }
         start = end;
     }
 }
 
+static int want_prefetch(int prefetch, size_t total, size_t esize, size_t nt)
+{
+    if (prefetch != FA_PREFETCH_AUTO) return prefetch != FA_PREFETCH_OFF;
+    size_t lo, hi;
+    fa_prefetch_window(&lo, &hi);
+    const size_t share = total / (nt ? nt : 1) * esize * 4;
+    return share > lo && share <= hi;
+}
+
 void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-                  int num_threads, size_t chunk, fa_isa isa)
+                  int num_threads, size_t chunk, fa_isa isa, int prefetch)
 {
     const fa_kernel_table *table = fa_table(isa);
     const fa_kernel_fn kernel = dtype == FA_FLOAT64 ? table->f64 : table->f32;
@@ -90,6 +99,7 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
     size_t nt = num_threads > 0 ? (size_t)num_threads : (size_t)omp_get_max_threads();
     if (nt > total / chunk) nt = total / chunk;
     if (nt > 1) {
+        const int pf = want_prefetch(prefetch, total, esize, nt);
 #pragma omp parallel num_threads((int)nt)
         {
             const size_t k = (size_t)omp_get_thread_num();
@@ -97,14 +107,14 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
             const size_t lo = k == 0 ? 0 : (total / team * k + total % team * k / team) & ~(size_t)15;
             const size_t hi = k + 1 == team ? total
                               : (total / team * (k + 1) + total % team * (k + 1) / team) & ~(size_t)15;
-            if (lo < hi) run_range(kernel, esize, blocks, nblocks, lo, hi);
+            if (lo < hi) run_range(kernel, esize, blocks, nblocks, lo, hi, pf);
         }
         return;
     }
 #else
     (void)num_threads;
 #endif
-    run_range(kernel, esize, blocks, nblocks, 0, total);
+    run_range(kernel, esize, blocks, nblocks, 0, total, want_prefetch(prefetch, total, esize, 1));
 }
 
 size_t fa_grad_stats_workspace(size_t total_elements)

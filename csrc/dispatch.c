@@ -2,6 +2,10 @@
  * baseline flags only: nothing here may execute an instruction the CPU lacks. */
 #include "dispatch.h"
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
 #define FA_X86 1
 #if defined(_MSC_VER)
@@ -13,9 +17,9 @@
 
 #define FA_DECLARE(S)                                                                 \
     void fa_kernel_f32_##S(const fa_step_consts *, void *, const void *, void *,      \
-                           void *, void *, size_t);                                   \
+                           void *, void *, size_t, int);                              \
     void fa_kernel_f64_##S(const fa_step_consts *, void *, const void *, void *,      \
-                           void *, void *, size_t);                                   \
+                           void *, void *, size_t, int);                              \
     void fa_traffic_f32_##S(float *, const float *, float *, float *, size_t);         \
     void fa_sumsq_f32_##S(const void *, size_t, double *, double *);                  \
     void fa_sumsq_f64_##S(const void *, size_t, double *, double *);
@@ -70,6 +74,7 @@ static const char *const fa_names[FA_ISA_COUNT] = {"scalar", "sse2", "avx2", "av
 static fa_isa fa_current = FA_ISA_SCALAR;
 static int fa_initialised = 0;
 static int fa_supported_cache[FA_ISA_COUNT];
+static size_t fa_l3_bytes; /* last-level cache size as the OS reports it; 0 if unknown */
 
 #ifdef FA_X86
 static void cpuid(unsigned leaf, unsigned sub, unsigned r[4])
@@ -128,9 +133,53 @@ static int detect_supported(fa_isa isa)
     }
 }
 
+static size_t detect_l3_bytes(void)
+{
+#ifdef FA_X86
+    /* The deterministic cache-parameter leaves (Intel: 4, AMD: 0x8000001D) describe one
+     * L3 instance, the cache a core actually shares. (glibc's sysconf reads AMD's legacy
+     * leaf 0x80000006, which under KVM can report the whole socket: 256 MiB for 32.) */
+    unsigned r[4];
+    cpuid(0, 0, r);
+    const int amd = r[1] == 0x68747541u; /* "Auth"enticAMD */
+    unsigned leaf = 4;
+    if (amd) {
+        cpuid(0x80000000u, 0, r);
+        if (r[0] < 0x8000001Du) return 0;
+        leaf = 0x8000001Du;
+    } else if (r[0] < 4) {
+        return 0;
+    }
+    for (unsigned i = 0; i < 16; i++) {
+        cpuid(leaf, i, r);
+        const unsigned type = r[0] & 31, level = (r[0] >> 5) & 7;
+        if (type == 0) break;
+        if (level == 3 && (type == 1 || type == 3)) {
+            const size_t ways = ((r[1] >> 22) & 0x3ff) + 1, parts = ((r[1] >> 12) & 0x3ff) + 1;
+            const size_t line = (r[1] & 0xfff) + 1, sets = (size_t)r[2] + 1;
+            return ways * parts * line * sets;
+        }
+    }
+    return 0;
+#elif defined(_SC_LEVEL3_CACHE_SIZE)
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE); /* glibc; 0 or -1 when unknown */
+    return l3 > 0 ? (size_t)l3 : 0;
+#else
+    return 0;
+#endif
+}
+
 static void detect_all(void)
 {
     for (int i = 0; i < FA_ISA_COUNT; i++) fa_supported_cache[i] = detect_supported((fa_isa)i);
+    fa_l3_bytes = detect_l3_bytes();
+}
+
+void fa_prefetch_window(size_t *lo, size_t *hi)
+{
+    if (!fa_initialised) fa_init(FA_ISA_AUTO);
+    *lo = fa_l3_bytes / 4;
+    *hi = fa_l3_bytes;
 }
 
 int fa_isa_supported(fa_isa isa)

@@ -5,7 +5,7 @@
 
 typedef void (*fa_kernel_fn)(const fa_step_consts *c, void *param, const void *grad,
                              void *exp_avg, void *exp_avg_sq, void *max_exp_avg_sq,
-                             size_t n);
+                             size_t n, int prefetch);
 typedef void (*fa_traffic_fn)(float *p, const float *g, float *m, float *v, size_t n);
 
 typedef void (*fa_sumsq_fn)(const void *x, size_t n, double *acc16, double *nonfinite);

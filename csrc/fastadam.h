@@ -91,6 +91,23 @@ typedef struct fa_block {
     int64_t step;              /* t, the step being taken (>= 1) */
 } fa_block;
 
+/* Software prefetching in the update pass (see fa_adam_step and adam_kernel.h). */
+typedef enum fa_prefetch {
+    FA_PREFETCH_AUTO = -1, /* on iff each thread's share lies in fa_prefetch_window() */
+    FA_PREFETCH_OFF = 0,
+    FA_PREFETCH_ON = 1
+} fa_prefetch;
+
+/* The window (lo, hi] of state bytes per thread -- elements x element size x 4
+ * streams (param, grad, exp_avg, exp_avg_sq) / threads -- in which FA_PREFETCH_AUTO
+ * prefetches: (L3/4, L3], L3 being the size of one L3 instance as CPUID (elsewhere
+ * the OS) reports it, read once by fa_init; (0, 0] (never) where none is reported.
+ * Measured on Zen 3 (L3 32 MiB): data of that size lives in L3,
+ * where the hardware prefetchers fall behind on the step's 4-5 streams; below it
+ * sits in L2, above it comes from DRAM, where the hardware does well and software
+ * prefetches only cost instructions. */
+void fa_prefetch_window(size_t *lo, size_t *hi);
+
 /* Default least number of elements worth a thread (see fa_adam_step). */
 #define FA_DEFAULT_CHUNK ((size_t)16384)
 
@@ -101,10 +118,11 @@ typedef struct fa_block {
  * elements of work (0 means FA_DEFAULT_CHUNK): less than 2*chunk elements run
  * on the calling thread. num_threads <= 0 means OpenMP's default. isa selects a
  * path (FA_ISA_AUTO: the chosen one); it must be compiled in and supported
- * (see fa_isa_usable), which the caller checks. The result does not depend on
- * num_threads, chunk or isa. */
+ * (see fa_isa_usable), which the caller checks. prefetch is an fa_prefetch
+ * (FA_PREFETCH_AUTO unless measuring). The result does not depend on num_threads,
+ * chunk, isa or prefetch. */
 void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-                  int num_threads, size_t chunk, fa_isa isa);
+                  int num_threads, size_t chunk, fa_isa isa, int prefetch);
 
 /* Gradient statistics for loss scaling and global-norm clipping, in one read pass.
  * Returns the sum of the squares of every grad element of every block (in double;

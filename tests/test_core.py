@@ -1,5 +1,5 @@
 """The numerical contract: the C kernels equal fastadam.reference bit for bit, on every
-SIMD path, thread count, chunking, size and alignment."""
+SIMD path, thread count, chunking, size, alignment and with or without software prefetch."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,8 @@ from fastadam import reference
 from fastadam._options import check_options
 from fastadam.functional import _step
 
-SIZES = [0, 1, 7, 8, 15, 16, 17, 63, 64, 65, 1000, 100003]
+# 1088 = 4096/4 + 64: the least float32 length whose prefetching loop runs (adam_kernel.h)
+SIZES = [0, 1, 7, 8, 15, 16, 17, 63, 64, 65, 1000, 1088, 1153, 100003]
 OPTIONS = {
     "default": {},
     "l2": dict(weight_decay=0.05),
@@ -60,21 +61,23 @@ def _grad(rng, n, dtype, t):
 def test_bitwise_equal_to_reference(isa, dtype, name, rng):
     kw = OPTIONS[name]
     options = _options(kw)
-    for threads, chunk in [(1, 0), (2, 0), (2, 16), (3, 5)]:
+    # prefetch: -1 = the automatic choice, 1 = forced on (so that path runs on any machine)
+    for threads, chunk, prefetch in [(1, 0, -1), (1, 0, 1), (2, 0, -1), (2, 16, 1), (3, 5, -1)]:
         for n in SIZES:
             for offset in (0, 1):
                 fast = _buffers(rng, n, dtype, offset)
                 ref = [a.copy() for a in fast]
                 for t in (1, 2, 3):
                     g = _grad(rng, n, dtype, t)
-                    _step(fast[0], g, fast[1], fast[2], fast[3], options, t, threads, isa, chunk)
+                    _step(fast[0], g, fast[1], fast[2], fast[3], options, t, threads, isa, chunk,
+                          prefetch=prefetch)
                     reference.adam_step(ref[0], g, ref[1], ref[2], step=t,
                                         max_exp_avg_sq=ref[3], **kw)
                 for label, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                                        fast, ref):
                     assert np.array_equal(a, b, equal_nan=True), (
                         f"{label} differs: n={n} offset={offset} threads={threads} "
-                        f"chunk={chunk}")
+                        f"chunk={chunk} prefetch={prefetch}")
 
 
 def test_reference_actually_moves(rng):
@@ -120,13 +123,13 @@ def test_multi_block_one_call_equals_reference(isa, dtype, rng):
     sizes = [100003, 1, 0, 17, 64, 3000, 5, 0, 65, 7] + [3] * 40
     groups_kw = [dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True),
                  dict(lr=0.003, betas=(0.5, 0.9), amsgrad=True, maximize=True)]
-    for threads, chunk in [(1, 0), (2, 0), (3, 7), (2, 1000)]:
+    for threads, chunk, prefetch in [(1, 0, -1), (2, 0, 1), (3, 7, -1), (2, 1000, 1)]:
         params = [rng.standard_normal(n).astype(dtype) for n in sizes]
         ref_params = [p.copy() for p in params]
         half = len(params) // 2
         opt = fastadam.Adam([dict(params=params[:half], **groups_kw[0]),
                              dict(params=params[half:], **groups_kw[1])], num_threads=threads)
-        opt._isa, opt._chunk = isa, chunk
+        opt._isa, opt._chunk, opt._prefetch = isa, chunk, prefetch
         ref_state = [[np.zeros_like(p) for _ in range(3)] for p in params]
         for t in (1, 2, 3):
             grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
@@ -135,18 +138,21 @@ def test_multi_block_one_call_equals_reference(isa, dtype, rng):
                 kw = groups_kw[0 if i < half else 1]
                 reference.adam_step(p, g, m, v, step=t, max_exp_avg_sq=vm, **kw)
         for i, (a, b) in enumerate(zip(params, ref_params)):
-            assert np.array_equal(a, b), f"block {i} (size {sizes[i]}) threads={threads}"
+            assert np.array_equal(a, b), (f"block {i} (size {sizes[i]}) threads={threads} "
+                                          f"prefetch={prefetch}")
 
 
 def test_result_independent_of_threads_and_chunks_large(rng):
-    """One large tensor through every split the scheduler can make."""
+    """One large tensor (16 MiB of state) through every split the scheduler can make, with
+    prefetching automatic, forced off and forced on."""
     n = 1 << 20
     base = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
     results = []
-    for threads, chunk in [(1, 0), (2, 0), (3, 0), (2, 1), (3, 4097), (2, n)]:
+    for threads, chunk, prefetch in [(1, 0, -1), (2, 0, -1), (3, 0, -1), (2, 1, -1),
+                                     (3, 4097, 1), (2, n, 0), (1, 0, 0), (1, 0, 1), (2, 0, 1)]:
         p, g = base[0].copy(), base[1]
         m, v = np.zeros_like(p), np.zeros_like(p)
-        _step(p, g, m, v, None, _options({}), 1, threads, -1, chunk)
+        _step(p, g, m, v, None, _options({}), 1, threads, -1, chunk, prefetch=prefetch)
         results.append(p)
     for r in results[1:]:
         assert np.array_equal(r, results[0])

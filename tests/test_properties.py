@@ -112,7 +112,8 @@ def _bound_S(beta1, beta2, t):
 @st.composite
 def kernel_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
-    n = draw(st.integers(0, 300))
+    # long enough, sometimes, for the prefetching loop (>= 1088 float32 elements)
+    n = draw(st.one_of(st.integers(0, 300), st.integers(1000, 1400)))
     seed = draw(st.integers(0, 2 ** 32 - 1))
     rng = np.random.default_rng(seed)
     lo, hi = draw(st.sampled_from([(-3, 1), (-8, 8), (-30, 30)]))
@@ -127,13 +128,13 @@ def kernel_cases(draw):
         for i, x in draw(special_values(n)):
             arr[i] = abs(x) if arr is v or arr is vmax else x
     return ([_cast(a, dtype) for a in (p, g, m, v, vmax)], draw(options), draw(step),
-            draw(st.sampled_from([(1, 0), (2, 0), (3, 7), (2, 64)])))
+            draw(st.sampled_from([(1, 0, -1), (2, 0, -1), (3, 7, -1), (2, 64, 1), (1, 0, 1)])))
 
 
 @settings(max_examples=250, **SETTINGS)
 @given(case=kernel_cases())
 def test_kernel_equals_reference_bitwise(case):
-    (p, g, m, v, vmax), kw, t, (threads, chunk) = case
+    (p, g, m, v, vmax), kw, t, (threads, chunk, prefetch) = case
     want = [p.copy(), m.copy(), v.copy(), vmax.copy()]
     reference.adam_step(want[0], g, want[1], want[2], step=t, max_exp_avg_sq=want[3], **kw)
     if not kw["amsgrad"]:
@@ -141,11 +142,11 @@ def test_kernel_equals_reference_bitwise(case):
     o = _check(kw)
     for name, isa in ISAS:
         got = [p.copy(), m.copy(), v.copy(), vmax.copy()]
-        _step(got[0], g, got[1], got[2], got[3], o, t, threads, isa, chunk)
+        _step(got[0], g, got[1], got[2], got[3], o, t, threads, isa, chunk, prefetch=prefetch)
         for label, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), got, want):
             assert _same_bits(a, b), (
                 f"{label} differs from the reference on {name} (threads={threads}, "
-                f"chunk={chunk}) at {np.flatnonzero(~((a == b) | np.isnan(a) & np.isnan(b)))}")
+                f"chunk={chunk}, prefetch={prefetch}) at {np.flatnonzero(~((a == b) | np.isnan(a) & np.isnan(b)))}")
     # The public entry point goes the same way (default path and threads).
     got = [p.copy(), m.copy(), v.copy(), vmax.copy()]
     fastadam.adam_step(got[0], g, got[1], got[2], step=t, max_exp_avg_sq=got[3], **kw)

@@ -52,7 +52,10 @@ def config():
 
     version, simd (the path in use), simd_available (compiled in and supported here, in
     order of preference), simd_compiled, openmp (bool: built with OpenMP; if False every
-    step runs serially), max_threads (OpenMP's default team size).
+    step runs serially), max_threads (OpenMP's default team size), default_chunk (the
+    least elements per thread), prefetch_window ((lo, hi]: the state bytes per thread --
+    elements x itemsize x 4 / threads -- for which a step prefetches in software; (0, 0]
+    means never: the OS did not report an L3 size).
     """
     return {
         "version": __version__,
@@ -62,6 +65,7 @@ def config():
         "openmp": _core.openmp(),
         "max_threads": _core.max_threads(),
         "default_chunk": _core.DEFAULT_CHUNK,
+        "prefetch_window": _core.prefetch_window(),
     }
 
 

@@ -15,6 +15,9 @@ def info(argv=None):
     print(f"  compiled in      : {', '.join(c['simd_compiled'])}")
     print(f"  OpenMP           : {'yes' if c['openmp'] else 'no (serial build)'}")
     print(f"  max threads      : {c['max_threads']}")
+    lo, hi = c["prefetch_window"]
+    print(f"  prefetch         : " + (f"state of {lo / 2**20:g} MiB < x <= {hi / 2**20:g} MiB per thread"
+                                      if hi else "never (no L3 size reported)"))
     print("  force a path with FASTADAM_SIMD=" + "|".join(c["simd_compiled"] + ["auto"]))
     return 0
 

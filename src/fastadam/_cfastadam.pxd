@@ -37,7 +37,8 @@ cdef extern from "fastadam.h" nogil:
     size_t FA_DEFAULT_CHUNK
     void fa_step_consts_init(fa_step_consts *c, const fa_options *o, int64_t step)
     void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-                      int num_threads, size_t chunk, fa_isa isa)
+                      int num_threads, size_t chunk, fa_isa isa, int prefetch)
+    void fa_prefetch_window(size_t *lo, size_t *hi)
     int fa_init(fa_isa force)
     fa_isa fa_isa_current()
     int fa_isa_compiled(fa_isa isa)

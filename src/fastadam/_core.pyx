@@ -75,6 +75,13 @@ def max_threads():
     return fa_max_threads()
 
 
+def prefetch_window():
+    """(lo, hi): state bytes per thread in which steps prefetch in software (see fastadam.h)."""
+    cdef size_t lo = 0, hi = 0
+    fa_prefetch_window(&lo, &hi)
+    return lo, hi
+
+
 # ------------------------------------------------------------------------ helpers
 cdef str _describe(object obj):
     dt = getattr(obj, "dtype", None)
@@ -388,7 +395,8 @@ cdef class _Plan:
             PyBuffer_Release(&self.grad_views[k])
 
     def step(self, grads, int num_threads=0, size_t chunk=0, int isa=-1,
-             double grad_scale=1.0, bint skip_nonfinite=False, double max_grad_norm=0.0):
+             double grad_scale=1.0, bint skip_nonfinite=False, double max_grad_norm=0.0,
+             int prefetch=-1):
         """Take one step for every block whose grad is not None.
 
         grad_scale: every gradient is divided by it inside the pass (loss scaling).
@@ -399,6 +407,7 @@ cdef class _Plan:
         folded into the update pass.
         Returns (stepped, grad_norm): grad_norm is the unscaled global norm before
         clipping when it was computed (skip_nonfinite or clipping), else None.
+        prefetch: -1 auto, 0 off, 1 on (fa_prefetch; for tests and measurements).
         Everything is checked before anything is written.
         """
         cdef size_t nactive, g
@@ -409,6 +418,8 @@ cdef class _Plan:
             raise ValueError(f"SIMD path {isa} is not usable on this machine")
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+        if prefetch not in (-1, 0, 1):
+            raise ValueError(f"prefetch must be -1 (auto), 0 or 1, got {prefetch}")
         nactive = self._acquire_grads(grads)
         try:
             with nogil:
@@ -426,7 +437,7 @@ cdef class _Plan:
                     for g in range(self.ngroups):
                         self.options[g].grad_scale = scale
                     fa_adam_step(<fa_dtype>self.dtype, self.active, nactive, num_threads,
-                                 chunk, <fa_isa>isa)
+                                 chunk, <fa_isa>isa, prefetch)
         finally:
             self._release_grads(nactive)
         if skip_nonfinite and nonfinite:

@@ -59,11 +59,13 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
 
 
 def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, num_threads,
-          isa=-1, chunk=0, skip_nonfinite=False):
-    """adam_step after argument checks; isa and chunk let tests force a path and a split."""
+          isa=-1, chunk=0, skip_nonfinite=False, prefetch=-1):
+    """adam_step after argument checks; isa, chunk and prefetch let tests force a path,
+    a split and software prefetching (-1 auto, 0 off, 1 on)."""
     plan = _core._Plan([param], [exp_avg], [exp_avg_sq],
                        [max_exp_avg_sq if options.amsgrad else None], [0], 1, True)
     plan.set_options(0, *options)
     plan.set_step(0, step - 1)
-    stepped, _ = plan.step([grad], num_threads, chunk, isa, options.grad_scale, skip_nonfinite)
+    stepped, _ = plan.step([grad], num_threads, chunk, isa, options.grad_scale, skip_nonfinite,
+                           0.0, prefetch)
     return stepped

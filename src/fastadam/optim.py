@@ -120,7 +120,8 @@ class Adam:
         self.param_groups = []
         self._states = []  # one dict per parameter, in order: exp_avg, exp_avg_sq[, max_...]
         self._step_count = 0
-        self._isa, self._chunk = -1, 0  # tests force a SIMD path and a split through these
+        # tests force a SIMD path, a split and prefetching on/off through these
+        self._isa, self._chunk, self._prefetch = -1, 0, -1
         self._plan = None
         for group in groups:
             self._add_group(group)
@@ -237,7 +238,7 @@ class Adam:
             grad_scale = check_grad_scale(grad_scale)
         stepped, self.last_grad_norm = self._plan.step(
             grads, self._num_threads, self._chunk, self._isa, grad_scale,
-            self.skip_nonfinite, self.max_grad_norm or 0.0)
+            self.skip_nonfinite, self.max_grad_norm or 0.0, self._prefetch)
         if stepped:
             self._step_count = t
         return stepped
