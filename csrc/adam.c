@@ -71,13 +71,13 @@ static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
     }
 }
 
-static int want_prefetch(int prefetch, size_t total, size_t esize, size_t nt)
+static int want_prefetch(int prefetch, size_t total, size_t esize)
 {
     if (prefetch != FA_PREFETCH_AUTO) return prefetch != FA_PREFETCH_OFF;
     size_t lo, hi;
     fa_prefetch_window(&lo, &hi);
-    const size_t share = total / (nt ? nt : 1) * esize * 4;
-    return share > lo && share <= hi;
+    const size_t state = total * esize * 4; /* the L3 is shared: the whole step counts */
+    return state > lo && state <= hi;
 }
 
 void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
@@ -99,7 +99,7 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
     size_t nt = num_threads > 0 ? (size_t)num_threads : (size_t)omp_get_max_threads();
     if (nt > total / chunk) nt = total / chunk;
     if (nt > 1) {
-        const int pf = want_prefetch(prefetch, total, esize, nt);
+        const int pf = want_prefetch(prefetch, total, esize);
 #pragma omp parallel num_threads((int)nt)
         {
             const size_t k = (size_t)omp_get_thread_num();
@@ -114,7 +114,7 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
 #else
     (void)num_threads;
 #endif
-    run_range(kernel, esize, blocks, nblocks, 0, total, want_prefetch(prefetch, total, esize, 1));
+    run_range(kernel, esize, blocks, nblocks, 0, total, want_prefetch(prefetch, total, esize));
 }
 
 size_t fa_grad_stats_workspace(size_t total_elements)

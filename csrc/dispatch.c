@@ -178,7 +178,7 @@ static void detect_all(void)
 void fa_prefetch_window(size_t *lo, size_t *hi)
 {
     if (!fa_initialised) fa_init(FA_ISA_AUTO);
-    *lo = fa_l3_bytes / 4;
+    *lo = fa_l3_bytes / 16 * 7;
     *hi = fa_l3_bytes;
 }
 

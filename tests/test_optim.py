@@ -165,12 +165,12 @@ def test_config_and_info():
     assert set(c["simd_available"]) <= set(c["simd_compiled"])
     assert "scalar" in c["simd_available"]
     assert isinstance(c["openmp"], bool) and c["max_threads"] >= 1
-    lo, hi = c["prefetch_window"]  # (L3/4, L3], or (0, 0] = never
-    assert lo * 4 == hi and (hi == 0 or hi >= 1 << 20), c["prefetch_window"]
+    lo, hi = c["prefetch_window"]  # (7/16 L3, L3], or (0, 0] = never
+    assert lo == hi // 16 * 7 and (hi == 0 or hi >= 1 << 20), c["prefetch_window"]
     out = subprocess.run([sys.executable, "-m", "fastadam", "info"], capture_output=True,
                          text=True, check=True).stdout
     assert f"SIMD path in use : {c['simd']}" in out
-    assert "prefetch         : " + ("never" if hi == 0 else f"state of {lo / 2**20:g} MiB") in out
+    assert "prefetch         : " + ("never" if hi == 0 else f"steps with {lo / 2**20:g} MiB") in out
     for name in c["simd_compiled"]:
         assert name in out
 

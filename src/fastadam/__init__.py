@@ -53,9 +53,9 @@ def config():
     version, simd (the path in use), simd_available (compiled in and supported here, in
     order of preference), simd_compiled, openmp (bool: built with OpenMP; if False every
     step runs serially), max_threads (OpenMP's default team size), default_chunk (the
-    least elements per thread), prefetch_window ((lo, hi]: the state bytes per thread --
-    elements x itemsize x 4 / threads -- for which a step prefetches in software; (0, 0]
-    means never: the OS did not report an L3 size).
+    least elements per thread), prefetch_window ((lo, hi]: a step whose state bytes --
+    elements x itemsize x 4, all tensors of the step together -- lie in it prefetches in
+    software; (0, 0] means never: no L3 size was reported).
     """
     return {
         "version": __version__,

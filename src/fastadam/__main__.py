@@ -16,7 +16,7 @@ def info(argv=None):
     print(f"  OpenMP           : {'yes' if c['openmp'] else 'no (serial build)'}")
     print(f"  max threads      : {c['max_threads']}")
     lo, hi = c["prefetch_window"]
-    print(f"  prefetch         : " + (f"state of {lo / 2**20:g} MiB < x <= {hi / 2**20:g} MiB per thread"
+    print(f"  prefetch         : " + (f"steps with {lo / 2**20:g} MiB < state <= {hi / 2**20:g} MiB"
                                       if hi else "never (no L3 size reported)"))
     print("  force a path with FASTADAM_SIMD=" + "|".join(c["simd_compiled"] + ["auto"]))
     return 0

@@ -76,7 +76,7 @@ def max_threads():
 
 
 def prefetch_window():
-    """(lo, hi): state bytes per thread in which steps prefetch in software (see fastadam.h)."""
+    """(lo, hi): a step prefetches in software when its state bytes lie in (lo, hi] (fastadam.h)."""
     cdef size_t lo = 0, hi = 0
     fa_prefetch_window(&lo, &hi)
     return lo, hi
