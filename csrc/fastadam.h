@@ -100,13 +100,14 @@ typedef enum fa_prefetch {
 
 /* The window (lo, hi] of a step's state bytes -- all its elements x element size x 4
  * streams (param, grad, exp_avg, exp_avg_sq) -- in which FA_PREFETCH_AUTO prefetches:
- * (7/16 L3, L3], L3 being the size of one L3 instance as CPUID (elsewhere the OS)
- * reports it, read once by fa_init; (0, 0] (never) where none is reported. Such a
- * step runs from L3, where the hardware prefetchers fall behind on its 4-5 streams;
- * a smaller one runs mostly from L2 and a larger one from DRAM, where they keep up
- * and software prefetches only cost instructions. The bounds are measurements on
- * Zen 3 (L3 32 MiB, 2 threads): 16 MB of state ran 1.05-1.3x faster with prefetching,
- * 12.8 MB between 0.94x and 1.03x, 9.6 MB and less, and 64 MB and more, 0.9-0.97x. */
+ * (7/16 L3, L3], L3 being the size of one L3 instance as CPUID reports it, read once
+ * by fa_init, on the CPUs where prefetching was measured to pay (AMD Zen 3); (0, 0]
+ * (never) everywhere else. Such a step runs from L3, where Zen 3's hardware prefetchers
+ * fall behind on its 4-5 streams; a smaller one runs mostly from L2 and a larger one
+ * from DRAM, where they keep up and software prefetches only cost instructions. The
+ * bounds are measurements on Zen 3 (L3 32 MiB, 2 threads): 16 MB of state ran 1.05-1.3x
+ * faster with prefetching, 12.8 MB between 0.94x and 1.03x, 9.6 MB and less, and 64 MB
+ * and more, 0.9-0.97x. On Zen 4 (L3 32 MiB) 16-32 MB ran 5-18% slower with it. */
 void fa_prefetch_window(size_t *lo, size_t *hi);
 
 /* Default least number of elements worth a thread (see fa_adam_step). */

@@ -175,6 +175,26 @@ def test_config_and_info():
         assert name in out
 
 
+def _cpuinfo():
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().split("\n\n")[0].splitlines()
+    except OSError:
+        return None
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+@pytest.mark.skipif(_cpuinfo() is None, reason="needs /proc/cpuinfo (Linux)")
+def test_prefetch_window_only_on_zen3():
+    """Software prefetching is automatic only where it was measured to pay: AMD family
+    19h, Zen 3 models (00-0Fh, 20-5Fh). Elsewhere (Zen 4 included) the window is empty."""
+    info = _cpuinfo()
+    zen3 = (info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
+            and (int(info["model"]) <= 0x0F or 0x20 <= int(info["model"]) <= 0x5F))
+    lo, hi = fastadam.config()["prefetch_window"]
+    assert (hi > 0) == zen3, (info.get("vendor_id"), info.get("cpu family"), info.get("model"))
+
+
 _CHILD = """
 import numpy as np, fastadam, sys
 rng = np.random.default_rng(0)

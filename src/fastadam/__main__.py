@@ -17,7 +17,7 @@ def info(argv=None):
     print(f"  max threads      : {c['max_threads']}")
     lo, hi = c["prefetch_window"]
     print(f"  prefetch         : " + (f"steps with {lo / 2**20:g} MiB < state <= {hi / 2**20:g} MiB"
-                                      if hi else "never (no L3 size reported)"))
+                                      if hi else "never (not measured to pay on this CPU)"))
     print("  force a path with FASTADAM_SIMD=" + "|".join(c["simd_compiled"] + ["auto"]))
     return 0
 
