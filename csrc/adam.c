@@ -49,6 +49,31 @@ static const fa_step_consts *consts_for(consts_cache *cache, const fa_block *b)
     return &cache->consts;
 }
 
+/* Cache lines of each stream of the next block to prefetch before a block is updated.
+ * A block of a few KiB is over before the hardware prefetchers have learnt its streams,
+ * so each starts with misses to L3; asking for the next block's first lines early hides
+ * some of them (1000 float32 tensors of 1000 on Zen 4, medians of interleaved runs:
+ * 1.03x faster at 1 thread, 1.06x at 2; 8, 16 or all 63 lines did no better). */
+#define FA_NEXT_BLOCK_LINES 4
+
+static void prefetch_block_start(const fa_block *b, size_t esize)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    const size_t bytes = b->n * esize;
+    for (size_t q = 0; q < FA_NEXT_BLOCK_LINES * 64 && q < bytes; q += 64) {
+        __builtin_prefetch((const char *)b->param + q, 1, 3);
+        __builtin_prefetch((const char *)b->grad + q, 0, 3);
+        __builtin_prefetch((const char *)b->exp_avg + q, 1, 3);
+        __builtin_prefetch((const char *)b->exp_avg_sq + q, 1, 3);
+        if (b->max_exp_avg_sq) __builtin_prefetch((const char *)b->max_exp_avg_sq + q, 1, 3);
+    }
+#else
+    (void)b;
+    (void)esize;
+#endif
+}
+
+/* prefetch: 0 none, 1 the next block's first lines, 2 that and within each block. */
 static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
                       size_t nblocks, size_t lo, size_t hi, int prefetch)
 {
@@ -59,13 +84,14 @@ static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
         const fa_block *blk = &blocks[b];
         const size_t end = start + blk->n;
         if (end > lo && blk->n > 0) {
+            if (prefetch && end < hi && b + 1 < nblocks) prefetch_block_start(&blocks[b + 1], esize);
             const size_t i0 = lo > start ? lo - start : 0;
             const size_t i1 = (hi < end ? hi : end) - start;
             const size_t off = i0 * esize;
             char *vmax = blk->max_exp_avg_sq ? (char *)blk->max_exp_avg_sq + off : NULL;
             kernel(consts_for(&cache, blk), (char *)blk->param + off,
                    (const char *)blk->grad + off, (char *)blk->exp_avg + off,
-                   (char *)blk->exp_avg_sq + off, vmax, i1 - i0, prefetch);
+                   (char *)blk->exp_avg_sq + off, vmax, i1 - i0, prefetch == 2);
         }
         start = end;
     }
@@ -73,11 +99,12 @@ static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
 
 static int want_prefetch(int prefetch, size_t total, size_t esize)
 {
-    if (prefetch != FA_PREFETCH_AUTO) return prefetch != FA_PREFETCH_OFF;
+    if (prefetch == FA_PREFETCH_OFF) return 0;
+    if (prefetch != FA_PREFETCH_AUTO) return 2;
     size_t lo, hi;
     fa_prefetch_window(&lo, &hi);
     const size_t state = total * esize * 4; /* the L3 is shared: the whole step counts */
-    return state > lo && state <= hi;
+    return state > lo && state <= hi ? 2 : 1;
 }
 
 void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,

@@ -91,11 +91,14 @@ typedef struct fa_block {
     int64_t step;              /* t, the step being taken (>= 1) */
 } fa_block;
 
-/* Software prefetching in the update pass (see fa_adam_step and adam_kernel.h). */
+/* Software prefetching in the update pass (see fa_adam_step and adam_kernel.h): of the
+ * next block's first cache lines, before each block (adam.c), and within each block,
+ * 4 KiB ahead on every stream. */
 typedef enum fa_prefetch {
-    FA_PREFETCH_AUTO = -1, /* on iff the step's state size lies in fa_prefetch_window() */
-    FA_PREFETCH_OFF = 0,
-    FA_PREFETCH_ON = 1
+    FA_PREFETCH_AUTO = -1, /* next blocks always; within blocks iff the step's state size
+                              lies in fa_prefetch_window() */
+    FA_PREFETCH_OFF = 0,   /* no prefetch instruction at all */
+    FA_PREFETCH_ON = 1     /* both */
 } fa_prefetch;
 
 /* The window (lo, hi] of a step's state bytes -- all its elements x element size x 4
