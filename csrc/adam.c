@@ -84,7 +84,8 @@ static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
         const fa_block *blk = &blocks[b];
         const size_t end = start + blk->n;
         if (end > lo && blk->n > 0) {
-            if (prefetch && end < hi && b + 1 < nblocks) prefetch_block_start(&blocks[b + 1], esize);
+            if (prefetch && end < hi && b + 1 < nblocks)
+                prefetch_block_start(&blocks[b + 1], esize);
             const size_t i0 = lo > start ? lo - start : 0;
             const size_t i1 = (hi < end ? hi : end) - start;
             const size_t off = i0 * esize;

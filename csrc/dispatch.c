@@ -70,7 +70,7 @@ static const char *const fa_names[FA_ISA_COUNT] = {"scalar", "sse2", "avx2", "av
 static fa_isa fa_current = FA_ISA_SCALAR;
 static int fa_initialised = 0;
 static int fa_supported_cache[FA_ISA_COUNT];
-static size_t fa_l3_bytes; /* one L3 instance where prefetching pays (prefetch_pays); else 0 */
+static size_t fa_l3_bytes; /* prefetch_l3_bytes(): 0 where prefetching does not pay */
 
 #ifdef FA_X86
 static void cpuid(unsigned leaf, unsigned sub, unsigned r[4])
@@ -129,25 +129,29 @@ static int detect_supported(fa_isa isa)
     }
 }
 
-static size_t detect_l3_bytes(void)
+/* The L3 size that sets the prefetch window (fastadam.h), or 0 where software prefetching
+ * was not measured to pay. On Zen 3 (AMD family 19h, models 00-0Fh and 20-5Fh) a
+ * 1e6-element float32 step ran 1.1-1.6x faster with it; on Zen 4 (family 19h, model 11h)
+ * the same step, and 1.2e6 and 2e6, ran 5-18% slower (its L2 prefetcher keeps up).
+ * Elsewhere it is unmeasured: 0, never. */
+static size_t prefetch_l3_bytes(void)
 {
 #ifdef FA_X86
-    /* The deterministic cache-parameter leaves (Intel: 4, AMD: 0x8000001D) describe one
-     * L3 instance, the cache a core actually shares. (glibc's sysconf reads AMD's legacy
-     * leaf 0x80000006, which under KVM can report the whole socket: 256 MiB for 32.) */
     unsigned r[4];
     cpuid(0, 0, r);
-    const int amd = r[1] == 0x68747541u; /* "Auth"enticAMD */
-    unsigned leaf = 4;
-    if (amd) {
-        cpuid(0x80000000u, 0, r);
-        if (r[0] < 0x8000001Du) return 0;
-        leaf = 0x8000001Du;
-    } else if (r[0] < 4) {
-        return 0;
-    }
+    if (r[1] != 0x68747541u || r[0] < 1) return 0; /* not "Auth"enticAMD */
+    cpuid(1, 0, r);
+    const unsigned base_family = (r[0] >> 8) & 0xf, ext = base_family == 0xf;
+    const unsigned family = base_family + (ext ? (r[0] >> 20) & 0xff : 0);
+    const unsigned model = ((r[0] >> 4) & 0xf) | (ext ? ((r[0] >> 16) & 0xf) << 4 : 0);
+    if (family != 0x19 || !(model <= 0x0f || (model >= 0x20 && model <= 0x5f))) return 0;
+    /* AMD's cache-topology leaf 0x8000001D describes one L3 instance, the cache a core
+     * actually shares. (glibc's sysconf reads the legacy leaf 0x80000006, which under KVM
+     * can report the whole socket: 256 MiB for 32.) */
+    cpuid(0x80000000u, 0, r);
+    if (r[0] < 0x8000001Du) return 0;
     for (unsigned i = 0; i < 16; i++) {
-        cpuid(leaf, i, r);
+        cpuid(0x8000001Du, i, r);
         const unsigned type = r[0] & 31, level = (r[0] >> 5) & 7;
         if (type == 0) break;
         if (level == 3 && (type == 1 || type == 3)) {
@@ -162,30 +166,10 @@ static size_t detect_l3_bytes(void)
 #endif
 }
 
-/* Whether software prefetching was measured to pay on this microarchitecture. On Zen 3
- * (AMD family 19h, models 00-0Fh and 20-5Fh) a 1e6-element float32 step ran 1.1-1.6x
- * faster with it; on Zen 4 (family 19h, model 11h) the same step, and 1.2e6 and 2e6,
- * ran 5-18% slower (its L2 prefetcher keeps up). Elsewhere it is unmeasured: off. */
-static int prefetch_pays(void)
-{
-#ifdef FA_X86
-    unsigned r[4];
-    cpuid(0, 0, r);
-    if (r[1] != 0x68747541u || r[0] < 1) return 0; /* not "Auth"enticAMD */
-    cpuid(1, 0, r);
-    const unsigned base_family = (r[0] >> 8) & 0xf;
-    const unsigned family = base_family + (base_family == 0xf ? (r[0] >> 20) & 0xff : 0);
-    const unsigned model = ((r[0] >> 4) & 0xf) | (base_family == 0xf ? ((r[0] >> 16) & 0xf) << 4 : 0);
-    return family == 0x19 && (model <= 0x0f || (model >= 0x20 && model <= 0x5f));
-#else
-    return 0;
-#endif
-}
-
 static void detect_all(void)
 {
     for (int i = 0; i < FA_ISA_COUNT; i++) fa_supported_cache[i] = detect_supported((fa_isa)i);
-    fa_l3_bytes = prefetch_pays() ? detect_l3_bytes() : 0;
+    fa_l3_bytes = prefetch_l3_bytes();
 }
 
 void fa_prefetch_window(size_t *lo, size_t *hi)
