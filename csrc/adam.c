@@ -8,12 +8,11 @@
 #include <omp.h>
 #endif
 
-void fa_step_consts_init(fa_step_consts *c, const fa_options *o, int64_t step)
+void fa_step_consts_init(fa_step_consts *c, const fa_options *o, double t)
 {
     /* Everything here is double precision and happens once per block run,
-     * never per element. Powers use pow() of the exact integer t, as torch
-     * does with Python floats. */
-    const double t = (double)step;
+     * never per element. Powers use pow() of t as a double, as Python's
+     * float ** int (and so torch and fastadam.reference) does. */
     const double bias_correction1 = o->bias_correction ? 1.0 - pow(o->beta1, t) : 1.0;
     const double bias_correction2 = o->bias_correction ? 1.0 - pow(o->beta2, t) : 1.0;
     const int decoupled = o->decoupled_weight_decay && o->weight_decay != 0.0;
@@ -36,7 +35,7 @@ void fa_step_consts_init(fa_step_consts *c, const fa_options *o, int64_t step)
     }
 }
 
-typedef struct { const fa_options *options; int64_t step; fa_step_consts consts; } consts_cache;
+typedef struct { const fa_options *options; double step; fa_step_consts consts; } consts_cache;
 
 static const fa_step_consts *consts_for(consts_cache *cache, const fa_block *b)
 {
@@ -125,6 +124,7 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
      * line. Every element is computed by exactly one thread with the same operations,
      * so the bits do not depend on the split. */
     size_t nt = num_threads > 0 ? (size_t)num_threads : (size_t)omp_get_max_threads();
+    if (nt > (size_t)fa_thread_cap()) nt = (size_t)fa_thread_cap();
     if (nt > total / chunk) nt = total / chunk;
     if (nt > 1) {
         const int pf = want_prefetch(prefetch, total, esize);
@@ -183,6 +183,7 @@ double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, dou
     double nf = 0.0; /* NaN iff some element is inf or NaN; order of + is irrelevant to that */
 #ifdef _OPENMP
     int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+    if (nt > fa_thread_cap()) nt = fa_thread_cap();
     if (nt > 1 && nchunks > 1) {
         if ((size_t)nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt) reduction(+ : nf)
@@ -211,6 +212,7 @@ void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
     const fa_kernel_table *table = fa_table(FA_ISA_AUTO);
 #ifdef _OPENMP
     int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+    if (nt > fa_thread_cap()) nt = fa_thread_cap();
     const size_t nchunks = (n + FA_DEFAULT_CHUNK - 1) / FA_DEFAULT_CHUNK;
     if (nt > 1 && nchunks > 1) {
 #pragma omp parallel num_threads(nt)
@@ -241,6 +243,18 @@ int fa_max_threads(void)
 {
 #ifdef _OPENMP
     return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int fa_thread_cap(void)
+{
+#ifdef _OPENMP
+    const int procs = omp_get_num_procs();
+    const int def = omp_get_max_threads();
+    const int cap = procs > 0 && procs < (1 << 20) ? 4 * procs : 4;
+    return def > cap ? def : cap;
 #else
     return 1;
 #endif

@@ -73,8 +73,10 @@ typedef struct fa_step_consts {
     int amsgrad;
 } fa_step_consts;
 
-/* Fill *c for step t >= 1 from *o (both caller-owned). Pure function. */
-void fa_step_consts_init(fa_step_consts *c, const fa_options *o, int64_t step);
+/* Fill *c for step t from *o (both caller-owned). Pure function. t is a double so that
+ * the torch API can pass torch's float step counts as torch uses them (any value >= 1,
+ * fractional or huge); the NumPy API passes whole numbers t >= 1. */
+void fa_step_consts_init(fa_step_consts *c, const fa_options *o, double step);
 
 /* One parameter tensor. All pointers point at n contiguous elements of the
  * call's dtype; none may overlap another buffer of any block in the call
@@ -88,7 +90,7 @@ typedef struct fa_block {
     void *max_exp_avg_sq;
     size_t n;
     const fa_options *options; /* blocks may share one fa_options */
-    int64_t step;              /* t, the step being taken (>= 1) */
+    double step;               /* t, the step being taken (>= 1) */
 } fa_block;
 
 /* Software prefetching in the update pass (see fa_adam_step and adam_kernel.h): of the
@@ -121,7 +123,9 @@ void fa_prefetch_window(size_t *lo, size_t *hi);
  * multiples of 16 elements), one per thread, so work is balanced by element
  * count whatever the block sizes. A thread is used only for each `chunk`
  * elements of work (0 means FA_DEFAULT_CHUNK): less than 2*chunk elements run
- * on the calling thread. num_threads <= 0 means OpenMP's default. isa selects a
+ * on the calling thread. num_threads <= 0 means OpenMP's default; the team never
+ * exceeds fa_thread_cap() (so that a careless num_threads cannot make OpenMP create
+ * thousands of threads, which aborts the process when the OS refuses). isa selects a
  * path (FA_ISA_AUTO: the chosen one); it must be compiled in and supported
  * (see fa_isa_usable), which the caller checks. prefetch is an fa_prefetch
  * (FA_PREFETCH_AUTO unless measuring). The result does not depend on num_threads,
@@ -157,6 +161,9 @@ const char *fa_isa_name(fa_isa isa);
  * runs serially on the calling thread). */
 int fa_openmp(void);
 int fa_max_threads(void);
+/* The most threads any call uses: 4 x the processors OpenMP may run on (a memory-bound
+ * pass gains nothing from more), at least OpenMP's default team. 1 without OpenMP. */
+int fa_thread_cap(void);
 
 /* The Adam memory-traffic pattern without the arithmetic (read p, g, m, v;
  * write p, m, v: 28 bytes per float32 element), for measuring the roofline a

@@ -51,6 +51,7 @@ torch = pytest.importorskip(
     "torch", reason="torch is not installed: fastadam.torch is not tested")
 import torch.nn.functional as F  # noqa: E402
 
+import fastadam.torch  # noqa: E402
 from fastadam.torch import Adam, AdamW  # noqa: E402
 
 LR = 1e-3
@@ -312,9 +313,9 @@ def test_zero_grad_hooks_and_closure():
     assert all(p.grad is not None and not p.grad.any() for p in ps)
 
 
-def test_updates_in_place_with_one_call_into_c_per_dtype():
+def test_updates_in_place_with_one_call_into_c_per_step():
     """Zero copy: parameters and torch's state tensors are updated in place (same objects,
-    same memory), by one _Plan.step per step (one per dtype for a mixed model)."""
+    same memory), by one call into C per step (over one plan per dtype for a mixed model)."""
     ps, (x, y) = _mlp()
     ps64 = [p.detach().double().requires_grad_() for p in _mlp(seed=3)[0]]
     opt = Adam([{"params": ps}, {"params": ps64, "lr": 2 * LR}], lr=LR)
@@ -328,27 +329,23 @@ def test_updates_in_place_with_one_call_into_c_per_dtype():
     ptrs = {id(p): p.data_ptr() for p in ps + ps64}
     state = {id(p): {k: (v, v.data_ptr()) for k, v in opt.state[p].items()} for p in ps + ps64}
 
-    class Counting:
-        def __init__(self, plan):
-            self.plan, self.calls = plan, 0
+    calls = []
+    real = fastadam._core.step_plans
 
-        def __len__(self):
-            return len(self.plan)
+    def counting(plans, *args):
+        calls.append(len(plans))
+        return real(plans, *args)
 
-        def __getattr__(self, name):
-            return getattr(self.plan, name)
-
-        def step(self, *args):
-            self.calls += 1
-            return self.plan.step(*args)
-
-    plans = opt._cache.plans = [Counting(p) for p in opt._cache.plans]
-    assert len(plans) == 2
-    before = [p.detach().clone() for p in ps + ps64]
-    for _ in range(5):
-        backward()
-        opt.step()
-    assert [p.calls for p in plans] == [5, 5]
+    fastadam._core.step_plans = counting
+    try:
+        before = [p.detach().clone() for p in ps + ps64]
+        for _ in range(5):
+            backward()
+            opt.step()
+    finally:
+        fastadam._core.step_plans = real
+    # one call into C per step, over both dtypes' plans (checked together, then updated)
+    assert calls == [2] * 5
     for p, b in zip(ps + ps64, before):
         assert p.data_ptr() == ptrs[id(p)] and not torch.equal(p.detach(), b)
         for k, (v, ptr) in state[id(p)].items():
@@ -456,18 +453,56 @@ def test_foreach_and_fused_are_accepted():
         assert opt.param_groups[0]["foreach"] == kw.get("foreach")
 
 
+@pytest.mark.parametrize("bad", [
+    dict(lr=-1.0), dict(lr=-1), dict(lr=float("nan")), dict(lr=torch.tensor(-0.5)),
+    dict(lr=torch.tensor([1e-3, 1e-3])),
+    dict(betas=(1.0, 0.999)), dict(betas=(-0.1, 0.999)), dict(betas=(0.9, 1.0)),
+    dict(betas=(0.9, float("nan"))), dict(betas=(0.9, torch.tensor(0.999))),
+    dict(betas=(torch.tensor([0.9, 0.9]), torch.tensor(0.999))),
+    dict(eps=-1e-8), dict(eps=float("nan")), dict(weight_decay=-1), dict(weight_decay=-0.1),
+    dict(lr="0.1"),
+], ids=repr)
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_bad_hyperparameters_raise_as_torch(bad, cls):
+    """The hyperparameters torch checks are refused with torch's exception type and
+    message, so code and tests written against torch.optim keep working."""
+    with pytest.raises(Exception) as want:
+        getattr(torch.optim, cls)(_mlp()[0], **bad)
+    with pytest.raises(want.type) as got:
+        getattr(fastadam.torch, cls)(_mlp()[0], **bad)
+    if want.type is ValueError:  # TypeErrors come from Python's own comparison
+        assert str(got.value) == str(want.value)
+
+
 @pytest.mark.parametrize("bad, exc, match", [
-    (dict(lr=-1.0), ValueError, "lr"),
-    (dict(betas=(1.0, 0.999)), ValueError, "beta"),
-    (dict(betas=(0.9, torch.tensor(0.999))), ValueError, "both floats or both Tensors"),
-    (dict(eps=-1e-8), ValueError, "eps"),
-    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(lr=float("inf")), ValueError, "lr must be a finite number"),
     (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
     (dict(num_threads=0), ValueError, "num_threads"),
+    (dict(num_threads=2**31), ValueError, "num_threads"),
+    (dict(num_threads=1.0), TypeError, "num_threads"),
 ])
-def test_bad_hyperparameters(bad, exc, match):
+def test_bad_fastadam_options(bad, exc, match):
     with pytest.raises(exc, match=match):
         Adam(_mlp()[0], **bad)
+
+
+def test_hyperparameters_changed_in_a_group_raise_as_torch_at_step_time():
+    ps, (x, y) = _mlp()
+    opt = Adam(ps)
+    _backward("mlp", [ps], x, y)
+    before = [p.detach().clone() for p in ps]
+    for key, value, message in (("lr", -1.0, "Invalid learning rate: -1.0"),
+                                ("eps", -1, "Invalid epsilon value: -1"),
+                                ("weight_decay", -2, "Invalid weight_decay value: -2"),
+                                ("betas", (0.9, 1.0), "Invalid beta parameter at index 1: 1.0")):
+        saved = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        with pytest.raises(ValueError) as e:
+            opt.step()
+        assert str(e.value) == message
+        assert not opt.state  # a refused first step leaves no state behind
+        opt.param_groups[0][key] = saved
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
 
 
 @pytest.mark.parametrize("make, exc, match", [
@@ -507,7 +542,7 @@ def test_bad_input_at_step_time():
             opt2.step(grad_scale=bad)
     assert not opt2.state[q] and torch.equal(q, torch.zeros(2))
     opt2.param_groups[0]["lr"] = -1.0
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate"):
         opt2.step()
     assert torch.equal(q, torch.zeros(2))
 

@@ -33,9 +33,9 @@ cdef extern from "fastadam.h" nogil:
         void *max_exp_avg_sq
         size_t n
         const fa_options *options
-        int64_t step
+        double step
     size_t FA_DEFAULT_CHUNK
-    void fa_step_consts_init(fa_step_consts *c, const fa_options *o, int64_t step)
+    void fa_step_consts_init(fa_step_consts *c, const fa_options *o, double step)
     void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
                       int num_threads, size_t chunk, fa_isa isa, int prefetch)
     void fa_prefetch_window(size_t *lo, size_t *hi)
@@ -47,6 +47,7 @@ cdef extern from "fastadam.h" nogil:
     const char *fa_isa_name(fa_isa isa)
     int fa_openmp()
     int fa_max_threads()
+    int fa_thread_cap()
     size_t FA_NORM_CHUNK
     size_t fa_grad_stats_workspace(size_t total_elements)
     double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks,

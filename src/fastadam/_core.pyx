@@ -2,35 +2,52 @@
 """Thin binding of the fastadam C core (csrc/fastadam.h).
 
 Design: this module only checks, converts and calls. It acquires every buffer
-through the buffer protocol, checks dtype, shape, contiguity, writability and
-aliasing *before* any buffer is written, fills plain C structs, releases the GIL
-and makes ONE call into C per step over all parameter blocks. The arithmetic
-lives in csrc/adam_kernel.h; the user-facing API and the reference live in
-plain Python (optim.py, functional.py, reference.py).
+through the buffer protocol (or, for exact NumPy arrays, reads the array's fields),
+checks dtype, shape, contiguity, alignment, writability and aliasing *before* any
+buffer is written, fills plain C structs, releases the GIL and makes ONE call into C
+per step over all parameter blocks (one per plan when a torch model mixes dtypes).
 
-A _Plan is built once per optimizer (params and optimizer state are fixed and
-stay acquired for the plan's life, so numpy cannot resize them underneath);
-per step only the gradients are acquired and checked: dtype, shape,
-contiguity, and, by a binary search over the sorted output intervals, that no
-gradient overlaps a buffer the step writes.
+A _Plan is built once per optimizer over its parameters and state. Per step:
+- the gradients are acquired and checked (dtype, the parameter's shape, contiguity,
+  alignment, and, by a binary search over the sorted output intervals, that no
+  gradient overlaps a buffer the step writes); the step keeps a reference to every
+  gradient (a tuple snapshot of the list) until the C call has returned, so another
+  thread emptying the list cannot free a buffer under the kernel;
+- with `groups` (the NumPy API), the plan first checks that the parameters are still
+  the arrays it was built from and that they and the state arrays still have the data
+  pointer, dtype, byte order, shape and flags it recorded; if not, the step returns
+  None before touching anything and the caller rebuilds (or refuses);
+- the C pass runs under one process-wide lock, so two steps never interleave, even of
+  two optimizers that share a buffer; the step counts are committed in the same
+  GIL-free section, so no Python code (and no KeyboardInterrupt) can fall between the
+  update of the buffers and that of the counters.
 """
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_RECORDS_RO,
                              PyBuffer_IsContiguous)
+from cpython.ref cimport PyObject
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, qsort
-from libc.math cimport sqrt
+from libc.math cimport sqrt, INFINITY
 
 from fastadam._cfastadam cimport *
 cimport numpy as cnp
 
 cnp.import_array()
 
+import os
 import sys
 
 VERSION = FA_VERSION.decode()
 DEFAULT_CHUNK = FA_DEFAULT_CHUNK
 ISA_NAMES = tuple(fa_isa_name(<fa_isa>i).decode() for i in range(FA_ISA_COUNT))
+MAX_STEP = 2 ** 62  # step counts of the NumPy API are < MAX_STEP (int64 never overflows)
+MAX_THREADS = 2 ** 31 - 1
 
+cdef int64_t _MAX_STEP = 2 ** 62
 cdef bint _LITTLE = sys.byteorder == "little"
 cdef const char *_OUT_NAMES[4]
 _OUT_NAMES[0] = b"param"
@@ -41,6 +58,48 @@ _PLURAL = {"param": "params", "grad": "grads", "exp_avg": "exp_avgs",
            "exp_avg_sq": "exp_avg_sqs", "max_exp_avg_sq": "max_exp_avg_sqs"}
 _DTYPE_NAMES = ("float32", "float64")
 _OUT_BASES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+# ------------------------------------------------------------- the step lock, fork
+# Every C update pass of the process runs under this lock: each pass already spreads
+# over every core with OpenMP, so serialising passes costs little and guarantees that
+# two steps never interleave on a shared buffer. It is taken and released without the
+# GIL, so a thread waiting for it never blocks Python, and its holder never needs the
+# GIL to let it go.
+cdef PyThread_type_lock _step_lock = PyThread_allocate_lock()
+# True in a process made by fork(): GNU libgomp's thread pool does not survive a fork
+# (the child's first parallel region waits forever for threads that do not exist), so
+# a forked child runs every pass on its calling thread.
+cdef bint _forked = False
+
+if _step_lock == NULL:
+    raise MemoryError("fastadam: cannot allocate the step lock")
+
+
+def _before_fork():
+    # Wait for a pass in flight: the child then inherits neither a half-done update nor
+    # a lock held by a thread that does not exist there.
+    with nogil:
+        PyThread_acquire_lock(_step_lock, WAIT_LOCK)
+
+
+def _after_fork_in_parent():
+    PyThread_release_lock(_step_lock)
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+    PyThread_release_lock(_step_lock)
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
+
+
+def forked():
+    """True in a child made by fork(): every step then runs serially (see above)."""
+    return bool(_forked)
 
 
 # ----------------------------------------------------------------------- dispatch
@@ -74,12 +133,27 @@ def openmp():
 def max_threads():
     return fa_max_threads()
 
+def thread_cap():
+    return fa_thread_cap()
+
 
 def prefetch_window():
     """(lo, hi): a step prefetches in software when its state bytes lie in (lo, hi] (fastadam.h)."""
     cdef size_t lo = 0, hi = 0
     fa_prefetch_window(&lo, &hi)
     return lo, hi
+
+
+cdef int _threads(int num_threads) except -2:
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+    return 1 if _forked else num_threads
+
+
+cdef int _check_isa(int isa) except -1:
+    if isa != -1 and not (0 <= isa < FA_ISA_COUNT and fa_isa_usable(<fa_isa>isa)):
+        raise ValueError(f"SIMD path {isa} is not usable on this machine")
+    return 0
 
 
 # ------------------------------------------------------------------------ helpers
@@ -107,65 +181,60 @@ cdef int _dtype_code(const Py_buffer *v) noexcept:
         return 1
     return -1
 
-cdef int _acquire(Py_buffer *view, object obj, str base, Py_ssize_t index, bint single,
-                  bint writable, int dtype, const Py_buffer *like) except -1:
+cdef inline bint _same_shape(const Py_buffer *v, int ndim, const Py_ssize_t *shape) noexcept:
+    cdef int k
+    if v.ndim != ndim:
+        return False
+    for k in range(ndim):
+        if v.shape[k] != shape[k]:
+            return False
+    return True
+
+cdef int _acquire(Py_buffer *view, object obj, str label, bint writable, int dtype,
+                  int ndim, const Py_ssize_t *shape) except -1:
     """Acquire obj's buffer into *view and check it; on error nothing is held.
 
-    The argument is named _label(base, index, single) in errors (formatted only then:
-    this runs once per tensor per step). dtype: the required dtype code, or -1 for
-    "float32 or float64". like: the buffer whose shape this one must have, or NULL.
+    label: a callable-free description of the argument for errors, or None for "work
+    it out from the caller" (the caller passes the already formatted label only on
+    error; see _Plan._name). dtype: the required dtype code, or -1 for "float32 or
+    float64". ndim < 0: any shape; else the shape this buffer must have.
     """
-    cdef int code, k
-    cdef bint same
-    cdef str label
+    cdef int code
     if cnp.PyArray_CheckExact(obj):
         code = _fill_from_ndarray(view, <cnp.ndarray>obj)
-        if code >= 0 and (dtype < 0 or code == dtype) and not (writable and view.readonly):
-            same = like == NULL or view.ndim == like.ndim
-            k = 0
-            while same and like != NULL and k < view.ndim:
-                same = view.shape[k] == like.shape[k]
-                k += 1
-            if same:
-                return code
+        if (code >= 0 and (dtype < 0 or code == dtype) and not (writable and view.readonly)
+                and (ndim < 0 or _same_shape(view, ndim, shape))):
+            return code
         # fall through: the general path below produces the error message
     if obj is None:
-        label = _label(base, index, single)
         raise TypeError(f"{label} must be a float32 or float64 array, got None")
     try:
         PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO)
     except Exception:
-        label = _label(base, index, single)
         raise TypeError(f"{label} must support the buffer protocol (a NumPy array, say); "
                         f"got {_describe(obj)}") from None
     try:
         code = _dtype_code(view)
-        label = None
         if code < 0 or (dtype >= 0 and code != dtype):
-            label = _label(base, index, single)
             want = _DTYPE_NAMES[dtype] if dtype >= 0 else "float32 or float64"
             raise TypeError(f"{label} must have dtype {want} (all buffers of a step share "
                             f"one dtype); got {_describe(obj)} with format "
-                            f"{(view.format or b'?').decode()!r}")
+                            f"{(view.format or b'?').decode(errors='replace')!r}")
         if not PyBuffer_IsContiguous(view, b'C'):
-            label = _label(base, index, single)
             raise ValueError(f"{label} must be C-contiguous; got a strided view "
                              f"(use numpy.ascontiguousarray and keep that array)")
+        if <uintptr_t>view.buf % <uintptr_t>view.itemsize != 0:
+            raise ValueError(f"{label} is not aligned to its element size ({view.itemsize} "
+                             f"bytes): its data starts at an odd address (a view at a byte "
+                             f"offset, say); copy it with numpy.ascontiguousarray(...) or "
+                             f"numpy.require(..., requirements='A')")
         if writable and view.readonly:
-            label = _label(base, index, single)
             raise ValueError(f"{label} is updated in place and must be writable; "
                              f"got a read-only buffer")
-        if like != NULL:
-            same = view.ndim == like.ndim
-            k = 0
-            while same and k < view.ndim:
-                same = view.shape[k] == like.shape[k]
-                k += 1
-            if not same:
-                label = _label(base, index, single)
-                raise ValueError(f"{label} must have the shape of its parameter "
-                                 f"{tuple(like.shape[k] for k in range(like.ndim))}; "
-                                 f"got {tuple(view.shape[k] for k in range(view.ndim))}")
+        if ndim >= 0 and not _same_shape(view, ndim, shape):
+            raise ValueError(f"{label} must have the shape of its parameter "
+                             f"{tuple(shape[k] for k in range(ndim))}; "
+                             f"got {tuple(view.shape[k] for k in range(view.ndim))}")
     except BaseException:
         PyBuffer_Release(view)
         raise
@@ -176,13 +245,15 @@ cdef int _fill_from_ndarray(Py_buffer *view, cnp.ndarray a) noexcept:
     """The fast path for exact numpy.ndarray (no buffer export: ~20 ns instead of ~150 ns
     per tensor per step). Fills the Py_buffer fields the checks and the call read and
     leaves view.obj as it is: NULL, since every view slot is zeroed at allocation and
-    PyBuffer_Release resets it, so releasing this view is a no-op. The caller holds a reference to
-    the array for as long as the pointer is used. Returns the dtype code, or -1 when the
-    array is not a C-contiguous, native-order float32/float64 array (the general path
-    then reports what is wrong)."""
+    PyBuffer_Release resets it, so releasing this view is a no-op. The caller holds a
+    reference to the array for as long as the pointer is used (view.shape points into
+    the array and is read only before the caller returns). Returns the dtype code, or -1
+    when the array is not a C-contiguous, aligned, native-order float32/float64 array
+    (the general path then reports what is wrong)."""
     cdef int t = cnp.PyArray_TYPE(a)
     cdef int code = 0 if t == cnp.NPY_FLOAT32 else (1 if t == cnp.NPY_FLOAT64 else -1)
-    if code < 0 or not cnp.PyArray_ISNOTSWAPPED(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+    if (code < 0 or not cnp.PyArray_ISNOTSWAPPED(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or <uintptr_t>cnp.PyArray_DATA(a) % (4 if code == 0 else 8) != 0):
         return -1
     view.buf = cnp.PyArray_DATA(a)
     view.itemsize = 4 if code == 0 else 8
@@ -205,75 +276,149 @@ cdef int _cmp_interval(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+# What a plan recorded of each NumPy array it writes, re-checked at every step.
+ctypedef struct _Sig:
+    PyObject *obj          # borrowed: _Plan.arrays keeps it alive; NULL: not an ndarray
+    void *data
+    int typenum
+
+cdef int _SIG_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_WRITEABLE | cnp.NPY_ARRAY_ALIGNED
+
+
+# What the GIL-free part of a step needs of one plan.
+ctypedef struct _Run:
+    fa_block *active
+    size_t nactive
+    size_t *active_index    # block index of each active block
+    fa_options *options
+    size_t ngroups
+    int dtype
+    double *workspace
+    int64_t *steps          # the NumPy API's counts (mirrors == NULL)
+    void **mirrors          # the torch API's state['step'] memory, one per block
+    int *mirror_types       # 0 float32, 1 float64
+    int64_t *step_count
+
+
 # -------------------------------------------------------------------------- plan
 cdef class _Plan:
     """Many parameter blocks and their optimizer state, checked once.
 
-    _Plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, groups, ngroups, single)
+    _Plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, groups, ngroups, single=False,
+          labels=None, step_mirrors=None)
     groups[i] is the parameter group of block i; max_exp_avg_sqs[i] may be None.
-    Each block remembers its step count (torch's state['step']).
+    labels: one string per block naming the user's parameter in errors (else
+    "params[i]"). step_mirrors: one writable 0-d float32/float64 array per block (the
+    torch API's state['step']): the step count lives there, is read before and written
+    after each step, in the step's dtype, as torch's ``step_t += 1``; without mirrors,
+    each block keeps an integer count < 2**62 (torch's state['step'] of the NumPy API).
     """
     cdef size_t n, ngroups, nintervals
     cdef int dtype
-    cdef bint single
+    cdef bint single, busy
     cdef Py_buffer *out            # 4 per block
     cdef char *held                # which of out[] are acquired
-    cdef Py_buffer *grad_views     # 1 per block, held only during step()
+    cdef _Sig *sigs                # 4 per block
+    cdef PyObject **param_objs     # borrowed (see arrays): the parameters, in order
+    cdef int *ndims                # each block's shape, copied at build
+    cdef Py_ssize_t *shapes        # (the arrays' own dims may be reallocated)
+    cdef size_t *shape_at
+    cdef size_t *group_sizes       # blocks per group, in order (the NumPy API's check)
+    cdef Py_buffer *grad_views     # 1 per block, held only during a step
     cdef fa_block *blocks
     cdef fa_block *active
+    cdef size_t *active_index
     cdef fa_options *options
     cdef _Interval *intervals
     cdef double *workspace         # per-chunk sums for fa_grad_stats
+    cdef int64_t *steps
+    cdef void **mirrors
+    cdef int *mirror_types
+    cdef int64_t _step_count
+    cdef _Run run
+    cdef object grads_held         # the tuple of gradients of the step in flight
     cdef readonly tuple arrays     # keeps every state object alive
+    cdef readonly object labels
+    cdef public object last_grad_norm
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  list groups, Py_ssize_t ngroups, bint single=False):
-        cdef Py_ssize_t n = len(params), i, j
+                  list groups, Py_ssize_t ngroups, bint single=False, labels=None,
+                  step_mirrors=None):
+        cdef Py_ssize_t n = len(params), i, j, k
         cdef Py_buffer *v
         cdef int which
+        cdef size_t total = 0, nshape = 0
+        cdef cnp.ndarray m
         self.n = n
         self.single = single
         self.dtype = -1
         if not (len(exp_avgs) == len(exp_avg_sqs) == len(max_exp_avg_sqs) == len(groups) == n):
             raise ValueError("params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and groups "
                              "must have one entry per parameter")
+        if labels is not None and len(labels) != n:
+            raise ValueError("labels must have one entry per parameter")
+        if step_mirrors is not None and len(step_mirrors) != n:
+            raise ValueError("step_mirrors must have one entry per parameter")
         if ngroups < 1:
             raise ValueError("ngroups must be >= 1")
+        self.labels = labels
         self.ngroups = ngroups
         self.out = <Py_buffer *>calloc(4 * n + 1, sizeof(Py_buffer))
         self.held = <char *>calloc(4 * n + 1, 1)
+        self.sigs = <_Sig *>calloc(4 * n + 1, sizeof(_Sig))
+        self.param_objs = <PyObject **>calloc(n + 1, sizeof(PyObject *))
+        self.ndims = <int *>calloc(n + 1, sizeof(int))
+        self.shape_at = <size_t *>calloc(n + 1, sizeof(size_t))
+        self.group_sizes = <size_t *>calloc(ngroups, sizeof(size_t))
         self.grad_views = <Py_buffer *>calloc(n + 1, sizeof(Py_buffer))
         self.blocks = <fa_block *>calloc(n + 1, sizeof(fa_block))
         self.active = <fa_block *>calloc(n + 1, sizeof(fa_block))
+        self.active_index = <size_t *>calloc(n + 1, sizeof(size_t))
         self.options = <fa_options *>calloc(ngroups, sizeof(fa_options))
         self.intervals = <_Interval *>calloc(4 * n + 1, sizeof(_Interval))
-        cdef size_t total = 0
-        if (self.out == NULL or self.held == NULL or self.grad_views == NULL or
-                self.blocks == NULL or self.active == NULL or self.options == NULL or
-                self.intervals == NULL):
+        self.steps = <int64_t *>calloc(n + 1, sizeof(int64_t))
+        if (self.out == NULL or self.held == NULL or self.sigs == NULL or self.ndims == NULL
+                or self.param_objs == NULL
+                or self.shape_at == NULL or self.group_sizes == NULL
+                or self.grad_views == NULL or self.blocks == NULL or self.active == NULL
+                or self.active_index == NULL or self.options == NULL
+                or self.intervals == NULL or self.steps == NULL):
             raise MemoryError()
-        self.arrays = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        self.arrays = (tuple(params), tuple(exp_avgs), tuple(exp_avg_sqs),
+                       tuple(max_exp_avg_sqs), tuple(step_mirrors or ()))
+        params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (list(a) for a in self.arrays[:4])
         for j in range(ngroups):
             self.options[j].grad_scale = 1.0
         for i in range(n):
             g = groups[i]
             if not (0 <= g < ngroups):
                 raise ValueError(f"groups[{i}] = {g} is not a group index")
+            if i > 0 and g < groups[i - 1]:
+                raise ValueError("groups must be in ascending order")
+            self.group_sizes[g] += 1
             objs = (params[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i])
+            self.param_objs[i] = <PyObject *>params[i]
             for which in range(4):
                 if which == 3 and objs[3] is None:
                     continue
                 v = &self.out[4 * i + which]
-                self.dtype = _acquire(v, objs[which], _OUT_BASES[which], i, single, True,
-                                      self.dtype,
-                                      NULL if which == 0 else &self.out[4 * i])
+                self.dtype = _acquire(v, objs[which], self._name(_OUT_BASES[which], i), True,
+                                      self.dtype, -1 if which == 0 else self.out[4 * i].ndim,
+                                      self.out[4 * i].shape)
                 self.held[4 * i + which] = 1
+                if cnp.PyArray_Check(objs[which]):
+                    self.sigs[4 * i + which].obj = <PyObject *>objs[which]
+                    self.sigs[4 * i + which].data = v.buf
+                    self.sigs[4 * i + which].typenum = cnp.PyArray_TYPE(<cnp.ndarray>objs[which])
                 if v.len > 0:
                     self.intervals[self.nintervals].start = <uintptr_t>v.buf
                     self.intervals[self.nintervals].end = <uintptr_t>v.buf + <uintptr_t>v.len
                     self.intervals[self.nintervals].block = i
                     self.intervals[self.nintervals].which = which
                     self.nintervals += 1
+            self.ndims[i] = self.out[4 * i].ndim
+            self.shape_at[i] = nshape
+            nshape += <size_t>self.out[4 * i].ndim
             self.blocks[i].param = self.out[4 * i].buf
             self.blocks[i].exp_avg = self.out[4 * i + 1].buf
             self.blocks[i].exp_avg_sq = self.out[4 * i + 2].buf
@@ -281,11 +426,36 @@ cdef class _Plan:
             self.blocks[i].n = <size_t>(self.out[4 * i].len // self.out[4 * i].itemsize)
             self.blocks[i].options = &self.options[g]
             self.blocks[i].step = 0
+        # The shapes are copied: the views' shape pointers of exact ndarrays point into
+        # the arrays, whose dims a user may reallocate (p.shape = ...) at any time.
+        self.shapes = <Py_ssize_t *>calloc(nshape + 1, sizeof(Py_ssize_t))
+        if self.shapes == NULL:
+            raise MemoryError()
+        for i in range(n):
+            for k in range(self.ndims[i]):
+                self.shapes[self.shape_at[i] + k] = self.out[4 * i].shape[k]
         for i in range(n):
             total += self.blocks[i].n
         self.workspace = <double *>calloc(fa_grad_stats_workspace(total) + 1, sizeof(double))
         if self.workspace == NULL:
             raise MemoryError()
+        if step_mirrors is not None:
+            self.mirrors = <void **>calloc(n + 1, sizeof(void *))
+            self.mirror_types = <int *>calloc(n + 1, sizeof(int))
+            if self.mirrors == NULL or self.mirror_types == NULL:
+                raise MemoryError()
+            for i in range(n):
+                s = self.arrays[4][i]
+                if not (cnp.PyArray_Check(s) and cnp.PyArray_NDIM(<cnp.ndarray>s) == 0
+                        and cnp.PyArray_TYPE(<cnp.ndarray>s) in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
+                        and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>s)
+                        and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>s)
+                        and cnp.PyArray_ISALIGNED(<cnp.ndarray>s)):
+                    raise TypeError(f"step_mirrors[{i}] must be a writable 0-d float32 or "
+                                    f"float64 array")
+                m = <cnp.ndarray>s
+                self.mirrors[i] = cnp.PyArray_DATA(m)
+                self.mirror_types[i] = 0 if cnp.PyArray_TYPE(m) == cnp.NPY_FLOAT32 else 1
         # Every buffer the step writes must be disjoint from every other one.
         qsort(self.intervals, self.nintervals, sizeof(_Interval), _cmp_interval)
         for j in range(1, <Py_ssize_t>self.nintervals):
@@ -296,10 +466,25 @@ cdef class _Plan:
                     raise ValueError(f"{a} is given twice")
                 raise ValueError(f"{a} and {b} share memory; every parameter and state "
                                  f"buffer must be a distinct array")
+        self.run.active = self.active
+        self.run.active_index = self.active_index
+        self.run.options = self.options
+        self.run.ngroups = self.ngroups
+        self.run.dtype = self.dtype
+        self.run.workspace = self.workspace
+        self.run.steps = self.steps
+        self.run.mirrors = self.mirrors
+        self.run.mirror_types = self.mirror_types
+        self.run.step_count = &self._step_count
+
+    cdef str _name(self, str base, Py_ssize_t i):
+        if self.labels is not None:
+            return self.labels[i] if base == "param" else f"{base} of {self.labels[i]}"
+        return _label(base, i, self.single)
 
     cdef str _interval_label(self, size_t j):
-        return _label(_OUT_NAMES[self.intervals[j].which].decode(),
-                      self.intervals[j].block, self.single)
+        return self._name(_OUT_NAMES[self.intervals[j].which].decode(),
+                          self.intervals[j].block)
 
     def __dealloc__(self):
         cdef size_t i
@@ -307,8 +492,11 @@ cdef class _Plan:
             for i in range(4 * self.n):
                 if self.held[i]:
                     PyBuffer_Release(&self.out[i])
-        free(self.out); free(self.held); free(self.grad_views); free(self.blocks)
-        free(self.active); free(self.options); free(self.intervals); free(self.workspace)
+        free(self.out); free(self.held); free(self.sigs); free(self.param_objs)
+        free(self.ndims); free(self.shapes)
+        free(self.shape_at); free(self.group_sizes); free(self.grad_views); free(self.blocks)
+        free(self.active); free(self.active_index); free(self.options); free(self.intervals)
+        free(self.workspace); free(self.steps); free(self.mirrors); free(self.mirror_types)
 
     @property
     def dtype(self):
@@ -317,15 +505,27 @@ cdef class _Plan:
     def __len__(self):
         return self.n
 
-    def get_steps(self):
-        return [self.blocks[i].step for i in range(self.n)]
+    @property
+    def step_count(self):
+        """Steps taken (the NumPy API's optimizer-level count), committed with the buffers."""
+        return self._step_count
 
-    def set_step(self, Py_ssize_t i, int64_t step):
+    @step_count.setter
+    def step_count(self, value):
+        self._step_count = _check_count("step_count", value)
+
+    def get_steps(self):
+        if self.mirrors != NULL:
+            return [(<float *>self.mirrors[i])[0] if self.mirror_types[i] == 0
+                    else (<double *>self.mirrors[i])[0] for i in range(self.n)]
+        return [self.steps[i] for i in range(self.n)]
+
+    def set_step(self, Py_ssize_t i, step):
         if not (0 <= i < <Py_ssize_t>self.n):
             raise IndexError(i)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        self.blocks[i].step = step
+        if self.mirrors != NULL:
+            raise TypeError("this plan's step counts live in its step mirrors")
+        self.steps[i] = _check_count("step", step)
 
     def set_options(self, Py_ssize_t group, double lr, double beta1, double beta2, double eps,
                     double weight_decay, bint decoupled_weight_decay, bint amsgrad,
@@ -335,6 +535,8 @@ cdef class _Plan:
         """Set one group's hyperparameters (already checked by _options.py)."""
         if not (0 <= group < <Py_ssize_t>self.ngroups):
             raise IndexError(group)
+        if self.busy:
+            raise RuntimeError("the options of a plan cannot change during its step")
         cdef fa_options *o = &self.options[group]
         o.lr = lr; o.beta1 = beta1; o.beta2 = beta2; o.eps = eps
         o.weight_decay = weight_decay; o.grad_scale = 1.0
@@ -342,15 +544,63 @@ cdef class _Plan:
         o.maximize = maximize; o.bias_correction = bias_correction
         o.eps_mode = <fa_eps_mode>eps_mode
 
-    cdef size_t _acquire_grads(self, grads) except? 0:
+    def current(self, groups):
+        """True if `groups` (the NumPy API's param_groups) still holds exactly this plan's
+        parameters, and every array the plan writes still has the data pointer, dtype,
+        byte order, shape and flags it had at build."""
+        return self._current(groups)
+
+    cdef bint _current(self, object groups) except -1:
+        cdef Py_ssize_t g, j, k = 0, ngroups
+        cdef PyObject *group
+        cdef PyObject *params
+        cdef size_t i, w
+        cdef int d
+        cdef _Sig *s
+        cdef cnp.ndarray a
+        if type(groups) is not list:
+            return False
+        ngroups = PyList_GET_SIZE(groups)
+        if ngroups != <Py_ssize_t>self.ngroups:
+            return False
+        for g in range(ngroups):
+            group = PyList_GET_ITEM(groups, g)
+            if type(<object>group) is not dict:
+                return False
+            params = PyDict_GetItem(<object>group, "params")
+            if params == NULL or type(<object>params) is not list:
+                return False
+            if PyList_GET_SIZE(<object>params) != <Py_ssize_t>self.group_sizes[g]:
+                return False
+            for j in range(<Py_ssize_t>self.group_sizes[g]):
+                if PyList_GET_ITEM(<object>params, j) != self.param_objs[k]:
+                    return False
+                k += 1
+        for i in range(self.n):
+            for w in range(4):
+                s = &self.sigs[4 * i + w]
+                if s.obj == NULL:
+                    continue
+                a = <cnp.ndarray>s.obj
+                if (cnp.PyArray_DATA(a) != s.data or cnp.PyArray_TYPE(a) != s.typenum
+                        or (cnp.PyArray_FLAGS(a) & _SIG_FLAGS) != _SIG_FLAGS
+                        or not cnp.PyArray_ISNOTSWAPPED(a)
+                        or cnp.PyArray_NDIM(a) != self.ndims[i]):
+                    return False
+                for d in range(self.ndims[i]):
+                    if cnp.PyArray_DIMS(a)[d] != self.shapes[self.shape_at[i] + d]:
+                        return False
+        return True
+
+    cdef size_t _acquire_grads(self, tuple grads) except? 0:
         """Acquire and check every non-None grad into grad_views/active; on error none is
         held. Returns the number of active blocks."""
         cdef Py_ssize_t i, lo, hi, mid
         cdef size_t nactive = 0
         cdef Py_buffer *v
         cdef uintptr_t gs, ge
-        if not isinstance(grads, (list, tuple)):
-            raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
+        cdef double m, t
+        cdef float mf
         if <size_t>len(grads) != self.n:
             raise ValueError(f"grads must have one entry per parameter ({self.n}), "
                              f"got {len(grads)}")
@@ -360,13 +610,30 @@ cdef class _Plan:
                 if g is None:
                     continue
                 v = &self.grad_views[nactive]
-                _acquire(v, g, "grad", i, self.single, False, self.dtype, &self.out[4 * i])
+                self._acquire_grad(v, g, i)
                 nactive += 1
                 self.active[nactive - 1] = self.blocks[i]
                 self.active[nactive - 1].grad = v.buf
-                self.active[nactive - 1].step = self.blocks[i].step + 1
+                self.active_index[nactive - 1] = i
+                if self.mirrors != NULL:
+                    if self.mirror_types[i] == 0:
+                        mf = (<float *>self.mirrors[i])[0]
+                        m = mf
+                        t = <float>(mf + <float>1.0)  # torch: step_t += 1, in float32
+                    else:
+                        m = (<double *>self.mirrors[i])[0]
+                        t = m + 1.0
+                    if not (m >= 0.0):
+                        raise ValueError(f"state['step'] of {self._name('param', i)} must be "
+                                         f">= 0, got {m}")
+                    self.active[nactive - 1].step = t
+                else:
+                    if self.steps[i] >= _MAX_STEP - 1 or self._step_count >= _MAX_STEP - 1:
+                        raise ValueError(f"{self._name('param', i)} has taken 2**62 - 1 "
+                                         f"steps, the most a step count may hold")
+                    self.active[nactive - 1].step = <double>(self.steps[i] + 1)
                 if self.blocks[i].options.amsgrad and self.blocks[i].max_exp_avg_sq == NULL:
-                    raise ValueError(f"{_label('max_exp_avg_sq', i, self.single)} is required "
+                    raise ValueError(f"{self._name('max_exp_avg_sq', i)} is required "
                                      f"when amsgrad=True")
                 if v.len == 0:
                     continue
@@ -382,21 +649,33 @@ cdef class _Plan:
                     else:
                         hi = mid
                 if lo > 0 and self.intervals[lo - 1].end > gs:
-                    raise ValueError(f"{_label('grad', i, self.single)} shares memory with "
+                    raise ValueError(f"{self._name('grad', i)} shares memory with "
                                      f"{self._interval_label(lo - 1)}, which the step writes")
         except BaseException:
             self._release_grads(nactive)
             raise
+        self.run.nactive = nactive
         return nactive
+
+    cdef int _acquire_grad(self, Py_buffer *v, object g, Py_ssize_t i) except -1:
+        cdef int code
+        # Fast path first: the label is formatted only when a check fails.
+        if cnp.PyArray_CheckExact(g):
+            code = _fill_from_ndarray(v, <cnp.ndarray>g)
+            if code == self.dtype and _same_shape(v, self.ndims[i], &self.shapes[self.shape_at[i]]):
+                return code
+        return _acquire(v, g, self._name("grad", i), False, self.dtype, self.ndims[i],
+                        &self.shapes[self.shape_at[i]])
 
     cdef void _release_grads(self, size_t nactive) noexcept:
         cdef size_t k
         for k in range(nactive):
             PyBuffer_Release(&self.grad_views[k])
+        self.run.nactive = 0
 
     def step(self, grads, int num_threads=0, size_t chunk=0, int isa=-1,
              double grad_scale=1.0, bint skip_nonfinite=False, double max_grad_norm=0.0,
-             int prefetch=-1):
+             int prefetch=-1, groups=None):
         """Take one step for every block whose grad is not None.
 
         grad_scale: every gradient is divided by it inside the pass (loss scaling).
@@ -405,68 +684,164 @@ cdef class _Plan:
         max_grad_norm > 0: clip the global L2 norm of the unscaled gradients to it, as
         torch.nn.utils.clip_grad_norm_ (coefficient max_norm/(norm + 1e-6), at most 1),
         folded into the update pass.
+        groups: the NumPy API's param_groups; if they, or any array the plan writes, no
+        longer match the plan (see current()), return None and change nothing.
         Returns (stepped, grad_norm): grad_norm is the unscaled global norm before
         clipping when it was computed (skip_nonfinite or clipping), else None.
         prefetch: -1 auto, 0 off, 1 on (fa_prefetch; for tests and measurements).
         Everything is checked before anything is written.
         """
-        cdef size_t nactive, g
-        cdef int nonfinite = 0
-        cdef double sumsq = 0.0, norm = 0.0, coef = 1.0, scale = grad_scale
-        cdef bint stats = skip_nonfinite or max_grad_norm > 0.0
-        if isa != -1 and not fa_isa_usable(<fa_isa>isa):
-            raise ValueError(f"SIMD path {isa} is not usable on this machine")
-        if num_threads < 0:
-            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
-        if prefetch not in (-1, 0, 1):
-            raise ValueError(f"prefetch must be -1 (auto), 0 or 1, got {prefetch}")
-        nactive = self._acquire_grads(grads)
-        try:
-            with nogil:
-                if stats:
-                    sumsq = fa_grad_stats(<fa_dtype>self.dtype, self.active, nactive,
-                                          self.workspace, num_threads, <fa_isa>isa, &nonfinite)
-                    norm = sqrt(sumsq) / grad_scale
-                    if nonfinite:
-                        norm = sumsq  # inf or NaN, as torch reports it
-                    if max_grad_norm > 0.0:
-                        coef = max_grad_norm / (norm + 1e-6)  # _options.clip_coefficient
-                        if coef < 1.0:
-                            scale = grad_scale / coef
-                if not (skip_nonfinite and nonfinite):
-                    for g in range(self.ngroups):
-                        self.options[g].grad_scale = scale
-                    fa_adam_step(<fa_dtype>self.dtype, self.active, nactive, num_threads,
-                                 chunk, <fa_isa>isa, prefetch)
-        finally:
-            self._release_grads(nactive)
-        if skip_nonfinite and nonfinite:
-            return False, norm
-        for i in range(<Py_ssize_t>self.n):  # commit the step counts of the blocks that moved
-            if grads[i] is not None:
-                self.blocks[i].step += 1
-        return True, (norm if stats else None)
+        cdef tuple snap = _snapshot(grads)  # first: it may run a list subclass's code
+        if groups is not None and not self._current(groups):
+            return None
+        return _step_plans((self,), (snap,), num_threads, chunk, isa, grad_scale,
+                           skip_nonfinite, max_grad_norm, prefetch)
+
+
+cdef int64_t _check_count(str name, object value) except -1:
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = value.__index__()
+    if not (0 <= value < MAX_STEP):
+        raise ValueError(f"{name} must be >= 0 and < 2**62, got {value}")
+    return <int64_t>value
+
+
+cdef tuple _snapshot(object grads):
+    # A tuple of the gradients holds a reference to each for the whole step, whatever
+    # another thread does to the caller's list meanwhile.
+    if type(grads) is tuple:
+        return <tuple>grads
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
+    return tuple(grads)
+
+
+def step_plans(plans, grads, int num_threads=0, double grad_scale=1.0,
+               bint skip_nonfinite=False, double max_grad_norm=0.0):
+    """One step over several plans (the torch API's dtypes) with ONE check of everything
+    before any buffer moves: grads[k] is plan k's list. The global norm for clipping and
+    skip_nonfinite is the sum over all plans. Returns as _Plan.step."""
+    return _step_plans(tuple(plans), tuple(grads), num_threads, 0, -1, grad_scale,
+                       skip_nonfinite, max_grad_norm, -1)
+
+
+cdef enum:
+    _MAX_PLANS = 8
+
+cdef object _step_plans(tuple plans, tuple grads, int num_threads, size_t chunk, int isa,
+                        double grad_scale, bint skip_nonfinite, double max_grad_norm,
+                        int prefetch):
+    cdef Py_ssize_t nplans = len(plans), k, acquired = 0, busy = 0
+    cdef _Run *runs[_MAX_PLANS]
+    cdef _Plan plan
+    cdef int nonfinite = 0, nf, nt
+    cdef double sumsq = 0.0, norm = 0.0, coef = 1.0, scale = grad_scale
+    cdef bint stats = skip_nonfinite or max_grad_norm > 0.0
+    cdef bint stepped = False
+    cdef size_t g, j, i
+    cdef _Run *r
+    cdef float *mf
+    _check_isa(isa)
+    nt = _threads(num_threads)
+    if not (grad_scale > 0.0 and grad_scale < INFINITY):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
+    if not (max_grad_norm >= 0.0 and max_grad_norm < INFINITY):
+        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+    if prefetch not in (-1, 0, 1):
+        raise ValueError(f"prefetch must be -1 (auto), 0 or 1, got {prefetch}")
+    if nplans != len(grads) or not (1 <= nplans <= _MAX_PLANS):
+        raise ValueError(f"one list of grads per plan, 1 to {_MAX_PLANS} plans")
+    snaps = tuple(_snapshot(gr) for gr in grads)
+    try:
+        for k in range(nplans):
+            plan = <_Plan?>plans[k]
+            if plan.busy:
+                raise RuntimeError("fastadam: a plan was stepped by two threads at once "
+                                   "(the optimizers lock their steps; this is a bug)")
+            plan.busy = True
+            busy += 1
+        for k in range(nplans):
+            plan = <_Plan>plans[k]
+            plan._acquire_grads(<tuple>snaps[k])
+            plan.grads_held = snaps[k]
+            acquired += 1
+            runs[k] = &plan.run
+        with nogil:
+            PyThread_acquire_lock(_step_lock, WAIT_LOCK)
+            if stats:
+                for k in range(nplans):
+                    nf = 0
+                    sumsq = sumsq + fa_grad_stats(<fa_dtype>runs[k].dtype, runs[k].active,
+                                                  runs[k].nactive, runs[k].workspace, nt,
+                                                  <fa_isa>isa, &nf)
+                    nonfinite = nonfinite | nf
+                norm = sqrt(sumsq) / grad_scale
+                if nonfinite:
+                    norm = sumsq  # inf or NaN, as torch reports it
+                if max_grad_norm > 0.0:
+                    coef = max_grad_norm / (norm + 1e-6)  # _options.clip_coefficient
+                    if coef < 1.0:
+                        scale = grad_scale / coef
+            if not (skip_nonfinite and nonfinite):
+                stepped = True
+                for k in range(nplans):
+                    r = runs[k]
+                    for g in range(r.ngroups):
+                        r.options[g].grad_scale = scale
+                    fa_adam_step(<fa_dtype>r.dtype, r.active, r.nactive, nt, chunk,
+                                 <fa_isa>isa, prefetch)
+                    # Commit the counts with the buffers, before anything else can run.
+                    for j in range(r.nactive):
+                        i = r.active_index[j]
+                        if r.mirrors != NULL:
+                            if r.mirror_types[i] == 0:
+                                (<float *>r.mirrors[i])[0] = <float>r.active[j].step
+                            else:
+                                (<double *>r.mirrors[i])[0] = r.active[j].step
+                        else:
+                            r.steps[i] += 1
+                    r.step_count[0] += 1
+            PyThread_release_lock(_step_lock)
+    finally:
+        for k in range(acquired):
+            plan = <_Plan>plans[k]
+            plan._release_grads(plan.run.nactive)
+            plan.grads_held = None
+        for k in range(busy):
+            (<_Plan>plans[k]).busy = False
+    result = norm if stats else None
+    for k in range(nplans):
+        (<_Plan>plans[k]).last_grad_norm = result
+    return stepped, result
 
 
 def grad_stats(grads, int num_threads=0, int isa=-1):
     """(sum of squares in double, any inf/NaN) over a list of float32 or float64 arrays,
     deterministic for every thread count and SIMD path (see fa_grad_stats)."""
-    cdef Py_ssize_t n = len(grads), i
-    cdef Py_buffer *views = <Py_buffer *>calloc(n + 1, sizeof(Py_buffer))
-    cdef fa_block *blocks = <fa_block *>calloc(n + 1, sizeof(fa_block))
+    cdef tuple snap = _snapshot(grads)
+    cdef Py_ssize_t n = len(snap), i
+    cdef Py_buffer *views
+    cdef fa_block *blocks
     cdef double *ws = NULL
     cdef Py_ssize_t held = 0
-    cdef int dtype = -1, nonfinite = 0
+    cdef int dtype = -1, nonfinite = 0, nt, code
     cdef size_t total = 0
     cdef double sumsq = 0.0
+    _check_isa(isa)
+    nt = _threads(num_threads)
+    views = <Py_buffer *>calloc(n + 1, sizeof(Py_buffer))
+    blocks = <fa_block *>calloc(n + 1, sizeof(fa_block))
     if views == NULL or blocks == NULL:
         free(views); free(blocks)
         raise MemoryError()
     try:
-        if isa != -1 and not fa_isa_usable(<fa_isa>isa):
-            raise ValueError(f"SIMD path {isa} is not usable on this machine")
         for i in range(n):
-            dtype = _acquire(&views[i], grads[i], "grad", i, False, False, dtype, NULL)
+            g = snap[i]
+            code = _fill_from_ndarray(&views[i], <cnp.ndarray>g) if cnp.PyArray_CheckExact(g) else -1
+            if code < 0 or (dtype >= 0 and code != dtype):
+                code = _acquire(&views[i], g, _label("grad", i, False), False, dtype, -1, NULL)
+            dtype = code
             held += 1
             blocks[i].grad = views[i].buf
             blocks[i].n = <size_t>(views[i].len // views[i].itemsize)
@@ -476,7 +851,7 @@ def grad_stats(grads, int num_threads=0, int isa=-1):
             raise MemoryError()
         with nogil:
             sumsq = fa_grad_stats(<fa_dtype>(dtype if dtype >= 0 else 0), blocks, n, ws,
-                                  num_threads, <fa_isa>isa, &nonfinite)
+                                  nt, <fa_isa>isa, &nonfinite)
     finally:
         for i in range(held):
             PyBuffer_Release(&views[i])
@@ -486,7 +861,7 @@ def grad_stats(grads, int num_threads=0, int isa=-1):
 
 def step_consts(double lr, double beta1, double beta2, double eps, double weight_decay,
                 bint decoupled_weight_decay, bint maximize, bint bias_correction,
-                int eps_mode, int64_t step, double grad_scale=1.0):
+                int eps_mode, double step, double grad_scale=1.0):
     """The per-step constants the C core computes (for tests against the reference)."""
     cdef fa_options o
     cdef fa_step_consts c
@@ -502,9 +877,10 @@ def traffic_f32(float[::1] param, const float[::1] grad, float[::1] exp_avg,
                 float[::1] exp_avg_sq, int num_threads=0):
     """The Adam memory pattern without arithmetic (roofline probe)."""
     cdef size_t n = param.shape[0]
+    cdef int nt = _threads(num_threads)
     if not (grad.shape[0] == exp_avg.shape[0] == exp_avg_sq.shape[0] == <Py_ssize_t>n):
         raise ValueError("traffic_f32: all four buffers must have the same length")
     if n == 0:
         return
     with nogil:
-        fa_traffic_f32(&param[0], &grad[0], &exp_avg[0], &exp_avg_sq[0], n, num_threads)
+        fa_traffic_f32(&param[0], &grad[0], &exp_avg[0], &exp_avg_sq[0], n, nt)

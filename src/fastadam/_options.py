@@ -9,7 +9,10 @@ import math
 import numbers
 from typing import NamedTuple
 
+import numpy as np
+
 EPS_MODES = {"paper": 0, "hat": 1}
+MAX_THREADS = 2**31 - 1  # num_threads is a C int
 
 
 class Options(NamedTuple):
@@ -28,16 +31,43 @@ class Options(NamedTuple):
     grad_scale: float = 1.0
 
 
+def _kind(value):
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and shape != ():
+        return f"{type(value).__name__} of shape {shape}"
+    return type(value).__name__
+
+
 def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    """A Python or NumPy real scalar (not a bool) as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (a scalar), got {_kind(value)}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError, ArithmeticError) as e:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} "
+                        f"that float() refuses ({e})") from None
 
 
 def _flag(name, value):
-    if not isinstance(value, (bool, int)) or isinstance(value, float):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
+    """A Python or NumPy bool (or an integer used as one) as a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, float):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_kind(value)}")
+
+
+def check_flag(name, value) -> bool:
+    return _flag(name, value)
+
+
+def check_eps_mode(eps_mode) -> int:
+    """'paper' or 'hat' (a ValueError lists them for anything else, hashable or not)."""
+    if isinstance(eps_mode, str) and eps_mode in EPS_MODES:
+        return EPS_MODES[eps_mode]
+    raise ValueError(f"eps_mode must be one of {', '.join(map(repr, EPS_MODES))}; "
+                     f"got {eps_mode!r}")
 
 
 def check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
@@ -61,12 +91,11 @@ def check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
     if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     grad_scale = check_grad_scale(grad_scale)
-    if eps_mode not in EPS_MODES:
-        raise ValueError(f"eps_mode must be 'paper' or 'hat', got {eps_mode!r}")
+    mode = check_eps_mode(eps_mode)
     return Options(lr, beta1, beta2, eps, weight_decay,
                    _flag("decoupled_weight_decay", decoupled_weight_decay),
                    _flag("amsgrad", amsgrad), _flag("maximize", maximize),
-                   _flag("bias_correction", bias_correction), EPS_MODES[eps_mode], grad_scale)
+                   _flag("bias_correction", bias_correction), mode, grad_scale)
 
 
 def check_grad_scale(grad_scale) -> float:
@@ -77,13 +106,14 @@ def check_grad_scale(grad_scale) -> float:
     return grad_scale
 
 
-def check_max_norm(max_norm):
-    """None (no clipping) or a finite number > 0."""
-    if max_norm is None:
+def check_max_norm(max_norm, name="max_grad_norm", allow_none=True):
+    """None (no clipping, if allow_none) or a finite number > 0."""
+    if max_norm is None and allow_none:
         return None
-    max_norm = _real("max_grad_norm", max_norm)
+    max_norm = _real(name, max_norm)
     if not (max_norm > 0.0 and math.isfinite(max_norm)):
-        raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_norm}")
+        raise ValueError(f"{name} must be a finite number > 0{' or None' * allow_none}, "
+                         f"got {max_norm}")
     return max_norm
 
 
@@ -94,22 +124,43 @@ def clip_coefficient(norm, max_norm):
 
 
 def check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an integer >= 1 (the paper's t), got {type(step).__name__}")
+    """The functional API's t: an integer, 1 <= t <= 2**62."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer >= 1 (the paper's t), got {_kind(step)}")
     step = int(step)
     if step < 1:
         raise ValueError(f"step must be >= 1 (the paper's t), got {step}")
     if step > 2**62:
-        raise ValueError(f"step must be < 2**62, got {step}")
+        raise ValueError(f"step must be <= 2**62, got {step}")
     return step
 
 
+def check_count(name, value) -> int:
+    """A step count of a state dict: an integer (or a float with an integral value, as
+    torch writes them), 0 <= count < 2**62, so that counting on never overflows int64."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer >= 0, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        value = int(value)
+    elif isinstance(value, numbers.Real):
+        v = float(value)
+        if not math.isfinite(v) or v != math.floor(v):
+            raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        value = int(v)
+    else:
+        raise TypeError(f"{name} must be an integer >= 0, got {_kind(value)}")
+    if not 0 <= value < 2**62:
+        raise ValueError(f"{name} must be >= 0 and < 2**62, got {value}")
+    return value
+
+
 def check_threads(num_threads) -> int:
-    """None -> 0 (OpenMP's default); else an int >= 1."""
+    """None -> 0 (OpenMP's default); else an int in [1, 2**31 - 1]."""
     if num_threads is None:
         return 0
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
-        raise TypeError(f"num_threads must be an int >= 1 or None, got {type(num_threads).__name__}")
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an int >= 1 or None, got {_kind(num_threads)}")
+    if not 1 <= num_threads <= MAX_THREADS:
+        raise ValueError(f"num_threads must be None or an int in [1, 2**31 - 1], "
+                         f"got {num_threads}")
     return int(num_threads)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import _core
-from ._options import check_options, check_step, check_threads
+from ._options import check_flag, check_options, check_step, check_threads
 
 __all__ = ["adam_step"]
 
@@ -55,7 +55,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     step = check_step(step)
     nt = check_threads(num_threads)
     return _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, nt,
-                 skip_nonfinite=bool(skip_nonfinite))
+                 skip_nonfinite=check_flag("skip_nonfinite", skip_nonfinite))
 
 
 def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, num_threads,

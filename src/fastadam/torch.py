@@ -16,15 +16,15 @@ their memory; nothing is copied to or from NumPy. The arithmetic is
 """
 from __future__ import annotations
 
-import math
+import numbers
 import operator
 
+import numpy as np
 import torch as _torch
 from torch.optim import Optimizer as _Optimizer
 
-from fastadam import _core
-from fastadam._options import (check_grad_scale, check_max_norm, check_options, check_threads,
-                               clip_coefficient)
+from fastadam import _core, _sync
+from fastadam._options import check_grad_scale, check_max_norm, check_options, check_threads
 
 __all__ = ["Adam", "AdamW"]
 
@@ -70,6 +70,42 @@ def _check_param(p, where):
                          f"place (make it contiguous before building the optimizer)")
 
 
+def _check_torch_hyperparameters(lr, betas, eps, weight_decay):
+    """torch.optim.Adam's own checks, with its exception types and messages, so that code
+    written against torch.optim sees the same errors (fastadam's stricter checks, e.g.
+    finiteness, come after these)."""
+    if isinstance(lr, _Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    try:
+        b0, b1 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    if not 0.0 <= b0 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {b0}")
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {b1}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _number(name, x):
+    """A number or a 1-element tensor (as torch allows for grad_scale and found_inf) as a
+    Python number; anything else is a TypeError naming the argument."""
+    if isinstance(x, _Tensor):
+        if x.numel() != 1:
+            raise TypeError(f"{name} must be a number or a 1-element tensor, got a tensor "
+                            f"of shape {tuple(x.shape)}")
+        return x.item()
+    if isinstance(x, numbers.Number) and not isinstance(x, (bool, np.bool_)) or \
+            isinstance(x, np.generic) and x.dtype.kind in "biuf":
+        return x
+    raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(x).__name__}")
+
+
 def _view(t):
     """Zero-copy NumPy view of a CPU tensor's memory (complex viewed as real)."""
     if t.requires_grad:
@@ -79,36 +115,33 @@ def _view(t):
     return t.numpy()
 
 
-class _Slot:
-    """One parameter that has optimizer state, and where the plan keeps it."""
-
-    __slots__ = ("plan", "block", "step_view", "complex")
-
-    def __init__(self, plan, block, step, complex_):
-        self.plan, self.block, self.complex = plan, block, complex_
-        self.step_view = step.numpy()  # 0-d, shares the memory of state['step']
-
-
 class _Cache:
     """The plans of one optimizer and what they were built from. A step reuses them
-    while every parameter, its data pointer and every state entry is still the same
-    object; it checks that with identity comparisons only (no tensor hashing)."""
+    while every parameter, every state dict and every state tensor is still the same
+    object with the same data pointer; it checks that with identity comparisons and
+    one data_ptr() per tensor (the storages are held, so an address cannot be reused
+    by another allocation while the plans point at it)."""
 
-    __slots__ = ("ids", "ptrs", "slots", "plans", "amsgrad", "state", "state_ids",
-                 "inner_ids")
+    __slots__ = ("ids", "tensors", "ptrs", "storages", "slots", "plans", "amsgrad", "state",
+                 "state_ids", "inner_ids", "shapes")
 
     def __init__(self):
         self.ids = []        # id() of every parameter, in param-group order
-        self.ptrs = []       # its data_ptr() when the plans were built
-        self.slots = []      # _Slot, or None for a parameter without state (no grad yet)
+        self.tensors = []    # every parameter, then every state tensor the plans use
+        self.ptrs = []       # their data_ptr() when the plans were built
+        self.storages = []   # their storages, held so that their memory stays put
+        self.slots = []      # (plan, block, complex), or None for a parameter without state
         self.plans = []      # one _core._Plan per element dtype
         self.amsgrad = ()    # each group's amsgrad flag when built
         self.state = None    # the optimizer's state dict object
         self.state_ids = []  # id() of each per-parameter state dict, in order
         self.inner_ids = []  # id() of every value in them (the state tensors), in order
+        self.shapes = []     # every parameter's shape when built
 
 
+_MISSING = object()
 _grad_of = operator.attrgetter("grad")
+_shape_of = operator.attrgetter("shape")
 _data_ptr = _Tensor.data_ptr
 
 
@@ -156,16 +189,33 @@ class Adam(_Optimizer):
             ``last_grad_norm``. Under ZeroRedundancyOptimizer each rank sees only its shard,
             so clip with ``torch.nn.utils.clip_grad_norm_`` there instead.
         num_threads (int or None): fastadam extra. OpenMP threads per step (None: OpenMP's
-            default, ``OMP_NUM_THREADS``). The result is the same bits for every value.
+            default, ``OMP_NUM_THREADS``; else 1 to 2**31 - 1). The result is the same bits
+            for every value.
+
+    The hyperparameters torch checks are refused with torch's exception types and
+    messages (``ValueError: Invalid learning rate: -1.0``, ...); fastadam also refuses
+    non-finite ones. Every other error names the parameter by its param group and its
+    index in that group.
 
     ``step(closure=None, grad_scale=None, found_inf=None)``: ``grad_scale`` (a number or
-    0-dim tensor) divides every gradient inside the kernel; if ``found_inf`` is nonzero the
-    step changes nothing (parameters, moments and step counts). ``torch.amp.GradScaler``
+    1-element tensor) divides every gradient inside the kernel; if ``found_inf`` is nonzero
+    the step changes nothing (parameters, moments and step counts). ``torch.amp.GradScaler``
     passes both through its fused-optimizer protocol (``_step_supports_amp_scaling``), so
-    ``scaler.step(opt)`` needs no separate unscale pass.
+    ``scaler.step(opt)`` needs no separate unscale pass. A step checks every parameter,
+    gradient and state tensor of every dtype before it moves any; a step that is refused
+    creates no state. Parameters or state tensors replaced between steps (``p.data = ...``,
+    ``state[p]['exp_avg'].set_(...)``, a new tensor in ``param_groups``) are picked up or
+    refused with a clear error, never written through a stale pointer.
 
     ``state[p]['step']`` is a 0-dim float32 tensor as in torch and is the step count
-    fastadam uses (read back if changed in place); like torch's it stops growing at 2**24.
+    fastadam uses: read before and written after each step inside the C call (so an
+    exception around a step never leaves it behind the buffers). Any count torch accepts
+    works -- fractional, beyond 2**53, inf; like torch's, a float32 count stops growing at
+    2**24 -- except a negative or NaN one, which is refused (torch would divide by zero or
+    step in the wrong direction).
+
+    Threads and fork: as :class:`fastadam.Adam` (one lock per optimizer; the C passes of
+    the process run one at a time; after ``os.fork()`` the child steps on one thread).
     """
 
     _step_supports_amp_scaling = True
@@ -176,6 +226,7 @@ class Adam(_Optimizer):
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  max_grad_norm=None, num_threads=None):
         name = type(self).__name__
+        self._lock = _sync.new_lock(self)
         if capturable:
             raise NotImplementedError(
                 f"fastadam.torch.{name} does not support capturable=True (CUDA graph "
@@ -184,14 +235,12 @@ class Adam(_Optimizer):
             raise NotImplementedError(
                 f"fastadam.torch.{name} does not support differentiable=True: the step runs "
                 f"in C, outside autograd. Use torch.optim.{name} to differentiate through it.")
-        if isinstance(lr, _Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
         try:
             beta_pair = tuple(betas)
             assert len(beta_pair) == 2
         except Exception:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        _check_torch_hyperparameters(lr, beta_pair, eps, weight_decay)
         for i, b in enumerate(beta_pair):
             if isinstance(b, _Tensor) and b.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
@@ -217,26 +266,27 @@ class Adam(_Optimizer):
     def add_param_group(self, param_group):
         """As torch's; also checks that fastadam can update the new parameters and that
         the group's options are valid."""
-        if (isinstance(param_group, dict) and "params" in param_group
-                and not isinstance(param_group["params"], set)):
-            params = param_group["params"]
-            params = [params] if isinstance(params, _Tensor) else list(params)
-            param_group["params"] = params
-            gi = len(self.param_groups)
-            for i, p in enumerate(params):
-                _check_param(p[1] if isinstance(p, tuple) else p,
-                             f"param group {gi}, parameter {i}")
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            if group.get("capturable") or group.get("differentiable"):
-                raise NotImplementedError("fastadam.torch: capturable and differentiable "
-                                          "must be False")
-            self._options_of(group)
-        except BaseException:
-            self.param_groups.pop()
-            raise
-        self._cache = None
+        with self._lock:
+            if (isinstance(param_group, dict) and "params" in param_group
+                    and not isinstance(param_group["params"], set)):
+                params = param_group["params"]
+                params = [params] if isinstance(params, _Tensor) else list(params)
+                param_group["params"] = params
+                gi = len(self.param_groups)
+                for i, p in enumerate(params):
+                    _check_param(p[1] if isinstance(p, tuple) else p,
+                                 f"param group {gi}, parameter {i}")
+            super().add_param_group(param_group)
+            group = self.param_groups[-1]
+            try:
+                if group.get("capturable") or group.get("differentiable"):
+                    raise NotImplementedError("fastadam.torch: capturable and differentiable "
+                                              "must be False")
+                self._options_of(group)
+            except BaseException:
+                self.param_groups.pop()
+                raise
+            self._cache = None
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -245,45 +295,117 @@ class Adam(_Optimizer):
         return state
 
     def __setstate__(self, state):
-        extra = state.pop("_fastadam", None) if isinstance(state, dict) else None
-        super().__setstate__(state)
-        if extra is not None:
-            self.__dict__.update(extra)
-        for name, default in (("max_grad_norm", None), ("num_threads", None),
-                              ("last_grad_norm", None)):
-            self.__dict__.setdefault(name, default)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", self._decoupled)
-            if self._decoupled:
-                group["decoupled_weight_decay"] = True
-            for p in group["params"]:
-                s = self.state.get(p)
-                if s and "step" in s and not isinstance(s["step"], _Tensor):
-                    s["step"] = _torch.tensor(float(s["step"]), dtype=_step_dtype())
-        self._cache = None   # state or groups were replaced: rebuild the plans
-        self._applied = None
+        if "_lock" not in self.__dict__:  # unpickling: __init__ did not run
+            self._lock = _sync.new_lock(self)
+        with self._lock:
+            if isinstance(state, dict) and "param_groups" in self.__dict__ \
+                    and "state" in state and "param_groups" in state:
+                # load_state_dict: check everything before anything is replaced
+                self._check_loaded(state["state"], state["param_groups"])
+            extra = state.pop("_fastadam", None) if isinstance(state, dict) else None
+            super().__setstate__(state)
+            if extra is not None:
+                self.__dict__.update(extra)
+            for name, default in (("max_grad_norm", None), ("num_threads", None),
+                                  ("last_grad_norm", None)):
+                self.__dict__.setdefault(name, default)
+            for group in self.param_groups:
+                group.setdefault("amsgrad", False)
+                group.setdefault("maximize", False)
+                group.setdefault("foreach", None)
+                group.setdefault("capturable", False)
+                group.setdefault("differentiable", False)
+                group.setdefault("fused", None)
+                group.setdefault("decoupled_weight_decay", self._decoupled)
+                if self._decoupled:
+                    group["decoupled_weight_decay"] = True
+                for p in group["params"]:
+                    s = self.state.get(p)
+                    if s and "step" in s and not isinstance(s["step"], _Tensor):
+                        s["step"] = _torch.tensor(float(s["step"]), dtype=_step_dtype())
+            self._cache = None   # state or groups were replaced: rebuild the plans
+            self._applied = None
+
+    def load_state_dict(self, state_dict):
+        """As torch's, but everything is checked before anything is replaced: the layout,
+        every group's options, and every parameter's state (only Adam's keys, the
+        parameter's shape, a step count >= 0); an error names the parameter by group and
+        index, and leaves this optimizer unchanged."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict is missing the keys {missing}")
+        unknown = [k for k in state_dict if k not in ("state", "param_groups")]
+        if unknown:
+            raise ValueError(f"state_dict has unknown keys {sorted(map(repr, unknown))}")
+        if not isinstance(state_dict["state"], dict):
+            raise TypeError("state_dict['state'] must be a dict")
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                for g in groups):
+            raise TypeError("state_dict['param_groups'] must be a list of dicts, each with "
+                            "a 'params' list")
+        with self._lock:
+            super().load_state_dict(state_dict)
+
+    def _check_loaded(self, state, groups):
+        """Raise unless (state, groups), as torch's load_state_dict is about to install
+        them, can be stepped."""
+        if not isinstance(state, dict):
+            raise TypeError("state_dict['state'] must be a dict")
+        params = {}
+        for gi, g in enumerate(groups):
+            self._options_of(g)
+            for i, p in enumerate(g["params"]):
+                params[id(p)] = (p, f"param group {gi}, parameter {i}", bool(g.get("amsgrad")))
+        for p, s in state.items():
+            if id(p) not in params:
+                raise ValueError("state_dict['state'] has an entry for an unknown parameter")
+            p, where, amsgrad = params[id(p)]
+            if not isinstance(s, dict):
+                raise TypeError(f"the state of {where} must be a dict, got {type(s).__name__}")
+            unknown = [k for k in s if k not in ("step",) + _STATE_KEYS]
+            if unknown:
+                raise ValueError(f"the state of {where} has unknown keys "
+                                 f"{sorted(map(repr, unknown))} (not an Adam state?)")
+            if not s:
+                continue
+            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in s]
+            if missing:
+                raise ValueError(f"the state of {where} lacks {missing}")
+            _step_value(s["step"], where)
+            for k in _STATE_KEYS:
+                t = s.get(k)
+                if t is None:
+                    continue
+                if not isinstance(t, _Tensor):
+                    raise TypeError(f"state[{k!r}] of {where} must be a tensor, got "
+                                    f"{type(t).__name__}")
+                if t.shape != p.shape:
+                    raise ValueError(f"state[{k!r}] of {where} is {_describe(t)}; it must "
+                                     f"have the parameter's shape {tuple(p.shape)}")
 
     # -------------------------------------------------------------------- plans
     @staticmethod
     def _options_of(group):
-        """The group's hyperparameters, checked, as _Plan.set_options takes them."""
+        """The group's hyperparameters, checked (torch's messages first), as
+        _Plan.set_options takes them."""
         b = group["betas"]
         try:
             b1, b2 = b
         except (TypeError, ValueError):
             raise TypeError(f"betas must be a pair (beta1, beta2), got {b!r}") from None
+        _check_torch_hyperparameters(group["lr"], (b1, b2), group["eps"],
+                                     group["weight_decay"])
         return check_options(_scalar(group["lr"]), (_scalar(b1), _scalar(b2)),
                              _scalar(group["eps"]), _scalar(group["weight_decay"]),
                              group["decoupled_weight_decay"], group["amsgrad"],
                              group["maximize"], True, "paper")
 
-    def _new_state(self, p, amsgrad):
+    @staticmethod
+    def _new_state(p, amsgrad):
         s = {"step": _torch.tensor(0.0, dtype=_step_dtype()),
              "exp_avg": _torch.zeros_like(p, memory_format=_torch.preserve_format),
              "exp_avg_sq": _torch.zeros_like(p, memory_format=_torch.preserve_format)}
@@ -291,26 +413,26 @@ class Adam(_Optimizer):
             s["max_exp_avg_sq"] = _torch.zeros_like(p, memory_format=_torch.preserve_format)
         return s
 
-    def _check_state(self, p, s, amsgrad, where):
-        """Make s usable by the plan: complete it (max_exp_avg_sq when amsgrad was switched
-        on; a tensor step) and check every tensor."""
+    @staticmethod
+    def _state_updates(p, s, amsgrad, where):
+        """What s needs to be usable by the plan (a dict of replacements, applied only once
+        the whole step has been checked): max_exp_avg_sq when amsgrad was switched on, a
+        0-dim float step tensor, contiguous state tensors. Raises if s cannot be used."""
         missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in s]
         if missing:
             raise ValueError(f"state of {where} lacks {missing}")
+        updates = {}
         if amsgrad and s.get("max_exp_avg_sq") is None:
             # amsgrad switched on after the state was made: start the maximum at zero
-            s["max_exp_avg_sq"] = _torch.zeros_like(p, memory_format=_torch.preserve_format)
+            updates["max_exp_avg_sq"] = _torch.zeros_like(
+                p, memory_format=_torch.preserve_format)
         step = s["step"]
-        if not isinstance(step, _Tensor):
-            s["step"] = _torch.tensor(float(step), dtype=_step_dtype())
-        elif (step.numel() != 1 or step.device.type != "cpu" or step.requires_grad
-              or not step.is_floating_point()):
-            s["step"] = _torch.tensor(float(step.item()), dtype=_step_dtype())
-        elif step.dim() != 0:
-            s["step"] = step.reshape(())
-        steps = s["step"].item()
-        if not (steps >= 0 and steps == math.floor(steps)):
-            raise ValueError(f"state['step'] of {where} must be a whole number >= 0, got {steps}")
+        value = _step_value(step, where)
+        if not (isinstance(step, _Tensor) and step.dim() == 0 and step.device.type == "cpu"
+                and step.dtype in (_torch.float32, _torch.float64) and not step.requires_grad
+                and step.is_contiguous()):
+            # a Python number, an integer or 1-element tensor: torch's own float tensor
+            updates["step"] = _torch.tensor(value, dtype=_step_dtype())
         for k in _STATE_KEYS:
             t = s.get(k)
             if t is None:
@@ -322,66 +444,113 @@ class Adam(_Optimizer):
                 raise ValueError(f"state[{k!r}] of {where} is {_describe(t)}; it must match "
                                  f"the parameter, {_describe(p)}")
             if t.layout is not _STRIDED or not t.is_contiguous():
-                s[k] = t.contiguous()  # a (rare) copy, kept as the state from now on
+                updates[k] = t.contiguous()  # a (rare) copy, kept as the state from now on
+        return updates
 
     def _rebuild(self, init):
-        """(Re)build the plans from the parameters and their state tensors.
+        """(Re)build the plans from the parameters and their state tensors. All or
+        nothing: the state is changed (created, completed) only once every parameter and
+        plan has been checked.
 
         init: also create the state of parameters that have a grad and no state yet
         (torch's lazy initialisation at their first step)."""
         c = _Cache()
-        per_dtype = {}  # plan dtype -> (params, m, v, vmax, groups, slot args)
+        per_dtype = {}  # plan dtype -> (params, m, v, vmax, groups, labels, steps, slots)
+        pending = []    # (p, new state dict or None, updates)
+        state_tensors = []
         for gi, group in enumerate(self.param_groups):
             amsgrad = bool(group["amsgrad"])
             for i, p in enumerate(group["params"]):
                 where = f"param group {gi}, parameter {i}"
                 _check_param(p, where)
                 c.ids.append(id(p))
-                c.ptrs.append(p.data_ptr())
+                c.tensors.append(p)
+                c.shapes.append(p.shape)
                 s = self.state.get(p)
                 if not s:
                     if not init or p.grad is None:
                         c.slots.append(None)
                         continue
-                    s = self.state[p] = self._new_state(p, amsgrad)
-                self._check_state(p, s, amsgrad, where)
+                    s = self._new_state(p, amsgrad)
+                    pending.append((p, s, None))
+                else:
+                    updates = self._state_updates(p, s, amsgrad, where)
+                    if updates:
+                        pending.append((p, None, updates))
+                        s = dict(s, **updates)
                 key, cplx = _SUPPORTED[p.dtype]
-                lists = per_dtype.setdefault(key, ([], [], [], [], [], []))
+                lists = per_dtype.setdefault(key, ([], [], [], [], [], [], [], []))
                 lists[0].append(_view(p))
                 lists[1].append(_view(s["exp_avg"]))
                 lists[2].append(_view(s["exp_avg_sq"]))
                 vmax = s.get("max_exp_avg_sq")
                 lists[3].append(None if vmax is None else _view(vmax))
                 lists[4].append(gi)
-                lists[5].append((len(c.slots), s, cplx))
+                lists[5].append(where)
+                lists[6].append(s["step"].numpy())
+                lists[7].append((len(c.slots), cplx))
+                state_tensors += [s[k] for k in ("step",) + _STATE_KEYS if s.get(k) is not None]
                 c.slots.append(None)
         ngroups = max(len(self.param_groups), 1)
         for lists in per_dtype.values():
-            plan = _core._Plan(lists[0], lists[1], lists[2], lists[3], lists[4], ngroups)
+            plan = _core._Plan(lists[0], lists[1], lists[2], lists[3], lists[4], ngroups,
+                               labels=lists[5], step_mirrors=lists[6])
             pi = len(c.plans)
-            for bi, (pos, s, cplx) in enumerate(lists[5]):
-                slot = c.slots[pos] = _Slot(pi, bi, s["step"], cplx)
-                plan.set_step(bi, int(slot.step_view.item()))
+            for bi, (pos, cplx) in enumerate(lists[7]):
+                c.slots[pos] = (pi, bi, cplx)
             c.plans.append(plan)
+        # Everything is checked: install the new and completed state (undone by _undo
+        # if the step that asked for it is refused).
+        undo = []
+        for p, new, updates in pending:
+            if new is not None:
+                self.state[p] = new
+                undo.append((p, None, new["step"]))
+            else:
+                undo.append((p, {k: self.state[p].get(k, _MISSING) for k in updates},
+                             updates.get("step", self.state[p]["step"])))
+                self.state[p].update(updates)
+        undo = [(p, old, step, float(step)) for p, old, step in undo]
+        c.tensors += state_tensors
+        c.ptrs = list(map(_data_ptr, c.tensors))
+        c.storages = [t.untyped_storage() for t in c.tensors]
         c.amsgrad = tuple(bool(g["amsgrad"]) for g in self.param_groups)
         c.state = self.state
         c.state_ids, c.inner_ids = _state_ids(self.state)
         self._cache = c
         self._applied = None
+        return undo
+
+    def _undo(self, undo):
+        """Take back the state a rebuild installed (a refused step creates none) -- unless
+        the C pass ran (an exception raised just after it, a KeyboardInterrupt say): then
+        the state is what the buffers were updated with, and stays."""
+        if any(float(step) != before for _, _, step, before in undo):
+            return
+        for p, old, _, _ in reversed(undo):
+            if old is None:
+                self.state.pop(p, None)
+            else:
+                for k, v in old.items():
+                    if v is _MISSING:
+                        self.state[p].pop(k, None)
+                    else:
+                        self.state[p][k] = v
+        self._cache = None
 
     def _collect(self):
-        """(per-plan gradient lists of NumPy views or None, the active slots) from the
-        .grad tensors, or None if the plans must be rebuilt first (a parameter's first
+        """(per-plan gradient lists of NumPy views or None, any active) from the .grad
+        tensors, or None if the plans must be rebuilt first (a parameter's first
         gradient, a parameter, its data or a state entry replaced, ...)."""
         c = self._cache
         flat = [p for g in self.param_groups for p in g["params"]]
         state = self.state
         if (list(map(id, flat)) != c.ids or state is not c.state
-                or list(map(_data_ptr, flat)) != c.ptrs
+                or list(map(_data_ptr, c.tensors)) != c.ptrs
                 or _state_ids(state) != (c.state_ids, c.inner_ids)):
             return None
         grads = [[None] * len(plan) for plan in c.plans]
-        active = []
+        active = False
         for slot, g in zip(c.slots, map(_grad_of, flat)):
             if g is None:
                 continue
@@ -392,13 +561,13 @@ class Adam(_Optimizer):
                                    "SparseAdam instead")
             if not g.is_contiguous():
                 g = g.contiguous()  # read only; a copy only for odd layouts
-            if slot.complex:
+            if slot[2]:
                 g = _torch.view_as_real(g)
             try:
-                grads[slot.plan][slot.block] = g.numpy()
+                grads[slot[0]][slot[1]] = g.numpy()
             except RuntimeError:  # a gradient that requires grad (create_graph=True)
-                grads[slot.plan][slot.block] = g.detach().numpy()
-            active.append(slot)
+                grads[slot[0]][slot[1]] = g.detach().numpy()
+            active = True
         return grads, active
 
     def _apply(self, keys):
@@ -424,15 +593,20 @@ class Adam(_Optimizer):
         if closure is not None:
             with _torch.enable_grad():
                 loss = closure()
+        with self._lock:
+            self._step(grad_scale, found_inf)
+        return loss
+
+    def _step(self, grad_scale, found_inf):
         if grad_scale is None:
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and _scalar(found_inf) != 0:
-            return loss
+        if found_inf is not None and _number("found_inf", found_inf) != 0:
+            return
         scale = 1.0
         if grad_scale is not None:
-            scale = check_grad_scale(_scalar(grad_scale))
+            scale = check_grad_scale(_number("grad_scale", grad_scale))
         threads = check_threads(self.num_threads)
         max_norm = check_max_norm(self.max_grad_norm) or 0.0
 
@@ -440,59 +614,64 @@ class Adam(_Optimizer):
         keys = [(_scalar(g["lr"]), tuple(map(_scalar, g["betas"])), _scalar(g["eps"]),
                  _scalar(g["weight_decay"]), g["amsgrad"], g["maximize"],
                  g["decoupled_weight_decay"]) for g in groups]
-        c = self._cache
-        if c is None or c.amsgrad != tuple(bool(k[4]) for k in keys):
-            self._rebuild(init=True)
-        collected = self._collect()
-        if collected is None:
-            self._rebuild(init=True)
-            collected = self._collect()
-            if collected is None:  # pragma: no cover - the rebuild covers every trigger
-                raise RuntimeError("fastadam.torch: could not build the optimizer plan")
-        all_grads, active = collected
         if keys != self._applied:
-            self._apply(keys)
-        c = self._cache
-        if not active:
-            return loss
+            for g in groups:  # before any state is made
+                self._options_of(g)
+        undo = []
+        try:
+            c = self._cache
+            if c is None or c.amsgrad != tuple(bool(k[4]) for k in keys):
+                undo += self._rebuild(init=True)
+            for attempt in range(2):
+                collected = self._collect()
+                if collected is None:
+                    undo += self._rebuild(init=True)
+                    collected = self._collect()
+                    if collected is None:  # pragma: no cover - the rebuild covers every trigger
+                        raise RuntimeError("fastadam.torch: could not build the optimizer plan")
+                all_grads, active = collected
+                if keys != self._applied:
+                    self._apply(keys)
+                c = self._cache
+                if not active:
+                    return
+                try:
+                    _, self.last_grad_norm = _core.step_plans(c.plans, all_grads, threads,
+                                                              scale, False, max_norm)
+                    return
+                except ValueError:
+                    # p.data replaced by a tensor of another shape at the same address: the
+                    # gradients no longer fit the plans. Rebuild once and check again.
+                    if attempt or list(map(_shape_of, c.tensors[:len(c.ids)])) == c.shapes:
+                        raise
+                    self._cache = None
+                    undo += self._rebuild(init=True)
+        except BaseException:
+            if undo:
+                self._undo(undo)
+            raise
 
-        # The state['step'] tensors are the truth (as in torch); resync the plan when
-        # someone changed one in place.
-        steps = [plan.get_steps() for plan in c.plans]
-        for s in active:
-            v = s.step_view.item()
-            if v != steps[s.plan][s.block]:
-                if not (v >= 0 and v == math.floor(v)):
-                    raise ValueError(f"state['step'] must be a whole number >= 0, got {v}")
-                c.plans[s.plan].set_step(s.block, int(v))
 
-        if len(c.plans) == 1:
-            _, self.last_grad_norm = c.plans[0].step(all_grads[0], threads, 0, -1, scale,
-                                                     False, max_norm)
-        else:
-            self.last_grad_norm = None
-            scales = [scale] * len(c.plans)
-            if max_norm > 0.0:
-                # One global norm across the dtypes: the same formula as _Plan.step.
-                sumsq = 0.0
-                for grads in all_grads:
-                    present = [g for g in grads if g is not None]
-                    if present:
-                        sumsq += _core.grad_stats(present, threads)[0]
-                norm = math.sqrt(sumsq) / scale if math.isfinite(sumsq) else sumsq
-                coef = clip_coefficient(norm, max_norm)
-                if coef < 1.0:
-                    scales = [scale / coef if coef > 0 else math.inf] * len(c.plans)
-                self.last_grad_norm = norm
-            # (each plan checks all its input before writing; torch has already checked
-            # every grad's dtype and shape, so the second cannot fail after the first ran)
-            for plan, grads, sc in zip(c.plans, all_grads, scales):
-                plan.step(grads, threads, 0, -1, sc, False, 0.0)
-
-        steps = [plan.get_steps() for plan in c.plans]
-        for s in active:
-            s.step_view[()] = steps[s.plan][s.block]
-        return loss
+def _step_value(step, where):
+    """The count in state['step'] as a float, if torch's Adam could step from it and
+    fastadam will: a number or 1-element tensor, >= 0 (inf included), not NaN."""
+    if isinstance(step, _Tensor):
+        if step.numel() != 1 or step.is_complex():
+            raise ValueError(f"state['step'] of {where} must be a number or a 1-element "
+                             f"real tensor, got {_describe(step)}")
+        value = step.item()
+    elif isinstance(step, (numbers.Real, np.generic)) and not isinstance(step, (bool, np.bool_)):
+        value = step
+    else:
+        raise TypeError(f"state['step'] of {where} must be a number or a 1-element tensor, "
+                        f"got {type(step).__name__}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"state['step'] of {where} must be a real number, got {step!r}") from None
+    if not value >= 0.0:
+        raise ValueError(f"state['step'] of {where} must be >= 0, got {value}")
+    return value
 
 
 class AdamW(Adam):
