@@ -8,6 +8,7 @@ killing the run.
 import copy
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -21,17 +22,26 @@ WORKERS = pathlib.Path(__file__).with_name("workers.py")
 
 
 def _isolated(name, timeout=120):
-    """Run tests/workers.py NAME in a fresh interpreter; fail on a crash, a hang or an
-    assertion, showing its output."""
+    """Run tests/workers.py NAME in a fresh interpreter (its own process group); fail on a
+    crash, a hang or an assertion, showing its output. On a hang the whole group is
+    killed, forked children included."""
+    proc = subprocess.Popen([sys.executable, str(WORKERS), name], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        r = subprocess.run([sys.executable, str(WORKERS), name], capture_output=True,
-                           text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{name} hung (no exit within {timeout} s)\n{e.stdout or ''}{e.stderr or ''}")
-    if r.returncode != 0 or not r.stdout.rstrip().endswith("ok"):
-        how = (f"was killed by signal {-r.returncode}" if r.returncode < 0
-               else f"exited with {r.returncode}")
-        pytest.fail(f"{name} {how}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{name} hung (no exit within {timeout} s)\n{out}{err}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # forked children left behind, if any
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.returncode != 0 or not out.rstrip().endswith("ok"):
+        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"exited with {proc.returncode}")
+        pytest.fail(f"{name} {how}\n--- stdout\n{out}\n--- stderr\n{err}")
 
 
 def _torch():

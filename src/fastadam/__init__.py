@@ -52,7 +52,10 @@ def config():
 
     version, simd (the path in use), simd_available (compiled in and supported here, in
     order of preference), simd_compiled, openmp (bool: built with OpenMP; if False every
-    step runs serially), max_threads (OpenMP's default team size), default_chunk (the
+    step runs serially), max_threads (OpenMP's default team size), thread_cap (the most
+    threads a step uses, whatever num_threads asks: 4 x the processors, at least
+    max_threads), forked (True in a child made by os.fork(): every step then runs on the
+    calling thread, as GNU OpenMP cannot run threads after a fork), default_chunk (the
     least elements per thread), prefetch_window ((lo, hi]: a step whose state bytes --
     elements x itemsize x 4, all tensors of the step together -- lie in it prefetches in
     software; (0, 0] means never: no L3 size was reported).
@@ -64,6 +67,8 @@ def config():
         "simd_compiled": [n for i, n in enumerate(_core.ISA_NAMES) if _core.isa_compiled(i)],
         "openmp": _core.openmp(),
         "max_threads": _core.max_threads(),
+        "thread_cap": _core.thread_cap(),
+        "forked": _core.forked(),
         "default_chunk": _core.DEFAULT_CHUNK,
         "prefetch_window": _core.prefetch_window(),
     }

@@ -14,7 +14,10 @@ def info(argv=None):
     print(f"  usable here      : {', '.join(c['simd_available'])}")
     print(f"  compiled in      : {', '.join(c['simd_compiled'])}")
     print(f"  OpenMP           : {'yes' if c['openmp'] else 'no (serial build)'}")
-    print(f"  max threads      : {c['max_threads']}")
+    print(f"  max threads      : {c['max_threads']} (at most {c['thread_cap']} used, whatever "
+          f"num_threads asks)")
+    if c["forked"]:
+        print("  forked child     : yes: steps run on one thread (GNU OpenMP does not survive fork)")
     lo, hi = c["prefetch_window"]
     print(f"  prefetch         : " + (f"steps with {lo / 2**20:g} MiB < state <= {hi / 2**20:g} MiB"
                                       if hi else "never (not measured to pay on this CPU)"))

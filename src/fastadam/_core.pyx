@@ -752,7 +752,9 @@ cdef object _step_plans(tuple plans, tuple grads, int num_threads, size_t chunk,
         raise ValueError(f"prefetch must be -1 (auto), 0 or 1, got {prefetch}")
     if nplans != len(grads) or not (1 <= nplans <= _MAX_PLANS):
         raise ValueError(f"one list of grads per plan, 1 to {_MAX_PLANS} plans")
-    snaps = tuple(_snapshot(gr) for gr in grads)
+    cdef list snaps = []
+    for k in range(nplans):
+        snaps.append(_snapshot(grads[k]))
     try:
         for k in range(nplans):
             plan = <_Plan?>plans[k]
