@@ -49,7 +49,7 @@ eps = st.one_of(st.sampled_from([0.0, 1e-8]), st.floats(1e-12, 1e-2))
 weight_decay = st.one_of(st.just(0.0), st.floats(0.0, 1.0))
 grad_scale = st.one_of(st.sampled_from([1.0, 2.0 ** -8, 1024.0, 65536.0]),
                        st.floats(1e-3, 1e6))
-step = st.one_of(st.integers(1, 20), st.integers(1, 2 ** 62))
+step = st.one_of(st.integers(1, 20), st.integers(1, 2 ** 62 - 1))
 
 options = st.fixed_dictionaries(dict(
     lr=lr, betas=st.tuples(beta, beta), eps=eps, weight_decay=weight_decay,

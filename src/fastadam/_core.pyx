@@ -336,7 +336,6 @@ cdef class _Plan:
     cdef int *mirror_types
     cdef int64_t _step_count
     cdef _Run run
-    cdef object grads_held         # the tuple of gradients of the step in flight
     cdef readonly tuple arrays     # keeps every state object alive
     cdef readonly object labels
     cdef public object last_grad_norm
@@ -694,7 +693,9 @@ cdef class _Plan:
         cdef tuple snap = _snapshot(grads)  # first: it may run a list subclass's code
         if groups is not None and not self._current(groups):
             return None
-        return _step_plans((self,), (snap,), num_threads, chunk, isa, grad_scale,
+        cdef PyObject *plan = <PyObject *>self
+        cdef PyObject *held = <PyObject *>snap  # the caller's frame keeps both alive
+        return _step_plans(&plan, &held, 1, num_threads, chunk, isa, grad_scale,
                            skip_nonfinite, max_grad_norm, prefetch)
 
 
@@ -717,22 +718,36 @@ cdef tuple _snapshot(object grads):
     return tuple(grads)
 
 
+cdef enum:
+    _MAX_PLANS = 8
+
+
 def step_plans(plans, grads, int num_threads=0, double grad_scale=1.0,
                bint skip_nonfinite=False, double max_grad_norm=0.0):
     """One step over several plans (the torch API's dtypes) with ONE check of everything
     before any buffer moves: grads[k] is plan k's list. The global norm for clipping and
     skip_nonfinite is the sum over all plans. Returns as _Plan.step."""
-    return _step_plans(tuple(plans), tuple(grads), num_threads, 0, -1, grad_scale,
-                       skip_nonfinite, max_grad_norm, -1)
+    cdef tuple ps = tuple(plans)
+    cdef list snaps = [_snapshot(g) for g in grads]  # held by this frame for the call
+    cdef PyObject *pp[_MAX_PLANS]
+    cdef PyObject *gp[_MAX_PLANS]
+    cdef Py_ssize_t k, n = len(ps)
+    if n != len(snaps) or not (1 <= n <= _MAX_PLANS):
+        raise ValueError(f"one list of grads per plan, 1 to {_MAX_PLANS} plans")
+    for k in range(n):
+        if not isinstance(ps[k], _Plan):
+            raise TypeError(f"plans[{k}] is not a _Plan")
+        pp[k] = <PyObject *>ps[k]
+        gp[k] = <PyObject *>snaps[k]
+    return _step_plans(pp, gp, n, num_threads, 0, -1, grad_scale, skip_nonfinite,
+                       max_grad_norm, -1)
 
 
-cdef enum:
-    _MAX_PLANS = 8
-
-cdef object _step_plans(tuple plans, tuple grads, int num_threads, size_t chunk, int isa,
-                        double grad_scale, bint skip_nonfinite, double max_grad_norm,
-                        int prefetch):
-    cdef Py_ssize_t nplans = len(plans), k, acquired = 0, busy = 0
+cdef object _step_plans(PyObject **plans, PyObject **grads, Py_ssize_t nplans,
+                        int num_threads, size_t chunk, int isa, double grad_scale,
+                        bint skip_nonfinite, double max_grad_norm, int prefetch):
+    # plans[k] and grads[k] (a tuple) are borrowed: the caller keeps them alive.
+    cdef Py_ssize_t k, acquired = 0, busy = 0
     cdef _Run *runs[_MAX_PLANS]
     cdef _Plan plan
     cdef int nonfinite = 0, nf, nt
@@ -741,23 +756,17 @@ cdef object _step_plans(tuple plans, tuple grads, int num_threads, size_t chunk,
     cdef bint stepped = False
     cdef size_t g, j, i
     cdef _Run *r
-    cdef float *mf
     _check_isa(isa)
     nt = _threads(num_threads)
     if not (grad_scale > 0.0 and grad_scale < INFINITY):
         raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
     if not (max_grad_norm >= 0.0 and max_grad_norm < INFINITY):
         raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
-    if prefetch not in (-1, 0, 1):
+    if prefetch < -1 or prefetch > 1:
         raise ValueError(f"prefetch must be -1 (auto), 0 or 1, got {prefetch}")
-    if nplans != len(grads) or not (1 <= nplans <= _MAX_PLANS):
-        raise ValueError(f"one list of grads per plan, 1 to {_MAX_PLANS} plans")
-    cdef list snaps = []
-    for k in range(nplans):
-        snaps.append(_snapshot(grads[k]))
     try:
         for k in range(nplans):
-            plan = <_Plan?>plans[k]
+            plan = <_Plan>plans[k]
             if plan.busy:
                 raise RuntimeError("fastadam: a plan was stepped by two threads at once "
                                    "(the optimizers lock their steps; this is a bug)")
@@ -765,8 +774,7 @@ cdef object _step_plans(tuple plans, tuple grads, int num_threads, size_t chunk,
             busy += 1
         for k in range(nplans):
             plan = <_Plan>plans[k]
-            plan._acquire_grads(<tuple>snaps[k])
-            plan.grads_held = snaps[k]
+            plan._acquire_grads(<tuple>grads[k])
             acquired += 1
             runs[k] = &plan.run
         with nogil:
@@ -809,7 +817,6 @@ cdef object _step_plans(tuple plans, tuple grads, int num_threads, size_t chunk,
         for k in range(acquired):
             plan = <_Plan>plans[k]
             plan._release_grads(plan.run.nactive)
-            plan.grads_held = None
         for k in range(busy):
             (<_Plan>plans[k]).busy = False
     result = norm if stats else None

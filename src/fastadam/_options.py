@@ -124,14 +124,15 @@ def clip_coefficient(norm, max_norm):
 
 
 def check_step(step) -> int:
-    """The functional API's t: an integer, 1 <= t <= 2**62."""
+    """The functional API's t: an integer, 1 <= t < 2**62 (every step count of fastadam is
+    below 2**62, so that no count can overflow int64)."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an integer >= 1 (the paper's t), got {_kind(step)}")
     step = int(step)
     if step < 1:
         raise ValueError(f"step must be >= 1 (the paper's t), got {step}")
-    if step > 2**62:
-        raise ValueError(f"step must be <= 2**62, got {step}")
+    if step >= 2**62:
+        raise ValueError(f"step must be < 2**62, got {step}")
     return step
 
 

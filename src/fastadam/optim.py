@@ -308,7 +308,7 @@ class Adam:
         the global gradient norm was computed (clipping or skip_nonfinite) it is left in
         ``self.last_grad_norm`` (unscaled, before clipping)."""
         with self._lock:
-            t = self._plan.step_count + 1
+            plan = self._plan
             try:
                 keys = [_group_key(g) for g in self.param_groups]
             except (KeyError, TypeError):
@@ -317,21 +317,30 @@ class Adam:
                                  f"add_param_group") from None
             for i, k in enumerate(keys):
                 if callable(k[0]):  # an lr schedule: evaluate it for this step
-                    keys[i] = (k[0](t),) + k[1:]
-            if type(grad_scale) is not float or grad_scale != 1.0:
+                    keys[i] = (k[0](plan.step_count + 1),) + k[1:]
+            if grad_scale.__class__ is not float or grad_scale != 1.0:
                 grad_scale = check_grad_scale(grad_scale)
-            for attempt in range(3):
-                if keys != self._applied:
+            if keys != self._applied:
+                self._apply(keys)
+            r = self._plan.step(grads, self._num_threads, self._chunk, self._isa, grad_scale,
+                                self.skip_nonfinite, self.max_grad_norm or 0.0, self._prefetch,
+                                self.param_groups)
+            if r is None:
+                # The parameters (or a state array) changed since the plan was built:
+                # rebuild (or refuse), as torch.optim re-reads its param_groups.
+                for attempt in range(3):
+                    self._rebuild()
                     self._apply(keys)
-                r = self._plan.step(grads, self._num_threads, self._chunk, self._isa,
-                                    grad_scale, self.skip_nonfinite, self.max_grad_norm or 0.0,
-                                    self._prefetch, self.param_groups)
-                if r is not None:
-                    return r[0]
-                # The parameters (or a state array) changed since the plan was built.
-                self._rebuild()
-            raise RuntimeError("fastadam: the parameters kept changing while a step was "
-                               "being prepared (another thread?)")
+                    r = self._plan.step(grads, self._num_threads, self._chunk, self._isa,
+                                        grad_scale, self.skip_nonfinite,
+                                        self.max_grad_norm or 0.0, self._prefetch,
+                                        self.param_groups)
+                    if r is not None:
+                        break
+                else:
+                    raise RuntimeError("fastadam: the parameters kept changing while a step "
+                                       "was being prepared (another thread?)")
+            return r[0]
 
     def _apply(self, keys):
         """Check every group's options, then hand them to the plan (all or nothing)."""
