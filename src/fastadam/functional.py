@@ -50,6 +50,9 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     TypeError, ValueError
         naming the argument, before any buffer is written.
     """
+    if grad is None:
+        raise TypeError("grad must be a float32 or float64 array, got None (None skips a "
+                        "parameter only in Adam.step)")
     options = check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
                             maximize, bias_correction, eps_mode, grad_scale)
     step = check_step(step)

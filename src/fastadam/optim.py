@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -20,12 +21,41 @@ _group_key = operator.itemgetter(*_GROUP_KEYS)  # one C call per group per step
 
 
 def aligned_zeros(shape, dtype=np.float32, align=_ALIGN):
-    """A zero-filled C-contiguous array whose data starts on an `align`-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    """A zero-filled C-contiguous array whose data starts on an `align`-byte boundary.
+
+    shape: an int or a sequence of ints >= 0; align: an int in [1, 2**20]."""
+    try:
+        dtype = np.dtype(dtype)
+    except Exception as e:  # numpy raises TypeError, ValueError or worse for garbage
+        raise TypeError(f"dtype must be a NumPy dtype, got {dtype!r} ({e})") from None
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise TypeError(f"dtype must be a fixed-size, non-object dtype, got {dtype}")
+    if isinstance(align, (bool, np.bool_)) or not isinstance(align, numbers.Integral):
+        raise TypeError(f"align must be an int, got {type(align).__name__}")
+    if not 1 <= align <= 2**20:
+        raise ValueError(f"align must be in [1, 2**20], got {align}")
+    align = int(align)
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    if isinstance(dims, (str, bytes, dict)) or not hasattr(dims, "__iter__"):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {type(shape).__name__}")
+    try:
+        dims = tuple(dims)
+    except Exception as e:
+        raise TypeError(f"shape must be an int or a sequence of ints ({e})") from None
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"shape must be a sequence of ints, got {shape!r}")
+        if d < 0:
+            raise ValueError(f"shape must not have negative dimensions, got {shape!r}")
+    dims = tuple(int(d) for d in dims)
+    if len(dims) > 64:
+        raise ValueError(f"shape has {len(dims)} dimensions, NumPy allows at most 64")
+    nbytes = math.prod(dims) * dtype.itemsize
+    if nbytes > 2**62:
+        raise ValueError(f"shape {dims} of {dtype} is too large ({nbytes} bytes)")
     raw = np.zeros(nbytes + align, dtype=np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+    return raw[offset:offset + nbytes].view(dtype).reshape(dims)
 
 
 def _staggered_zeros(like, page_offset):
@@ -163,6 +193,24 @@ class Adam:
     @num_threads.setter
     def num_threads(self, value):
         self._num_threads = check_threads(value)
+
+    @property
+    def skip_nonfinite(self):
+        """Skip (change nothing, return False) a step whose gradients hold an inf or NaN."""
+        return self._skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value):
+        self._skip_nonfinite = check_flag("skip_nonfinite", value)
+
+    @property
+    def max_grad_norm(self):
+        """Clip the global gradient norm to this (None: no clipping); may be changed."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value):
+        self._max_grad_norm = check_max_norm(value)
 
     @property
     def last_grad_norm(self):
@@ -320,11 +368,11 @@ class Adam:
                     keys[i] = (k[0](plan.step_count + 1),) + k[1:]
             if grad_scale.__class__ is not float or grad_scale != 1.0:
                 grad_scale = check_grad_scale(grad_scale)
-            if keys != self._applied:
+            if _changed(keys, self._applied):
                 self._apply(keys)
             r = self._plan.step(grads, self._num_threads, self._chunk, self._isa, grad_scale,
-                                self.skip_nonfinite, self.max_grad_norm or 0.0, self._prefetch,
-                                self.param_groups)
+                                self._skip_nonfinite, self._max_grad_norm or 0.0,
+                                self._prefetch, self.param_groups)
             if r is None:
                 # The parameters (or a state array) changed since the plan was built:
                 # rebuild (or refuse), as torch.optim re-reads its param_groups.
@@ -599,9 +647,20 @@ def clip_grad_norm_(grads, max_norm, num_threads=None):
     norm = math.sqrt(sumsq)
     coef = clip_coefficient(norm, max_norm)
     if coef < 1.0:
-        for a in arrays:
-            a *= a.dtype.type(coef)
+        with np.errstate(invalid="ignore"):  # inf * 0 = NaN, as torch's clipping gives
+            for a in arrays:
+                a *= a.dtype.type(coef)
     return norm
+
+
+def _changed(keys, applied):
+    """keys != applied, for any values a user may have put in a group (a comparison
+    that raises, e.g. of a signalling-NaN Decimal, counts as changed: _apply then
+    refuses the value with a clear error)."""
+    try:
+        return bool(keys != applied)
+    except Exception:
+        return True
 
 
 def _is_pair(x):

@@ -76,6 +76,11 @@ def _check_torch_hyperparameters(lr, betas, eps, weight_decay):
     finiteness, come after these)."""
     if isinstance(lr, _Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
+    for name, x in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)) + tuple(
+            (f"betas[{i}]", b) for i, b in enumerate(betas if isinstance(betas, tuple) else ())):
+        if isinstance(x, _Tensor) and (x.is_complex() or x.device.type == "meta"):
+            raise TypeError(f"{name} must be a real number or a real 1-element tensor, got "
+                            f"{_describe(x)}")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -96,12 +101,11 @@ def _number(name, x):
     """A number or a 1-element tensor (as torch allows for grad_scale and found_inf) as a
     Python number; anything else is a TypeError naming the argument."""
     if isinstance(x, _Tensor):
-        if x.numel() != 1:
-            raise TypeError(f"{name} must be a number or a 1-element tensor, got a tensor "
-                            f"of shape {tuple(x.shape)}")
+        if x.numel() != 1 or x.is_complex() or x.device.type == "meta":
+            raise TypeError(f"{name} must be a number or a 1-element real tensor, got "
+                            f"{_describe(x)}")
         return x.item()
-    if isinstance(x, numbers.Number) and not isinstance(x, (bool, np.bool_)) or \
-            isinstance(x, np.generic) and x.dtype.kind in "biuf":
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
         return x
     raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(x).__name__}")
 
@@ -140,6 +144,11 @@ class _Cache:
 
 
 _MISSING = object()
+
+
+class _SparseGradientError(TypeError, RuntimeError):
+    """torch.optim.Adam raises RuntimeError for a sparse gradient; this is also a
+    TypeError, as every other refused input of fastadam."""
 _grad_of = operator.attrgetter("grad")
 _shape_of = operator.attrgetter("shape")
 _data_ptr = _Tensor.data_ptr
@@ -267,6 +276,10 @@ class Adam(_Optimizer):
         """As torch's; also checks that fastadam can update the new parameters and that
         the group's options are valid."""
         with self._lock:
+            if not isinstance(param_group, dict):
+                raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+            if "params" not in param_group:
+                raise ValueError("a param group must have a 'params' entry")
             if (isinstance(param_group, dict) and "params" in param_group
                     and not isinstance(param_group["params"], set)):
                 params = param_group["params"]
@@ -347,6 +360,15 @@ class Adam(_Optimizer):
                 for g in groups):
             raise TypeError("state_dict['param_groups'] must be a list of dicts, each with "
                             "a 'params' list")
+        for key, entry in state_dict["state"].items():
+            if not isinstance(entry, dict):
+                raise TypeError(f"state_dict['state'][{key!r}] must be a dict, got "
+                                f"{type(entry).__name__}")
+            for k, t in entry.items():
+                # torch's load_state_dict copies tensors to the parameter's device first
+                if isinstance(t, _Tensor) and (t.device.type != "cpu" or t.layout is not _STRIDED):
+                    raise ValueError(f"state_dict['state'][{key!r}][{k!r}] is {_describe(t)} "
+                                     f"({t.layout}); fastadam.torch's state is dense CPU tensors")
         with self._lock:
             super().load_state_dict(state_dict)
 
@@ -357,6 +379,9 @@ class Adam(_Optimizer):
             raise TypeError("state_dict['state'] must be a dict")
         params = {}
         for gi, g in enumerate(groups):
+            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in g]
+            if missing:
+                raise ValueError(f"state_dict['param_groups'][{gi}] lacks {missing}")
             self._options_of(g)
             for i, p in enumerate(g["params"]):
                 params[id(p)] = (p, f"param group {gi}, parameter {i}", bool(g.get("amsgrad")))
@@ -378,14 +403,15 @@ class Adam(_Optimizer):
             _step_value(s["step"], where)
             for k in _STATE_KEYS:
                 t = s.get(k)
-                if t is None:
-                    continue
+                if t is None and k == "max_exp_avg_sq":
+                    continue  # made (zeros) when amsgrad needs it
                 if not isinstance(t, _Tensor):
                     raise TypeError(f"state[{k!r}] of {where} must be a tensor, got "
                                     f"{type(t).__name__}")
-                if t.shape != p.shape:
-                    raise ValueError(f"state[{k!r}] of {where} is {_describe(t)}; it must "
-                                     f"have the parameter's shape {tuple(p.shape)}")
+                if t.shape != p.shape or t.layout is not _STRIDED or t.device.type != "cpu":
+                    raise ValueError(f"state[{k!r}] of {where} is {_describe(t)} "
+                                     f"({t.layout}); it must be a dense CPU tensor of the "
+                                     f"parameter's shape {tuple(p.shape)}")
 
     # -------------------------------------------------------------------- plans
     @staticmethod
@@ -435,12 +461,13 @@ class Adam(_Optimizer):
             updates["step"] = _torch.tensor(value, dtype=_step_dtype())
         for k in _STATE_KEYS:
             t = s.get(k)
-            if t is None:
+            if t is None and k == "max_exp_avg_sq":
                 continue
             if not isinstance(t, _Tensor):
                 raise TypeError(f"state[{k!r}] of {where} must be a tensor, got "
                                 f"{type(t).__name__}")
-            if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            if (t.shape != p.shape or t.dtype != p.dtype or t.device != p.device
+                    or t.layout is not _STRIDED):
                 raise ValueError(f"state[{k!r}] of {where} is {_describe(t)}; it must match "
                                  f"the parameter, {_describe(p)}")
             if t.layout is not _STRIDED or not t.is_contiguous():
@@ -557,11 +584,18 @@ class Adam(_Optimizer):
             if slot is None:
                 return None  # first gradient of this parameter: create its state
             if g.layout is not _STRIDED:
-                raise RuntimeError("Adam does not support sparse gradients, please consider "
-                                   "SparseAdam instead")
+                raise _SparseGradientError("Adam does not support sparse gradients, please "
+                                           "consider SparseAdam instead")
+            if g.is_conj():
+                g = g.resolve_conj()  # read only: a copy of a lazily conjugated view
+            if g.is_neg():
+                g = g.resolve_neg()
             if not g.is_contiguous():
                 g = g.contiguous()  # read only; a copy only for odd layouts
             if slot[2]:
+                if not g.is_complex():
+                    raise TypeError(f"the gradient of a complex parameter must be complex, "
+                                    f"got {_describe(g)}")
                 g = _torch.view_as_real(g)
             try:
                 grads[slot[0]][slot[1]] = g.numpy()
@@ -611,10 +645,13 @@ class Adam(_Optimizer):
         max_norm = check_max_norm(self.max_grad_norm) or 0.0
 
         groups = self.param_groups
-        keys = [(_scalar(g["lr"]), tuple(map(_scalar, g["betas"])), _scalar(g["eps"]),
-                 _scalar(g["weight_decay"]), g["amsgrad"], g["maximize"],
-                 g["decoupled_weight_decay"]) for g in groups]
-        if keys != self._applied:
+        try:
+            keys = [(_scalar(g["lr"]), tuple(map(_scalar, g["betas"])), _scalar(g["eps"]),
+                     _scalar(g["weight_decay"]), g["amsgrad"], g["maximize"],
+                     g["decoupled_weight_decay"]) for g in groups]
+        except KeyError as e:
+            raise ValueError(f"a param group lacks the option {e.args[0]!r}") from None
+        if _changed(keys, self._applied):
             for g in groups:  # before any state is made
                 self._options_of(g)
         undo = []
@@ -630,7 +667,7 @@ class Adam(_Optimizer):
                     if collected is None:  # pragma: no cover - the rebuild covers every trigger
                         raise RuntimeError("fastadam.torch: could not build the optimizer plan")
                 all_grads, active = collected
-                if keys != self._applied:
+                if _changed(keys, self._applied):
                     self._apply(keys)
                 c = self._cache
                 if not active:
@@ -652,13 +689,21 @@ class Adam(_Optimizer):
             raise
 
 
+def _changed(keys, applied):
+    try:
+        return bool(keys != applied)
+    except Exception:  # a value whose comparison raises: _options_of refuses it clearly
+        return True
+
+
 def _step_value(step, where):
     """The count in state['step'] as a float, if torch's Adam could step from it and
     fastadam will: a number or 1-element tensor, >= 0 (inf included), not NaN."""
     if isinstance(step, _Tensor):
-        if step.numel() != 1 or step.is_complex():
+        if step.numel() != 1 or step.is_complex() or step.device.type != "cpu" \
+                or step.layout is not _STRIDED:
             raise ValueError(f"state['step'] of {where} must be a number or a 1-element "
-                             f"real tensor, got {_describe(step)}")
+                             f"real dense CPU tensor, got {_describe(step)}")
         value = step.item()
     elif isinstance(step, (numbers.Real, np.generic)) and not isinstance(step, (bool, np.bool_)):
         value = step
