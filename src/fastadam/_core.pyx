@@ -194,10 +194,10 @@ cdef int _acquire(Py_buffer *view, object obj, str label, bint writable, int dty
                   int ndim, const Py_ssize_t *shape) except -1:
     """Acquire obj's buffer into *view and check it; on error nothing is held.
 
-    label: a callable-free description of the argument for errors, or None for "work
-    it out from the caller" (the caller passes the already formatted label only on
-    error; see _Plan._name). dtype: the required dtype code, or -1 for "float32 or
-    float64". ndim < 0: any shape; else the shape this buffer must have.
+    label: the argument's name in errors (callers on a hot path try _fill_from_ndarray
+    first and format a label only when that fails; see _Plan._acquire_grad). dtype: the
+    required dtype code, or -1 for "float32 or float64". ndim < 0: any shape; else the
+    shape this buffer must have.
     """
     cdef int code
     if cnp.PyArray_CheckExact(obj):

@@ -165,3 +165,13 @@ def check_threads(num_threads) -> int:
         raise ValueError(f"num_threads must be None or an int in [1, 2**31 - 1], "
                          f"got {num_threads}")
     return int(num_threads)
+
+
+def changed(keys, applied) -> bool:
+    """keys != applied, for any values a user may have put in a param group: a comparison
+    that raises (a signalling-NaN Decimal, say) counts as changed, so that the options are
+    checked again and the value is refused with a clear error."""
+    try:
+        return bool(keys != applied)
+    except Exception:
+        return True

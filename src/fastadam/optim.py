@@ -9,8 +9,8 @@ import numpy as np
 
 from . import _core
 from . import _sync  # after _core: see _sync's docstring
-from ._options import (check_count, check_flag, check_grad_scale, check_max_norm,
-                       check_options, check_threads, clip_coefficient)
+from ._options import (changed, check_count, check_flag, check_grad_scale,
+                       check_max_norm, check_options, check_threads, clip_coefficient)
 
 __all__ = ["Adam", "AdamW", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm_"]
 
@@ -368,7 +368,7 @@ class Adam:
                     keys[i] = (k[0](plan.step_count + 1),) + k[1:]
             if grad_scale.__class__ is not float or grad_scale != 1.0:
                 grad_scale = check_grad_scale(grad_scale)
-            if _changed(keys, self._applied):
+            if changed(keys, self._applied):
                 self._apply(keys)
             r = self._plan.step(grads, self._num_threads, self._chunk, self._isa, grad_scale,
                                 self._skip_nonfinite, self._max_grad_norm or 0.0,
@@ -651,16 +651,6 @@ def clip_grad_norm_(grads, max_norm, num_threads=None):
             for a in arrays:
                 a *= a.dtype.type(coef)
     return norm
-
-
-def _changed(keys, applied):
-    """keys != applied, for any values a user may have put in a group (a comparison
-    that raises, e.g. of a signalling-NaN Decimal, counts as changed: _apply then
-    refuses the value with a clear error)."""
-    try:
-        return bool(keys != applied)
-    except Exception:
-        return True
 
 
 def _is_pair(x):

@@ -24,7 +24,8 @@ import torch as _torch
 from torch.optim import Optimizer as _Optimizer
 
 from fastadam import _core, _sync
-from fastadam._options import check_grad_scale, check_max_norm, check_options, check_threads
+from fastadam._options import (changed, check_grad_scale, check_max_norm, check_options,
+                               check_threads)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -280,8 +281,7 @@ class Adam(_Optimizer):
                 raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
             if "params" not in param_group:
                 raise ValueError("a param group must have a 'params' entry")
-            if (isinstance(param_group, dict) and "params" in param_group
-                    and not isinstance(param_group["params"], set)):
+            if not isinstance(param_group["params"], set):  # torch refuses sets itself
                 params = param_group["params"]
                 params = [params] if isinstance(params, _Tensor) else list(params)
                 param_group["params"] = params
@@ -651,7 +651,7 @@ class Adam(_Optimizer):
                      g["decoupled_weight_decay"]) for g in groups]
         except KeyError as e:
             raise ValueError(f"a param group lacks the option {e.args[0]!r}") from None
-        if _changed(keys, self._applied):
+        if changed(keys, self._applied):
             for g in groups:  # before any state is made
                 self._options_of(g)
         undo = []
@@ -667,7 +667,7 @@ class Adam(_Optimizer):
                     if collected is None:  # pragma: no cover - the rebuild covers every trigger
                         raise RuntimeError("fastadam.torch: could not build the optimizer plan")
                 all_grads, active = collected
-                if _changed(keys, self._applied):
+                if changed(keys, self._applied):
                     self._apply(keys)
                 c = self._cache
                 if not active:
@@ -687,13 +687,6 @@ class Adam(_Optimizer):
             if undo:
                 self._undo(undo)
             raise
-
-
-def _changed(keys, applied):
-    try:
-        return bool(keys != applied)
-    except Exception:  # a value whose comparison raises: _options_of refuses it clearly
-        return True
 
 
 def _step_value(step, where):
