@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._options import check_options, check_step
+from .._options import check_options, check_step
 
 __all__ = ["adam_step", "step_constants", "StepConstants"]
 
