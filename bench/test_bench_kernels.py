@@ -100,10 +100,10 @@ def test_roofline(benchmark, n, threads):
     """The Adam memory pattern without arithmetic: the bound for out-of-cache sizes."""
     benchmark.group = f"float32 n={_fmt(n)}"
     p, g, m, v = (fastadam.aligned_zeros((n,), np.float32) for _ in range(4))
-    _core.traffic_f32(p, g, m, v, threads)
+    _core.traffic_f32([p, g, m, v], threads)
     benchmark.extra_info.update(n_elems=n, dtype="float32", threads=threads,
                                 bytes_per_step=28 * n, roofline=True)
-    benchmark(_core.traffic_f32, p, g, m, v, threads)
+    benchmark(_core.traffic_f32, [p, g, m, v], threads)
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"{t}T")

@@ -11,54 +11,43 @@
 #endif
 #endif
 
-#define FA_DECLARE(S)                                                                 \
-    void fa_kernel_f32_##S(const fa_step_consts *, void *, const void *, void *,      \
-                           void *, void *, size_t, int);                              \
-    void fa_kernel_f64_##S(const fa_step_consts *, void *, const void *, void *,      \
-                           void *, void *, size_t, int);                              \
-    void fa_traffic_f32_##S(float *, const float *, float *, float *, size_t);         \
-    void fa_sumsq_f32_##S(const void *, size_t, double *, double *);                  \
-    void fa_sumsq_f64_##S(const void *, size_t, double *, double *);
-#define FA_ENTRY(S) \
-    {fa_kernel_f32_##S, fa_kernel_f64_##S, fa_traffic_f32_##S, fa_sumsq_f32_##S, fa_sumsq_f64_##S}
-#define FA_MISSING {0, 0, 0, 0, 0}
-
-FA_DECLARE(scalar)
+/* Each path's table is defined by its kernel file (kernel.h, compiled with that path's
+ * flags); indexed by fa_isa, NULL means "not compiled in". */
+extern const fa_kernel_table fa_table_scalar;
 #ifdef FA_HAVE_SSE2
-FA_DECLARE(sse2)
+extern const fa_kernel_table fa_table_sse2;
 #endif
 #ifdef FA_HAVE_AVX2
-FA_DECLARE(avx2)
+extern const fa_kernel_table fa_table_avx2;
 #endif
 #ifdef FA_HAVE_AVX512
-FA_DECLARE(avx512)
+extern const fa_kernel_table fa_table_avx512;
 #endif
 #ifdef FA_HAVE_NEON
-FA_DECLARE(neon)
+extern const fa_kernel_table fa_table_neon;
 #endif
 
-/* Indexed by fa_isa; an entry of null pointers means "not compiled in". */
-static const fa_kernel_table fa_tables[FA_ISA_COUNT] = {
-    FA_ENTRY(scalar),
+static const fa_kernel_table *const fa_tables[FA_ISA_COUNT] = {
+    &fa_table_scalar,
 #ifdef FA_HAVE_SSE2
-    FA_ENTRY(sse2),
+    &fa_table_sse2,
 #else
-    FA_MISSING,
+    0,
 #endif
 #ifdef FA_HAVE_AVX2
-    FA_ENTRY(avx2),
+    &fa_table_avx2,
 #else
-    FA_MISSING,
+    0,
 #endif
 #ifdef FA_HAVE_AVX512
-    FA_ENTRY(avx512),
+    &fa_table_avx512,
 #else
-    FA_MISSING,
+    0,
 #endif
 #ifdef FA_HAVE_NEON
-    FA_ENTRY(neon),
+    &fa_table_neon,
 #else
-    FA_MISSING,
+    0,
 #endif
 };
 
@@ -188,7 +177,7 @@ int fa_isa_supported(fa_isa isa)
 
 int fa_isa_compiled(fa_isa isa)
 {
-    return isa >= 0 && isa < FA_ISA_COUNT && fa_tables[isa].f32 != 0;
+    return isa >= 0 && isa < FA_ISA_COUNT && fa_tables[isa] != 0;
 }
 
 int fa_isa_usable(fa_isa isa) { return fa_isa_compiled(isa) && fa_isa_supported(isa); }
@@ -223,5 +212,5 @@ fa_isa fa_isa_current(void)
 
 const fa_kernel_table *fa_table(fa_isa isa)
 {
-    return &fa_tables[isa == FA_ISA_AUTO ? fa_isa_current() : isa];
+    return fa_tables[isa == FA_ISA_AUTO ? fa_isa_current() : isa];
 }

@@ -1,10 +1,16 @@
 /* fastadam.h -- the whole public C API of the fastadam core.
  *
- * One fused pass per element updates, in place,
- *     param, exp_avg (m), exp_avg_sq (v) [and max_exp_avg_sq for AMSGrad]
- * from grad, with no temporaries and no allocation. The order of floating-point
- * operations is fixed (see adam_kernel.h and fastadam/reference.py) and every
- * instruction-set path and thread count produces the same bits.
+ * An engine that runs elementwise optimizer update rules. A step updates, in place,
+ * blocks of contiguous streams -- a parameter, its gradient (read only), the rule's
+ * state buffers and optionally an average of the parameter -- in ONE fused pass per
+ * element: every stream read once and written once, no temporaries, no allocation. The
+ * order of floating-point operations of each rule is fixed (csrc/rules/<rule>.h and
+ * fastadam/reference/<rule>.py), so every instruction-set path and thread count
+ * produces the same bits.
+ *
+ * The engine (engine.c) knows blocks, streams, threads, dispatch and gradient
+ * statistics, and no rule's state. A rule (csrc/rules/<rule>.h) knows its
+ * hyperparameters, its per-step constants and its element update.
  *
  * Conventions: every symbol has the prefix fa_ / FA_; lengths are size_t element
  * counts; the caller owns every buffer. Kernels validate nothing: callers
@@ -22,8 +28,9 @@
 extern "C" {
 #endif
 
-#define FA_VERSION "0.1.0"
+#define FA_VERSION "0.2.0"
 
+/* Storage of every stream of a call. The rule computes in this type. */
 typedef enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 } fa_dtype;
 
 /* Instruction-set paths. FA_ISA_AUTO means "the one chosen by fa_init()". */
@@ -37,65 +44,88 @@ typedef enum fa_isa {
     FA_ISA_COUNT = 5
 } fa_isa;
 
-typedef enum fa_eps_mode {
-    FA_EPS_PAPER = 0, /* p -= lr * m_hat / (sqrt(v_hat) + eps)            (torch, optax) */
-    FA_EPS_HAT = 1    /* p -= lr*sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps) (Keras)     */
-} fa_eps_mode;
+/* The update rules. Each one's hyperparameters (fa_options.hyper), state streams and
+ * per-element operations are documented in csrc/rules/<name>.h. */
+typedef enum fa_rule {
+    FA_RULE_ADAM = 0,    /* Adam, AdamW, AMSGrad      (Kingma & Ba 2015)      */
+    FA_RULE_SGD = 1,     /* SGD, momentum, Nesterov   (Sutskever et al. 2013) */
+    FA_RULE_ADAGRAD = 2, /* AdaGrad                   (Duchi et al. 2011)     */
+    FA_RULE_RMSPROP = 3, /* RMSprop                   (Tieleman & Hinton 2012) */
+    FA_RULE_ADAMAX = 4,  /* AdaMax                    (Kingma & Ba 2015, Alg. 2) */
+    FA_RULE_NADAM = 5,   /* NAdam                     (Dozat 2016)            */
+    FA_RULE_RADAM = 6,   /* RAdam                     (Liu et al. 2020)       */
+    FA_RULE_LION = 7,    /* Lion                      (Chen et al. 2023)      */
+    FA_RULE_COUNT = 8
+} fa_rule;
 
-/* Hyperparameters of one parameter group, as the user gives them. */
+#define FA_MAX_HYPER 8   /* rule hyperparameters per group */
+#define FA_MAX_STATE 3   /* state streams per block */
+#define FA_MAX_CONSTS 16 /* per-step constants */
+
+/* Stream slots of a block: param, grad, up to FA_MAX_STATE state buffers, the average. */
+enum {
+    FA_PARAM = 0,
+    FA_GRAD = 1,
+    FA_STATE0 = 2,                   /* the rule's state streams, in its order */
+    FA_EMA = FA_STATE0 + FA_MAX_STATE, /* param_ema: the temporal average (optional) */
+    FA_MAX_STREAMS = FA_EMA + 1
+};
+
+/* Hyperparameters of one parameter group. lr, weight_decay and maximize mean what they
+ * mean in torch.optim for every rule; hyper[] holds the rule's own, in the order its
+ * header lists (flags as 0.0 / 1.0). */
 typedef struct fa_options {
-    double lr;           /* alpha */
-    double beta1, beta2; /* in [0, 1) */
-    double eps;          /* epsilon (epsilon-hat in FA_EPS_HAT mode) */
-    double weight_decay; /* lambda; L2 (added to the gradient) or decoupled */
-    double grad_scale;   /* gradients are multiplied by 1/grad_scale in the pass; 1 = none */
-    int decoupled_weight_decay; /* AdamW: p *= 1 - lr*lambda before the update */
-    int amsgrad;         /* keep max of v in max_exp_avg_sq; needs that buffer */
-    int maximize;        /* ascend: the gradient's sign is flipped */
-    int bias_correction; /* divide by 1-beta^t (0: no correction) */
-    fa_eps_mode eps_mode;
+    double lr;
+    double weight_decay;
+    double grad_scale; /* gradients are multiplied by 1/grad_scale in the pass; 1 = none */
+    double ema_decay;  /* with ema: param_ema <- d*param_ema + (1-d)*param, d in [0, 1) */
+    int maximize;      /* ascend: the gradient's sign is flipped */
+    int ema;           /* update the FA_EMA stream (it must then be present) */
+    double hyper[FA_MAX_HYPER];
 } fa_options;
 
-/* Per-step constants derived from fa_options and the step t, in double; each
- * kernel rounds them once to its element type. Exposed so that the Python
- * reference and tests can see exactly what the kernel multiplies by. */
-typedef struct fa_step_consts {
-    double grad_mul;          /* (maximize ? -1 : 1) / grad_scale */
-    double l2_weight_decay;   /* lambda if L2 weight decay is on, else 0 */
-    double param_decay;       /* 1 - lr*lambda if decoupled, else exactly 1 */
-    double one_minus_beta1;   /* 1 - beta1 */
-    double beta2;
-    double one_minus_beta2;   /* 1 - beta2 */
-    double inv_sqrt_bias_correction2; /* 1/sqrt(1-beta2^t) (paper mode), else 1 */
-    double eps;
-    double step_size;         /* lr/(1-beta1^t) (paper) or lr*sqrt(1-beta2^t)/(1-beta1^t) (hat) */
-    int l2;                   /* L2 weight decay term present */
-    int amsgrad;
-} fa_step_consts;
+/* Per-step constants of one rule, derived from fa_options, the step t and the block's
+ * scalar state in double precision, once per block run (never per element); each
+ * kernel rounds them once to its element type. variant selects the kernel's branch-free
+ * loop (bits defined by the engine and the rule). Exposed so that tests can compare them
+ * with fastadam.reference. */
+typedef struct fa_consts {
+    double v[FA_MAX_CONSTS];
+    unsigned variant;
+} fa_consts;
 
-/* Fill *c for step t from *o (both caller-owned). Pure function. t is a double so that
- * the torch API can pass torch's float step counts as torch uses them (any value >= 1,
- * fractional or huge); the NumPy API passes whole numbers t >= 1. */
-void fa_step_consts_init(fa_step_consts *c, const fa_options *o, double step);
+/* Constants every rule's consts start with, and the engine's variant bit. */
+enum { FA_C_GRAD_MUL = 0, FA_C_EMA_DECAY = 1, FA_C_ONE_MINUS_EMA_DECAY = 2, FA_C_RULE = 3 };
+enum { FA_V_EMA = 1u << 1, FA_V_RULE_SHIFT = 2 };
 
-/* One parameter tensor. All pointers point at n contiguous elements of the
- * call's dtype; none may overlap another buffer of any block in the call
- * (grads may overlap other grads). max_exp_avg_sq is read only when
- * options->amsgrad, and may be NULL otherwise. */
+/* Fill *c for rule at step t (>= 1; a double so that torch's float step counts are used
+ * as torch uses them) from *o and the block's scalar state (see fa_rule_has_scalar).
+ * Pure function. */
+void fa_consts_init(fa_rule rule, fa_consts *c, const fa_options *o, double step,
+                    double scalar);
+
+/* The rule's per-block scalar state after a step from `scalar` (NAdam's mu_product);
+ * rules without one return scalar unchanged. */
+double fa_scalar_after(fa_rule rule, const fa_options *o, double step, double scalar);
+int fa_rule_has_scalar(fa_rule rule);
+/* Bit k set: state stream FA_STATE0 + k must be present in a block with these options. */
+unsigned fa_rule_required(fa_rule rule, const fa_options *o);
+int fa_rule_nstate(fa_rule rule); /* state streams the rule may use */
+const char *fa_rule_name(fa_rule rule);
+
+/* One parameter tensor: n contiguous elements of the call's dtype in each present
+ * stream (absent: NULL). No written stream may overlap another stream of any block in
+ * the call (grads may overlap other grads). */
 typedef struct fa_block {
-    void *param;
-    const void *grad;
-    void *exp_avg;
-    void *exp_avg_sq;
-    void *max_exp_avg_sq;
+    void *stream[FA_MAX_STREAMS]; /* stream[FA_GRAD] is only read */
     size_t n;
     const fa_options *options; /* blocks may share one fa_options */
     double step;               /* t, the step being taken (>= 1) */
+    double scalar;             /* the rule's per-block scalar state before the step */
 } fa_block;
 
-/* Software prefetching in the update pass (see fa_adam_step and adam_kernel.h): of the
- * next block's first cache lines, before each block (adam.c), and within each block,
- * 4 KiB ahead on every stream. */
+/* Software prefetching in the update pass: of the next block's first cache lines,
+ * before each block (engine.c), and within each block, 4 KiB ahead on every stream. */
 typedef enum fa_prefetch {
     FA_PREFETCH_AUTO = -1, /* next blocks always; within blocks iff the step's state size
                               lies in fa_prefetch_window() */
@@ -103,35 +133,35 @@ typedef enum fa_prefetch {
     FA_PREFETCH_ON = 1     /* both */
 } fa_prefetch;
 
-/* The window (lo, hi] of a step's state bytes -- all its elements x element size x 4
- * streams (param, grad, exp_avg, exp_avg_sq) -- in which FA_PREFETCH_AUTO prefetches:
- * (7/16 L3, L3], L3 being the size of one L3 instance as CPUID reports it, read once
- * by fa_init, on the CPUs where prefetching was measured to pay (AMD Zen 3); (0, 0]
- * (never) everywhere else. Such a step runs from L3, where Zen 3's hardware prefetchers
- * fall behind on its 4-5 streams; a smaller one runs mostly from L2 and a larger one
- * from DRAM, where they keep up and software prefetches only cost instructions. The
- * bounds are measurements on Zen 3 (L3 32 MiB, 2 threads): 16 MB of state ran 1.05-1.3x
- * faster with prefetching, 12.8 MB between 0.94x and 1.03x, 9.6 MB and less, and 64 MB
- * and more, 0.9-0.97x. On Zen 4 (L3 32 MiB) 16-32 MB ran 5-18% slower with it. */
+/* The window (lo, hi] of a step's state bytes -- all its elements x element size x the
+ * streams of a block -- in which FA_PREFETCH_AUTO prefetches: (7/16 L3, L3], L3 being the
+ * size of one L3 instance as CPUID reports it, read once by fa_init, on the CPUs where
+ * prefetching was measured to pay (AMD Zen 3); (0, 0] (never) everywhere else. Such a
+ * step runs from L3, where Zen 3's hardware prefetchers fall behind on its 4-5 streams;
+ * a smaller one runs mostly from L2 and a larger one from DRAM, where they keep up and
+ * software prefetches only cost instructions. The bounds are measurements of Adam on
+ * Zen 3 (L3 32 MiB, 2 threads): 16 MB of state ran 1.05-1.3x faster with prefetching,
+ * 12.8 MB between 0.94x and 1.03x, 9.6 MB and less, and 64 MB and more, 0.9-0.97x. On
+ * Zen 4 (L3 32 MiB) 16-32 MB ran 5-18% slower with it. */
 void fa_prefetch_window(size_t *lo, size_t *hi);
 
-/* Default least number of elements worth a thread (see fa_adam_step). */
+/* Default least number of elements worth a thread (see fa_step). */
 #define FA_DEFAULT_CHUNK ((size_t)16384)
 
-/* Update every block in place: one OpenMP parallel region over the
- * concatenation of all blocks, split into equal contiguous shares (cut on
- * multiples of 16 elements), one per thread, so work is balanced by element
- * count whatever the block sizes. A thread is used only for each `chunk`
- * elements of work (0 means FA_DEFAULT_CHUNK): less than 2*chunk elements run
- * on the calling thread. num_threads <= 0 means OpenMP's default; the team never
- * exceeds fa_thread_cap() (so that a careless num_threads cannot make OpenMP create
- * thousands of threads, which aborts the process when the OS refuses). isa selects a
- * path (FA_ISA_AUTO: the chosen one); it must be compiled in and supported
- * (see fa_isa_usable), which the caller checks. prefetch is an fa_prefetch
- * (FA_PREFETCH_AUTO unless measuring). The result does not depend on num_threads,
- * chunk, isa or prefetch. */
-void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-                  int num_threads, size_t chunk, fa_isa isa, int prefetch);
+/* Update every block in place with `rule`: one OpenMP parallel region over the
+ * concatenation of all blocks, split into equal contiguous shares (cut on multiples of
+ * 16 elements), one per thread, so work is balanced by element count whatever the block
+ * sizes. A thread is used only for each `chunk` elements of work (0 means
+ * FA_DEFAULT_CHUNK): less than 2*chunk elements run on the calling thread. num_threads
+ * <= 0 means OpenMP's default; the team never exceeds fa_thread_cap() (so that a
+ * careless num_threads cannot make OpenMP create thousands of threads, which aborts the
+ * process when the OS refuses). isa selects a path (FA_ISA_AUTO: the chosen one); it
+ * must be compiled in and supported (see fa_isa_usable), which the caller checks.
+ * prefetch is an fa_prefetch (FA_PREFETCH_AUTO unless measuring). The result does not
+ * depend on num_threads, chunk, isa or prefetch. The blocks' scalar states are not
+ * updated here: the caller commits fa_scalar_after() with its step counts. */
+void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblocks,
+             int num_threads, size_t chunk, fa_isa isa, int prefetch);
 
 /* Gradient statistics for loss scaling and global-norm clipping, in one read pass.
  * Returns the sum of the squares of every grad element of every block (in double;
@@ -141,7 +171,7 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
  * accumulators in a fixed order, then the chunk sums added in chunk order -- the same
  * bits for every thread count and SIMD path. workspace must hold
  * fa_grad_stats_workspace(total elements) doubles (caller-owned, no allocation here).
- * Only the grad and n fields of the blocks are read. */
+ * Only the grad streams and n of the blocks are read. */
 #define FA_NORM_CHUNK ((size_t)16384)
 size_t fa_grad_stats_workspace(size_t total_elements);
 double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
@@ -165,11 +195,11 @@ int fa_max_threads(void);
  * pass gains nothing from more), at least OpenMP's default team. 1 without OpenMP. */
 int fa_thread_cap(void);
 
-/* The Adam memory-traffic pattern without the arithmetic (read p, g, m, v;
- * write p, m, v: 28 bytes per float32 element), for measuring the roofline a
- * real step is compared against. Same threading as fa_adam_step. */
-void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
-                    float *exp_avg_sq, size_t n, int num_threads);
+/* A rule's memory-traffic pattern without its arithmetic, for measuring the roofline a
+ * real step is compared against: stream[0] (param) and stream[2..nstreams) are read and
+ * written, stream[1] (grad) only read; float32, n elements each, 2 <= nstreams <= 6
+ * (Adam: 4 streams, 28 bytes per element). Same threading as fa_step. */
+void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threads);
 
 #ifdef __cplusplus
 }

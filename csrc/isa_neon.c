@@ -1,3 +1,3 @@
-/* The Adam kernel for the neon path; its compile flags are set in CMakeLists.txt. */
+/* Every rule's kernels for the neon path; its compile flags are set in CMakeLists.txt. */
 #define FA_SUFFIX neon
-#include "adam_kernel.h"
+#include "kernel.h"

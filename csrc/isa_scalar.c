@@ -1,3 +1,3 @@
-/* The Adam kernel for the scalar path; its compile flags are set in CMakeLists.txt. */
+/* Every rule's kernels for the scalar path; its compile flags are set in CMakeLists.txt. */
 #define FA_SUFFIX scalar
-#include "adam_kernel.h"
+#include "kernel.h"

@@ -1,3 +1,3 @@
-/* The Adam kernel for the sse2 path; its compile flags are set in CMakeLists.txt. */
+/* Every rule's kernels for the sse2 path; its compile flags are set in CMakeLists.txt. */
 #define FA_SUFFIX sse2
-#include "adam_kernel.h"
+#include "kernel.h"

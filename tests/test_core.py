@@ -106,13 +106,17 @@ def test_step_constants_match_reference(dtype):
     for kw in OPTIONS.values():
         for t in (1, 2, 10, 12345):
             o = _options(kw)
-            c = _core.step_consts(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay,
-                                  o.decoupled_weight_decay, o.maximize, o.bias_correction,
-                                  o.eps_mode, t, o.grad_scale)
-            r = reference.step_constants(t, **kw)._asdict()
-            del r["amsgrad"]  # a kernel switch, not a constant: step_consts leaves it 0
-            for k, val in r.items():
-                assert c[k] == val, (k, kw, t)
+            hyper = (o.beta1, o.beta2, o.eps, o.decoupled_weight_decay, o.amsgrad,
+                     o.bias_correction, o.eps_mode, 0.0)
+            c, variant = _core.rule_consts(0, o.lr, o.weight_decay, o.maximize, None, hyper,
+                                           t, 1.0, o.grad_scale)
+            r = reference.step_constants(t, **kw)
+            # C's constants: grad_mul, the average's two, then the rule's in the
+            # reference's order; its flags select the kernel variant.
+            floats = [v for v in r if type(v) is float]
+            assert c[0] == r.grad_mul and c[1] == c[2] == 0.0, (kw, t)
+            assert c[3:3 + len(floats) - 1] == floats[1:], (kw, t)
+            assert bool(variant & 4) == r.l2 and bool(variant & 8) == r.amsgrad
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

@@ -1,8 +1,11 @@
-"""fastadam: a fused, bit-reproducible Adam optimizer for the CPU.
+"""fastadam: fused, bit-reproducible optimizers for the CPU.
 
     import fastadam
     opt = fastadam.Adam(params)          # params: list of float32/float64 NumPy arrays
     opt.step(grads)                      # one fused C pass over all of them
+
+The family, each with torch.optim's signature, defaults and state names: Adam, AdamW,
+SGD (momentum, Nesterov), Adagrad, RMSprop, Adamax, NAdam, RAdam, and Lion.
 
 ``fastadam.adam_step`` is the functional form, ``fastadam.reference`` the pure-NumPy
 specification the C kernels reproduce bit for bit, ``fastadam.config()`` tells which SIMD
@@ -13,11 +16,12 @@ import os as _os
 
 from . import _core
 from .functional import adam_step
-from .optim import Adam, AdamW, InverseSqrtDecay, aligned_zeros, clip_grad_norm_
+from .optim import (SGD, Adagrad, Adam, Adamax, AdamW, InverseSqrtDecay, Lion, NAdam, RAdam,
+                    RMSprop, aligned_zeros, clip_grad_norm_)
 
 __version__ = _core.VERSION
-__all__ = ["Adam", "AdamW", "InverseSqrtDecay", "adam_step", "aligned_zeros", "clip_grad_norm_",
-           "config",
+__all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion",
+           "InverseSqrtDecay", "adam_step", "aligned_zeros", "clip_grad_norm_", "config",
            "reference", "__version__"]
 
 

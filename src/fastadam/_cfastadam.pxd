@@ -14,30 +14,41 @@ cdef extern from "fastadam.h" nogil:
         FA_ISA_AVX512
         FA_ISA_NEON
         FA_ISA_COUNT
-    ctypedef enum fa_eps_mode:
-        FA_EPS_PAPER
-        FA_EPS_HAT
+    ctypedef enum fa_rule:
+        FA_RULE_ADAM
+        FA_RULE_COUNT
+    enum:
+        FA_MAX_HYPER
+        FA_MAX_STATE
+        FA_MAX_CONSTS
+        FA_PARAM
+        FA_GRAD
+        FA_STATE0
+        FA_EMA
+        FA_MAX_STREAMS
     ctypedef struct fa_options:
-        double lr, beta1, beta2, eps, weight_decay, grad_scale
-        int decoupled_weight_decay, amsgrad, maximize, bias_correction
-        fa_eps_mode eps_mode
-    ctypedef struct fa_step_consts:
-        double grad_mul, l2_weight_decay, param_decay, one_minus_beta1, beta2
-        double one_minus_beta2, inv_sqrt_bias_correction2, eps, step_size
-        int l2, amsgrad
+        double lr, weight_decay, grad_scale, ema_decay
+        int maximize, ema
+        double hyper[FA_MAX_HYPER]
+    ctypedef struct fa_consts:
+        double v[FA_MAX_CONSTS]
+        unsigned variant
     ctypedef struct fa_block:
-        void *param
-        const void *grad
-        void *exp_avg
-        void *exp_avg_sq
-        void *max_exp_avg_sq
+        void *stream[FA_MAX_STREAMS]
         size_t n
         const fa_options *options
         double step
+        double scalar
     size_t FA_DEFAULT_CHUNK
-    void fa_step_consts_init(fa_step_consts *c, const fa_options *o, double step)
-    void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-                      int num_threads, size_t chunk, fa_isa isa, int prefetch)
+    void fa_consts_init(fa_rule rule, fa_consts *c, const fa_options *o, double step,
+                        double scalar)
+    double fa_scalar_after(fa_rule rule, const fa_options *o, double step, double scalar)
+    int fa_rule_has_scalar(fa_rule rule)
+    unsigned fa_rule_required(fa_rule rule, const fa_options *o)
+    int fa_rule_nstate(fa_rule rule)
+    const char *fa_rule_name(fa_rule rule)
+    void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblocks,
+                 int num_threads, size_t chunk, fa_isa isa, int prefetch)
     void fa_prefetch_window(size_t *lo, size_t *hi)
     int fa_init(fa_isa force)
     fa_isa fa_isa_current()
@@ -52,5 +63,4 @@ cdef extern from "fastadam.h" nogil:
     size_t fa_grad_stats_workspace(size_t total_elements)
     double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
                          double *workspace, int num_threads, fa_isa isa, int *nonfinite)
-    void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
-                        float *exp_avg_sq, size_t n, int num_threads)
+    void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threads)

@@ -49,15 +49,8 @@ MAX_THREADS = 2 ** 31 - 1
 
 cdef int64_t _MAX_STEP = 2 ** 62
 cdef bint _LITTLE = sys.byteorder == "little"
-cdef const char *_OUT_NAMES[4]
-_OUT_NAMES[0] = b"param"
-_OUT_NAMES[1] = b"exp_avg"
-_OUT_NAMES[2] = b"exp_avg_sq"
-_OUT_NAMES[3] = b"max_exp_avg_sq"
-_PLURAL = {"param": "params", "grad": "grads", "exp_avg": "exp_avgs",
-           "exp_avg_sq": "exp_avg_sqs", "max_exp_avg_sq": "max_exp_avg_sqs"}
 _DTYPE_NAMES = ("float32", "float64")
-_OUT_BASES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+RULE_NAMES = tuple(fa_rule_name(<fa_rule>i).decode() for i in range(FA_RULE_COUNT))
 
 
 # ------------------------------------------------------------- the step lock, fork
@@ -164,7 +157,7 @@ cdef str _describe(object obj):
     return type(obj).__name__
 
 cdef str _label(str base, Py_ssize_t i, bint single):
-    return base if single else f"{_PLURAL[base]}[{i}]"
+    return base if single else f"{base}s[{i}]"
 
 cdef int _dtype_code(const Py_buffer *v) noexcept:
     """0 for float32, 1 for float64, -1 for anything else."""
@@ -269,7 +262,7 @@ cdef int _fill_from_ndarray(Py_buffer *view, cnp.ndarray a) noexcept:
 ctypedef struct _Interval:
     uintptr_t start, end
     size_t block
-    int which  # index into _OUT_NAMES
+    int which  # the slot (0 param, ...): _Plan.names[which]
 
 cdef int _cmp_interval(const void *a, const void *b) noexcept nogil:
     cdef uintptr_t x = (<const _Interval *>a).start, y = (<const _Interval *>b).start
@@ -285,8 +278,59 @@ ctypedef struct _Sig:
 cdef int _SIG_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_WRITEABLE | cnp.NPY_ARRAY_ALIGNED
 
 
+# A count kept outside the plan: a 0-d array (the torch API's state['step'] tensors).
+ctypedef struct _Mirror:
+    void *ptr              # NULL: the plan's own int64 count
+    int type               # 0 float32, 1 float64, 2 int64
+
+cdef inline double _mirror_get(const _Mirror *m) noexcept nogil:
+    if m.type == 0:
+        return (<float *>m.ptr)[0]
+    if m.type == 1:
+        return (<double *>m.ptr)[0]
+    return <double>(<int64_t *>m.ptr)[0]
+
+cdef inline double _mirror_next(const _Mirror *m) noexcept nogil:
+    # torch: step_t += 1, in the tensor's dtype
+    if m.type == 0:
+        return <float>((<float *>m.ptr)[0] + <float>1.0)
+    if m.type == 1:
+        return (<double *>m.ptr)[0] + 1.0
+    return <double>((<int64_t *>m.ptr)[0] + 1)
+
+cdef inline void _mirror_set(const _Mirror *m, double x) noexcept nogil:
+    if m.type == 0:
+        (<float *>m.ptr)[0] = <float>x
+    elif m.type == 1:
+        (<double *>m.ptr)[0] = x
+    else:
+        (<int64_t *>m.ptr)[0] = <int64_t>x
+
+
+cdef int _mirror_from(_Mirror *m, object a, str label, bint counts) except -1:
+    """Point m at a writable 0-d array's memory (float32/float64, or int64 for counts)."""
+    cdef int t
+    if not (cnp.PyArray_Check(a) and cnp.PyArray_NDIM(<cnp.ndarray>a) == 0
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>a)):
+        raise TypeError(f"{label} must be a writable 0-d array")
+    t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t == cnp.NPY_FLOAT32:
+        m.type = 0
+    elif t == cnp.NPY_FLOAT64:
+        m.type = 1
+    elif t == cnp.NPY_INT64 and counts:
+        m.type = 2
+    else:
+        raise TypeError(f"{label} must be float32 or float64" + (" or int64" if counts else ""))
+    m.ptr = cnp.PyArray_DATA(<cnp.ndarray>a)
+    return 0
+
+
 # What the GIL-free part of a step needs of one plan.
 ctypedef struct _Run:
+    fa_rule rule
     fa_block *active
     size_t nactive
     size_t *active_index    # block index of each active block
@@ -294,31 +338,52 @@ ctypedef struct _Run:
     size_t ngroups
     int dtype
     double *workspace
-    int64_t *steps          # the NumPy API's counts (mirrors == NULL)
-    void **mirrors          # the torch API's state['step'] memory, one per block
-    int *mirror_types       # 0 float32, 1 float64
+    int64_t *steps          # the plan's own counts (where a block has no mirror)
+    _Mirror *step_mirrors   # one per block
+    int64_t *ema_steps
+    _Mirror *ema_mirrors
+    _Mirror *scalars        # the rule's per-block scalar (ptr NULL: the rule has none)
     int64_t *step_count
 
 
 # -------------------------------------------------------------------------- plan
-cdef class _Plan:
-    """Many parameter blocks and their optimizer state, checked once.
+# Each block writes up to _W buffers, its "slots": the parameter, the rule's state
+# streams (FA_MAX_STATE), and param_ema.
+cdef int _W = FA_MAX_STATE + 2
 
-    _Plan(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, groups, ngroups, single=False,
-          labels=None, step_mirrors=None)
-    groups[i] is the parameter group of block i; max_exp_avg_sqs[i] may be None.
+cdef inline int _slot_stream(int w) noexcept:
+    if w == 0:
+        return FA_PARAM
+    if w == _W - 1:
+        return FA_EMA
+    return FA_STATE0 + w - 1
+
+
+cdef class _Plan:
+    """Many parameter blocks of one update rule and their state, checked once.
+
+    _Plan(rule, names, params, states, emas, groups, ngroups, single=False, labels=None,
+          step_mirrors=None, scalar_mirrors=None, ema_mirrors=None)
+    rule: an fa_rule number; names: the names of its state streams (for errors), at most
+    FA_MAX_STATE; states[i]: block i's state arrays, one per name, None where absent (a
+    stream the block's options require is checked at every step); emas: one array or
+    None per block (param_ema), or None; groups[i] is the parameter group of block i.
     labels: one string per block naming the user's parameter in errors (else
-    "params[i]"). step_mirrors: one writable 0-d float32/float64 array per block (the
-    torch API's state['step']): the step count lives there, is read before and written
-    after each step, in the step's dtype, as torch's ``step_t += 1``; without mirrors,
-    each block keeps an integer count < 2**62 (torch's state['step'] of the NumPy API).
+    "params[i]"). step_mirrors / ema_mirrors: None, or one writable 0-d array (float32,
+    float64 or int64) per block, or None for a block: the torch API's state['step'] and
+    ema counts live there, read before and written after each step as torch's
+    ``step_t += 1`` (in the array's dtype); without one, a block keeps an integer count
+    < 2**62 here. scalar_mirrors: one writable 0-d float32/float64 array per block, for a
+    rule that keeps a per-block scalar (NAdam's mu_product); it is read before and
+    written after each step (fa_scalar_after).
     """
-    cdef size_t n, ngroups, nintervals
+    cdef size_t n, ngroups, nintervals, nstate
+    cdef fa_rule rule
     cdef int dtype
     cdef bint single, busy
-    cdef Py_buffer *out            # 4 per block
+    cdef Py_buffer *out            # _W per block
     cdef char *held                # which of out[] are acquired
-    cdef _Sig *sigs                # 4 per block
+    cdef _Sig *sigs                # _W per block
     cdef PyObject **param_objs     # borrowed (see arrays): the parameters, in order
     cdef int *ndims                # each block's shape, copied at build
     cdef Py_ssize_t *shapes        # (the arrays' own dims may be reallocated)
@@ -332,39 +397,53 @@ cdef class _Plan:
     cdef _Interval *intervals
     cdef double *workspace         # per-chunk sums for fa_grad_stats
     cdef int64_t *steps
-    cdef void **mirrors
-    cdef int *mirror_types
+    cdef int64_t *ema_steps
+    cdef _Mirror *step_mirrors
+    cdef _Mirror *ema_mirrors
+    cdef _Mirror *scalars
     cdef int64_t _step_count
     cdef _Run run
+    cdef readonly tuple names      # the slots' names: param, the state streams, param_ema
     cdef readonly tuple arrays     # keeps every state object alive
     cdef readonly object labels
     cdef public object last_grad_norm
 
-    def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  list groups, Py_ssize_t ngroups, bint single=False, labels=None,
-                  step_mirrors=None):
+    def __cinit__(self, int rule, tuple names, list params, list states, emas, list groups,
+                  Py_ssize_t ngroups, bint single=False, labels=None, step_mirrors=None,
+                  scalar_mirrors=None, ema_mirrors=None):
         cdef Py_ssize_t n = len(params), i, j, k
         cdef Py_buffer *v
         cdef int which
         cdef size_t total = 0, nshape = 0
-        cdef cnp.ndarray m
         self.n = n
         self.single = single
         self.dtype = -1
-        if not (len(exp_avgs) == len(exp_avg_sqs) == len(max_exp_avg_sqs) == len(groups) == n):
-            raise ValueError("params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and groups "
-                             "must have one entry per parameter")
-        if labels is not None and len(labels) != n:
-            raise ValueError("labels must have one entry per parameter")
-        if step_mirrors is not None and len(step_mirrors) != n:
-            raise ValueError("step_mirrors must have one entry per parameter")
+        if not (0 <= rule < FA_RULE_COUNT):
+            raise ValueError(f"rule must be in [0, {FA_RULE_COUNT}), got {rule}")
+        self.rule = <fa_rule>rule
+        if len(names) > FA_MAX_STATE or len(names) > fa_rule_nstate(self.rule):
+            raise ValueError(f"rule {fa_rule_name(self.rule).decode()} has at most "
+                             f"{fa_rule_nstate(self.rule)} state streams, got names {names}")
+        self.nstate = len(names)
+        self.names = ("param",) + names + (None,) * (FA_MAX_STATE - len(names)) + ("param_ema",)
+        if emas is None:
+            emas = [None] * n
+        if not (len(states) == len(emas) == len(groups) == n):
+            raise ValueError("params, states, emas and groups must have one entry per "
+                             "parameter")
+        for lst, what in ((labels, "labels"), (step_mirrors, "step_mirrors"),
+                          (scalar_mirrors, "scalar_mirrors"), (ema_mirrors, "ema_mirrors")):
+            if lst is not None and len(lst) != n:
+                raise ValueError(f"{what} must have one entry per parameter")
+        if fa_rule_has_scalar(self.rule) and scalar_mirrors is None:
+            raise ValueError(f"rule {fa_rule_name(self.rule).decode()} needs scalar_mirrors")
         if ngroups < 1:
             raise ValueError("ngroups must be >= 1")
         self.labels = labels
         self.ngroups = ngroups
-        self.out = <Py_buffer *>calloc(4 * n + 1, sizeof(Py_buffer))
-        self.held = <char *>calloc(4 * n + 1, 1)
-        self.sigs = <_Sig *>calloc(4 * n + 1, sizeof(_Sig))
+        self.out = <Py_buffer *>calloc(_W * n + 1, sizeof(Py_buffer))
+        self.held = <char *>calloc(_W * n + 1, 1)
+        self.sigs = <_Sig *>calloc(_W * n + 1, sizeof(_Sig))
         self.param_objs = <PyObject **>calloc(n + 1, sizeof(PyObject *))
         self.ndims = <int *>calloc(n + 1, sizeof(int))
         self.shape_at = <size_t *>calloc(n + 1, sizeof(size_t))
@@ -374,18 +453,25 @@ cdef class _Plan:
         self.active = <fa_block *>calloc(n + 1, sizeof(fa_block))
         self.active_index = <size_t *>calloc(n + 1, sizeof(size_t))
         self.options = <fa_options *>calloc(ngroups, sizeof(fa_options))
-        self.intervals = <_Interval *>calloc(4 * n + 1, sizeof(_Interval))
+        self.intervals = <_Interval *>calloc(_W * n + 1, sizeof(_Interval))
         self.steps = <int64_t *>calloc(n + 1, sizeof(int64_t))
+        self.ema_steps = <int64_t *>calloc(n + 1, sizeof(int64_t))
+        self.step_mirrors = <_Mirror *>calloc(n + 1, sizeof(_Mirror))
+        self.ema_mirrors = <_Mirror *>calloc(n + 1, sizeof(_Mirror))
+        self.scalars = <_Mirror *>calloc(n + 1, sizeof(_Mirror))
         if (self.out == NULL or self.held == NULL or self.sigs == NULL or self.ndims == NULL
                 or self.param_objs == NULL
                 or self.shape_at == NULL or self.group_sizes == NULL
                 or self.grad_views == NULL or self.blocks == NULL or self.active == NULL
                 or self.active_index == NULL or self.options == NULL
-                or self.intervals == NULL or self.steps == NULL):
+                or self.intervals == NULL or self.steps == NULL or self.ema_steps == NULL
+                or self.step_mirrors == NULL or self.ema_mirrors == NULL
+                or self.scalars == NULL):
             raise MemoryError()
-        self.arrays = (tuple(params), tuple(exp_avgs), tuple(exp_avg_sqs),
-                       tuple(max_exp_avg_sqs), tuple(step_mirrors or ()))
-        params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (list(a) for a in self.arrays[:4])
+        self.arrays = (tuple(params), tuple(tuple(s) for s in states), tuple(emas),
+                       tuple(step_mirrors or ()), tuple(scalar_mirrors or ()),
+                       tuple(ema_mirrors or ()))
+        params = list(self.arrays[0])
         for j in range(ngroups):
             self.options[j].grad_scale = 1.0
         for i in range(n):
@@ -395,36 +481,43 @@ cdef class _Plan:
             if i > 0 and g < groups[i - 1]:
                 raise ValueError("groups must be in ascending order")
             self.group_sizes[g] += 1
-            objs = (params[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i])
+            st = self.arrays[1][i]
+            if len(st) != self.nstate:
+                raise ValueError(f"states[{i}] must have one entry per state name {names}")
+            objs = (params[i],) + st + (None,) * (FA_MAX_STATE - self.nstate) + (self.arrays[2][i],)
             self.param_objs[i] = <PyObject *>params[i]
-            for which in range(4):
-                if which == 3 and objs[3] is None:
+            for which in range(_W):
+                if which > 0 and objs[which] is None:
                     continue
-                v = &self.out[4 * i + which]
-                self.dtype = _acquire(v, objs[which], self._name(_OUT_BASES[which], i), True,
-                                      self.dtype, -1 if which == 0 else self.out[4 * i].ndim,
-                                      self.out[4 * i].shape)
-                self.held[4 * i + which] = 1
+                v = &self.out[_W * i + which]
+                self.dtype = _acquire(v, objs[which], self._name(self.names[which], i), True,
+                                      self.dtype, -1 if which == 0 else self.out[_W * i].ndim,
+                                      self.out[_W * i].shape)
+                self.held[_W * i + which] = 1
                 if cnp.PyArray_Check(objs[which]):
-                    self.sigs[4 * i + which].obj = <PyObject *>objs[which]
-                    self.sigs[4 * i + which].data = v.buf
-                    self.sigs[4 * i + which].typenum = cnp.PyArray_TYPE(<cnp.ndarray>objs[which])
+                    self.sigs[_W * i + which].obj = <PyObject *>objs[which]
+                    self.sigs[_W * i + which].data = v.buf
+                    self.sigs[_W * i + which].typenum = cnp.PyArray_TYPE(<cnp.ndarray>objs[which])
                 if v.len > 0:
                     self.intervals[self.nintervals].start = <uintptr_t>v.buf
                     self.intervals[self.nintervals].end = <uintptr_t>v.buf + <uintptr_t>v.len
                     self.intervals[self.nintervals].block = i
                     self.intervals[self.nintervals].which = which
                     self.nintervals += 1
-            self.ndims[i] = self.out[4 * i].ndim
+                self.blocks[i].stream[_slot_stream(which)] = v.buf
+            self.ndims[i] = self.out[_W * i].ndim
             self.shape_at[i] = nshape
-            nshape += <size_t>self.out[4 * i].ndim
-            self.blocks[i].param = self.out[4 * i].buf
-            self.blocks[i].exp_avg = self.out[4 * i + 1].buf
-            self.blocks[i].exp_avg_sq = self.out[4 * i + 2].buf
-            self.blocks[i].max_exp_avg_sq = self.out[4 * i + 3].buf if self.held[4 * i + 3] else NULL
-            self.blocks[i].n = <size_t>(self.out[4 * i].len // self.out[4 * i].itemsize)
+            nshape += <size_t>self.out[_W * i].ndim
+            self.blocks[i].n = <size_t>(self.out[_W * i].len // self.out[_W * i].itemsize)
             self.blocks[i].options = &self.options[g]
             self.blocks[i].step = 0
+            self.blocks[i].scalar = 0
+            if step_mirrors is not None and step_mirrors[i] is not None:
+                _mirror_from(&self.step_mirrors[i], step_mirrors[i], f"step_mirrors[{i}]", True)
+            if ema_mirrors is not None and ema_mirrors[i] is not None:
+                _mirror_from(&self.ema_mirrors[i], ema_mirrors[i], f"ema_mirrors[{i}]", True)
+            if fa_rule_has_scalar(self.rule):
+                _mirror_from(&self.scalars[i], scalar_mirrors[i], f"scalar_mirrors[{i}]", False)
         # The shapes are copied: the views' shape pointers of exact ndarrays point into
         # the arrays, whose dims a user may reallocate (p.shape = ...) at any time.
         self.shapes = <Py_ssize_t *>calloc(nshape + 1, sizeof(Py_ssize_t))
@@ -432,29 +525,12 @@ cdef class _Plan:
             raise MemoryError()
         for i in range(n):
             for k in range(self.ndims[i]):
-                self.shapes[self.shape_at[i] + k] = self.out[4 * i].shape[k]
+                self.shapes[self.shape_at[i] + k] = self.out[_W * i].shape[k]
         for i in range(n):
             total += self.blocks[i].n
         self.workspace = <double *>calloc(fa_grad_stats_workspace(total) + 1, sizeof(double))
         if self.workspace == NULL:
             raise MemoryError()
-        if step_mirrors is not None:
-            self.mirrors = <void **>calloc(n + 1, sizeof(void *))
-            self.mirror_types = <int *>calloc(n + 1, sizeof(int))
-            if self.mirrors == NULL or self.mirror_types == NULL:
-                raise MemoryError()
-            for i in range(n):
-                s = self.arrays[4][i]
-                if not (cnp.PyArray_Check(s) and cnp.PyArray_NDIM(<cnp.ndarray>s) == 0
-                        and cnp.PyArray_TYPE(<cnp.ndarray>s) in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)
-                        and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>s)
-                        and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>s)
-                        and cnp.PyArray_ISALIGNED(<cnp.ndarray>s)):
-                    raise TypeError(f"step_mirrors[{i}] must be a writable 0-d float32 or "
-                                    f"float64 array")
-                m = <cnp.ndarray>s
-                self.mirrors[i] = cnp.PyArray_DATA(m)
-                self.mirror_types[i] = 0 if cnp.PyArray_TYPE(m) == cnp.NPY_FLOAT32 else 1
         # Every buffer the step writes must be disjoint from every other one.
         qsort(self.intervals, self.nintervals, sizeof(_Interval), _cmp_interval)
         for j in range(1, <Py_ssize_t>self.nintervals):
@@ -465,6 +541,7 @@ cdef class _Plan:
                     raise ValueError(f"{a} is given twice")
                 raise ValueError(f"{a} and {b} share memory; every parameter and state "
                                  f"buffer must be a distinct array")
+        self.run.rule = self.rule
         self.run.active = self.active
         self.run.active_index = self.active_index
         self.run.options = self.options
@@ -472,8 +549,10 @@ cdef class _Plan:
         self.run.dtype = self.dtype
         self.run.workspace = self.workspace
         self.run.steps = self.steps
-        self.run.mirrors = self.mirrors
-        self.run.mirror_types = self.mirror_types
+        self.run.step_mirrors = self.step_mirrors
+        self.run.ema_steps = self.ema_steps
+        self.run.ema_mirrors = self.ema_mirrors
+        self.run.scalars = self.scalars
         self.run.step_count = &self._step_count
 
     cdef str _name(self, str base, Py_ssize_t i):
@@ -482,20 +561,20 @@ cdef class _Plan:
         return _label(base, i, self.single)
 
     cdef str _interval_label(self, size_t j):
-        return self._name(_OUT_NAMES[self.intervals[j].which].decode(),
-                          self.intervals[j].block)
+        return self._name(self.names[self.intervals[j].which], self.intervals[j].block)
 
     def __dealloc__(self):
         cdef size_t i
         if self.held != NULL:
-            for i in range(4 * self.n):
+            for i in range(_W * self.n):
                 if self.held[i]:
                     PyBuffer_Release(&self.out[i])
         free(self.out); free(self.held); free(self.sigs); free(self.param_objs)
         free(self.ndims); free(self.shapes)
         free(self.shape_at); free(self.group_sizes); free(self.grad_views); free(self.blocks)
         free(self.active); free(self.active_index); free(self.options); free(self.intervals)
-        free(self.workspace); free(self.steps); free(self.mirrors); free(self.mirror_types)
+        free(self.workspace); free(self.steps); free(self.ema_steps); free(self.step_mirrors)
+        free(self.ema_mirrors); free(self.scalars)
 
     @property
     def dtype(self):
@@ -514,34 +593,45 @@ cdef class _Plan:
         self._step_count = _check_count("step_count", value)
 
     def get_steps(self):
-        if self.mirrors != NULL:
-            return [(<float *>self.mirrors[i])[0] if self.mirror_types[i] == 0
-                    else (<double *>self.mirrors[i])[0] for i in range(self.n)]
-        return [self.steps[i] for i in range(self.n)]
+        """Each block's step count (its mirror's value where it has one)."""
+        return [_mirror_get(&self.step_mirrors[i]) if self.step_mirrors[i].ptr != NULL
+                else self.steps[i] for i in range(self.n)]
 
-    def set_step(self, Py_ssize_t i, step):
+    def get_ema_steps(self):
+        """Each block's count of updates of its param_ema."""
+        return [_mirror_get(&self.ema_mirrors[i]) if self.ema_mirrors[i].ptr != NULL
+                else self.ema_steps[i] for i in range(self.n)]
+
+    def set_step(self, Py_ssize_t i, step, ema_step=0):
         if not (0 <= i < <Py_ssize_t>self.n):
             raise IndexError(i)
-        if self.mirrors != NULL:
-            raise TypeError("this plan's step counts live in its step mirrors")
+        if self.step_mirrors[i].ptr != NULL:
+            raise TypeError("this block's step count lives in its step mirror")
         self.steps[i] = _check_count("step", step)
+        if self.ema_mirrors[i].ptr == NULL:
+            self.ema_steps[i] = _check_count("ema_step", ema_step)
 
-    def set_options(self, Py_ssize_t group, double lr, double beta1, double beta2, double eps,
-                    double weight_decay, bint decoupled_weight_decay, bint amsgrad,
-                    bint maximize, bint bias_correction, int eps_mode, double grad_scale=1.0):
-        # grad_scale is accepted (it is a field of _options.Options) but each step sets
-        # its own: it belongs to the step, not to the group.
-        """Set one group's hyperparameters (already checked by _options.py)."""
+    def set_options(self, Py_ssize_t group, double lr, double weight_decay, bint maximize,
+                    ema_decay, hyper):
+        """Set one group's options (already checked by the Python layer): lr, weight_decay,
+        maximize, ema_decay (None: no average) and the rule's hyperparameters, in the
+        order its header (csrc/rules/<rule>.h) lists them."""
+        cdef Py_ssize_t k
         if not (0 <= group < <Py_ssize_t>self.ngroups):
             raise IndexError(group)
         if self.busy:
             raise RuntimeError("the options of a plan cannot change during its step")
+        if len(hyper) > FA_MAX_HYPER:
+            raise ValueError(f"at most {FA_MAX_HYPER} rule hyperparameters, got {len(hyper)}")
+        cdef double h[FA_MAX_HYPER]
+        for k in range(FA_MAX_HYPER):
+            h[k] = float(hyper[k]) if k < len(hyper) else 0.0
+        cdef double d = 0.0 if ema_decay is None else float(ema_decay)
         cdef fa_options *o = &self.options[group]
-        o.lr = lr; o.beta1 = beta1; o.beta2 = beta2; o.eps = eps
-        o.weight_decay = weight_decay; o.grad_scale = 1.0
-        o.decoupled_weight_decay = decoupled_weight_decay; o.amsgrad = amsgrad
-        o.maximize = maximize; o.bias_correction = bias_correction
-        o.eps_mode = <fa_eps_mode>eps_mode
+        o.lr = lr; o.weight_decay = weight_decay; o.maximize = maximize; o.grad_scale = 1.0
+        o.ema = ema_decay is not None; o.ema_decay = d
+        for k in range(FA_MAX_HYPER):
+            o.hyper[k] = h[k]
 
     def current(self, groups):
         """True if `groups` (the NumPy API's param_groups) still holds exactly this plan's
@@ -576,8 +666,8 @@ cdef class _Plan:
                     return False
                 k += 1
         for i in range(self.n):
-            for w in range(4):
-                s = &self.sigs[4 * i + w]
+            for w in range(<size_t>_W):
+                s = &self.sigs[_W * i + w]
                 if s.obj == NULL:
                     continue
                 a = <cnp.ndarray>s.obj
@@ -591,6 +681,48 @@ cdef class _Plan:
                         return False
         return True
 
+    cdef double _next_step(self, size_t i) except -1:
+        """The step t block i is about to take."""
+        cdef const _Mirror *m = &self.step_mirrors[i]
+        cdef double before
+        if m.ptr != NULL:
+            before = _mirror_get(m)
+            if not (before >= 0.0):
+                raise ValueError(f"state['step'] of {self._name('param', i)} must be "
+                                 f">= 0, got {before}")
+            if m.type == 2 and before >= <double>(_MAX_STEP - 1):
+                raise ValueError(f"state['step'] of {self._name('param', i)} must be "
+                                 f"< 2**62 - 1, got {before}")
+            return _mirror_next(m)
+        if self.steps[i] >= _MAX_STEP - 1 or self._step_count >= _MAX_STEP - 1:
+            raise ValueError(f"{self._name('param', i)} has taken 2**62 - 1 "
+                             f"steps, the most a step count may hold")
+        return <double>(self.steps[i] + 1)
+
+    cdef int _check_block(self, size_t i) except -1:
+        """The streams block i's options need are there; its counts can grow."""
+        cdef const fa_options *o = self.blocks[i].options
+        cdef unsigned req = fa_rule_required(self.rule, o)
+        cdef size_t k
+        cdef const _Mirror *m
+        for k in range(self.nstate):
+            if (req >> k) & 1 and self.blocks[i].stream[FA_STATE0 + k] == NULL:
+                raise ValueError(f"{self._name(self.names[1 + k], i)} is required by the "
+                                 f"options of its parameter group, and is missing")
+        if o.ema:
+            if self.blocks[i].stream[FA_EMA] == NULL:
+                raise ValueError(f"{self._name('param_ema', i)} is required when ema_decay "
+                                 f"is set, and is missing")
+            m = &self.ema_mirrors[i]
+            if m.ptr != NULL:
+                if not (0.0 <= _mirror_get(m) < <double>(_MAX_STEP - 1)):
+                    raise ValueError(f"the param_ema count of {self._name('param', i)} must "
+                                     f"be >= 0 and < 2**62 - 1, got {_mirror_get(m)}")
+            elif self.ema_steps[i] >= _MAX_STEP - 1:
+                raise ValueError(f"the param_ema of {self._name('param', i)} has taken "
+                                 f"2**62 - 1 steps, the most a count may hold")
+        return 0
+
     cdef size_t _acquire_grads(self, tuple grads) except? 0:
         """Acquire and check every non-None grad into grad_views/active; on error none is
         held. Returns the number of active blocks."""
@@ -598,8 +730,7 @@ cdef class _Plan:
         cdef size_t nactive = 0
         cdef Py_buffer *v
         cdef uintptr_t gs, ge
-        cdef double m, t
-        cdef float mf
+        cdef fa_block *b
         if <size_t>len(grads) != self.n:
             raise ValueError(f"grads must have one entry per parameter ({self.n}), "
                              f"got {len(grads)}")
@@ -611,29 +742,14 @@ cdef class _Plan:
                 v = &self.grad_views[nactive]
                 self._acquire_grad(v, g, i)
                 nactive += 1
-                self.active[nactive - 1] = self.blocks[i]
-                self.active[nactive - 1].grad = v.buf
+                b = &self.active[nactive - 1]
+                b[0] = self.blocks[i]
+                b.stream[FA_GRAD] = v.buf
                 self.active_index[nactive - 1] = i
-                if self.mirrors != NULL:
-                    if self.mirror_types[i] == 0:
-                        mf = (<float *>self.mirrors[i])[0]
-                        m = mf
-                        t = <float>(mf + <float>1.0)  # torch: step_t += 1, in float32
-                    else:
-                        m = (<double *>self.mirrors[i])[0]
-                        t = m + 1.0
-                    if not (m >= 0.0):
-                        raise ValueError(f"state['step'] of {self._name('param', i)} must be "
-                                         f">= 0, got {m}")
-                    self.active[nactive - 1].step = t
-                else:
-                    if self.steps[i] >= _MAX_STEP - 1 or self._step_count >= _MAX_STEP - 1:
-                        raise ValueError(f"{self._name('param', i)} has taken 2**62 - 1 "
-                                         f"steps, the most a step count may hold")
-                    self.active[nactive - 1].step = <double>(self.steps[i] + 1)
-                if self.blocks[i].options.amsgrad and self.blocks[i].max_exp_avg_sq == NULL:
-                    raise ValueError(f"{self._name('max_exp_avg_sq', i)} is required "
-                                     f"when amsgrad=True")
+                b.step = self._next_step(i)
+                if self.scalars[i].ptr != NULL:
+                    b.scalar = _mirror_get(&self.scalars[i])
+                self._check_block(i)
                 if v.len == 0:
                     continue
                 # Binary search: the last written interval starting below the grad's end.
@@ -756,6 +872,7 @@ cdef object _step_plans(PyObject **plans, PyObject **grads, Py_ssize_t nplans,
     cdef bint stepped = False
     cdef size_t g, j, i
     cdef _Run *r
+    cdef fa_block *b
     _check_isa(isa)
     nt = _threads(num_threads)
     if not (grad_scale > 0.0 and grad_scale < INFINITY):
@@ -799,18 +916,24 @@ cdef object _step_plans(PyObject **plans, PyObject **grads, Py_ssize_t nplans,
                     r = runs[k]
                     for g in range(r.ngroups):
                         r.options[g].grad_scale = scale
-                    fa_adam_step(<fa_dtype>r.dtype, r.active, r.nactive, nt, chunk,
-                                 <fa_isa>isa, prefetch)
+                    fa_step(r.rule, <fa_dtype>r.dtype, r.active, r.nactive, nt, chunk,
+                            <fa_isa>isa, prefetch)
                     # Commit the counts with the buffers, before anything else can run.
                     for j in range(r.nactive):
                         i = r.active_index[j]
-                        if r.mirrors != NULL:
-                            if r.mirror_types[i] == 0:
-                                (<float *>r.mirrors[i])[0] = <float>r.active[j].step
-                            else:
-                                (<double *>r.mirrors[i])[0] = r.active[j].step
+                        b = &r.active[j]
+                        if r.step_mirrors[i].ptr != NULL:
+                            _mirror_set(&r.step_mirrors[i], b.step)
                         else:
                             r.steps[i] += 1
+                        if b.options.ema:
+                            if r.ema_mirrors[i].ptr != NULL:
+                                _mirror_set(&r.ema_mirrors[i], _mirror_next(&r.ema_mirrors[i]))
+                            else:
+                                r.ema_steps[i] += 1
+                        if r.scalars[i].ptr != NULL:
+                            _mirror_set(&r.scalars[i], fa_scalar_after(r.rule, b.options,
+                                                                       b.step, b.scalar))
                     r.step_count[0] += 1
             PyThread_release_lock(_step_lock)
     finally:
@@ -852,7 +975,7 @@ def grad_stats(grads, int num_threads=0, int isa=-1):
                 code = _acquire(&views[i], g, _label("grad", i, False), False, dtype, -1, NULL)
             dtype = code
             held += 1
-            blocks[i].grad = views[i].buf
+            blocks[i].stream[FA_GRAD] = views[i].buf
             blocks[i].n = <size_t>(views[i].len // views[i].itemsize)
             total += blocks[i].n
         ws = <double *>calloc(fa_grad_stats_workspace(total) + 1, sizeof(double))
@@ -868,28 +991,58 @@ def grad_stats(grads, int num_threads=0, int isa=-1):
     return sumsq, bool(nonfinite)
 
 
-def step_consts(double lr, double beta1, double beta2, double eps, double weight_decay,
-                bint decoupled_weight_decay, bint maximize, bint bias_correction,
-                int eps_mode, double step, double grad_scale=1.0):
-    """The per-step constants the C core computes (for tests against the reference)."""
+def rule_consts(int rule, double lr, double weight_decay, bint maximize, ema_decay, hyper,
+                double step, double scalar=1.0, double grad_scale=1.0):
+    """(constants, variant) the C core computes for one block (for tests against the
+    reference): constants is the list of fa_consts.v, in the rule's order."""
     cdef fa_options o
-    cdef fa_step_consts c
-    o.lr = lr; o.beta1 = beta1; o.beta2 = beta2; o.eps = eps; o.weight_decay = weight_decay
-    o.grad_scale = grad_scale; o.decoupled_weight_decay = decoupled_weight_decay
-    o.amsgrad = 0; o.maximize = maximize; o.bias_correction = bias_correction
-    o.eps_mode = <fa_eps_mode>eps_mode
-    fa_step_consts_init(&c, &o, step)
-    return c
+    cdef fa_consts c
+    cdef int k
+    if not (0 <= rule < FA_RULE_COUNT):
+        raise ValueError(f"rule must be in [0, {FA_RULE_COUNT})")
+    o.lr = lr; o.weight_decay = weight_decay; o.maximize = maximize; o.grad_scale = grad_scale
+    o.ema = ema_decay is not None; o.ema_decay = 0.0 if ema_decay is None else ema_decay
+    for k in range(FA_MAX_HYPER):
+        o.hyper[k] = float(hyper[k]) if k < len(hyper) else 0.0
+    fa_consts_init(<fa_rule>rule, &c, &o, step, scalar)
+    return [c.v[k] for k in range(FA_MAX_CONSTS)], c.variant
 
 
-def traffic_f32(float[::1] param, const float[::1] grad, float[::1] exp_avg,
-                float[::1] exp_avg_sq, int num_threads=0):
-    """The Adam memory pattern without arithmetic (roofline probe)."""
-    cdef size_t n = param.shape[0]
+def scalar_after(int rule, double lr, double weight_decay, hyper, double step, double scalar):
+    """The rule's per-block scalar after a step (fa_scalar_after; for tests)."""
+    cdef fa_options o
+    cdef int k
+    if not (0 <= rule < FA_RULE_COUNT):
+        raise ValueError(f"rule must be in [0, {FA_RULE_COUNT})")
+    o.lr = lr; o.weight_decay = weight_decay; o.maximize = 0; o.grad_scale = 1.0
+    o.ema = 0; o.ema_decay = 0.0
+    for k in range(FA_MAX_HYPER):
+        o.hyper[k] = float(hyper[k]) if k < len(hyper) else 0.0
+    return fa_scalar_after(<fa_rule>rule, &o, step, scalar)
+
+
+def traffic_f32(streams, int num_threads=0):
+    """A rule's memory pattern without arithmetic (roofline probe): streams is a list of
+    2 to 6 float32 arrays of one length -- param, grad (read only), then the state
+    streams -- each read once and all but grad written once."""
+    cdef float[::1] mv
+    cdef float *ptrs[6]
+    cdef Py_ssize_t k, ns = len(streams)
+    cdef size_t n = 0
     cdef int nt = _threads(num_threads)
-    if not (grad.shape[0] == exp_avg.shape[0] == exp_avg_sq.shape[0] == <Py_ssize_t>n):
-        raise ValueError("traffic_f32: all four buffers must have the same length")
+    cdef list held = []  # the memoryviews keep the buffers for the call
+    if not (2 <= ns <= 6):
+        raise ValueError("traffic_f32: 2 to 6 streams")
+    for k in range(ns):
+        mv = streams[k]
+        held.append(mv)
+        if k == 0:
+            n = mv.shape[0]
+        elif <size_t>mv.shape[0] != n:
+            raise ValueError("traffic_f32: all streams must have the same length")
+        if n > 0:
+            ptrs[k] = &mv[0]
     if n == 0:
         return
     with nogil:
-        fa_traffic_f32(&param[0], &grad[0], &exp_avg[0], &exp_avg_sq[0], n, nt)
+        fa_traffic_f32(ptrs, <int>ns, n, nt)

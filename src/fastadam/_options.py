@@ -98,6 +98,24 @@ def check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
                    _flag("bias_correction", bias_correction), mode, grad_scale)
 
 
+def check_eps_root(eps_root) -> float:
+    """optax's epsilon inside the square root: a finite number >= 0 (0: none)."""
+    eps_root = _real("eps_root", eps_root)
+    if not (eps_root >= 0.0 and math.isfinite(eps_root)):
+        raise ValueError(f"eps_root must be a finite number >= 0, got {eps_root}")
+    return eps_root
+
+
+def check_ema_decay(ema_decay):
+    """None (no temporal average) or a number in [0, 1)."""
+    if ema_decay is None:
+        return None
+    ema_decay = _real("ema_decay", ema_decay)
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be None or a number in [0, 1), got {ema_decay}")
+    return ema_decay
+
+
 def check_grad_scale(grad_scale) -> float:
     """The loss scale gradients are divided by: a finite number > 0."""
     grad_scale = _real("grad_scale", grad_scale)

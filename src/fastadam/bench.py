@@ -247,7 +247,7 @@ class Roofline(_Impl):
         g = g.view(np.float32)
         assert p.size == k * n
         self._keep = (bufs, g)
-        self.call = (_core.traffic_f32, (p, g, m, v, threads))
+        self.call = (_core.traffic_f32, ([p, g, m, v], threads))
 
     @staticmethod
     def mem_units(wl):

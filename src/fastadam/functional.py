@@ -4,6 +4,17 @@ from __future__ import annotations
 from . import _core
 from ._options import check_flag, check_options, check_step, check_threads
 
+RULE_ADAM = _core.RULE_NAMES.index("adam")
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def adam_plan_options(o, eps_root=0.0, ema_decay=None):
+    """_Plan.set_options' arguments (after the group index) for checked Adam options:
+    csrc/rules/adam.h's hyperparameter order."""
+    return (o.lr, o.weight_decay, o.maximize, ema_decay,
+            (o.beta1, o.beta2, o.eps, o.decoupled_weight_decay, o.amsgrad, o.bias_correction,
+             o.eps_mode, eps_root))
+
 __all__ = ["adam_step"]
 
 
@@ -65,9 +76,10 @@ def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, num_t
           isa=-1, chunk=0, skip_nonfinite=False, prefetch=-1):
     """adam_step after argument checks; isa, chunk and prefetch let tests force a path,
     a split and software prefetching (-1 auto, 0 off, 1 on)."""
-    plan = _core._Plan([param], [exp_avg], [exp_avg_sq],
-                       [max_exp_avg_sq if options.amsgrad else None], [0], 1, True)
-    plan.set_options(0, *options)
+    plan = _core._Plan(RULE_ADAM, ADAM_STATE, [param],
+                       [(exp_avg, exp_avg_sq, max_exp_avg_sq if options.amsgrad else None)],
+                       None, [0], 1, True)
+    plan.set_options(0, *adam_plan_options(options))
     plan.set_step(0, step - 1)
     stepped, _ = plan.step([grad], num_threads, chunk, isa, options.grad_scale, skip_nonfinite,
                            0.0, prefetch)

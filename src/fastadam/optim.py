@@ -9,15 +9,14 @@ import numpy as np
 
 from . import _core
 from . import _sync  # after _core: see _sync's docstring
-from ._options import (changed, check_count, check_flag, check_grad_scale,
-                       check_max_norm, check_options, check_threads, clip_coefficient)
+from ._options import (_real, changed, check_count, check_ema_decay, check_flag,
+                       check_grad_scale, check_max_norm, check_threads, clip_coefficient)
+from ._rules import RULES
 
-__all__ = ["Adam", "AdamW", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm_"]
+__all__ = ["Optimizer", "Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam",
+           "RAdam", "Lion", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm_"]
 
-_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad",
-               "maximize", "bias_correction", "eps_mode")
 _ALIGN = 64
-_group_key = operator.itemgetter(*_GROUP_KEYS)  # one C call per group per step
 
 
 def aligned_zeros(shape, dtype=np.float32, align=_ALIGN):
@@ -86,30 +85,24 @@ class InverseSqrtDecay:
         return f"InverseSqrtDecay(alpha={self.alpha!r})"
 
 
-class Adam:
-    r"""Adam (Kingma & Ba, 2015) for NumPy arrays, updated in place by one C call per step.
+class Optimizer:
+    r"""The NumPy optimizers' shared engine: param groups, state, one fused C call per step.
 
-    For each parameter p with gradient g at step t (alpha = ``lr``, beta1, beta2 =
-    ``betas``, epsilon = ``eps``, lambda = ``weight_decay``)::
+    Subclasses name their update rule (``_rule``, see fastadam._rules) and give the
+    constructor torch.optim's signature; everything below is the same for every rule.
 
-        m <- beta1 * m + (1 - beta1) * g
-        v <- beta2 * v + (1 - beta2) * g**2
-        p <- p - alpha * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + epsilon)
-
-    ``weight_decay`` adds lambda * p to g (L2, as torch.optim.Adam), or with
-    ``decoupled_weight_decay=True`` first scales p by 1 - alpha*lambda (AdamW).
-    ``amsgrad`` keeps the running maximum of v and uses it in the denominator;
-    ``maximize`` ascends; ``bias_correction=False`` drops the 1 - beta**t factors;
-    ``eps_mode="hat"`` selects the paper's "efficient version" (see fastadam.reference,
-    which specifies every operation; results match it bit for bit).
-
-    Parameters
-    ----------
+    Common parameters (after the rule's own hyperparameters)
+    ----------------------------------------------------------
     params : list of arrays, or list of dicts ``{"params": [...], "lr": ..., ...}`` (param
         groups with per-group options, as torch). Arrays must be writable, C-contiguous,
         aligned, distinct and all of one dtype (float32 or float64).
     lr : float >= 0 or a callable ``lr(t) -> float`` of the 1-based step number (see
         :class:`InverseSqrtDecay`).
+    ema_decay : None, or d in [0, 1): also keep the temporal average of every parameter
+        (Kingma & Ba, Sec. 7.2), ``param_ema <- d*param_ema + (1-d)*param`` from 0,
+        updated in the same pass (one more stream); :meth:`averaged_params` returns the
+        bias-corrected average ``param_ema / (1 - d**t)``. It never changes the
+        optimizer's own trajectory. A group option, like the others.
     num_threads : OpenMP threads for every step (None: OpenMP's default; else 1 to
         2**31 - 1, and never more than ``fastadam.config()['thread_cap']`` are used).
     max_grad_norm : if set, clip the global L2 norm of all gradients to it, as
@@ -117,12 +110,13 @@ class Adam:
         pass computes the norm (deterministically) and the clip coefficient is folded into
         the update pass; gradients are not rewritten.
     skip_nonfinite : if True, a step whose gradients hold an inf or NaN changes nothing
-        (parameters, moments, step counts) and ``step`` returns False.
+        (parameters, state, step counts) and ``step`` returns False.
 
-    The moment buffers are allocated zeroed, 64-byte aligned; ``step`` allocates nothing.
-    ``state_dict()`` mirrors torch's layout (per-parameter ``step``, ``exp_avg``,
-    ``exp_avg_sq`` [, ``max_exp_avg_sq``], and ``param_groups``), with copies of the
-    arrays.
+    The state buffers are allocated once, 64-byte aligned; ``step`` allocates nothing.
+    ``state_dict()`` mirrors torch's layout for the rule (per-parameter state under
+    torch's names, ``step`` where torch keeps one, and ``param_groups``), with copies of
+    the arrays; with ``ema_decay`` each entry also holds ``param_ema`` and
+    ``param_ema_step`` (its update count).
 
     Like torch.optim, every step re-reads ``param_groups``: a parameter array put into a
     group (or a group's list changed) is picked up, and a new array starts with fresh
@@ -145,23 +139,21 @@ class Adam:
     for multithreaded children.
 
     An exception (KeyboardInterrupt included) raised around a step leaves the step
-    counts (``state_dict()['step_count']`` and each parameter's ``step``) consistent with
+    counts (``state_dict()['step_count']`` and each parameter's counts) consistent with
     the buffers: they are committed together, inside the C call.
     """
 
-    _decoupled_default = False
+    _rule = None  # a fastadam._rules.Rule
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, decoupled_weight_decay=None,
-                 bias_correction=True, eps_mode="paper", num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False):
+    def __init__(self, params, defaults, num_threads=None, max_grad_norm=None,
+                 skip_nonfinite=False):
         self._lock = _sync.new_lock(self)
-        if decoupled_weight_decay is None:
-            decoupled_weight_decay = self._decoupled_default
-        self.defaults = dict(lr=lr, betas=tuple(betas) if _is_pair(betas) else betas, eps=eps,
-                             weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                             decoupled_weight_decay=decoupled_weight_decay,
-                             bias_correction=bias_correction, eps_mode=eps_mode)
+        rule = self._rule
+        self._group_keys = tuple(rule.defaults) + ("ema_decay",)
+        self._group_key = operator.itemgetter(*self._group_keys)  # one C call per group
+        if "betas" in defaults and _is_pair(defaults["betas"]):
+            defaults["betas"] = tuple(defaults["betas"])
+        self.defaults = defaults
         self._check_group(self.defaults, "defaults")
         self.num_threads = num_threads
         self.max_grad_norm = check_max_norm(max_grad_norm)
@@ -175,7 +167,7 @@ class Adam:
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups = []
         self._params = []   # the parameters the plan was built from, in group order
-        self._states = []   # their state dicts (exp_avg, exp_avg_sq[, max_exp_avg_sq])
+        self._states = []   # their state dicts (the rule's streams, param_ema, scalar)
         self._group_of = []
         # tests force a SIMD path, a split and prefetching on/off through these
         self._isa, self._chunk, self._prefetch = -1, 0, -1
@@ -223,18 +215,17 @@ class Adam:
         return self._plan.step_count
 
     # ------------------------------------------------------------------ groups
-    @staticmethod
-    def _check_group(group, where):
+    def _check_group(self, group, where):
+        """The group's options, checked: (the rule's normalised options, ema_decay)."""
         lr = group["lr"]
-        check_options(1.0 if callable(lr) else lr, group["betas"], group["eps"],
-                      group["weight_decay"], group["decoupled_weight_decay"], group["amsgrad"],
-                      group["maximize"], group["bias_correction"], group["eps_mode"])
+        o = self._rule.check(dict(group, lr=1.0 if callable(lr) else lr))
+        return o, check_ema_decay(group.get("ema_decay"))
 
     def _add_group(self, group):
         """Check a group and append it to param_groups (its state is made by _rebuild)."""
         if not isinstance(group, dict):
             raise TypeError(f"param groups must be dicts, got {type(group).__name__}")
-        unknown = [k for k in group if k not in _GROUP_KEYS and k != "params"]
+        unknown = [k for k in group if k not in self._group_keys and k != "params"]
         if unknown:
             raise ValueError(f"unknown param-group options: {sorted(map(str, unknown))}")
         if "params" not in group:
@@ -255,23 +246,30 @@ class Adam:
                                  f"(param group {gi}, index {i})")
             seen.add(id(p))
             _as_param(p, f"param group {gi}, params[{i}]")
-        new = {k: group.get(k, self.defaults[k]) for k in _GROUP_KEYS}
-        new["betas"] = tuple(new["betas"]) if _is_pair(new["betas"]) else new["betas"]
+        new = {k: group.get(k, self.defaults[k]) for k in self._group_keys}
+        if "betas" in new and _is_pair(new["betas"]):
+            new["betas"] = tuple(new["betas"])
         self._check_group(new, f"param group {gi}")
         new["params"] = params
         self.param_groups.append(new)
 
-    @staticmethod
-    def _new_state(a, amsgrad):
-        # m, v (and v_max) start 1, 2 (and 3) KiB past the parameter's offset within a
-        # 4 KiB page: buffers at the same page offset make the CPU suspect that a load
-        # depends on an earlier store to another buffer ("4K aliasing"), which costs a
-        # third of the in-cache speed.
+    def _streams_for(self, a, o, ema, s=None):
+        """s (a parameter's state dict, or a new one) completed with every stream the
+        options need, each starting at the rule's initial value. Buffers start 1, 2, 3
+        KiB past the parameter's offset within a 4 KiB page: buffers at the same page
+        offset make the CPU suspect that a load depends on an earlier store to another
+        buffer ("4K aliasing"), which costs a third of the in-cache speed."""
+        s = {} if s is None else dict(s)
         page = a.ctypes.data % 4096
-        s = {"exp_avg": _staggered_zeros(a, page + 1024),
-             "exp_avg_sq": _staggered_zeros(a, page + 2048)}
-        if amsgrad:
-            s["max_exp_avg_sq"] = _staggered_zeros(a, page + 3072)
+        want = self._rule.needs(o) + (("param_ema",) if ema is not None else ())
+        for j, k in enumerate(self._rule.state + ("param_ema",)):
+            if k in want and k not in s:
+                s[k] = _staggered_zeros(a, page + 1024 * (j % 3 + 1))
+                init = self._rule.initial(k, o) if k != "param_ema" else 0.0
+                if init != 0.0:
+                    s[k][...] = init
+        if self._rule.scalar is not None and self._rule.scalar[0] not in s:
+            s[self._rule.scalar[0]] = np.array(self._rule.scalar[1], np.float64)
         return s
 
     def add_param_group(self, param_group):
@@ -290,54 +288,68 @@ class Adam:
         parameter the old plan had (by identity, as torch keys state by tensor) and
         making fresh state for new ones. All or nothing: on error nothing changes.
 
-        states/steps: load_state_dict's new state, one per parameter in group order."""
+        states/steps: load_state_dict's new state and (step, ema count) pairs, one per
+        parameter in group order."""
+        rule = self._rule
         old = self._plan
         known = {}
         if old is not None:
-            for p, s, c in zip(self._params, self._states, old.get_steps()):
-                known[id(p)] = (s, c)
+            for p, s, c, e in zip(self._params, self._states, old.get_steps(),
+                                  old.get_ema_steps()):
+                known[id(p)] = (s, (c, e))
         params, new_states, counts, group_of = [], [], [], []
         seen = set()
         for gi, g in enumerate(self.param_groups):
             if not isinstance(g, dict) or not isinstance(g.get("params"), list):
                 raise TypeError(f"param_groups[{gi}] must be a dict whose 'params' is a list "
                                 f"of arrays")
+            try:
+                o, ema = self._check_group(g, f"param group {gi}")
+            except KeyError:
+                raise ValueError("every param group must be a dict with every option "
+                                 f"({', '.join(self._group_keys)}); add groups with "
+                                 f"add_param_group") from None
             for j, p in enumerate(g["params"]):
                 where = f"param group {gi}, params[{j}]"
                 a = _as_param(p, where)
                 if id(p) in seen:
                     raise ValueError(f"duplicate parameters: an array appears twice ({where})")
                 seen.add(id(p))
-                amsgrad = bool(g.get("amsgrad"))
                 if states is not None:
                     s, c = states[len(params)], steps[len(params)]
                 elif id(p) in known:
                     s, c = known[id(p)]
                     for k, v in s.items():
+                        if v.ndim == 0:
+                            continue  # the rule's scalar
                         if v.dtype != a.dtype or v.size != a.size:
                             raise ValueError(
                                 f"{where} is {_what(a)}, but its state {k!r} is {_what(v)}: a "
                                 f"parameter and its state are updated in place and may not "
                                 f"change their size or dtype (put a new array in the param "
                                 f"group instead: it starts with fresh state)")
-                    if any(v.shape != a.shape for v in s.values()):
+                    if any(v.ndim and v.shape != a.shape for v in s.values()):
                         # same elements, new shape: follow it
-                        s = {k: v.reshape(a.shape) for k, v in s.items()}
+                        s = {k: v.reshape(a.shape) if v.ndim else v for k, v in s.items()}
                 else:
-                    s, c = self._new_state(a, amsgrad), 0
-                if amsgrad and "max_exp_avg_sq" not in s:
-                    # amsgrad switched on: the running maximum starts at zero
-                    s = dict(s, max_exp_avg_sq=_staggered_zeros(a, a.ctypes.data % 4096 + 3072))
+                    s, c = None, (0, 0)
+                full = self._streams_for(a, o, ema, s)
+                if s is not None and not rule.step and any(k not in s for k in rule.needs(o)):
+                    # torch starts a new buffer from the gradient (SGD: buf = g), which the
+                    # kernel does at the count's first step
+                    c = (0, c[1])
                 params.append(p)
-                new_states.append(s)
+                new_states.append(full)
                 counts.append(c)
                 group_of.append(gi)
-        plan = _core._Plan(params, [s["exp_avg"] for s in new_states],
-                           [s["exp_avg_sq"] for s in new_states],
-                           [s.get("max_exp_avg_sq") for s in new_states], group_of,
-                           max(len(self.param_groups), 1))
-        for i, c in enumerate(counts):
-            plan.set_step(i, c)
+        scalar = rule.scalar[0] if rule.scalar else None
+        plan = _core._Plan(rule.index, rule.state, params,
+                           [tuple(s.get(k) for k in rule.state) for s in new_states],
+                           [s.get("param_ema") for s in new_states], group_of,
+                           max(len(self.param_groups), 1),
+                           scalar_mirrors=[s[scalar] for s in new_states] if scalar else None)
+        for i, (c, e) in enumerate(counts):
+            plan.set_step(i, c, e)
         if old is not None:
             plan.step_count = old.step_count
             plan.last_grad_norm = old.last_grad_norm
@@ -358,10 +370,10 @@ class Adam:
         with self._lock:
             plan = self._plan
             try:
-                keys = [_group_key(g) for g in self.param_groups]
+                keys = [self._group_key(g) for g in self.param_groups]
             except (KeyError, TypeError):
                 raise ValueError("every param group must be a dict with every option "
-                                 f"({', '.join(_GROUP_KEYS)}); add groups with "
+                                 f"({', '.join(self._group_keys)}); add groups with "
                                  f"add_param_group") from None
             for i, k in enumerate(keys):
                 if callable(k[0]):  # an lr schedule: evaluate it for this step
@@ -392,21 +404,66 @@ class Adam:
 
     def _apply(self, keys):
         """Check every group's options, then hand them to the plan (all or nothing)."""
-        options = [check_options(*k) for k in keys]
-        if len(options) != self._ngroups or any(options[gi].amsgrad and "max_exp_avg_sq" not in s
-                                                for s, gi in zip(self._states, self._group_of)):
-            self._rebuild()  # groups added, or amsgrad switched on: allocate v_max (zeros)
-        for gi, o in enumerate(options):
-            self._plan.set_options(gi, *o)
+        rule = self._rule
+        options = [self._check_group(dict(zip(self._group_keys, k)), f"param group {gi}")
+                   for gi, k in enumerate(keys)]
+        if len(options) != self._ngroups or any(
+                any(k not in s for k in rule.needs(options[gi][0]))
+                or (options[gi][1] is not None and "param_ema" not in s)
+                for s, gi in zip(self._states, self._group_of)):
+            # groups added, or options that need a new stream (amsgrad switched on, say):
+            # allocate it (at the rule's initial value)
+            self._rebuild()
+        for gi, (o, ema) in enumerate(options):
+            self._plan.set_options(gi, o["lr"], o["weight_decay"], o["maximize"], ema,
+                                   rule.c_hyper(o))
         self._applied = keys
 
     # ------------------------------------------------------------------- state
     @property
     def state(self):
-        """Per-parameter state, in parameter order (live arrays; 'step' is a snapshot)."""
+        """Per-parameter state, in parameter order (live arrays; counts are snapshots)."""
         with self._lock:
-            steps = self._plan.get_steps()
-            return [dict(s, step=steps[i]) for i, s in enumerate(self._states)]
+            return [self._entry(i, copy=False) for i in range(len(self._states))]
+
+    def _entry(self, i, copy):
+        rule = self._rule
+        s = self._states[i]
+        entry = {}
+        if rule.step:
+            entry["step"] = self._plan.get_steps()[i]
+        for k in rule.state:
+            if k in s:
+                entry[k] = s[k].copy() if copy else s[k]
+        if rule.scalar:
+            entry[rule.scalar[0]] = float(s[rule.scalar[0]])
+        if "param_ema" in s:
+            entry["param_ema"] = s["param_ema"].copy() if copy else s["param_ema"]
+            entry["param_ema_step"] = self._plan.get_ema_steps()[i]
+        return entry
+
+    def averaged_params(self):
+        """The temporal averages of the parameters (Kingma & Ba, Sec. 7.2), for
+        evaluation: new arrays ``param_ema / (1 - d**t)``, d the group's ``ema_decay``
+        and t the number of averaged steps, in the order of the param groups (a copy of
+        the parameter where nothing has been averaged yet). Raises ValueError unless
+        ``ema_decay`` is set for every group."""
+        with self._lock:
+            out = []
+            counts = self._plan.get_ema_steps()
+            for i, (p, s) in enumerate(zip(self._params, self._states)):
+                d = self.param_groups[self._group_of[i]].get("ema_decay")
+                if d is None or "param_ema" not in s:
+                    raise ValueError(f"param group {self._group_of[i]} has no ema_decay: "
+                                     f"set ema_decay (in [0, 1)) to keep temporal averages")
+                a = np.asarray(p)
+                t = counts[i]
+                if t == 0:
+                    out.append(a.copy())
+                    continue
+                correction = 1.0 - float(d) ** t
+                out.append((s["param_ema"] / a.dtype.type(correction)).astype(a.dtype))
+            return out
 
     def state_dict(self):
         """torch-style: {'state': {index: {...}}, 'param_groups': [{..., 'params': [...]}],
@@ -417,16 +474,14 @@ class Adam:
         with self._lock:
             steps = self._plan.get_steps()
             state = {}
-            for i, s in enumerate(self._states):
+            for i in range(len(self._states)):
                 if steps[i] > 0:
-                    entry = {"step": steps[i]}
-                    for k in _STATE_KEYS:
-                        if k in s:
-                            entry[k] = s[k].copy()
-                    state[i] = entry
+                    entry = self._entry(i, copy=True)
+                    if entry:
+                        state[i] = entry
             groups, i = [], 0
             for g in self.param_groups:
-                d = {k: g[k] for k in _GROUP_KEYS}
+                d = {k: g[k] for k in self._group_keys}
                 d["params"] = list(range(i, i + len(g["params"])))
                 i += len(g["params"])
                 groups.append(d)
@@ -455,6 +510,7 @@ class Adam:
     def _parse_state_dict(self, state_dict):
         """The new param_groups, states and step counts of a state dict (nothing is
         changed here)."""
+        rule = self._rule
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for key in ("state", "param_groups"):
@@ -470,15 +526,17 @@ class Adam:
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer "
                              f"has {len(self.param_groups)}")
-        new_groups, id_of = [], {}
+        new_groups, id_of, checked = [], {}, []
+        optional = ("ema_decay",)  # absent from torch.optim's groups
         for gi, (saved, mine) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{gi}]"
             if not isinstance(saved, dict):
                 raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
-            missing = [k for k in _GROUP_KEYS + ("params",) if k not in saved]
+            missing = [k for k in self._group_keys + ("params",)
+                       if k not in saved and k not in optional]
             if missing:
                 raise ValueError(f"{where} is missing {missing}")
-            unknown = [k for k in saved if k not in _GROUP_KEYS and k != "params"]
+            unknown = [k for k in saved if k not in self._group_keys and k != "params"]
             if unknown:
                 raise ValueError(f"{where} has unknown keys {_keys(unknown)}")
             ids = saved["params"]
@@ -494,9 +552,10 @@ class Adam:
                 if int(k) in id_of:
                     raise ValueError(f"{where}['params'][{j}]: the id {int(k)} appears twice")
                 id_of[int(k)] = len(id_of)
-            g = {k: saved[k] for k in _GROUP_KEYS}
-            g["betas"] = tuple(g["betas"]) if _is_pair(g["betas"]) else g["betas"]
-            self._check_group(g, where)
+            g = {k: saved.get(k) for k in self._group_keys}
+            if "betas" in g and _is_pair(g["betas"]):
+                g["betas"] = tuple(g["betas"])
+            checked.append(self._check_group(g, where))
             g["params"] = mine["params"]
             new_groups.append(g)
         saved_state = state_dict["state"]
@@ -510,29 +569,37 @@ class Adam:
             raise ValueError(f"state_dict['state'] has entries for unknown parameters "
                              f"{_keys(extra)}")
         entries = {id_of[int(k)]: (k, v) for k, v in saved_state.items()}
+        known = set(rule.state) | {"param_ema", "param_ema_step"} | (
+            {"step"} if rule.step else set()) | ({rule.scalar[0]} if rule.scalar else set())
         new_states, steps = [], []
-        for g in new_groups:
-            amsgrad = check_flag("amsgrad", g["amsgrad"])
+        for g, (o, ema) in zip(new_groups, checked):
             for p in g["params"]:
                 pos = len(new_states)
                 a = _as_param(p, f"parameter {pos}")
-                s = self._new_state(a, amsgrad)
-                step = 0
+                s = {}
+                step = ema_step = 0
                 if pos in entries:
                     key, entry = entries[pos]
                     where = f"state_dict['state'][{key!r}]"
                     if not isinstance(entry, dict):
                         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
-                    need = ["step", "exp_avg", "exp_avg_sq"] + (
-                        ["max_exp_avg_sq"] if amsgrad else [])
+                    need = (["step"] if rule.step else []) + list(rule.needs(o))
+                    if rule.scalar:
+                        need.append(rule.scalar[0])
                     missing = [k for k in need if k not in entry]
                     if missing:
                         raise ValueError(f"{where} is missing {missing}")
-                    unknown = [k for k in entry if k != "step" and k not in _STATE_KEYS]
+                    unknown = [k for k in entry if k not in known]
                     if unknown:
                         raise ValueError(f"{where} has unknown keys {_keys(unknown)}")
-                    step = check_count(f"{where}['step']", entry["step"])
-                    for k in _STATE_KEYS:
+                    if rule.step:
+                        step = check_count(f"{where}['step']", entry["step"])
+                    elif any(k in entry for k in rule.needs(o)) or not rule.needs(o):
+                        step = 1  # the buffers exist: not a first step (SGD)
+                    if "param_ema" in entry:
+                        ema_step = check_count(f"{where}['param_ema_step']",
+                                               entry.get("param_ema_step", 0))
+                    for k in rule.state + ("param_ema",):
                         if k not in entry:
                             continue
                         v = _as_saved_array(entry[k], f"{where}[{k!r}]")
@@ -540,26 +607,47 @@ class Adam:
                             raise ValueError(
                                 f"{where}[{k!r}] must have shape {a.shape} and dtype "
                                 f"{a.dtype}; got {v.shape} {v.dtype}")
-                        if k not in s:
-                            s[k] = _staggered_zeros(a, a.ctypes.data % 4096 + 3072)
-                        s[k][...] = v
-                new_states.append(s)
-                steps.append(step)
+                        s[k] = v
+                    if rule.scalar:
+                        k = rule.scalar[0]
+                        v = _real(f"{where}[{k!r}]", _item(entry[k]))
+                        if not 0.0 <= v <= 1.0:
+                            raise ValueError(f"{where}[{k!r}] must be in [0, 1], got {v}")
+                        s[k] = np.array(v, np.float64)
+                full = self._streams_for(a, o, ema)
+                for k, v in s.items():
+                    if v.ndim == 0:
+                        full[k] = v  # the rule's scalar
+                        continue
+                    if k not in full:  # saved, not needed now (amsgrad off, say): kept
+                        full[k] = _staggered_zeros(a, a.ctypes.data % 4096 + 3072)
+                    full[k][...] = v
+                new_states.append(full)
+                steps.append((step, ema_step))
         if "step_count" in state_dict:
             step_count = check_count("state_dict['step_count']", state_dict["step_count"])
         else:
-            step_count = max(steps, default=0)
+            step_count = max((s for s, _ in steps), default=0)
         return new_groups, new_states, steps, step_count
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
         for i, g in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
-            lines += [f"    {k}: {g.get(k)}" for k in _GROUP_KEYS]
+            lines += [f"    {k}: {g.get(k)}" for k in self._group_keys]
         return "\n".join(lines + [")"])
 
 
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+def _item(v):
+    """A number or a 0-d/1-element array as a Python scalar (for scalar state)."""
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return v.reshape(()).item()
+    if hasattr(v, "item") and not isinstance(v, (int, float)):
+        try:
+            return v.item()
+        except Exception:
+            return v
+    return v
 
 
 def _as_param(p, where):
@@ -591,6 +679,51 @@ def _keys(keys):
     return sorted(map(repr, keys))
 
 
+_COMMON = ("num_threads", "max_grad_norm", "skip_nonfinite")
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba, 2015) for NumPy arrays, updated in place by one C call per step.
+
+    For each parameter p with gradient g at step t (alpha = ``lr``, beta1, beta2 =
+    ``betas``, epsilon = ``eps``, lambda = ``weight_decay``)::
+
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g**2
+        p <- p - alpha * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + epsilon)
+
+    ``weight_decay`` adds lambda * p to g (L2, as torch.optim.Adam), or with
+    ``decoupled_weight_decay=True`` first scales p by 1 - alpha*lambda (AdamW).
+    ``amsgrad`` keeps the running maximum of v and uses it in the denominator;
+    ``maximize`` ascends; ``bias_correction=False`` drops the 1 - beta**t factors;
+    ``eps_mode="hat"`` selects the paper's "efficient version"; ``eps_root`` > 0 adds
+    optax's epsilon inside the square root, ``sqrt(v_hat + eps_root) + eps`` (0, the
+    default, is bitwise the plain update). See fastadam.reference.adam_step, which
+    specifies every operation; results match it bit for bit. State (torch's names):
+    ``step``, ``exp_avg``, ``exp_avg_sq`` [, ``max_exp_avg_sq``].
+
+    The common parameters (``ema_decay``, ``num_threads``, ``max_grad_norm``,
+    ``skip_nonfinite``) and the behaviour every optimizer shares are documented on
+    :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["adam"]
+    _decoupled_default = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, maximize=False, decoupled_weight_decay=None,
+                 bias_correction=True, eps_mode="paper", num_threads=None,
+                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None):
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      bias_correction=bias_correction, eps_mode=eps_mode,
+                                      eps_root=eps_root, ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
+
+
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter): p <- p*(1 - alpha*lambda)
     before the Adam update. Defaults as torch.optim.AdamW: ``weight_decay=1e-2``."""
@@ -600,13 +733,183 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, maximize=False, decoupled_weight_decay=True,
                  bias_correction=True, eps_mode="paper", num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False):
+                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
                          bias_correction=bias_correction, eps_mode=eps_mode,
                          num_threads=num_threads, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, eps_root=eps_root,
+                         ema_decay=ema_decay)
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with momentum (Polyak 1964) and Nesterov momentum
+    (Sutskever et al. 2013), as torch.optim.SGD; one fused C pass per step.
+
+    With alpha = ``lr``, mu = ``momentum``, tau = ``dampening``, lambda =
+    ``weight_decay``::
+
+        g <- g + lambda * p
+        b <- g (first step), else b <- mu * b + (1 - tau) * g      (momentum_buffer)
+        p <- p - alpha * (g + mu * b)   (nesterov)   or   p <- p - alpha * b
+
+    (momentum == 0: p <- p - alpha * g, and no state.) ``nesterov`` needs momentum > 0
+    and dampening == 0. Exact operation order: fastadam.reference.sgd_step. State:
+    ``momentum_buffer`` (when momentum != 0). Common parameters:
+    :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["sgd"]
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, maximize=False, *, ema_decay=None, num_threads=None,
+                 max_grad_norm=None, skip_nonfinite=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize, ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
+
+
+class Adagrad(Optimizer):
+    r"""AdaGrad (Duchi, Hazan & Singer 2011), as torch.optim.Adagrad.
+
+    With eta_t = ``lr`` / (1 + (t - 1) * ``lr_decay``)::
+
+        g <- g + lambda * p;   s <- s + g * g;   p <- p - eta_t * g / (sqrt(s) + eps)
+
+    ``sum`` starts at ``initial_accumulator_value``. Exact operation order:
+    fastadam.reference.adagrad_step. State: ``step``, ``sum``. Common parameters:
+    :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["adagrad"]
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *,
+                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize, ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop (Tieleman & Hinton 2012; centered: Graves 2013), as torch.optim.RMSprop.
+
+    With rho = ``alpha``::
+
+        v <- rho * v + (1 - rho) * g**2                         (square_avg)
+        a <- rho * a + (1 - rho) * g      (centered: grad_avg)
+        d  = sqrt(v - a**2) + eps  (centered)   or   sqrt(v) + eps
+        b <- mu * b + g / d;  p <- p - lr * b   (momentum > 0)   or   p <- p - lr * g / d
+
+    Exact operation order: fastadam.reference.rmsprop_step. State: ``step``,
+    ``square_avg`` [, ``momentum_buffer``] [, ``grad_avg``]. Common parameters:
+    :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["rmsprop"]
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, maximize=False, *, ema_decay=None, num_threads=None,
+                 max_grad_norm=None, skip_nonfinite=False):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered, maximize=maximize,
+                                      ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
+
+
+class Adamax(Optimizer):
+    r"""AdaMax (Kingma & Ba 2015, Algorithm 2: Adam with the infinity norm), as
+    torch.optim.Adamax::
+
+        m <- beta1 * m + (1 - beta1) * g;   u <- max(beta2 * u, |g| + eps)
+        p <- p - (alpha / (1 - beta1**t)) * m / u
+
+    Exact operation order: fastadam.reference.adamax_step. State: ``step``, ``exp_avg``,
+    ``exp_inf``. Common parameters: :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["adamax"]
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 maximize=False, *, ema_decay=None, num_threads=None, max_grad_norm=None,
+                 skip_nonfinite=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
+
+
+class NAdam(Optimizer):
+    r"""NAdam (Dozat 2016: Adam with Nesterov momentum), as torch.optim.NAdam.
+
+    With mu_t = beta1 * (1 - 0.5 * 0.96**(t * psi)), psi = ``momentum_decay``::
+
+        m <- beta1 * m + (1 - beta1) * g;   v <- beta2 * v + (1 - beta2) * g**2
+        p <- p - lr * (1 - mu_t) / (1 - prod_{i<=t} mu_i) * g / d
+               - lr * mu_{t+1} / (1 - prod_{i<=t+1} mu_i) * m / d,
+        d = sqrt(v / (1 - beta2**t)) + eps
+
+    Exact operation order: fastadam.reference.nadam_step. State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``, ``mu_product`` (a float: the NumPy API keeps it in double). Common
+    parameters: :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["nadam"]
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, *,
+                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize, ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
+
+
+class RAdam(Optimizer):
+    r"""RAdam (Liu et al. 2020: Adam with a rectified variance), as torch.optim.RAdam.
+
+    With rho_inf = 2 / (1 - beta2) - 1 and rho_t = rho_inf - 2t beta2**t / (1 - beta2**t):
+    while rho_t <= 5, p <- p - lr * m / (1 - beta1**t) (SGD with momentum); then the
+    Adam step scaled by the rectification r_t. Exact operation order:
+    fastadam.reference.radam_step. State: ``step``, ``exp_avg``, ``exp_avg_sq``. Common
+    parameters: :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["radam"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, maximize=False, *, ema_decay=None,
+                 num_threads=None, max_grad_norm=None, skip_nonfinite=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize, ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
+
+
+class Lion(Optimizer):
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"); not in
+    torch.optim.
+
+        p <- p * (1 - lr * lambda)                        (decoupled weight decay)
+        p <- p - lr * sign(beta1 * m + (1 - beta1) * g)
+        m <- beta2 * m + (1 - beta2) * g                  (exp_avg)
+
+    sign(0) = 0 as torch.sign; a NaN passes through. Exact operation order:
+    fastadam.reference.lion_step. State: ``exp_avg``. Common parameters:
+    :class:`fastadam.optim.Optimizer`.
+    """
+
+    _rule = RULES["lion"]
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
+                 *, ema_decay=None, num_threads=None, max_grad_norm=None,
+                 skip_nonfinite=False):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize, ema_decay=ema_decay),
+                         num_threads, max_grad_norm, skip_nonfinite)
 
 
 def clip_grad_norm_(grads, max_norm, num_threads=None):

@@ -24,6 +24,7 @@ import torch as _torch
 from torch.optim import Optimizer as _Optimizer
 
 from fastadam import _core, _sync
+from fastadam.functional import ADAM_STATE, RULE_ADAM, adam_plan_options
 from fastadam._options import (changed, check_grad_scale, check_max_norm, check_options,
                                check_threads)
 
@@ -520,8 +521,9 @@ class Adam(_Optimizer):
                 c.slots.append(None)
         ngroups = max(len(self.param_groups), 1)
         for lists in per_dtype.values():
-            plan = _core._Plan(lists[0], lists[1], lists[2], lists[3], lists[4], ngroups,
-                               labels=lists[5], step_mirrors=lists[6])
+            plan = _core._Plan(RULE_ADAM, ADAM_STATE, lists[0],
+                               list(zip(lists[1], lists[2], lists[3])), None, lists[4],
+                               ngroups, labels=lists[5], step_mirrors=lists[6])
             pi = len(c.plans)
             for bi, (pos, cplx) in enumerate(lists[7]):
                 c.slots[pos] = (pi, bi, cplx)
@@ -608,7 +610,7 @@ class Adam(_Optimizer):
         options = [self._options_of(g) for g in self.param_groups]
         for plan in self._cache.plans:
             for gi, o in enumerate(options):
-                plan.set_options(gi, *o)
+                plan.set_options(gi, *adam_plan_options(o))
         self._applied = keys
 
     # --------------------------------------------------------------------- step

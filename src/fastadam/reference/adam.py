@@ -16,8 +16,12 @@ epsilon and weight decay lambda:
 
     eps_mode="paper" (default; torch, optax):
         p <- p - [alpha / (1 - beta1^t)] * (m / (sqrt(v) * [1/sqrt(1 - beta2^t)] + epsilon))
+      with eps_root > 0 (optax's epsilon inside the square root):
+        p <- p - [alpha / (1 - beta1^t)] * (m / (sqrt(v * [1/(1 - beta2^t)] + eps_root) + epsilon))
     eps_mode="hat" (the paper's "efficient version"; TensorFlow/Keras):
         p <- p - [alpha * sqrt(1 - beta2^t) / (1 - beta1^t)] * (m / (sqrt(v) + epsilon_hat))
+      with eps_root > 0:
+        p <- p - [alpha * sqrt(1 - beta2^t) / (1 - beta1^t)] * (m / (sqrt(v + eps_root) + epsilon_hat))
 
 The bracketed scalars are computed once per step in double precision (`step_constants`)
 and rounded once to the element type T (float32 or float64). Every other operation is a
@@ -39,13 +43,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._options import check_options, check_step
+from .._options import check_eps_root, check_options, check_step
 
 __all__ = ["adam_step", "step_constants", "StepConstants"]
 
 
 class StepConstants(NamedTuple):
-    """The per-step scalars, in double precision (same fields as C's fa_step_consts)."""
+    """The per-step scalars, in double precision: grad_mul is the C core's common
+    constant, the other float fields are csrc/rules/adam.h's constants in its order; the
+    flags are its kernel variant."""
 
     grad_mul: float
     l2_weight_decay: float
@@ -56,25 +62,30 @@ class StepConstants(NamedTuple):
     inv_sqrt_bias_correction2: float
     eps: float
     step_size: float
+    inv_bias_correction2: float
+    eps_root: float
     l2: bool
     amsgrad: bool
 
 
 def step_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                    decoupled_weight_decay=False, amsgrad=False, maximize=False,
-                   bias_correction=True, eps_mode="paper", grad_scale=1.0) -> StepConstants:
+                   bias_correction=True, eps_mode="paper", grad_scale=1.0,
+                   eps_root=0.0) -> StepConstants:
     o = check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
                       bias_correction, eps_mode, grad_scale)
+    eps_root = check_eps_root(eps_root)
     t = float(check_step(step))
     bias_correction1 = 1.0 - o.beta1 ** t if o.bias_correction else 1.0
     bias_correction2 = 1.0 - o.beta2 ** t if o.bias_correction else 1.0
     l2 = not o.decoupled_weight_decay and o.weight_decay != 0.0
     decoupled = o.decoupled_weight_decay and o.weight_decay != 0.0
     if o.eps_mode == 1:  # "hat"
-        inv_sqrt_bc2 = 1.0
+        inv_sqrt_bc2 = inv_bc2 = 1.0
         step_size = o.lr * math.sqrt(bias_correction2) / bias_correction1
     else:
         inv_sqrt_bc2 = 1.0 / math.sqrt(bias_correction2)
+        inv_bc2 = 1.0 / bias_correction2
         step_size = o.lr / bias_correction1
     return StepConstants(
         grad_mul=(-1.0 if o.maximize else 1.0) / o.grad_scale,
@@ -86,6 +97,8 @@ def step_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=
         inv_sqrt_bias_correction2=inv_sqrt_bc2,
         eps=o.eps,
         step_size=step_size,
+        inv_bias_correction2=inv_bc2,
+        eps_root=eps_root,
         l2=l2,
         amsgrad=o.amsgrad,
     )
@@ -94,7 +107,7 @@ def step_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
               max_exp_avg_sq=None, maximize=False, bias_correction=True, eps_mode="paper",
-              num_threads=None, grad_scale=1.0, skip_nonfinite=False):
+              num_threads=None, grad_scale=1.0, skip_nonfinite=False, eps_root=0.0):
     """One Adam step in place, in plain NumPy: the specification of fastadam.adam_step.
 
     Same signature and results (bit for bit) as :func:`fastadam.adam_step`;
@@ -104,7 +117,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     c = step_constants(step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
                        maximize=maximize, bias_correction=bias_correction, eps_mode=eps_mode,
-                       grad_scale=grad_scale)
+                       grad_scale=grad_scale, eps_root=eps_root)
     param, exp_avg, exp_avg_sq = np.asarray(param), np.asarray(exp_avg), np.asarray(exp_avg_sq)
     grad = np.asarray(grad)
     T = param.dtype.type
@@ -133,6 +146,9 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
         if c.amsgrad:
             v = np.where(max_exp_avg_sq >= v, max_exp_avg_sq, v)
             max_exp_avg_sq[...] = v
-        denom = np.sqrt(v) * T(c.inv_sqrt_bias_correction2) + T(c.eps)
+        if c.eps_root != 0.0:
+            denom = np.sqrt(v * T(c.inv_bias_correction2) + T(c.eps_root)) + T(c.eps)
+        else:
+            denom = np.sqrt(v) * T(c.inv_sqrt_bias_correction2) + T(c.eps)
         param[...] = p - T(c.step_size) * (m / denom)
     return True

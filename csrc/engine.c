@@ -1,5 +1,6 @@
-/* adam.c -- entry points: per-step constants, one OpenMP region over all blocks,
- * and the call through the kernel table. Built with baseline flags only. */
+/* engine.c -- what every rule shares: one OpenMP region over all blocks, the per-block
+ * constants, prefetching, the gradient statistics pass and the call through the kernel
+ * table. It names no rule's state. Built with baseline flags only. */
 #include "fastadam.h"
 #include "dispatch.h"
 
@@ -8,42 +9,20 @@
 #include <omp.h>
 #endif
 
-void fa_step_consts_init(fa_step_consts *c, const fa_options *o, double t)
-{
-    /* Everything here is double precision and happens once per block run,
-     * never per element. Powers use pow() of t as a double, as Python's
-     * float ** int (and so torch and fastadam.reference) does. */
-    const double bias_correction1 = o->bias_correction ? 1.0 - pow(o->beta1, t) : 1.0;
-    const double bias_correction2 = o->bias_correction ? 1.0 - pow(o->beta2, t) : 1.0;
-    const int decoupled = o->decoupled_weight_decay && o->weight_decay != 0.0;
+typedef struct {
+    const fa_options *options;
+    double step, scalar;
+    fa_consts consts;
+} consts_cache;
 
-    c->grad_mul = (o->maximize ? -1.0 : 1.0) / o->grad_scale;
-    c->l2 = !o->decoupled_weight_decay && o->weight_decay != 0.0;
-    c->l2_weight_decay = c->l2 ? o->weight_decay : 0.0;
-    c->param_decay = decoupled ? 1.0 - o->lr * o->weight_decay : 1.0;
-    c->one_minus_beta1 = 1.0 - o->beta1;
-    c->beta2 = o->beta2;
-    c->one_minus_beta2 = 1.0 - o->beta2;
-    c->eps = o->eps;
-    c->amsgrad = o->amsgrad != 0;
-    if (o->eps_mode == FA_EPS_HAT) {
-        c->inv_sqrt_bias_correction2 = 1.0;
-        c->step_size = o->lr * sqrt(bias_correction2) / bias_correction1;
-    } else {
-        c->inv_sqrt_bias_correction2 = 1.0 / sqrt(bias_correction2);
-        c->step_size = o->lr / bias_correction1;
-    }
-}
-
-typedef struct { const fa_options *options; double step; fa_step_consts consts; } consts_cache;
-
-static const fa_step_consts *consts_for(consts_cache *cache, const fa_block *b)
+static const fa_consts *consts_for(consts_cache *cache, fa_rule rule, const fa_block *b)
 {
     /* Consecutive blocks of one group share options and step: compute once. */
-    if (cache->options != b->options || cache->step != b->step) {
-        fa_step_consts_init(&cache->consts, b->options, b->step);
+    if (cache->options != b->options || cache->step != b->step || cache->scalar != b->scalar) {
+        fa_consts_init(rule, &cache->consts, b->options, b->step, b->scalar);
         cache->options = b->options;
         cache->step = b->step;
+        cache->scalar = b->scalar;
     }
     return &cache->consts;
 }
@@ -59,13 +38,9 @@ static void prefetch_block_start(const fa_block *b, size_t esize)
 {
 #if defined(__GNUC__) || defined(__clang__)
     const size_t bytes = b->n * esize;
-    for (size_t q = 0; q < FA_NEXT_BLOCK_LINES * 64 && q < bytes; q += 64) {
-        __builtin_prefetch((const char *)b->param + q, 1, 3);
-        __builtin_prefetch((const char *)b->grad + q, 0, 3);
-        __builtin_prefetch((const char *)b->exp_avg + q, 1, 3);
-        __builtin_prefetch((const char *)b->exp_avg_sq + q, 1, 3);
-        if (b->max_exp_avg_sq) __builtin_prefetch((const char *)b->max_exp_avg_sq + q, 1, 3);
-    }
+    for (size_t q = 0; q < FA_NEXT_BLOCK_LINES * 64 && q < bytes; q += 64)
+        for (int k = 0; k < FA_MAX_STREAMS; k++)
+            if (b->stream[k]) __builtin_prefetch((const char *)b->stream[k] + q, k != FA_GRAD, 3);
 #else
     (void)b;
     (void)esize;
@@ -73,7 +48,7 @@ static void prefetch_block_start(const fa_block *b, size_t esize)
 }
 
 /* prefetch: 0 none, 1 the next block's first lines, 2 that and within each block. */
-static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
+static void run_range(fa_rule rule, fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
                       size_t nblocks, size_t lo, size_t hi, int prefetch)
 {
     /* Process elements [lo, hi) of the concatenation of all blocks. */
@@ -88,34 +63,37 @@ static void run_range(fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
             const size_t i0 = lo > start ? lo - start : 0;
             const size_t i1 = (hi < end ? hi : end) - start;
             const size_t off = i0 * esize;
-            char *vmax = blk->max_exp_avg_sq ? (char *)blk->max_exp_avg_sq + off : NULL;
-            kernel(consts_for(&cache, blk), (char *)blk->param + off,
-                   (const char *)blk->grad + off, (char *)blk->exp_avg + off,
-                   (char *)blk->exp_avg_sq + off, vmax, i1 - i0, prefetch == 2);
+            char *s[FA_MAX_STREAMS];
+            for (int k = 0; k < FA_MAX_STREAMS; k++)
+                s[k] = blk->stream[k] ? (char *)blk->stream[k] + off : (char *)0;
+            kernel(consts_for(&cache, rule, blk), s, i1 - i0, prefetch == 2);
         }
         start = end;
     }
 }
 
-static int want_prefetch(int prefetch, size_t total, size_t esize)
+static int want_prefetch(int prefetch, size_t state_bytes)
 {
     if (prefetch == FA_PREFETCH_OFF) return 0;
     if (prefetch != FA_PREFETCH_AUTO) return 2;
     size_t lo, hi;
     fa_prefetch_window(&lo, &hi);
-    const size_t state = total * esize * 4; /* the L3 is shared: the whole step counts */
-    return state > lo && state <= hi ? 2 : 1;
+    return state_bytes > lo && state_bytes <= hi ? 2 : 1;
 }
 
-void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-                  int num_threads, size_t chunk, fa_isa isa, int prefetch)
+void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblocks,
+             int num_threads, size_t chunk, fa_isa isa, int prefetch)
 {
     const fa_kernel_table *table = fa_table(isa);
-    const fa_kernel_fn kernel = dtype == FA_FLOAT64 ? table->f64 : table->f32;
+    const fa_kernel_fn kernel = table->rule[rule][dtype == FA_FLOAT64];
     const size_t esize = dtype == FA_FLOAT64 ? sizeof(double) : sizeof(float);
     size_t total = 0;
     for (size_t b = 0; b < nblocks; b++) total += blocks[b].n;
     if (chunk == 0) chunk = FA_DEFAULT_CHUNK;
+    /* The L3 is shared: the whole step's bytes count, every stream of the first block. */
+    size_t nstreams = 0;
+    for (int k = 0; nblocks > 0 && k < FA_MAX_STREAMS; k++) nstreams += blocks[0].stream[k] != 0;
+    const int pf = want_prefetch(prefetch, total * esize * nstreams);
 
 #ifdef _OPENMP
     /* Threads get at least `chunk` elements each (fewer threads when there is less
@@ -127,7 +105,6 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
     if (nt > (size_t)fa_thread_cap()) nt = (size_t)fa_thread_cap();
     if (nt > total / chunk) nt = total / chunk;
     if (nt > 1) {
-        const int pf = want_prefetch(prefetch, total, esize);
 #pragma omp parallel num_threads((int)nt)
         {
             const size_t k = (size_t)omp_get_thread_num();
@@ -135,14 +112,14 @@ void fa_adam_step(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
             const size_t lo = k == 0 ? 0 : (total / team * k + total % team * k / team) & ~(size_t)15;
             const size_t hi = k + 1 == team ? total
                               : (total / team * (k + 1) + total % team * (k + 1) / team) & ~(size_t)15;
-            if (lo < hi) run_range(kernel, esize, blocks, nblocks, lo, hi, pf);
+            if (lo < hi) run_range(rule, kernel, esize, blocks, nblocks, lo, hi, pf);
         }
         return;
     }
 #else
     (void)num_threads;
 #endif
-    run_range(kernel, esize, blocks, nblocks, 0, total, want_prefetch(prefetch, total, esize));
+    run_range(rule, kernel, esize, blocks, nblocks, 0, total, pf);
 }
 
 size_t fa_grad_stats_workspace(size_t total_elements)
@@ -163,7 +140,7 @@ static void stats_range(fa_sumsq_fn sumsq, size_t esize, const fa_block *blocks,
         for (size_t bb = b, s = start; bb < nblocks && s < hi; s += blocks[bb++].n) {
             const size_t e = s + blocks[bb].n;
             const size_t i0 = lo > s ? lo - s : 0, i1 = (hi < e ? hi : e) - s;
-            if (i1 > i0) sumsq((const char *)blocks[bb].grad + i0 * esize, i1 - i0, acc, nonfinite);
+            if (i1 > i0) sumsq((const char *)blocks[bb].stream[FA_GRAD] + i0 * esize, i1 - i0, acc, nonfinite);
         }
         double sum = acc[0];
         for (int j = 1; j < 16; j++) sum = sum + acc[j];
@@ -175,7 +152,7 @@ double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, dou
                      int num_threads, fa_isa isa, int *nonfinite)
 {
     const fa_kernel_table *table = fa_table(isa);
-    const fa_sumsq_fn sumsq = dtype == FA_FLOAT64 ? table->sumsq_f64 : table->sumsq_f32;
+    const fa_sumsq_fn sumsq = table->sumsq[dtype == FA_FLOAT64];
     const size_t esize = dtype == FA_FLOAT64 ? sizeof(double) : sizeof(float);
     size_t total = 0;
     for (size_t b = 0; b < nblocks; b++) total += blocks[b].n;
@@ -206,10 +183,11 @@ double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, dou
     return sum;
 }
 
-void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
-                    float *exp_avg_sq, size_t n, int num_threads)
+void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threads)
 {
     const fa_kernel_table *table = fa_table(FA_ISA_AUTO);
+    if (nstreams < 2) nstreams = 2;
+    if (nstreams > 6) nstreams = 6;
 #ifdef _OPENMP
     int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
     if (nt > fa_thread_cap()) nt = fa_thread_cap();
@@ -220,14 +198,16 @@ void fa_traffic_f32(float *param, const float *grad, float *exp_avg,
             const size_t k = (size_t)omp_get_thread_num();
             const size_t team = (size_t)omp_get_num_threads();
             const size_t lo = n * k / team, hi = n * (k + 1) / team;
-            table->traffic(param + lo, grad + lo, exp_avg + lo, exp_avg_sq + lo, hi - lo);
+            float *s[6];
+            for (int j = 0; j < nstreams; j++) s[j] = streams[j] + lo;
+            table->traffic(s, nstreams, hi - lo);
         }
         return;
     }
 #else
     (void)num_threads;
 #endif
-    table->traffic(param, grad, exp_avg, exp_avg_sq, n);
+    table->traffic(streams, nstreams, n);
 }
 
 int fa_openmp(void)
