@@ -8,6 +8,7 @@ count. Speed is not a goal here.
 from .adagrad import AdagradConstants, adagrad_constants, adagrad_step
 from .adam import StepConstants, adam_step, step_constants
 from .adamax import AdamaxConstants, adamax_constants, adamax_step
+from .ema import ema_update
 from .lion import LionConstants, lion_constants, lion_step
 from .nadam import NAdamConstants, nadam_constants, nadam_step
 from .radam import RAdamConstants, radam_constants, radam_step
@@ -21,4 +22,5 @@ __all__ = ["adam_step", "step_constants", "StepConstants",
            "adamax_step", "adamax_constants", "AdamaxConstants",
            "nadam_step", "nadam_constants", "NAdamConstants",
            "radam_step", "radam_constants", "RAdamConstants",
-           "lion_step", "lion_constants", "LionConstants"]
+           "lion_step", "lion_constants", "LionConstants",
+           "ema_update"]
