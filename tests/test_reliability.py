@@ -224,6 +224,10 @@ def test_interrupts_keep_the_counts_with_the_buffers():
     _isolated("interrupts_keep_counts_consistent")
 
 
+def test_family_interrupts_keep_the_counts_with_the_buffers():
+    _isolated("family_interrupts_keep_counts_consistent")
+
+
 def test_torch_interrupts_keep_the_counts_with_the_buffers():
     _torch()
     _isolated("torch_interrupts_keep_counts_consistent")

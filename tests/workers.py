@@ -307,6 +307,36 @@ def interrupts_keep_counts_consistent():
         assert np.array_equal(a, b), "an interrupted step left the counts behind the buffers"
 
 
+def family_interrupts_keep_counts_consistent():
+    """As interrupts_keep_counts_consistent, for a rule with per-parameter scalar state
+    (NAdam's mu_product) and the temporal average's count, and for SGD, whose first
+    step differs (buf = g): everything an interrupt could leave behind is compared."""
+    rng = np.random.default_rng(1)
+    g = [rng.standard_normal(300).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    for cls, kw in ((fastadam.NAdam, dict(lr=1e-3, ema_decay=0.9)),
+                    (fastadam.SGD, dict(lr=1e-3, momentum=0.9, dampening=0.5, ema_decay=0.5))):
+        def make():
+            return cls([np.zeros(300, np.float32), np.zeros(7, np.float32)], **kw)
+
+        def counts(o):
+            sd = o.state_dict()
+            return sd["step_count"], [
+                (e.get("step"), e.get("mu_product"), e["param_ema_step"])
+                for e in sd["state"].values()]
+
+        opt, interrupts = _interrupt_storm(make, lambda o: o.step(g), counts, steps=1500)
+        clean = make()
+        for _ in range(counts(opt)[0]):
+            clean.step(g)
+        assert interrupts > 50, interrupts
+        assert counts(opt) == counts(clean), (cls, counts(opt), counts(clean))
+        for a, b in zip(opt._params, clean._params):
+            assert np.array_equal(a, b), cls
+        for s, t in zip(opt.state, clean.state):
+            for k in s:
+                assert np.array_equal(s[k], t[k]), (cls, k)
+
+
 def torch_interrupts_keep_counts_consistent():
     import torch
     import fastadam.torch as ft
