@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastadam info`` (build and machine) and ``bench``."""
+"""Command line: ``python -m fastadam info`` (build and machine), ``bench`` and ``compare``."""
 from __future__ import annotations
 
 import argparse
@@ -31,16 +31,25 @@ def bench_main(argv=None):
     return main(argv)
 
 
+def compare_main(argv=None):
+    from .compare import main
+
+    return main(argv)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"info": info, "bench": bench_main}
+    commands = {"info": info, "bench": bench_main, "compare": compare_main}
     if argv and argv[0] in commands:  # the subcommand parses (and documents) the rest
         return commands[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m fastadam", description="fastadam command line",
-        epilog="'python -m fastadam bench --help' lists the benchmark's options")
+        epilog="'python -m fastadam bench --help' lists the benchmark's options, "
+               "'python -m fastadam compare --help' the comparison's")
     parser.add_argument("command", choices=list(commands), help="info: build and machine; "
-                        "bench: benchmark one Adam step against NumPy and torch")
+                        "bench: benchmark one Adam step against NumPy and torch; "
+                        "compare: the Adam paper's Section 6 comparison of optimizers "
+                        "(logistic regression and an MLP on handwritten digits)")
     parser.parse_args(argv)
     return 2
 
