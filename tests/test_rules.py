@@ -425,3 +425,43 @@ def test_required_state_missing_is_refused_before_anything_moves():
     with pytest.raises(ValueError, match="param_ema"):
         plan.step([np.ones(4)])
     assert np.array_equal(p, np.ones(4))
+
+
+SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 1e30, -3e38, 1.0,
+                     -1.0, 5e-324], dtype=np.float64)
+
+
+@pytest.mark.parametrize("rule, kw", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_special_values_follow_the_reference(isa, rule, kw, dtype):
+    """Zeros of both signs, infinities, NaN, subnormals and huge values in the gradient
+    and the parameters: the kernels give the reference's values, signs of zeros included
+    (Lion's sign(0) = 0, AdaMax's select with NaN, ...)."""
+    cls = RULES[rule][0]
+    with np.errstate(over="ignore"):
+        vals = SPECIALS.astype(dtype)
+    n = len(vals)
+    params0 = np.concatenate([np.zeros(n), np.ones(n), vals]).astype(dtype)
+    grads = [np.concatenate([vals, vals, np.zeros(n)]).astype(dtype),
+             np.concatenate([np.zeros(n), vals[::-1], vals]).astype(dtype)]
+    ref = params0.copy()
+    state = _ref_state(rule, kw, ref)
+    scalar = 1.0
+    for t, g in enumerate(grads, 1):
+        scalar = _ref_step(rule, ref, g, state, t, kw, scalar)
+    p = params0.copy()
+    opt = cls([p], **kw)
+    opt._isa = isa
+    for g in grads:
+        opt.step([g])
+    assert np.array_equal(p, ref, equal_nan=True), (rule, kw, p, ref)
+    ok = ~np.isnan(ref)
+    assert np.array_equal(np.signbit(p[ok]), np.signbit(ref[ok])), (rule, kw)
+
+
+def test_lion_sign_of_zero_is_zero():
+    """sign(0) = 0, as torch.sign: a zero gradient on a zero momentum leaves p alone."""
+    p = np.array([1.0, -2.0, 3.0])
+    opt = fastadam.Lion([p], lr=0.1)
+    opt.step([np.array([0.0, -0.0, 1.0])])
+    assert np.array_equal(p, [1.0, -2.0, 2.9])
