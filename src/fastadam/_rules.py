@@ -74,20 +74,28 @@ class Rule:
 
     # ---------------------------------------------------------------- options
     def torch_check(self, g):
-        """torch.optim's checks, in torch's order, with its exception messages."""
+        """torch.optim's checks, in torch's order, with its exception messages (torch
+        checks the betas right after eps: Adam, Adamax, NAdam, RAdam)."""
+        betas = "betas" in g
         for k in self.nonneg:
             if k in g:
                 _torch_nonneg(k, g[k])
-        if "betas" in g:
-            b = g["betas"]
-            try:
-                b0, b1 = b
-            except (TypeError, ValueError):
-                raise TypeError(f"betas must be a pair (beta1, beta2), got {b!r}") from None
-            if not 0.0 <= b0 < 1.0:
-                raise ValueError(f"Invalid beta parameter at index 0: {b0}")
-            if not 0.0 <= b1 < 1.0:
-                raise ValueError(f"Invalid beta parameter at index 1: {b1}")
+            if k == "eps" and betas:
+                self._torch_betas(g["betas"])
+                betas = False
+        if betas:
+            self._torch_betas(g["betas"])
+
+    @staticmethod
+    def _torch_betas(b):
+        try:
+            b0, b1 = b
+        except (TypeError, ValueError):
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {b!r}") from None
+        if not 0.0 <= b0 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {b0}")
+        if not 0.0 <= b1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {b1}")
 
     def check(self, g):
         """The group's options, checked and normalised: a dict of floats and bools."""

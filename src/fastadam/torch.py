@@ -1,21 +1,24 @@
-"""fastadam.torch: ``torch.optim.Adam`` / ``AdamW`` on the fused fastadam C core.
+"""fastadam.torch: drop-ins for ``torch.optim`` on the fused fastadam C core.
 
-Switch by changing one import::
+``Adam``, ``AdamW``, ``SGD``, ``Adagrad``, ``RMSprop``, ``Adamax``, ``NAdam`` and ``RAdam``
+replace the torch.optim classes of the same names, and ``Lion`` (Chen et al. 2023, not in
+torch.optim) comes in the same style. Switch by changing one import::
 
     from fastadam.torch import Adam          # instead of: from torch.optim import Adam
     opt = Adam(model.parameters(), lr=1e-3)  # same signature, defaults, state and checkpoints
 
 Every step is ONE call into C over all parameters (one per dtype when a model mixes
 float32 and float64): the parameters and torch's own state tensors (``exp_avg``,
-``exp_avg_sq``, ``max_exp_avg_sq``) are updated in place through zero-copy NumPy views of
-their memory; nothing is copied to or from NumPy. The arithmetic is
-``torch.optim.Adam(foreach=False)``'s to within about an ulp per step (see
-``fastadam.reference``).
+``momentum_buffer``, ``sum``, ...) are updated in place through zero-copy NumPy views of
+their memory; nothing is copied to or from NumPy. The arithmetic is the rule's
+specification in ``fastadam.reference`` (bit for bit), which agrees with
+``torch.optim.X(foreach=False)`` to within about an ulp per step.
 
 ``import fastadam`` never imports torch; this module does.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 
@@ -24,27 +27,41 @@ import torch as _torch
 from torch.optim import Optimizer as _Optimizer
 
 from fastadam import _core, _sync
-from fastadam.functional import ADAM_STATE, RULE_ADAM, adam_plan_options
-from fastadam._options import (changed, check_grad_scale, check_max_norm, check_options,
+from fastadam._options import (changed, check_ema_decay, check_grad_scale, check_max_norm,
                                check_threads)
+from fastadam._rules import RULES
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion"]
 
 _Tensor = _torch.Tensor
 _STRIDED = _torch.strided
 # parameter dtype -> (the dtype of the plan that updates it, viewed as real?)
 _SUPPORTED = {_torch.float32: ("float32", False), _torch.float64: ("float64", False),
               _torch.complex64: ("float32", True), _torch.complex128: ("float64", True)}
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_COUNT_DTYPES = (_torch.float32, _torch.float64, _torch.int64)  # what a count mirror may be
 
 
 def _scalar(x):
-    """A hyperparameter as a Python number (torch allows 1-element tensors)."""
-    return x.item() if isinstance(x, _Tensor) else x
+    """A hyperparameter as a Python number (torch allows 1-element tensors). Other
+    tensors (several elements, complex, meta) are returned as they are, for the checks
+    to refuse."""
+    if (isinstance(x, _Tensor) and x.numel() == 1 and not x.is_complex()
+            and x.device.type != "meta"):
+        return x.item()
+    return x
+
+
+_PLAIN = frozenset((float, int, bool, str, type(None)))
+
+
+def _key(x):
+    """_scalar, with a fast path for plain Python values (the option keys of a step)."""
+    return x if x.__class__ in _PLAIN else _scalar(x)
 
 
 def _step_dtype():
-    # torch.optim.Adam (not fused, not capturable): float32, float64 if that is the default
+    # torch.optim's _get_scalar_dtype() (not fused, not capturable): the dtype of
+    # state['step'] (and NAdam's mu_product): float32, float64 if that is the default
     return _torch.float64 if _torch.get_default_dtype() == _torch.float64 else _torch.float32
 
 
@@ -72,33 +89,6 @@ def _check_param(p, where):
                          f"place (make it contiguous before building the optimizer)")
 
 
-def _check_torch_hyperparameters(lr, betas, eps, weight_decay):
-    """torch.optim.Adam's own checks, with its exception types and messages, so that code
-    written against torch.optim sees the same errors (fastadam's stricter checks, e.g.
-    finiteness, come after these)."""
-    if isinstance(lr, _Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    for name, x in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)) + tuple(
-            (f"betas[{i}]", b) for i, b in enumerate(betas if isinstance(betas, tuple) else ())):
-        if isinstance(x, _Tensor) and (x.is_complex() or x.device.type == "meta"):
-            raise TypeError(f"{name} must be a real number or a real 1-element tensor, got "
-                            f"{_describe(x)}")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    try:
-        b0, b1 = betas
-    except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-    if not 0.0 <= b0 < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {b0}")
-    if not 0.0 <= b1 < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {b1}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-
-
 def _number(name, x):
     """A number or a 1-element tensor (as torch allows for grad_scale and found_inf) as a
     Python number; anything else is a TypeError naming the argument."""
@@ -121,6 +111,60 @@ def _view(t):
     return t.numpy()
 
 
+def _is_mirror(t, dtypes):
+    """t can be a count or scalar mirror as it is: a 0-dim contiguous dense CPU tensor of
+    one of `dtypes`, outside autograd."""
+    return (isinstance(t, _Tensor) and t.dim() == 0 and t.device.type == "cpu"
+            and t.layout is _STRIDED and t.dtype in dtypes and not t.requires_grad
+            and t.is_contiguous())
+
+
+def _state_number(v, key, where):
+    """The value of a per-parameter number of the state (``step``, ``mu_product``,
+    ``param_ema_step``) as a float: a number or a 1-element real dense CPU tensor."""
+    if isinstance(v, _Tensor):
+        if v.numel() != 1 or v.is_complex() or v.device.type != "cpu" \
+                or v.layout is not _STRIDED:
+            raise ValueError(f"state[{key!r}] of {where} must be a number or a 1-element "
+                             f"real dense CPU tensor, got {_describe(v)}")
+        value = v.item()
+    elif isinstance(v, (numbers.Real, np.generic)) and not isinstance(v, (bool, np.bool_)):
+        value = v
+    else:
+        raise TypeError(f"state[{key!r}] of {where} must be a number or a 1-element tensor, "
+                        f"got {type(v).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"state[{key!r}] of {where} must be a real number, got {v!r}") from None
+
+
+def _step_value(step, where):
+    """The count in state['step'] as a float, if torch could step from it and fastadam
+    will: a number or 1-element tensor, >= 0 (inf included), not NaN."""
+    value = _state_number(step, "step", where)
+    if not value >= 0.0:
+        raise ValueError(f"state['step'] of {where} must be >= 0, got {value}")
+    return value
+
+
+def _unit_value(v, key, where):
+    """A per-parameter scalar of the state in [0, 1] (NAdam's mu_product)."""
+    value = _state_number(v, key, where)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"state[{key!r}] of {where} must be in [0, 1], got {value}")
+    return value
+
+
+def _count_value(v, key, where):
+    """A count of the state (param_ema_step): a whole number, 0 <= count < 2**62 - 1."""
+    value = _state_number(v, key, where)
+    if not (0.0 <= value < 2.0**62 - 1 and value == math.floor(value)):
+        raise ValueError(f"state[{key!r}] of {where} must be a whole number >= 0 and "
+                         f"< 2**62 - 1, got {value}")
+    return int(value)
+
+
 class _Cache:
     """The plans of one optimizer and what they were built from. A step reuses them
     while every parameter, every state dict and every state tensor is still the same
@@ -128,7 +172,7 @@ class _Cache:
     one data_ptr() per tensor (the storages are held, so an address cannot be reused
     by another allocation while the plans point at it)."""
 
-    __slots__ = ("ids", "tensors", "ptrs", "storages", "slots", "plans", "amsgrad", "state",
+    __slots__ = ("ids", "tensors", "ptrs", "storages", "slots", "plans", "needs", "state",
                  "state_ids", "inner_ids", "shapes")
 
     def __init__(self):
@@ -138,19 +182,32 @@ class _Cache:
         self.storages = []   # their storages, held so that their memory stays put
         self.slots = []      # (plan, block, complex), or None for a parameter without state
         self.plans = []      # one _core._Plan per element dtype
-        self.amsgrad = ()    # each group's amsgrad flag when built
+        self.needs = ()      # each group's (state streams its options need, ema?) when built
         self.state = None    # the optimizer's state dict object
         self.state_ids = []  # id() of each per-parameter state dict, in order
         self.inner_ids = []  # id() of every value in them (the state tensors), in order
         self.shapes = []     # every parameter's shape when built
 
 
+class _Lists:
+    """The _Plan arguments of one dtype, gathered parameter by parameter."""
+
+    __slots__ = ("params", "states", "emas", "groups", "labels", "steps", "scalars",
+                 "ema_steps", "counts", "slots", "fresh")
+
+    def __init__(self):
+        for k in self.__slots__:
+            setattr(self, k, [])
+
+
 _MISSING = object()
 
 
 class _SparseGradientError(TypeError, RuntimeError):
-    """torch.optim.Adam raises RuntimeError for a sparse gradient; this is also a
-    TypeError, as every other refused input of fastadam."""
+    """torch.optim raises RuntimeError for a sparse gradient; this is also a TypeError,
+    as every other refused input of fastadam."""
+
+
 _grad_of = operator.attrgetter("grad")
 _shape_of = operator.attrgetter("shape")
 _data_ptr = _Tensor.data_ptr
@@ -165,43 +222,52 @@ def _state_ids(state):
     return list(map(id, values)), inner
 
 
-class Adam(_Optimizer):
-    r"""Adam (Kingma & Ba, 2015) as ``torch.optim.Adam``, on fastadam's fused C core.
+def _unset(value, default):
+    """value is the extra option's default (so it is left out of the param groups)."""
+    if value is default:
+        return True
+    numeric = (int, float)
+    return type(value) in numeric and type(default) in numeric and value == default
 
-    Same constructor, defaults, ``param_groups``, ``state`` and ``state_dict()`` as
-    ``torch.optim.Adam``, so it works with ``torch.optim.lr_scheduler``, hooks,
-    ``torch.amp.GradScaler``, checkpoints written by (or for) torch.optim.Adam and
-    ``torch.distributed.optim.ZeroRedundancyOptimizer``. Parameters must be dense,
-    contiguous CPU tensors of dtype float32 or float64 (complex64/complex128 are updated
-    as pairs of reals, as torch does). Each ``step()`` updates every parameter whose
-    ``.grad`` is not None with one call into C (one per dtype), in place; parameters whose
-    ``.grad`` is None are skipped exactly as torch skips them (their state and step count
-    do not move).
 
-    Args:
-        params: iterable of parameters or of param-group dicts.
-        lr (float or 0-dim Tensor): step size (default 1e-3).
-        betas (tuple): (beta1, beta2), floats or 1-element tensors (default (0.9, 0.999)).
-        eps (float): added to the denominator (default 1e-8).
-        weight_decay (float): L2 penalty added to the gradient, or with
-            ``decoupled_weight_decay=True`` (AdamW) p *= 1 - lr * weight_decay (default 0).
-        amsgrad (bool): use the running maximum of ``exp_avg_sq`` (default False).
-        foreach, fused: accepted for compatibility and have no effect: fastadam always runs
-            its own fused, multithreaded pass.
-        maximize (bool): ascend instead of descend (default False).
-        capturable, differentiable: must be False (CUDA graphs and differentiating through
-            the step are not supported: NotImplementedError).
-        decoupled_weight_decay (bool): AdamW's decay (default False).
-        max_grad_norm (float or None): fastadam extra. Clip the global L2 norm of all
-            gradients of this optimizer to it, as ``torch.nn.utils.clip_grad_norm_`` before
-            the step would, but fused: one read pass computes the norm (in double, the same
-            bits for every thread count), the coefficient is folded into the update and the
-            ``.grad`` tensors are not modified. The norm before clipping is left in
-            ``last_grad_norm``. Under ZeroRedundancyOptimizer each rank sees only its shard,
-            so clip with ``torch.nn.utils.clip_grad_norm_`` there instead.
-        num_threads (int or None): fastadam extra. OpenMP threads per step (None: OpenMP's
-            default, ``OMP_NUM_THREADS``; else 1 to 2**31 - 1). The result is the same bits
-            for every value.
+class Optimizer(_Optimizer):
+    r"""The torch drop-ins' shared engine: a ``torch.optim.Optimizer`` whose step is one
+    fused C call (one per dtype) over every parameter, for the update rule named by
+    ``_rule`` (see fastadam._rules). Subclasses give the constructor torch.optim's
+    signature and declare the group keys; everything below is the same for every rule.
+
+    Same ``param_groups``, ``state`` and ``state_dict()`` as the torch.optim class, so it
+    works with ``torch.optim.lr_scheduler``, hooks, ``torch.amp.GradScaler``, checkpoints
+    written by (or for) torch.optim and ``torch.distributed.optim.ZeroRedundancyOptimizer``.
+    Parameters must be dense, contiguous CPU tensors of dtype float32 or float64
+    (complex64/complex128 are updated as pairs of reals, as torch does). Each ``step()``
+    updates every parameter whose ``.grad`` is not None with one call into C (one per
+    dtype), in place; parameters whose ``.grad`` is None are skipped exactly as torch
+    skips them (their state and step count do not move).
+
+    Common keyword-only parameters (fastadam extras, after torch's own):
+        max_grad_norm (float or None): clip the global L2 norm of all gradients of this
+            optimizer to it, as ``torch.nn.utils.clip_grad_norm_`` before the step would,
+            but fused: one read pass computes the norm (in double, the same bits for every
+            thread count), the coefficient is folded into the update and the ``.grad``
+            tensors are not modified. The norm before clipping is left in
+            ``last_grad_norm``. Under ZeroRedundancyOptimizer each rank sees only its
+            shard, so clip with ``torch.nn.utils.clip_grad_norm_`` there instead.
+        num_threads (int or None): OpenMP threads per step (None: OpenMP's default,
+            ``OMP_NUM_THREADS``; else 1 to 2**31 - 1). The result is the same bits for every
+            value.
+        ema_decay (float in [0, 1) or None): also keep the temporal average of every
+            parameter (Kingma & Ba, Sec. 7.2), ``param_ema <- d*param_ema + (1-d)*param``
+            from 0, in the same pass. A group option (in ``param_groups`` only when set);
+            the state then also holds ``param_ema`` (a tensor like the parameter) and
+            ``param_ema_step`` (a 0-dim int64 tensor, its update count);
+            :meth:`averaged_params` returns the bias-corrected averages. It never changes
+            the optimizer's own trajectory.
+
+    ``foreach`` and ``fused`` are accepted for compatibility and have no effect: fastadam
+    always runs its own fused, multithreaded pass. ``capturable`` and ``differentiable``
+    must be False (CUDA graphs and differentiating through the step are not supported:
+    NotImplementedError).
 
     The hyperparameters torch checks are refused with torch's exception types and
     messages (``ValueError: Invalid learning rate: -1.0``, ...); fastadam also refuses
@@ -210,68 +276,163 @@ class Adam(_Optimizer):
 
     ``step(closure=None, grad_scale=None, found_inf=None)``: ``grad_scale`` (a number or
     1-element tensor) divides every gradient inside the kernel; if ``found_inf`` is nonzero
-    the step changes nothing (parameters, moments and step counts). ``torch.amp.GradScaler``
+    the step changes nothing (parameters, state and step counts). ``torch.amp.GradScaler``
     passes both through its fused-optimizer protocol (``_step_supports_amp_scaling``), so
     ``scaler.step(opt)`` needs no separate unscale pass. A step checks every parameter,
     gradient and state tensor of every dtype before it moves any; a step that is refused
     creates no state. Parameters or state tensors replaced between steps (``p.data = ...``,
     ``state[p]['exp_avg'].set_(...)``, a new tensor in ``param_groups``) are picked up or
-    refused with a clear error, never written through a stale pointer.
+    refused with a clear error, never written through a stale pointer. State the options
+    need and a parameter's state lacks (``max_exp_avg_sq`` when amsgrad is switched on, an
+    RMSprop ``momentum_buffer`` when momentum is, ``param_ema``) is made when needed, at
+    the rule's initial value.
 
-    ``state[p]['step']`` is a 0-dim float32 tensor as in torch and is the step count
-    fastadam uses: read before and written after each step inside the C call (so an
-    exception around a step never leaves it behind the buffers). Any count torch accepts
-    works -- fractional, beyond 2**53, inf; like torch's, a float32 count stops growing at
-    2**24 -- except a negative or NaN one, which is refused (torch would divide by zero or
-    step in the wrong direction).
+    ``state[p]['step']`` (where torch keeps one) is a 0-dim float32 tensor as in torch and
+    is the step count fastadam uses: read before and written after each step inside the C
+    call (so an exception around a step never leaves it behind the buffers). Any count
+    torch accepts works -- fractional, beyond 2**53, inf; like torch's, a float32 count
+    stops growing at 2**24 -- except a negative or NaN one, which is refused.
 
     Threads and fork: as :class:`fastadam.Adam` (one lock per optimizer; the C passes of
     the process run one at a time; after ``os.fork()`` the child steps on one thread).
     """
 
     _step_supports_amp_scaling = True
-    _decoupled = False
+    _rule = None          # a fastadam._rules.Rule
+    _extras = {"ema_decay": None}  # fastadam's group options: in a group only when set
+    _fixed = {}           # rule options this class does not expose, at their values
+    _setdefaults = {}     # the keys torch's __setstate__ fills in, with its values
+    _forced = {}          # group options __setstate__ forces (AdamW's decoupled decay)
+    _eager = False        # state made by the constructor (torch's Adagrad)
+    _sparse = None        # the message for a sparse gradient (torch's where it has one)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False,
-                 max_grad_norm=None, num_threads=None):
+    def __init__(self, params, defaults, max_grad_norm=None, num_threads=None):
         name = type(self).__name__
         self._lock = _sync.new_lock(self)
-        if capturable:
+        if defaults.get("capturable"):
             raise NotImplementedError(
                 f"fastadam.torch.{name} does not support capturable=True (CUDA graph "
                 f"capture); it updates CPU tensors. Use torch.optim.{name} for that.")
-        if differentiable:
+        if defaults.get("differentiable"):
             raise NotImplementedError(
                 f"fastadam.torch.{name} does not support differentiable=True: the step runs "
                 f"in C, outside autograd. Use torch.optim.{name} to differentiate through it.")
-        try:
-            beta_pair = tuple(betas)
-            assert len(beta_pair) == 2
-        except Exception:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-        _check_torch_hyperparameters(lr, beta_pair, eps, weight_decay)
-        for i, b in enumerate(beta_pair):
-            if isinstance(b, _Tensor) and b.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        if isinstance(beta_pair[0], _Tensor) != isinstance(beta_pair[1], _Tensor):
-            raise ValueError("betas must be either both floats or both Tensors")
-        betas = tuple(b.squeeze() if isinstance(b, _Tensor) and b.dim() else b
-                      for b in beta_pair)
-        check_options(_scalar(lr), tuple(_scalar(b) for b in betas), eps, weight_decay,
-                      decoupled_weight_decay, amsgrad, maximize, True, "paper")
+        for k, d in self._extras.items():
+            if k in defaults and _unset(defaults[k], d):
+                del defaults[k]
+        defaults = self._check_defaults(defaults)
         self.max_grad_norm = check_max_norm(max_grad_norm)
         check_threads(num_threads)
         self.num_threads = num_threads
         self.last_grad_norm = None
         self._cache = None
         self._applied = None
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-                        capturable=capturable, differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
+        self._fresh = {}
         super().__init__(params, defaults)
+        if self._eager:
+            self._make_eager_state()
+
+    # ------------------------------------------------------------------ options
+    @classmethod
+    def _torch_keys(cls):
+        """The rule's options that torch's param groups hold."""
+        keys = cls.__dict__.get("_torch_keys_")
+        if keys is None:
+            keys = tuple(k for k in cls._rule.defaults
+                         if k not in cls._extras and k not in cls._fixed)
+            setattr(cls, "_torch_keys_", keys)
+        return keys
+
+    def _gather(self, group):
+        """The rule's options of a group (KeyError for a torch key it lacks)."""
+        g = {k: group[k] for k in self._torch_keys()}
+        for k, d in self._extras.items():
+            g[k] = group.get(k, d)
+        g.update(self._fixed)
+        return g
+
+    def _torch_checks(self, g):
+        """torch.optim's checks of the gathered options, with its exception types and
+        messages, so that code written against torch.optim sees the same errors
+        (fastadam's stricter checks, e.g. finiteness, come after these)."""
+        lr = g["lr"]
+        if isinstance(lr, _Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if "betas" in g:
+            b = g["betas"]
+            try:
+                b1, b2 = b
+            except (TypeError, ValueError):
+                raise TypeError(f"betas must be a pair (beta1, beta2), got {b!r}") from None
+            g["betas"] = (b1, b2)
+        flags = self._rule.flags
+        numbers_ = []
+        for name, x in g.items():
+            if name == "betas":
+                numbers_ += [(f"betas[{i}]", b) for i, b in enumerate(x)]
+            elif name not in flags and name != "eps_mode":
+                numbers_.append((name, x))
+        for label, v in numbers_:
+            if isinstance(v, _Tensor) and (v.is_complex() or v.device.type == "meta"):
+                raise TypeError(f"{label} must be a real number or a real 1-element "
+                                f"tensor, got {_describe(v)}")
+        self._rule.torch_check(g)
+
+    def _fastadam_checks(self, g):
+        """fastadam's checks of options torch accepted: (the rule's normalised options,
+        ema_decay)."""
+        rule = self._rule
+        plain = {}
+        for k, v in g.items():
+            if k == "betas":
+                plain[k] = tuple(map(_scalar, v))
+            elif k in rule.flags or k == "eps_mode":
+                plain[k] = v
+            else:
+                plain[k] = _scalar(v)
+        return rule.check(plain), check_ema_decay(plain["ema_decay"])
+
+    def _options_of(self, group):
+        """The group's options, checked (torch's messages first): (the rule's normalised
+        options, ema_decay)."""
+        g = self._gather(group)
+        self._torch_checks(g)
+        return self._fastadam_checks(g)
+
+    def _check_defaults(self, defaults):
+        """The constructor's checks of its options; returns the defaults to install."""
+        self._options_of(defaults)
+        return defaults
+
+    @classmethod
+    def _key_spec(cls):
+        spec = cls.__dict__.get("_key_spec_")
+        if spec is None:
+            keys = cls._torch_keys()
+            spec = (operator.itemgetter(*keys), keys.index("betas") if "betas" in keys else -1,
+                    tuple(cls._extras.items()))
+            setattr(cls, "_key_spec_", spec)
+        return spec
+
+    def _keys(self, groups):
+        """Each group's options as plain values (tensors read), to notice a change
+        cheaply."""
+        get, betas, extras = self._key_spec()
+        out = []
+        try:
+            for g in groups:
+                values = list(map(_key, get(g)))
+                if betas >= 0:  # its tensors read too (an in-place change is a change)
+                    values[betas] = tuple(map(_key, g["betas"]))
+                values += [_key(g.get(k, d)) for k, d in extras]
+                out.append(tuple(values))
+        except KeyError as e:
+            raise ValueError(f"a param group lacks the option {e.args[0]!r}") from None
+        return out
+
+    def _needs_of(self, options):
+        rule = self._rule
+        return tuple((tuple(rule.needs(o)), ema is not None) for o, ema in options)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):
@@ -302,6 +463,14 @@ class Adam(_Optimizer):
                 raise
             self._cache = None
 
+    def _make_eager_state(self):
+        """The state torch's constructor makes (Adagrad: ``step`` 0 and ``sum`` at
+        initial_accumulator_value for every parameter)."""
+        for group in self.param_groups:
+            o = self._options_of(group)[0]
+            for p in group["params"]:
+                self.state[p] = self._new_state(p, o, None)
+
     def __getstate__(self):
         state = super().__getstate__()
         state["_fastadam"] = {"max_grad_norm": self.max_grad_norm,
@@ -323,26 +492,42 @@ class Adam(_Optimizer):
             for name, default in (("max_grad_norm", None), ("num_threads", None),
                                   ("last_grad_norm", None)):
                 self.__dict__.setdefault(name, default)
+            rule = self._rule
             for group in self.param_groups:
-                group.setdefault("amsgrad", False)
-                group.setdefault("maximize", False)
-                group.setdefault("foreach", None)
-                group.setdefault("capturable", False)
-                group.setdefault("differentiable", False)
-                group.setdefault("fused", None)
-                group.setdefault("decoupled_weight_decay", self._decoupled)
-                if self._decoupled:
-                    group["decoupled_weight_decay"] = True
+                self._complete(group)
                 for p in group["params"]:
                     s = self.state.get(p)
-                    if s and "step" in s and not isinstance(s["step"], _Tensor):
-                        s["step"] = _torch.tensor(float(s["step"]), dtype=_step_dtype())
+                    if not s or not isinstance(s, dict):
+                        continue
+                    # as torch's __setstate__: numbers become its 0-dim tensors
+                    for k in ("step",) + ((rule.scalar[0],) if rule.scalar else ()):
+                        if k in s and not isinstance(s[k], _Tensor):
+                            s[k] = _torch.tensor(float(s[k]), dtype=_step_dtype())
+                    # param_ema_step as an exact count (torch's load casts it to the
+                    # parameter's dtype)
+                    v = s.get("param_ema_step")
+                    if v is not None and not (isinstance(v, _Tensor)
+                                              and v.dtype == _torch.int64):
+                        s["param_ema_step"] = _torch.tensor(
+                            _count_value(v, "param_ema_step", "a parameter"),
+                            dtype=_torch.int64)
             self._cache = None   # state or groups were replaced: rebuild the plans
             self._applied = None
+            self._fresh = {}
+
+    def _complete(self, group):
+        """Fill in the keys torch's __setstate__ fills in, and the extras the constructor
+        set (a checkpoint of torch.optim has no ema_decay: the constructor's applies)."""
+        for k, v in self._setdefaults.items():
+            group.setdefault(k, v)
+        for k in self._extras:
+            if k in self.defaults:
+                group.setdefault(k, self.defaults[k])
+        group.update(self._forced)
 
     def load_state_dict(self, state_dict):
         """As torch's, but everything is checked before anything is replaced: the layout,
-        every group's options, and every parameter's state (only Adam's keys, the
+        every group's options, and every parameter's state (only the rule's keys, the
         parameter's shape, a step count >= 0); an error names the parameter by group and
         index, and leaves this optimizer unchanged."""
         if not isinstance(state_dict, dict):
@@ -373,39 +558,71 @@ class Adam(_Optimizer):
         with self._lock:
             super().load_state_dict(state_dict)
 
+    @classmethod
+    def _required(cls):
+        """The state keys every non-empty state of this rule has (torch makes them
+        together); the others are made when the options need them."""
+        keys = cls.__dict__.get("_required_")
+        if keys is None:
+            rule = cls._rule
+            core = rule.needs(rule.check(dict(rule.defaults)))
+            keys = (("step",) if rule.step else ()) + (
+                (rule.scalar[0],) if rule.scalar else ()) + tuple(core)
+            setattr(cls, "_required_", keys)
+        return keys
+
+    @classmethod
+    def _known(cls):
+        """Every key a state of this rule may hold."""
+        rule = cls._rule
+        return ((("step",) if rule.step else ()) + ((rule.scalar[0],) if rule.scalar else ())
+                + tuple(rule.state) + ("param_ema", "param_ema_step"))
+
     def _check_loaded(self, state, groups):
         """Raise unless (state, groups), as torch's load_state_dict is about to install
         them, can be stepped."""
+        rule = self._rule
         if not isinstance(state, dict):
             raise TypeError("state_dict['state'] must be a dict")
+        optional = set(self._setdefaults) | set(self._extras) | set(self._forced)
         params = {}
         for gi, g in enumerate(groups):
-            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in g]
+            missing = [k for k in self._torch_keys() if k not in g and k not in optional]
             if missing:
                 raise ValueError(f"state_dict['param_groups'][{gi}] lacks {missing}")
+            g = dict(g)
+            self._complete(g)
             self._options_of(g)
             for i, p in enumerate(g["params"]):
-                params[id(p)] = (p, f"param group {gi}, parameter {i}", bool(g.get("amsgrad")))
+                params[id(p)] = (p, f"param group {gi}, parameter {i}")
+        known, required = self._known(), self._required()
+        streams = tuple(rule.state) + ("param_ema",)
         for p, s in state.items():
             if id(p) not in params:
                 raise ValueError("state_dict['state'] has an entry for an unknown parameter")
-            p, where, amsgrad = params[id(p)]
+            p, where = params[id(p)]
             if not isinstance(s, dict):
                 raise TypeError(f"the state of {where} must be a dict, got {type(s).__name__}")
-            unknown = [k for k in s if k not in ("step",) + _STATE_KEYS]
+            unknown = [k for k in s if k not in known]
             if unknown:
                 raise ValueError(f"the state of {where} has unknown keys "
-                                 f"{sorted(map(repr, unknown))} (not an Adam state?)")
+                                 f"{sorted(map(repr, unknown))} (not a state of "
+                                 f"{rule.title}?)")
             if not s:
                 continue
-            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in s]
+            missing = [k for k in required if k not in s]
             if missing:
                 raise ValueError(f"the state of {where} lacks {missing}")
-            _step_value(s["step"], where)
-            for k in _STATE_KEYS:
+            if rule.step:
+                _step_value(s["step"], where)
+            if rule.scalar:
+                _unit_value(s[rule.scalar[0]], rule.scalar[0], where)
+            if s.get("param_ema_step") is not None:
+                _count_value(s["param_ema_step"], "param_ema_step", where)
+            for k in streams:
                 t = s.get(k)
-                if t is None and k == "max_exp_avg_sq":
-                    continue  # made (zeros) when amsgrad needs it
+                if t is None and k not in required:
+                    continue  # made when the options need it
                 if not isinstance(t, _Tensor):
                     raise TypeError(f"state[{k!r}] of {where} must be a tensor, got "
                                     f"{type(t).__name__}")
@@ -414,55 +631,64 @@ class Adam(_Optimizer):
                                      f"({t.layout}); it must be a dense CPU tensor of the "
                                      f"parameter's shape {tuple(p.shape)}")
 
-    # -------------------------------------------------------------------- plans
-    @staticmethod
-    def _options_of(group):
-        """The group's hyperparameters, checked (torch's messages first), as
-        _Plan.set_options takes them."""
-        b = group["betas"]
-        try:
-            b1, b2 = b
-        except (TypeError, ValueError):
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {b!r}") from None
-        _check_torch_hyperparameters(group["lr"], (b1, b2), group["eps"],
-                                     group["weight_decay"])
-        return check_options(_scalar(group["lr"]), (_scalar(b1), _scalar(b2)),
-                             _scalar(group["eps"]), _scalar(group["weight_decay"]),
-                             group["decoupled_weight_decay"], group["amsgrad"],
-                             group["maximize"], True, "paper")
+    # -------------------------------------------------------------------- state
+    def _initial(self, key, o):
+        """The value a new state stream starts at, for a group with options o."""
+        return self._rule.initial(key, o) if key != "param_ema" else 0.0
 
-    @staticmethod
-    def _new_state(p, amsgrad):
-        s = {"step": _torch.tensor(0.0, dtype=_step_dtype()),
-             "exp_avg": _torch.zeros_like(p, memory_format=_torch.preserve_format),
-             "exp_avg_sq": _torch.zeros_like(p, memory_format=_torch.preserve_format)}
-        if amsgrad:
-            s["max_exp_avg_sq"] = _torch.zeros_like(p, memory_format=_torch.preserve_format)
+    def _make(self, p, key, o):
+        """A new state stream of p at the rule's initial value (torch's zeros_like /
+        full_like)."""
+        init = self._initial(key, o)
+        if init == 0.0:
+            return _torch.zeros_like(p, memory_format=_torch.preserve_format)
+        return _torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                memory_format=_torch.preserve_format)
+
+    def _new_state(self, p, o, ema):
+        """A parameter's first state, in torch's key order."""
+        rule = self._rule
+        s = {}
+        if rule.step:
+            s["step"] = _torch.tensor(0.0, dtype=_step_dtype())
+        if rule.scalar:
+            s[rule.scalar[0]] = _torch.tensor(rule.scalar[1], dtype=_step_dtype())
+        for k in rule.needs(o):
+            s[k] = self._make(p, k, o)
+        if ema is not None:
+            s["param_ema"] = self._make(p, "param_ema", o)
+            s["param_ema_step"] = _torch.tensor(0, dtype=_torch.int64)
         return s
 
-    @staticmethod
-    def _state_updates(p, s, amsgrad, where):
+    def _state_updates(self, p, s, o, needs, where):
         """What s needs to be usable by the plan (a dict of replacements, applied only once
-        the whole step has been checked): max_exp_avg_sq when amsgrad was switched on, a
-        0-dim float step tensor, contiguous state tensors. Raises if s cannot be used."""
-        missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in s]
+        the whole step has been checked): streams the options need and s lacks (amsgrad
+        switched on, say), 0-dim tensors for the step and scalar mirrors, contiguous
+        state tensors. Raises if s cannot be used."""
+        rule = self._rule
+        required = self._required()
+        missing = [k for k in required if k not in s]
         if missing:
             raise ValueError(f"state of {where} lacks {missing}")
         updates = {}
-        if amsgrad and s.get("max_exp_avg_sq") is None:
-            # amsgrad switched on after the state was made: start the maximum at zero
-            updates["max_exp_avg_sq"] = _torch.zeros_like(
-                p, memory_format=_torch.preserve_format)
-        step = s["step"]
-        value = _step_value(step, where)
-        if not (isinstance(step, _Tensor) and step.dim() == 0 and step.device.type == "cpu"
-                and step.dtype in (_torch.float32, _torch.float64) and not step.requires_grad
-                and step.is_contiguous()):
-            # a Python number, an integer or 1-element tensor: torch's own float tensor
-            updates["step"] = _torch.tensor(value, dtype=_step_dtype())
-        for k in _STATE_KEYS:
+        if rule.step:
+            step = s["step"]
+            value = _step_value(step, where)
+            if not _is_mirror(step, (_torch.float32, _torch.float64)):
+                # a Python number, an integer or 1-element tensor: torch's own float tensor
+                updates["step"] = _torch.tensor(value, dtype=_step_dtype())
+        if rule.scalar:
+            k = rule.scalar[0]
+            value = _unit_value(s[k], k, where)
+            if not _is_mirror(s[k], (_torch.float32, _torch.float64)):
+                updates[k] = _torch.tensor(value, dtype=_step_dtype())
+        for k in tuple(rule.state) + ("param_ema",):
             t = s.get(k)
-            if t is None and k == "max_exp_avg_sq":
+            if t is None and k not in required:
+                if k in needs:  # switched on after the state was made: start it
+                    updates[k] = self._make(p, k, o)
+                    if k == "param_ema":
+                        updates["param_ema_step"] = _torch.tensor(0, dtype=_torch.int64)
                 continue
             if not isinstance(t, _Tensor):
                 raise TypeError(f"state[{k!r}] of {where} must be a tensor, got "
@@ -471,23 +697,44 @@ class Adam(_Optimizer):
                     or t.layout is not _STRIDED):
                 raise ValueError(f"state[{k!r}] of {where} is {_describe(t)}; it must match "
                                  f"the parameter, {_describe(p)}")
-            if t.layout is not _STRIDED or not t.is_contiguous():
+            if not t.is_contiguous():
                 updates[k] = t.contiguous()  # a (rare) copy, kept as the state from now on
+        if s.get("param_ema") is not None:
+            v = s.get("param_ema_step")
+            if v is None:
+                updates["param_ema_step"] = _torch.tensor(0, dtype=_torch.int64)
+            else:
+                value = _count_value(v, "param_ema_step", where)
+                if not _is_mirror(v, _COUNT_DTYPES):
+                    updates["param_ema_step"] = _torch.tensor(value, dtype=_torch.int64)
         return updates
 
-    def _rebuild(self, init):
+    def _rebuild(self, init, options=None):
         """(Re)build the plans from the parameters and their state tensors. All or
         nothing: the state is changed (created, completed) only once every parameter and
         plan has been checked.
 
         init: also create the state of parameters that have a grad and no state yet
-        (torch's lazy initialisation at their first step)."""
+        (torch's lazy initialisation at their first step). options: every group's
+        checked options, if the caller has them."""
+        rule = self._rule
+        if options is None:
+            options = [self._options_of(g) for g in self.param_groups]
+        # SGD's and Lion's buffers fastadam made that no step has written yet: SGD's first
+        # step copies g into its buffer (torch's buf = g), selected by a count of 0
+        fresh = {}
+        for key, (t, plan, bi) in self._fresh.items():
+            if plan is None or plan.get_steps()[bi] == 0:
+                fresh[key] = t
+        known = self._known()
         c = _Cache()
-        per_dtype = {}  # plan dtype -> (params, m, v, vmax, groups, labels, steps, slots)
+        per_dtype = {}  # plan dtype -> _Lists
         pending = []    # (p, new state dict or None, updates)
         state_tensors = []
         for gi, group in enumerate(self.param_groups):
-            amsgrad = bool(group["amsgrad"])
+            o, ema = options[gi]
+            needs = tuple(rule.needs(o)) + (("param_ema",) if ema is not None else ())
+            stateless = not needs and not rule.step and not rule.scalar
             for i, p in enumerate(group["params"]):
                 where = f"param group {gi}, parameter {i}"
                 _check_param(p, where)
@@ -495,37 +742,65 @@ class Adam(_Optimizer):
                 c.tensors.append(p)
                 c.shapes.append(p.shape)
                 s = self.state.get(p)
+                if s is not None and not isinstance(s, dict):
+                    raise TypeError(f"the state of {where} must be a dict, got "
+                                    f"{type(s).__name__}")
+                made = ()
                 if not s:
-                    if not init or p.grad is None:
+                    if stateless:
+                        s = {}  # SGD without momentum: no state, as torch
+                    elif not init or p.grad is None:
                         c.slots.append(None)
                         continue
-                    s = self._new_state(p, amsgrad)
-                    pending.append((p, s, None))
+                    else:
+                        s = self._new_state(p, o, ema)
+                        pending.append((p, s, None))
+                        made = tuple(s)
                 else:
-                    updates = self._state_updates(p, s, amsgrad, where)
+                    updates = self._state_updates(p, s, o, needs, where)
                     if updates:
                         pending.append((p, None, updates))
+                        made = tuple(k for k in updates if s.get(k) is None)
                         s = dict(s, **updates)
                 key, cplx = _SUPPORTED[p.dtype]
-                lists = per_dtype.setdefault(key, ([], [], [], [], [], [], [], []))
-                lists[0].append(_view(p))
-                lists[1].append(_view(s["exp_avg"]))
-                lists[2].append(_view(s["exp_avg_sq"]))
-                vmax = s.get("max_exp_avg_sq")
-                lists[3].append(None if vmax is None else _view(vmax))
-                lists[4].append(gi)
-                lists[5].append(where)
-                lists[6].append(s["step"].numpy())
-                lists[7].append((len(c.slots), cplx))
-                state_tensors += [s[k] for k in ("step",) + _STATE_KEYS if s.get(k) is not None]
+                lists = per_dtype.get(key)
+                if lists is None:
+                    lists = per_dtype[key] = _Lists()
+                lists.params.append(_view(p))
+                lists.states.append(tuple(None if s.get(k) is None else _view(s[k])
+                                          for k in rule.state))
+                ema_t = s.get("param_ema")
+                lists.emas.append(None if ema_t is None else _view(ema_t))
+                lists.ema_steps.append(None if ema_t is None else s["param_ema_step"].numpy())
+                lists.groups.append(gi)
+                lists.labels.append(where)
+                if rule.step:
+                    lists.steps.append(s["step"].numpy())
+                if rule.scalar:
+                    lists.scalars.append(s[rule.scalar[0]].numpy())
+                if not rule.step:
+                    new = [s[k] for k in needs if k != "param_ema" and s.get(k) is not None
+                           and (k in made or fresh.get(id(s[k])) is s[k])]
+                    lists.counts.append(0 if new else 1)
+                    lists.fresh.append(new)
+                lists.slots.append((len(c.slots), cplx))
+                state_tensors += [s[k] for k in known if isinstance(s.get(k), _Tensor)]
                 c.slots.append(None)
         ngroups = max(len(self.param_groups), 1)
+        new_fresh = {}
         for lists in per_dtype.values():
-            plan = _core._Plan(RULE_ADAM, ADAM_STATE, lists[0],
-                               list(zip(lists[1], lists[2], lists[3])), None, lists[4],
-                               ngroups, labels=lists[5], step_mirrors=lists[6])
+            plan = _core._Plan(rule.index, tuple(rule.state), lists.params, lists.states,
+                               lists.emas, lists.groups, ngroups, labels=lists.labels,
+                               step_mirrors=lists.steps if rule.step else None,
+                               scalar_mirrors=lists.scalars if rule.scalar else None,
+                               ema_mirrors=lists.ema_steps)
+            if not rule.step:
+                for bi, (count, new) in enumerate(zip(lists.counts, lists.fresh)):
+                    plan.set_step(bi, count)
+                    for t in new:
+                        new_fresh[id(t)] = (t, plan, bi)
             pi = len(c.plans)
-            for bi, (pos, cplx) in enumerate(lists[7]):
+            for bi, (pos, cplx) in enumerate(lists.slots):
                 c.slots[pos] = (pi, bi, cplx)
             c.plans.append(plan)
         # Everything is checked: install the new and completed state (undone by _undo
@@ -534,16 +809,15 @@ class Adam(_Optimizer):
         for p, new, updates in pending:
             if new is not None:
                 self.state[p] = new
-                undo.append((p, None, new["step"]))
+                undo.append((p, None))
             else:
-                undo.append((p, {k: self.state[p].get(k, _MISSING) for k in updates},
-                             updates.get("step", self.state[p]["step"])))
+                undo.append((p, {k: self.state[p].get(k, _MISSING) for k in updates}))
                 self.state[p].update(updates)
-        undo = [(p, old, step, float(step)) for p, old, step in undo]
+        self._fresh = new_fresh
         c.tensors += state_tensors
         c.ptrs = list(map(_data_ptr, c.tensors))
         c.storages = [t.untyped_storage() for t in c.tensors]
-        c.amsgrad = tuple(bool(g["amsgrad"]) for g in self.param_groups)
+        c.needs = self._needs_of(options)
         c.state = self.state
         c.state_ids, c.inner_ids = _state_ids(self.state)
         self._cache = c
@@ -551,12 +825,8 @@ class Adam(_Optimizer):
         return undo
 
     def _undo(self, undo):
-        """Take back the state a rebuild installed (a refused step creates none) -- unless
-        the C pass ran (an exception raised just after it, a KeyboardInterrupt say): then
-        the state is what the buffers were updated with, and stays."""
-        if any(float(step) != before for _, _, step, before in undo):
-            return
-        for p, old, _, _ in reversed(undo):
+        """Take back the state a rebuild installed (a refused step creates none)."""
+        for p, old in reversed(undo):
             if old is None:
                 self.state.pop(p, None)
             else:
@@ -586,8 +856,10 @@ class Adam(_Optimizer):
             if slot is None:
                 return None  # first gradient of this parameter: create its state
             if g.layout is not _STRIDED:
-                raise _SparseGradientError("Adam does not support sparse gradients, please "
-                                           "consider SparseAdam instead")
+                name = type(self).__name__
+                raise _SparseGradientError(self._sparse or (
+                    f"fastadam.torch.{name} does not support sparse gradients "
+                    f"(torch.optim.{name} does: use it for sparse gradients)"))
             if g.is_conj():
                 g = g.resolve_conj()  # read only: a copy of a lazily conjugated view
             if g.is_neg():
@@ -607,22 +879,24 @@ class Adam(_Optimizer):
         return grads, active
 
     def _apply(self, keys):
+        rule = self._rule
         options = [self._options_of(g) for g in self.param_groups]
         for plan in self._cache.plans:
-            for gi, o in enumerate(options):
-                plan.set_options(gi, *adam_plan_options(o))
+            for gi, (o, ema) in enumerate(options):
+                plan.set_options(gi, o["lr"], o["weight_decay"], o["maximize"], ema,
+                                 rule.c_hyper(o))
         self._applied = keys
 
     # --------------------------------------------------------------------- step
     def step(self, closure=None, grad_scale=None, found_inf=None):
-        """One Adam step for every parameter whose ``.grad`` is not None.
+        """One step for every parameter whose ``.grad`` is not None.
 
         closure: re-evaluates the model and returns the loss (run with grad enabled).
         grad_scale: a number or 1-element tensor every gradient is divided by, inside the
             kernel (loss scaling); default: the ``grad_scale`` attribute that
             ``torch.amp.GradScaler.step`` sets, else 1.
         found_inf: a number or 1-element tensor; if nonzero nothing changes (parameters,
-            moments, step counts); default: the ``found_inf`` attribute GradScaler sets.
+            state, step counts); default: the ``found_inf`` attribute GradScaler sets.
         Returns the closure's loss (or None).
         """
         loss = None
@@ -646,25 +920,21 @@ class Adam(_Optimizer):
         threads = check_threads(self.num_threads)
         max_norm = check_max_norm(self.max_grad_norm) or 0.0
 
-        groups = self.param_groups
-        try:
-            keys = [(_scalar(g["lr"]), tuple(map(_scalar, g["betas"])), _scalar(g["eps"]),
-                     _scalar(g["weight_decay"]), g["amsgrad"], g["maximize"],
-                     g["decoupled_weight_decay"]) for g in groups]
-        except KeyError as e:
-            raise ValueError(f"a param group lacks the option {e.args[0]!r}") from None
+        keys = self._keys(self.param_groups)
+        options = None
         if changed(keys, self._applied):
-            for g in groups:  # before any state is made
-                self._options_of(g)
+            # before any state is made
+            options = [self._options_of(g) for g in self.param_groups]
         undo = []
+        marks = None  # the plans' step counts before the C pass: did it run?
         try:
             c = self._cache
-            if c is None or c.amsgrad != tuple(bool(k[4]) for k in keys):
-                undo += self._rebuild(init=True)
+            if c is None or (options is not None and c.needs != self._needs_of(options)):
+                undo += self._rebuild(init=True, options=options)
             for attempt in range(2):
                 collected = self._collect()
                 if collected is None:
-                    undo += self._rebuild(init=True)
+                    undo += self._rebuild(init=True, options=options)
                     collected = self._collect()
                     if collected is None:  # pragma: no cover - the rebuild covers every trigger
                         raise RuntimeError("fastadam.torch: could not build the optimizer plan")
@@ -674,6 +944,7 @@ class Adam(_Optimizer):
                 c = self._cache
                 if not active:
                     return
+                marks = [(plan, plan.step_count) for plan in c.plans]
                 try:
                     _, self.last_grad_norm = _core.step_plans(c.plans, all_grads, threads,
                                                               scale, False, max_norm)
@@ -684,47 +955,321 @@ class Adam(_Optimizer):
                     if attempt or list(map(_shape_of, c.tensors[:len(c.ids)])) == c.shapes:
                         raise
                     self._cache = None
-                    undo += self._rebuild(init=True)
+                    undo += self._rebuild(init=True, options=options)
         except BaseException:
-            if undo:
+            # Unless the C pass ran (an exception raised just after it, a
+            # KeyboardInterrupt say: then the state is what the buffers were updated
+            # with, and stays), take back the state this step made.
+            ran = marks is not None and any(plan.step_count != n for plan, n in marks)
+            if undo and not ran:
                 self._undo(undo)
             raise
 
+    # ------------------------------------------------------------- averages
+    def averaged_params(self):
+        """The temporal averages of the parameters (Kingma & Ba, Sec. 7.2), for
+        evaluation: new tensors ``param_ema / (1 - d**t)``, d the group's ``ema_decay``
+        and t the number of averaged steps (``param_ema_step``), in the order of the
+        param groups; a copy of the parameter where nothing has been averaged yet.
+        Raises ValueError unless ``ema_decay`` is set for every group. The same bits as
+        :meth:`fastadam.optim.Optimizer.averaged_params`."""
+        with self._lock:
+            out = []
+            for gi, group in enumerate(self.param_groups):
+                d = group.get("ema_decay")
+                if d is None:
+                    raise ValueError(f"param group {gi} has no ema_decay: set ema_decay (in "
+                                     f"[0, 1)) to keep temporal averages")
+                d = check_ema_decay(_scalar(d))
+                for i, p in enumerate(group["params"]):
+                    s = self.state.get(p)
+                    ema = s.get("param_ema") if isinstance(s, dict) else None
+                    t = 0 if ema is None else _count_value(
+                        s.get("param_ema_step", 0), "param_ema_step",
+                        f"param group {gi}, parameter {i}")
+                    if t == 0:
+                        out.append(p.detach().clone())
+                        continue
+                    a = _view(ema)
+                    avg = (a / a.dtype.type(1.0 - d ** t)).astype(a.dtype)
+                    r = _torch.from_numpy(avg)
+                    out.append(_torch.view_as_complex(r) if p.is_complex() else r)
+            return out
 
-def _step_value(step, where):
-    """The count in state['step'] as a float, if torch's Adam could step from it and
-    fastadam will: a number or 1-element tensor, >= 0 (inf included), not NaN."""
-    if isinstance(step, _Tensor):
-        if step.numel() != 1 or step.is_complex() or step.device.type != "cpu" \
-                or step.layout is not _STRIDED:
-            raise ValueError(f"state['step'] of {where} must be a number or a 1-element "
-                             f"real dense CPU tensor, got {_describe(step)}")
-        value = step.item()
-    elif isinstance(step, (numbers.Real, np.generic)) and not isinstance(step, (bool, np.bool_)):
-        value = step
-    else:
-        raise TypeError(f"state['step'] of {where} must be a number or a 1-element tensor, "
-                        f"got {type(step).__name__}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"state['step'] of {where} must be a real number, got {step!r}") from None
-    if not value >= 0.0:
-        raise ValueError(f"state['step'] of {where} must be >= 0, got {value}")
-    return value
+
+# ===================================================================== the rules
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba, 2015) as ``torch.optim.Adam``, on fastadam's fused C core.
+
+    Args (torch.optim.Adam's):
+        params: iterable of parameters or of param-group dicts.
+        lr (float or 0-dim Tensor): step size (default 1e-3).
+        betas (tuple): (beta1, beta2), floats or 1-element tensors (default (0.9, 0.999)).
+        eps (float): added to the denominator (default 1e-8).
+        weight_decay (float): L2 penalty added to the gradient, or with
+            ``decoupled_weight_decay=True`` (AdamW) p *= 1 - lr * weight_decay (default 0).
+        amsgrad (bool): use the running maximum of ``exp_avg_sq`` (default False).
+        foreach, fused: accepted for compatibility; no effect.
+        maximize (bool): ascend instead of descend (default False).
+        capturable, differentiable: must be False.
+        decoupled_weight_decay (bool): AdamW's decay (default False).
+    fastadam extras (keyword-only): ``max_grad_norm``, ``num_threads``, ``ema_decay`` (see
+    :class:`Optimizer`) and ``eps_root`` (optax's epsilon inside the square root,
+    ``sqrt(v_hat + eps_root) + eps``; 0, the default, is bitwise the plain update; a group
+    option, in ``param_groups`` only when set).
+
+    State (torch's): ``step``, ``exp_avg``, ``exp_avg_sq`` [, ``max_exp_avg_sq``]. Everything
+    else -- param groups, schedulers, GradScaler, checkpoints, threads -- is documented on
+    :class:`Optimizer`.
+    """
+
+    _rule = RULES["adam"]
+    _extras = {"eps_root": 0.0, "ema_decay": None}
+    _fixed = {"bias_correction": True, "eps_mode": "paper"}
+    _setdefaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                    "differentiable": False, "fused": None, "decoupled_weight_decay": False}
+    _sparse = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 max_grad_norm=None, num_threads=None, eps_root=0.0, ema_decay=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                                      capturable=capturable, differentiable=differentiable,
+                                      fused=fused,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      eps_root=eps_root, ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
+
+    def _check_defaults(self, defaults):
+        betas = defaults["betas"]
+        try:
+            beta_pair = tuple(betas)
+            assert len(beta_pair) == 2
+        except Exception:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        defaults["betas"] = beta_pair
+        g = self._gather(defaults)
+        self._torch_checks(g)
+        # torch.optim.Adam's own rules for tensor betas
+        for i, b in enumerate(beta_pair):
+            if isinstance(b, _Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if isinstance(beta_pair[0], _Tensor) != isinstance(beta_pair[1], _Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        defaults["betas"] = g["betas"] = tuple(
+            b.squeeze() if isinstance(b, _Tensor) and b.dim() else b for b in beta_pair)
+        self._fastadam_checks(g)
+        return defaults
 
 
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter) as ``torch.optim.AdamW``: decoupled weight decay,
     ``weight_decay`` defaults to 1e-2. Everything else as :class:`Adam`."""
 
-    _decoupled = True
+    _forced = {"decoupled_weight_decay": True}
+    _setdefaults = dict(Adam._setdefaults, decoupled_weight_decay=True)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, max_grad_norm=None, num_threads=None):
+                 differentiable=False, fused=None, max_grad_norm=None, num_threads=None,
+                 eps_root=0.0, ema_decay=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
-                         num_threads=num_threads)
+                         num_threads=num_threads, eps_root=eps_root, ema_decay=ema_decay)
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with momentum and Nesterov momentum as
+    ``torch.optim.SGD`` (same signature and defaults), on fastadam's fused C core.
+
+    With alpha = ``lr``, mu = ``momentum``, tau = ``dampening``, lambda = ``weight_decay``:
+    g += lambda p; b = g at the buffer's first step, else b = mu b + (1 - tau) g; p -= alpha
+    (g + mu b) (nesterov) or alpha b (see fastadam.reference.sgd_step). State (torch's):
+    ``momentum_buffer``, only when momentum != 0 (no state at all otherwise); a buffer
+    this optimizer made takes its first step as torch's ``buf = g``, one loaded from a
+    checkpoint continues. torch.optim.SGD's sparse-gradient support is not offered.
+    fastadam extras and everything else: :class:`Optimizer`.
+    """
+
+    _rule = RULES["sgd"]
+    _setdefaults = {"nesterov": False, "maximize": False, "foreach": None,
+                    "differentiable": False, "fused": False}
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, max_grad_norm=None, num_threads=None, ema_decay=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable, fused=fused,
+                                      ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
+
+
+class Adagrad(Optimizer):
+    r"""AdaGrad (Duchi, Hazan & Singer 2011) as ``torch.optim.Adagrad`` (same signature and
+    defaults), on fastadam's fused C core.
+
+    With eta_t = lr / (1 + (t - 1) lr_decay): g += lambda p; s += g*g; p -= eta_t g /
+    (sqrt(s) + eps) (see fastadam.reference.adagrad_step). State (torch's): ``step``,
+    ``sum``, made by the constructor as torch does, ``sum`` at the constructor's
+    ``initial_accumulator_value`` (torch ignores a group's own value; so does this class).
+    torch.optim.Adagrad's sparse-gradient support is not offered. fastadam extras and
+    everything else: :class:`Optimizer`.
+    """
+
+    _rule = RULES["adagrad"]
+    _setdefaults = {"foreach": None, "maximize": False, "differentiable": False,
+                    "fused": None}
+    _eager = True
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
+                 initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
+                 differentiable=False, fused=None, max_grad_norm=None, num_threads=None,
+                 ema_decay=None):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, eps=eps,
+                                      weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      foreach=foreach, maximize=maximize,
+                                      differentiable=differentiable, fused=fused,
+                                      ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
+
+    def _initial(self, key, o):
+        # torch.optim.Adagrad starts every sum at the constructor's value, whatever the
+        # group's initial_accumulator_value says
+        if key != "sum":
+            return super()._initial(key, o)
+        return float(_scalar(self.defaults["initial_accumulator_value"]))
+
+    def share_memory(self):
+        """As torch's: tensor.share_memory_() on the ``sum`` tensors (picked up by the
+        next step: they move)."""
+        with self._lock:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["sum"].share_memory_()
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop (Tieleman & Hinton 2012; centered: Graves 2013) as ``torch.optim.RMSprop``
+    (same signature and defaults), on fastadam's fused C core (see
+    fastadam.reference.rmsprop_step). State (torch's): ``step``, ``square_avg``
+    [, ``momentum_buffer`` when momentum > 0] [, ``grad_avg`` when centered]. fastadam
+    extras (keyword-only) and everything else: :class:`Optimizer`.
+    """
+
+    _rule = RULES["rmsprop"]
+    _setdefaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
+                    "differentiable": False, "capturable": False}
+    _sparse = "RMSprop does not support sparse gradients"
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, *, max_grad_norm=None, num_threads=None,
+                 ema_decay=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps,
+                                      centered=centered, weight_decay=weight_decay,
+                                      capturable=capturable, foreach=foreach,
+                                      maximize=maximize, differentiable=differentiable,
+                                      ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
+
+
+class Adamax(Optimizer):
+    r"""AdaMax (Kingma & Ba 2015, Algorithm 2) as ``torch.optim.Adamax`` (same signature
+    and defaults), on fastadam's fused C core (see fastadam.reference.adamax_step). State
+    (torch's): ``step``, ``exp_avg``, ``exp_inf``. fastadam extras and everything else:
+    :class:`Optimizer`.
+    """
+
+    _rule = RULES["adamax"]
+    _setdefaults = {"foreach": None, "maximize": False, "differentiable": False,
+                    "capturable": False}
+    _sparse = "Adamax does not support sparse gradients"
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
+                 max_grad_norm=None, num_threads=None, ema_decay=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      foreach=foreach, maximize=maximize,
+                                      differentiable=differentiable, capturable=capturable,
+                                      ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
+
+
+class NAdam(Optimizer):
+    r"""NAdam (Dozat 2016) as ``torch.optim.NAdam`` (same signature and defaults), on
+    fastadam's fused C core (see fastadam.reference.nadam_step). State (torch's): ``step``,
+    ``mu_product`` (a 0-dim tensor of torch's default scalar dtype, float32 unless the
+    default dtype is float64, updated in double and rounded to it once per step), ``exp_avg``,
+    ``exp_avg_sq``. fastadam extras and everything else: :class:`Optimizer`.
+    """
+
+    _rule = RULES["nadam"]
+    _setdefaults = {"maximize": False, "foreach": None, "capturable": False,
+                    "differentiable": False, "decoupled_weight_decay": False}
+    _sparse = "NAdam does not support sparse gradients"
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, max_grad_norm=None,
+                 num_threads=None, ema_decay=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      capturable=capturable, differentiable=differentiable,
+                                      ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
+
+
+class RAdam(Optimizer):
+    r"""RAdam (Liu et al. 2020) as ``torch.optim.RAdam`` (same signature and defaults), on
+    fastadam's fused C core (see fastadam.reference.radam_step). State (torch's): ``step``,
+    ``exp_avg``, ``exp_avg_sq``. fastadam extras and everything else: :class:`Optimizer`.
+    """
+
+    _rule = RULES["radam"]
+    _setdefaults = {"foreach": None, "maximize": False, "differentiable": False,
+                    "decoupled_weight_decay": False, "capturable": False}
+    _sparse = "RAdam does not support sparse gradients"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False,
+                 capturable=False, differentiable=False, max_grad_norm=None,
+                 num_threads=None, ema_decay=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, foreach=foreach,
+                                      capturable=capturable,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      differentiable=differentiable, ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
+
+
+class Lion(Optimizer):
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"); not in
+    torch.optim, written in its style (lion-pytorch's signature and defaults)::
+
+        p <- p * (1 - lr * weight_decay)
+        p <- p - lr * sign(beta1 * m + (1 - beta1) * g)
+        m <- beta2 * m + (1 - beta2) * g                  (exp_avg)
+
+    Exact operation order: fastadam.reference.lion_step. betas are checked in [0, 1] (the
+    messages in torch.optim's style). State: ``exp_avg``. fastadam extras and everything
+    else: :class:`Optimizer`.
+    """
+
+    _rule = RULES["lion"]
+    _setdefaults = {"maximize": False}
+    _sparse = "Lion does not support sparse gradients"
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
+                 *, max_grad_norm=None, num_threads=None, ema_decay=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize, ema_decay=ema_decay),
+                         max_grad_norm, num_threads)
