@@ -488,7 +488,7 @@ def _clip_in_double(params, max_norm):
 
 
 @pytest.mark.parametrize("rule", RULES + ["Adam", "AdamW"])
-def test_groups_scheduler_amp_clipping_none_grads_complex_and_ema(rule):
+def test_groups_scheduler_amp_clipping_none_grads_and_ema(rule):
     """fastadam.torch.X(max_grad_norm, ema_decay, num_threads=2) stepped by
     GradScaler.step (fused: grad_scale/found_inf) vs torch.optim.X with unscale_ and
     clip_grad_norm_ (in double) before GradScaler.step; two param groups (the first with
