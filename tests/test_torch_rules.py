@@ -756,7 +756,12 @@ def test_load_state_dict_refuses_bad_entries_and_changes_nothing(rule):
 # ------------------------------------------------------------------------- ZeRO
 ZERO_STEPS = 30
 ZERO_CASES = {"SGD": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-2),
-              "NAdam": dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True)}
+              "Adagrad": dict(lr=1e-2, lr_decay=1e-3, initial_accumulator_value=0.1),
+              "RMSprop": dict(lr=1e-3, momentum=0.5, centered=True),
+              "Adamax": dict(lr=2e-3, weight_decay=1e-2),
+              "NAdam": dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
+              "RAdam": dict(lr=1e-3, weight_decay=1e-2),
+              "Lion": dict(lr=1e-4, weight_decay=1e-1, ema_decay=0.9)}
 ZERO_WORKER = textwrap.dedent(r'''
     import json, sys
     import torch
@@ -805,7 +810,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_zero_redundancy_optimizer_with_sgd_and_nadam(tmp_path):
+def test_zero_redundancy_optimizer_with_every_rule(tmp_path):
     """Two ranks (gloo, one batch seen by both): each keeps the state of its shard only,
     and the result is bit for bit the single-process one (g/2 + g/2 == g)."""
     dist = pytest.importorskip("torch.distributed", reason="torch.distributed is unavailable")
