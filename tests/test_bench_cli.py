@@ -140,3 +140,175 @@ def test_plot(quick_run, tmp_path):
     out = tmp_path / "bench.png"
     assert bench.main(["--load", str(path), "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- other rules
+
+
+@pytest.fixture(scope="module")
+def quick_all(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "quick_all.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastadam", "bench", "--quick", "--optimizer",
+                           "all", "--json", str(path)], capture_output=True, text=True,
+                          timeout=240)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    with open(path) as f:
+        data = json.load(f)
+    return data, proc.stdout, elapsed, path
+
+
+def test_quick_all_rules(quick_all):
+    data, out, elapsed, _ = quick_all
+    assert elapsed < 120  # about 13 s on 2 cores
+    assert data["schema"] == bench.SCHEMA
+    st = data["settings"]
+    assert st["optimizers"] == bench.RULE_ORDER == ["adam", "sgd", "adagrad", "rmsprop",
+                                                     "adamax", "nadam", "radam", "lion"]
+    assert st["rule_sizes"] == st["sizes"] == [1000, 100000]
+    assert st["rules"]["sgd"]["options"]["momentum"] == 0.9
+    have_torch = data["versions"]["torch"] is not None
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    for rule in bench.RULE_ORDER:
+        spec = bench.RULE_SPECS[rule]
+        rs = [r for r in ok if r["optimizer"] == rule]
+        assert {r["workload"] for r in rs} == {"n1e3", "n1e5"}
+        impls = {r["impl"] for r in rs}
+        assert {"fastadam", "roofline", "reference"} <= impls
+        if have_torch:
+            assert {"torch_foreach", "torch_forloop"} <= impls
+            assert ("torch_fused" in impls) == spec.fused
+        assert ("numpy" in impls) == (rule == "adam")
+        bpe = 4 * (2 * spec.streams - 1)
+        assert spec.bytes_per_elem("float32") == bpe
+        for r in rs:
+            assert r["gbps"] == pytest.approx(bpe * r["n_elems"] / r["sec_per_step"] / 1e9)
+            if rule != "adam":
+                assert r["bytes_per_elem"] == bpe and r["streams"] == spec.streams
+            if r["impl"] != "roofline":
+                assert r["pct_roofline"] > 0
+    summ = data["rules_summary"]
+    assert {(s["optimizer"], s["workload"]) for s in summ} == {
+        (rule, w) for rule in bench.RULE_ORDER for w in ("n1e3", "n1e5")}
+    for s in summ:
+        assert s["fastadam"] > 0 and s["target"] is None  # no target workload in --quick
+        if have_torch:
+            assert s["vs_torch_fastest"] > 0
+            assert (s["vs_torch_fused"] is not None) == bench.RULE_SPECS[s["optimizer"]].fused
+    assert "== float32, 1 thread" in out                       # Adam's section, as before
+    for title in ("SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion"):
+        assert f"== {title}: float32, 1 thread" in out
+    assert "== SGD: float32, 1 thread, 3 streams = 20 B/element" in out
+    assert "== summary" in out
+
+
+def test_load_reprints_all_rules(quick_all, capsys):
+    _, out, _, path = quick_all
+    assert bench.main(["--load", str(path)]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_default_run_is_adam_only(quick_run):
+    data, out, _, _, _ = quick_run
+    assert data["settings"]["optimizers"] == ["adam"]
+    assert "rules_summary" not in data and "rules" not in data["settings"]
+    assert {r["optimizer"] for r in data["results"]} == {"adam"}
+    assert "== summary" not in out
+
+
+def test_rule_workloads_default_to_the_targets():
+    s = bench.resolve(bench.build_parser().parse_args(["--optimizer", "sgd,lion"]))
+    assert s.optimizers == ["sgd", "lion"]
+    assert s.rule_sizes == [10 ** 6, 10 ** 8] and s.rule_models == ["many_small"]
+    s = bench.resolve(bench.build_parser().parse_args(["--optimizer", "sgd", "--sizes",
+                                                        "1e4"]))
+    assert s.rule_sizes == s.sizes == [10 ** 4] and s.rule_models == ["many_small"]
+    assert s.models == list(bench.MODELS)                     # Adam's: as without the flag
+
+
+def test_rule_roofline_streams():
+    """The roofline of a rule moves its own streams: param, grad, then its state."""
+    wl = bench.Workload.tensor(1000)
+    grads = [np.zeros(1000, np.float32)]
+    for rule, n in (("adam", 4), ("sgd", 3), ("adagrad", 3), ("rmsprop", 3), ("adamax", 4),
+                    ("nadam", 4), ("radam", 4), ("lion", 3)):
+        spec = bench.RULE_SPECS[rule]
+        assert spec.streams == n and spec.bytes_per_elem("float64") == 8 * (2 * n - 1)
+        roof = bench.Roofline(wl, grads, np.float32, 1,
+                              bench._Filler(np.float32, 0.02, 0), rule=spec)
+        fn, (streams, threads) = roof.call
+        assert len(streams) == n and threads == 1
+        fn(streams, threads)
+        assert bench.Roofline.mem_units(wl, spec) == n
+
+
+@pytest.mark.parametrize("rule", [r for r in bench.RULE_ORDER if r != "adam"])
+def test_rule_peers_compute_the_same_update(rule):
+    """fastadam, the NumPy reference and each torch row of a rule run the same rule with the
+    same options: after 8 steps (RAdam past its rectification threshold) the parameters
+    agree (float64, to rounding; NAdam to 1e-9: torch keeps its mu_product in float32)."""
+    torch = pytest.importorskip("torch")
+    spec = bench.RULE_SPECS[rule]
+    wl = bench.Workload("t", "t", [(300,), (7, 11)], "model")
+    dt = np.float64
+    grads = [bench._Filler(dt, 1.0, 1).new(s) for s in wl.shapes]
+
+    def filler():
+        return bench._Filler(dt, 0.02, 0)
+
+    shared = bench.FastAdam.make_shared(wl, grads, dt, 1, filler(), spec)
+    fa = bench.FastAdam(shared, None, True)
+    ref = bench.Reference(wl, grads, dt, 1, filler(), rule=spec)
+    peers = [bench.TorchForloop, bench.TorchForeach] + ([bench.TorchFused] if spec.fused
+                                                         else [])
+    torchs = [c(wl, grads, dt, 1, filler(), rule=spec) for c in peers]
+    p0 = [p.copy() for p in shared.params]
+    for o in [fa, ref] + torchs:
+        for _ in range(8):
+            fn, args = o.call
+            fn(*args)
+    for i, p in enumerate(shared.params):
+        assert not np.array_equal(p, p0[i])                      # the step moved them
+        np.testing.assert_array_equal(p, ref.views[i][0])        # fastadam == reference
+        for t in torchs:
+            np.testing.assert_allclose(t.params[i].detach().numpy(), p, rtol=1e-12,
+                                       atol=1e-9 if rule == "nadam" else 1e-14,
+                                       err_msg=t.key)
+    if rule == "lion":
+        assert torchs[0].label == "torch for-loop (written here)"
+    torch.set_num_threads(torch.get_num_threads())
+
+
+def test_rule_summary_targets():
+    """In cache: >= torch fused where torch has one, else >= 3x torch's fastest; 1e8:
+    >= 95% of the roofline."""
+    def rec(rule, w, impl, sec, **kw):
+        return dict(status="ok", optimizer=rule, dtype="float32", workload=w,
+                    workload_label=w, threads=1, n_elems=10 ** 6, impl=impl,
+                    sec_per_step=sec, gbps=1.0, **kw)
+
+    recs = [rec("sgd", "n1e6", "fastadam", 1.0, pct_roofline=50.0),
+            rec("sgd", "n1e6", "torch_fused", 0.9, vs_fastadam=0.9),
+            rec("sgd", "n1e6", "torch_foreach", 2.0, vs_fastadam=2.0),
+            rec("rmsprop", "many_small", "fastadam", 1.0),
+            rec("rmsprop", "many_small", "torch_foreach", 3.5, vs_fastadam=3.5),
+            rec("rmsprop", "many_small", "torch_forloop", 3.2, vs_fastadam=3.2),
+            rec("lion", "n1e8", "fastadam", 1.0, pct_roofline=96.0),
+            rec("lion", "n1e8", "roofline", 0.96),
+            rec("adam", "n1e3", "fastadam", 1.0)]
+    rows = {r["optimizer"]: r for r in bench.rule_summary(recs)}
+    assert rows["sgd"]["target"] == ">= torch fused" and rows["sgd"]["target_met"] is False
+    assert rows["sgd"]["vs_torch_fastest"] == 0.9 and rows["sgd"]["torch_fastest"] == "torch_fused"
+    assert rows["rmsprop"]["target_met"] is True
+    assert rows["rmsprop"]["vs_torch_fastest"] == 3.2
+    assert rows["rmsprop"]["torch_fastest"] == "torch_forloop"
+    assert rows["lion"]["target"] == ">= 95% roofline" and rows["lion"]["target_met"] is True
+    assert rows["adam"]["target"] is None and rows["adam"]["target_met"] is None
+    text = "\n".join(bench.format_summary(bench.rule_summary(recs)))
+    assert "NO" in text and "n/a" in text
+
+
+def test_bad_optimizer(capsys):
+    assert bench.main(["--optimizer", "adam,sophia"]) == 2
+    assert "--optimizer" in capsys.readouterr().err

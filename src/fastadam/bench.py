@@ -1,4 +1,8 @@
-"""``python -m fastadam bench``: time one Adam step on this machine against its peers.
+"""``python -m fastadam bench``: time one optimizer step on this machine against its peers.
+
+By default the rule is Adam (``--optimizer adam``); ``--optimizer sgd,adagrad,...`` or
+``all`` measures the other rules of the family the same way (see RULE_SPECS for the options
+each one runs with, and "Other rules" below).
 
 What is measured, for every cell (dtype x thread count x workload):
 
@@ -27,6 +31,18 @@ aligned); torch allocates its own parameters; the roofline's buffers are 64-byte
 Memory: the implementations of a cell are packed into groups whose buffers fit in
 ``--max-memory``; only one group is allocated at a time, and the roofline is re-measured in
 every group (its % is relative to the roofline measured beside it).
+
+Other rules (``--optimizer``): for each of SGD, Adagrad, RMSprop, Adamax, NAdam, RAdam and
+Lion the cell holds fastadam's NumPy class (``fastadam.SGD`` ...), ``torch.optim``'s class
+for-loop (``foreach=False``), foreach (``foreach=True``) and fused (``fused=True``, where
+torch has a CPU kernel for the rule: SGD, Adagrad, Adam), the NumPy reference
+(``fastadam.reference.<rule>_step``), and the rule's own roofline: ``traffic_f32`` over as
+many streams as the rule touches (param, grad and its state streams), so that a rule with
+one state stream is compared with 20 bytes per float32 element, not Adam's 28. Lion is not
+in torch.optim: its torch rows are written here (a for-loop in the style of lucidrains'
+lion-pytorch, and a foreach version), see _torch_lion_class. Without ``--sizes`` /
+``--models`` those rules run the workloads of their targets only (1e6, 1e8 and 1000 x
+1000; ``--quick``: Adam's quick set). The Adam rows are what they were without the flag.
 """
 from __future__ import annotations
 
@@ -178,6 +194,128 @@ def _step_scalars(t):
     return b1, 1.0 - b1, b2, 1.0 - b2, EPS * math.sqrt(bc2), LR * math.sqrt(bc2) / bc1
 
 
+# ----------------------------------------------------------------------------- rules
+
+
+class RuleSpec:
+    """How one rule is benchmarked: fastadam's class and torch.optim's (same name, same
+    options), the options both get (torch 2.13's defaults, except where a default would
+    leave the rule without state: SGD runs with momentum=0.9), its memory streams
+    (param, grad and the state streams the options need) and its NumPy reference."""
+
+    def __init__(self, name, cls, options, streams, *, fused=False, note="",
+                 prime_steps=0, torch_cls=None):
+        self.name, self.cls, self.options, self.streams = name, cls, dict(options), streams
+        self.fused = fused            # torch 2.13 has fused=True for it on the CPU
+        self.note = note
+        self.prime_steps = prime_steps  # untimed steps before the warm-up (RAdam: rho_t > 5)
+        self.torch_cls = cls if torch_cls is None else torch_cls  # "" = not in torch.optim
+        self.reference = f"{name}_step"
+
+    @property
+    def title(self):
+        return self.cls
+
+    def bytes_per_elem(self, dtype):
+        """Each stream read once, each but grad written once."""
+        return (2 * self.streams - 1) * np.dtype(dtype).itemsize
+
+    def options_text(self):
+        return ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}"
+                         for k, v in self.options.items())
+
+    def as_json(self):
+        return {"class": self.cls, "options": self.options, "streams": self.streams,
+                "bytes_per_elem_float32": self.bytes_per_elem("float32"),
+                "torch_class": self.torch_cls or None, "torch_fused": self.fused,
+                "reference": f"fastadam.reference.{self.reference}", "note": self.note}
+
+
+_B = BETAS
+RULE_SPECS = {s.name: s for s in (
+    RuleSpec("adam", "Adam", dict(lr=LR, betas=BETAS, eps=EPS), 4, fused=True),
+    RuleSpec("sgd", "SGD", dict(lr=1e-3, momentum=0.9), 3, fused=True,
+             note="momentum=0.9 (torch's default 0 keeps no state)"),
+    RuleSpec("adagrad", "Adagrad", dict(lr=1e-2, eps=1e-10), 3, fused=True),
+    RuleSpec("rmsprop", "RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8), 3),
+    RuleSpec("adamax", "Adamax", dict(lr=2e-3, betas=_B, eps=1e-8), 4),
+    RuleSpec("nadam", "NAdam", dict(lr=2e-3, betas=_B, eps=1e-8, momentum_decay=4e-3), 4),
+    RuleSpec("radam", "RAdam", dict(lr=1e-3, betas=_B, eps=1e-8), 4, prime_steps=6,
+             note="6 untimed steps first: from step 6 on (rho_t > 5) the rectified Adam "
+                  "update runs, the steady state"),
+    RuleSpec("lion", "Lion", dict(lr=1e-4, betas=(0.9, 0.99)), 3, torch_cls="",
+             note="not in torch.optim: the torch rows are written here (for-loop in the "
+                  "style of lucidrains' lion-pytorch, and a foreach version)"),
+)}
+RULE_ORDER = list(RULE_SPECS)
+ADAM = RULE_SPECS["adam"]
+# the workloads of the targets, for rules other than Adam when --sizes / --models are not given
+RULE_SIZES, RULE_MODELS = [10 ** 6, 10 ** 8], ["many_small"]
+
+
+def _torch_lion_class(torch):
+    """Lion for torch (torch.optim has none), in the style of lucidrains' lion-pytorch
+    (``lion_pytorch/lion_pytorch.py``, update_fn): per parameter,
+
+        update = exp_avg.clone().mul_(beta1).add(grad, alpha=1 - beta1).sign_()
+        p.add_(update, alpha=-lr)
+        exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+
+    (lion-pytorch also runs p.mul_(1 - lr * wd) every step; with weight_decay=0 that is a
+    no-op pass which this version skips, in torch's favour). ``foreach=True`` does the same
+    with torch._foreach_* ops over all parameters (not in lion-pytorch; written here so that
+    Lion has a multi-tensor torch peer as the other rules do)."""
+    cached = getattr(_torch_lion_class, "cls", None)
+    if cached is not None and cached[0] is torch:
+        return cached[1]
+
+    class TorchLion(torch.optim.Optimizer):
+        def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+                     foreach=False, fused=False):
+            if fused:
+                raise TypeError("Lion has no fused torch implementation")
+            super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                          foreach=foreach))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                lr, wd = group["lr"], group["weight_decay"]
+                beta1, beta2 = group["betas"]
+                ps = [p for p in group["params"] if p.grad is not None]
+                grads, avgs = [], []
+                for p in ps:
+                    st = self.state[p]
+                    if not st:
+                        st["exp_avg"] = torch.zeros_like(p)
+                    grads.append(p.grad)
+                    avgs.append(st["exp_avg"])
+                if not ps:
+                    continue
+                if wd:
+                    if group["foreach"]:
+                        torch._foreach_mul_(ps, 1.0 - lr * wd)
+                    else:
+                        for p in ps:
+                            p.mul_(1.0 - lr * wd)
+                if group["foreach"]:
+                    upd = torch._foreach_mul(avgs, beta1)
+                    torch._foreach_add_(upd, grads, alpha=1.0 - beta1)
+                    torch._foreach_sign_(upd)
+                    torch._foreach_add_(ps, upd, alpha=-lr)
+                    torch._foreach_mul_(avgs, beta2)
+                    torch._foreach_add_(avgs, grads, alpha=1.0 - beta2)
+                else:
+                    for p, g, m in zip(ps, grads, avgs):
+                        update = m.clone().mul_(beta1).add(g, alpha=1.0 - beta1).sign_()
+                        p.add_(update, alpha=-lr)
+                        m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+            return None
+
+    _torch_lion_class.cls = (torch, TorchLion)
+    return TorchLion
+
+
 # ----------------------------------------------------------------------------- implementations
 #
 # Each implementation owns its parameters and moments (the gradients are shared, read only)
@@ -189,6 +327,7 @@ class _Impl:
     key = label = ""
     thread_independent = False   # runs single-threaded whatever the thread count
     kind = "peer"
+    prime_steps = 0              # untimed steps before the warm-up (see RuleSpec)
 
     def before_batch(self):
         pass
@@ -211,11 +350,12 @@ class FastAdam(_Impl):
         self.key = "fastadam" if isa_name is None else f"fastadam[{isa_name}]"
         self.label = self.key + (" *" if in_use and isa_name is not None else "")
         self.call = (shared.opt.step, (shared.grads,))
+        self.prime_steps = shared.prime_steps
         self.offsets = sorted({a.ctypes.data % 64 for a in shared.params + shared.grads})
 
     @staticmethod
-    def make_shared(wl, grads, dtype, threads, filler):
-        from .optim import Adam
+    def make_shared(wl, grads, dtype, threads, filler, rule=ADAM):
+        from . import optim
 
         class Shared:
             pass
@@ -223,62 +363,81 @@ class FastAdam(_Impl):
         s = Shared()
         s.params = [filler.new(shape) for shape in wl.shapes]
         s.grads = grads
-        s.opt = Adam(s.params, lr=LR, betas=BETAS, eps=EPS, num_threads=threads)
+        s.opt = getattr(optim, rule.cls)(s.params, **rule.options, num_threads=threads)
+        s.prime_steps = rule.prime_steps
         return s
+
+    @staticmethod
+    def mem_units(wl, rule=ADAM):
+        return rule.streams - 1          # params and state (the gradients are shared)
 
     def before_batch(self):
         self.shared.opt._isa = self.isa
 
 
 class Roofline(_Impl):
-    """fastadam._core.traffic_f32 over one flat buffer of the workload's size (float64
-    buffers are viewed as twice as many float32: the same bytes), 64-byte aligned: the
-    bound for the access pattern."""
+    """fastadam._core.traffic_f32 over one flat buffer of the workload's size per stream
+    (float64 buffers are viewed as twice as many float32: the same bytes), 64-byte aligned:
+    the bound for the access pattern. As many streams as the rule touches (Adam: param,
+    grad, m, v); each is read once and all but grad written once."""
 
     key, label, kind = "roofline", "roofline (traffic)", "roofline"
 
-    def __init__(self, wl, grads, dtype, threads, filler):
+    def __init__(self, wl, grads, dtype, threads, filler, rule=ADAM):
         from . import _core
 
         n = wl.n_elems
         k = np.dtype(dtype).itemsize // 4
-        bufs = [filler.fill(_aligned((n,), dtype)) for _ in range(4)]
-        p, m, v, g = (b.view(np.float32) for b in bufs)
-        g = g.view(np.float32)
+        bufs = [filler.fill(_aligned((n,), dtype)) for _ in range(rule.streams)]
+        views = [b.view(np.float32) for b in bufs]
+        p, state, g = views[0], views[1:-1], views[-1]     # Adam: p, m, v, g as before
         assert p.size == k * n
         self._keep = (bufs, g)
-        self.call = (_core.traffic_f32, ([p, g, m, v], threads))
+        self.call = (_core.traffic_f32, ([p, g] + state, threads))
 
     @staticmethod
-    def mem_units(wl):
-        return 4
+    def mem_units(wl, rule=ADAM):
+        return rule.streams
 
 
 class Reference(_Impl):
-    """fastadam.reference.adam_step, tensor by tensor (the specification, plain NumPy)."""
+    """fastadam.reference.<rule>_step (adam_step by default), tensor by tensor (the
+    specification, plain NumPy)."""
 
     key, label = "reference", "NumPy reference"
     thread_independent = True
 
-    def __init__(self, wl, grads, dtype, threads, filler):
-        from .reference import adam_step
+    def __init__(self, wl, grads, dtype, threads, filler, rule=ADAM):
+        from . import reference
 
-        self.adam_step = adam_step
+        self.rule = rule
+        self.prime_steps = rule.prime_steps
+        self.step_fn = getattr(reference, rule.reference)
+        self.options = rule.options
         a = filler.aligned
-        self.views = [(filler.new(shape), g, _array(shape, dtype, a), _array(shape, dtype, a))
+        k = rule.streams - 2
+        self.views = [(filler.new(shape), g) + tuple(_array(shape, dtype, a) for _ in range(k))
                       for shape, g in zip(wl.shapes, grads)]
+        self.mu = [1.0] * len(self.views)       # NAdam's per-parameter mu_product
         self.t = 0
         self.call = (self.step, ())
 
     def step(self):
         self.t += 1
-        t, f = self.t, self.adam_step
-        for p, g, m, v in self.views:
-            f(p, g, m, v, step=t, lr=LR, betas=BETAS, eps=EPS)
+        t, f = self.t, self.step_fn
+        if self.rule is ADAM:
+            for p, g, m, v in self.views:
+                f(p, g, m, v, step=t, lr=LR, betas=BETAS, eps=EPS)
+        elif self.rule.name == "nadam":
+            for i, arrays in enumerate(self.views):
+                self.mu[i] = f(*arrays, step=t, mu_product=self.mu[i], **self.options)
+        else:
+            for arrays in self.views:
+                f(*arrays, step=t, **self.options)
 
     @staticmethod
-    def mem_units(wl):
-        return 3 + 6 * wl.max_tensor / wl.n_elems
+    def mem_units(wl, rule=ADAM):
+        return (rule.streams - 1) + 2 * (rule.streams - 1) * wl.max_tensor / wl.n_elems
 
 
 class NumpyInplace(_Impl):
@@ -289,7 +448,8 @@ class NumpyInplace(_Impl):
     key, label = "numpy", "NumPy in-place"
     thread_independent = True
 
-    def __init__(self, wl, grads, dtype, threads, filler):
+    def __init__(self, wl, grads, dtype, threads, filler, rule=ADAM):
+        assert rule is ADAM, "the in-place NumPy peer is Adam only"
         self.dt = np.dtype(dtype).type
         a = filler.aligned
         scratch = _array((wl.max_tensor,), dtype, a)
@@ -321,14 +481,14 @@ class NumpyInplace(_Impl):
             sub(p, s, out=p)
 
     @staticmethod
-    def mem_units(wl):
+    def mem_units(wl, rule=ADAM):
         return 3 + wl.max_tensor / wl.n_elems
 
 
 class _Torch(_Impl):
     kwargs: dict = {}
 
-    def __init__(self, wl, grads, dtype, threads, filler):
+    def __init__(self, wl, grads, dtype, threads, filler, rule=ADAM):
         import torch
 
         tdtype = {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
@@ -339,9 +499,26 @@ class _Torch(_Impl):
             p.requires_grad_(True)
             p.grad = torch.from_numpy(g)          # shared, read only
             self.params.append(p)
-        self.opt = torch.optim.Adam(self.params, lr=LR, betas=BETAS, eps=EPS, **self.kwargs)
+        if rule is ADAM:
+            self.opt = torch.optim.Adam(self.params, lr=LR, betas=BETAS, eps=EPS,
+                                        **self.kwargs)
+        else:
+            cls = (getattr(torch.optim, rule.torch_cls) if rule.torch_cls
+                   else _torch_lion_class(torch))
+            kw = dict(self.kwargs)
+            if not rule.fused:       # torch.optim.RMSprop & co. take no fused argument
+                kw.pop("fused", None)
+            self.opt = cls(self.params, **rule.options, **kw)
+        self.prime_steps = rule.prime_steps
+        self.label = self.label_for(rule)
         self.threads = threads
         self.call = (self.opt.step, ())
+
+    @classmethod
+    def label_for(cls, rule):
+        if rule.torch_cls == "":
+            return cls.label + " (written here)"
+        return cls.label
 
 
 class TorchFused(_Torch):
@@ -349,8 +526,8 @@ class TorchFused(_Torch):
     kwargs = {"fused": True}
 
     @staticmethod
-    def mem_units(wl):
-        return 3
+    def mem_units(wl, rule=ADAM):
+        return rule.streams - 1
 
 
 class TorchForeach(_Torch):
@@ -358,8 +535,8 @@ class TorchForeach(_Torch):
     kwargs = {"foreach": True, "fused": False}
 
     @staticmethod
-    def mem_units(wl):
-        return 6
+    def mem_units(wl, rule=ADAM):
+        return 2 * (rule.streams - 1)
 
 
 class TorchForloop(_Torch):
@@ -367,8 +544,8 @@ class TorchForloop(_Torch):
     kwargs = {"foreach": False, "fused": False}
 
     @staticmethod
-    def mem_units(wl):
-        return 3 + 3 * wl.max_tensor / wl.n_elems
+    def mem_units(wl, rule=ADAM):
+        return (rule.streams - 1) + 3 * wl.max_tensor / wl.n_elems
 
 
 PEERS = {c.key: c for c in (Reference, NumpyInplace, TorchFused, TorchForeach, TorchForloop)}
@@ -451,6 +628,8 @@ def measure_interleaved(impls, *, repeats, batch_time, warm_time, max_time, prog
         progress.update(f"{imp.key}: warm-up")
         try:
             imp.before_batch()
+            for _ in range(imp.prime_steps):
+                fn(*args)
             fn(*args)                      # the first step may allocate state: untimed
             k, t0 = 0, perf()
             while True:
@@ -646,9 +825,12 @@ def build_parser(prog=None):
         prog=prog or "python -m fastadam bench",
         description="Time one Adam step of fastadam against the NumPy reference, an in-place "
                     "NumPy Adam and torch.optim.Adam (when installed), interleaved, with the "
-                    "memory roofline of this machine for the Adam access pattern.",
+                    "memory roofline of this machine for the Adam access pattern; "
+                    "--optimizer does the same for SGD, Adagrad, RMSprop, Adamax, NAdam, "
+                    "RAdam and Lion.",
         epilog="examples:\n"
                "  %(prog)s                  # the default (about a minute on 2 cores)\n"
+               "  %(prog)s --optimizer all  # every rule (Adam's sweep + 1e6, 1e8, 1000 x 1000)\n"
                "  %(prog)s --sizes 1e3,1e6 --models none --threads 1\n"
                "  %(prog)s --dtype float32,float64 --simd all --threads all\n"
                "  %(prog)s --json out.json --plot out.png\n"
@@ -667,6 +849,12 @@ def build_parser(prog=None):
     p.add_argument("--simd", default=None,
                    help="fastadam SIMD paths: 'auto' (the one in use, default), 'all' (every "
                         "path usable here, one row each) or a list such as sse2,avx2")
+    p.add_argument("--optimizer", default=None, metavar="LIST",
+                   help="update rules, comma separated: " + ", ".join(RULE_ORDER) +
+                        " or 'all' (default adam). Each runs fastadam's class, torch.optim's "
+                        "for-loop, foreach and (SGD, Adagrad, Adam) fused, the NumPy reference "
+                        "and a roofline over the rule's own streams; without --sizes/--models "
+                        "rules other than Adam run 1e6, 1e8 and 1000 x 1000 only")
     p.add_argument("--impls", default=None,
                    help="implementations besides the roofline: fastadam, reference, numpy, "
                         "torch (= torch_fused,torch_foreach,torch_forloop) or any of those "
@@ -733,6 +921,19 @@ def resolve(args):
         bad = [m for m in s.models if m not in MODELS]
         if bad:
             raise SystemExit(f"--models: unknown {bad}; choose from {', '.join(MODELS)}")
+    opt = (args.optimizer or "adam").strip().lower()
+    if opt == "all":
+        s.optimizers = list(RULE_ORDER)
+    else:
+        want = _parse_list(opt, str, "--optimizer")
+        bad = [x for x in want if x not in RULE_SPECS]
+        if bad or not want:
+            raise SystemExit(f"--optimizer: unknown {bad}; choose from "
+                             f"{', '.join(RULE_ORDER)} or all")
+        s.optimizers = list(dict.fromkeys(want))
+    # rules other than Adam: the workloads of their targets unless --sizes/--models say
+    s.rule_sizes = s.sizes if (args.sizes is not None or q) else list(RULE_SIZES)
+    s.rule_models = s.models if (args.models is not None or q) else list(RULE_MODELS)
     s.dtypes = _parse_list(pick(args.dtype, "float32", "float32"), str, "--dtype")
     bad = [d for d in s.dtypes if d not in BYTES_PER_ELEM]
     if bad:
@@ -814,7 +1015,13 @@ def _plan_groups(entries, budget, shared_bytes):
 
 def run(s, torch_mod, progress_enabled=True, log=None):
     """Measure every cell; returns the list of result records and the notes."""
-    workloads = [Workload.tensor(n) for n in s.sizes] + [Workload.model(m) for m in s.models]
+    optimizers = getattr(s, "optimizers", ["adam"])
+    by_rule = {}
+    for name in optimizers:
+        sizes, models = ((s.sizes, s.models) if name == "adam" else
+                         (getattr(s, "rule_sizes", s.sizes), getattr(s, "rule_models", s.models)))
+        by_rule[name] = [Workload.tensor(n) for n in sizes] + [Workload.model(m) for m in models]
+    workloads = [w for ws in by_rule.values() for w in ws]
     records, notes = [], []
     torch_threads0 = torch_mod.get_num_threads() if torch_mod is not None else None
     impls = list(s.impls)
@@ -830,21 +1037,39 @@ def run(s, torch_mod, progress_enabled=True, log=None):
     if not s.numpy_all_threads and len(s.threads) > 1 and ({"numpy", "reference"} & set(impls)):
         notes.append(f"the NumPy implementations are single-threaded: measured at "
                      f"{s.threads[0]} thread(s) only (--numpy-all-threads to repeat them)")
-    cells = [(d, t, w) for d in s.dtypes for t in s.threads for w in workloads]
+    others = [RULE_SPECS[o] for o in optimizers if o != "adam"]
+    if others and "numpy" in impls:
+        notes.append("NumPy in-place: Adam only (the other rules have the NumPy reference)")
+    if others and torch_mod is not None and any(i in TORCH_IMPLS for i in impls):
+        nofused = [r.title for r in others if not r.fused]
+        if nofused:
+            notes.append(f"torch fused: torch {torch_mod.__version__} has no fused CPU kernel "
+                         f"for {', '.join(nofused)}")
+        for r in others:
+            notes.append(f"{r.title}: {r.options_text()}; {r.streams} streams, "
+                         f"{r.bytes_per_elem('float32')} B/element (float32)"
+                         + (f"; {r.note}" if r.note else ""))
+    cells = [(RULE_SPECS[o], d, t, w) for o in optimizers for d in s.dtypes
+             for t in s.threads for w in by_rule[o]]
     prog = Progress(len(cells), enabled=progress_enabled)
     grouped_note = False
     mon = CpuMonitor()
     try:
-        for ci, (dtype, threads, wl) in enumerate(cells):
+        for ci, (rule, dtype, threads, wl) in enumerate(cells):
             first_rec, t_cell = len(records), time.perf_counter()
             mon.others()
             itemsize = np.dtype(dtype).itemsize
-            prog.start_cell(f"{dtype} {threads}T {wl.label}")
+            prog.start_cell(("" if rule is ADAM else f"{rule.title} ") +
+                            f"{dtype} {threads}T {wl.label}")
             if torch_mod is not None:
                 torch_mod.set_num_threads(threads)
             unit = wl.n_elems * itemsize
             want, skipped = [], {}
             for key in impls:
+                if key == "numpy" and rule is not ADAM:
+                    continue
+                if key == "torch_fused" and not rule.fused:
+                    continue
                 if key in ("numpy", "reference") and threads != s.threads[0] \
                         and not s.numpy_all_threads:
                     continue
@@ -855,9 +1080,10 @@ def run(s, torch_mod, progress_enabled=True, log=None):
                 want.append(key)
             entries = []
             if s.roofline:
-                entries.append(("roofline", Roofline.mem_units(wl) * unit))
+                entries.append(("roofline", Roofline.mem_units(wl, rule) * unit))
             for key in want:
-                units = 3 if key == "fastadam" else PEERS[key].mem_units(wl)
+                units = (FastAdam.mem_units(wl, rule) if key == "fastadam"
+                         else PEERS[key].mem_units(wl, rule))
                 entries.append((key, int(units * unit)))
             groups, too_big = _plan_groups(entries, s.max_memory, unit)
             for key in too_big:
@@ -877,13 +1103,15 @@ def run(s, torch_mod, progress_enabled=True, log=None):
                 for key in group:
                     try:
                         if key == "roofline":
-                            objs.append(Roofline(wl, grads, dtype, threads, filler))
+                            objs.append(Roofline(wl, grads, dtype, threads, filler, rule))
                         elif key == "fastadam":
-                            shared = FastAdam.make_shared(wl, grads, dtype, threads, filler)
+                            shared = FastAdam.make_shared(wl, grads, dtype, threads, filler,
+                                                          rule)
                             for isa in s.simd:
                                 objs.append(FastAdam(shared, isa, isa == s.simd_in_use))
                         else:
-                            objs.append(PEERS[key](wl, grads, dtype, threads, filler))
+                            objs.append(PEERS[key](wl, grads, dtype, threads, filler,
+                                                   rule=rule))
                     except Exception as e:  # e.g. MemoryError, a torch dtype it lacks
                         skipped[key] = f"error: {type(e).__name__}: {e}".splitlines()[0][:200]
                 res = measure_interleaved(objs, repeats=s.repeats, batch_time=s.batch_time,
@@ -899,7 +1127,8 @@ def run(s, torch_mod, progress_enabled=True, log=None):
                                or (o.kind == "fastadam" and o.isa == -1)), None)
                 for key, r in res.items():
                     o = labels[key]
-                    rec = _record(wl, dtype, threads, key, o, r, gi, roof_med, len(groups))
+                    rec = _record(wl, dtype, threads, key, o, r, gi, roof_med, len(groups),
+                                  rule)
                     if rec["status"] == "ok":
                         pr = _paired(roof, r)
                         if pr is not None and key != "roofline":
@@ -916,8 +1145,8 @@ def run(s, torch_mod, progress_enabled=True, log=None):
                 rec["group_sec_per_step"] = [r.get("sec_per_step") for r in roof_runs]
                 records.append(rec)
             for key, why in skipped.items():
-                records.append(dict(_base(wl, dtype, threads), impl=key,
-                                    label=_label_of(key), status="skipped", note=why))
+                records.append(dict(_base(wl, dtype, threads, rule), impl=key,
+                                    label=_label_of(key, rule), status="skipped", note=why))
             del grads
             gc.collect()
             others = mon.others()
@@ -943,22 +1172,27 @@ def _paired(num, den):
     return statistics.median(ratios) if ratios else None
 
 
-def _label_of(key):
+def _label_of(key, rule=ADAM):
     if key == "roofline":
         return Roofline.label
     if key == "fastadam":
         return "fastadam"
+    if key in TORCH_IMPLS:
+        return PEERS[key].label_for(rule)
     return PEERS[key].label if key in PEERS else key
 
 
-def _base(wl, dtype, threads):
-    return {"workload": wl.name, "workload_label": wl.label, "kind": wl.kind,
-            "n_tensors": wl.n_tensors, "n_elems": wl.n_elems, "dtype": dtype,
-            "threads": threads}
+def _base(wl, dtype, threads, rule=ADAM):
+    b = {"workload": wl.name, "workload_label": wl.label, "kind": wl.kind,
+         "n_tensors": wl.n_tensors, "n_elems": wl.n_elems, "dtype": dtype,
+         "threads": threads, "optimizer": rule.name}
+    if rule is not ADAM:
+        b.update(streams=rule.streams, bytes_per_elem=rule.bytes_per_elem(dtype))
+    return b
 
 
-def _record(wl, dtype, threads, key, obj, r, group, roof_med, ngroups):
-    rec = dict(_base(wl, dtype, threads), impl=key, label=obj.label,
+def _record(wl, dtype, threads, key, obj, r, group, roof_med, ngroups, rule=ADAM):
+    rec = dict(_base(wl, dtype, threads, rule), impl=key, label=obj.label,
                simd=getattr(obj, "isa_name", None), group=group, groups=ngroups)
     if hasattr(obj, "offsets"):
         rec["buffer_offsets_mod64"] = obj.offsets   # of the params and grads passed in
@@ -967,7 +1201,7 @@ def _record(wl, dtype, threads, key, obj, r, group, roof_med, ngroups):
         return rec
     v = r["samples"]
     q1, med, q3 = _quartiles(v)
-    nbytes = BYTES_PER_ELEM[dtype] * wl.n_elems
+    nbytes = rule.bytes_per_elem(dtype) * wl.n_elems
     rec.update(status="ok", sec_per_step=med, sec_q1=q1, sec_q3=q3, sec_min=min(v),
                sec_max=max(v), iqr_rel=(q3 - q1) / med if med > 0 else None,
                batches=len(v), steps_per_batch=r["steps_per_batch"],
@@ -1037,13 +1271,18 @@ def format_table(data):
             "fastadam is"]
     keyset = []
     for r in recs:
-        k = (r["dtype"], r["threads"])
+        k = (_rule_of(r), r["dtype"], r["threads"])
         if k not in keyset:
             keyset.append(k)
+    if any(k[0] != "adam" for k in keyset):
+        out.append("other rules (--optimizer): the same columns; GB/s and the roofline count "
+                   "the rule's own streams (each read once, all but grad written once), "
+                   "given in the section title; options as in the notes below")
     in_use = cfg.get("simd")
-    for dtype, threads in keyset:
+    for rule, dtype, threads in keyset:
         rows = []
-        sec = [r for r in recs if r["dtype"] == dtype and r["threads"] == threads]
+        sec = [r for r in recs if r["dtype"] == dtype and r["threads"] == threads
+               and _rule_of(r) == rule]
         wls = []
         for r in sec:
             if r["workload"] not in wls:
@@ -1078,8 +1317,19 @@ def format_table(data):
                              f"{pct:.0f}%" if pct is not None and r["impl"] != "roofline"
                              else "", rel])
         out.append("")
-        out.append(f"== {dtype}, {threads} thread{'s' if threads != 1 else ''}")
+        head = f"{dtype}, {threads} thread{'s' if threads != 1 else ''}"
+        if rule != "adam":
+            spec = RULE_SPECS.get(rule)
+            head = (f"{spec.title if spec else rule}: {head}"
+                    + (f", {spec.streams} streams = {spec.bytes_per_elem(dtype)} B/element"
+                       if spec else ""))
+        out.append(f"== {head}")
         out.append(_table(cols, rows, right={2, 3, 4, 5, 6}))
+    summ = data.get("rules_summary") or (rule_summary(recs) if any(
+        k[0] != "adam" for k in keyset) else None)
+    if summ:
+        out.append("")
+        out += format_summary(summ)
     scal = _scaling(recs)
     if scal:
         out.append("")
@@ -1103,23 +1353,120 @@ def format_table(data):
     return "\n".join(out)
 
 
+def _rule_of(rec):
+    return rec.get("optimizer", "adam")
+
+
 def _scaling(recs):
     fa = [r for r in recs if r["impl"] == "fastadam" and r["status"] == "ok"]
     threads = sorted({r["threads"] for r in fa})
     if len(threads) < 2 or 1 not in threads:
         return None
     rows = []
-    for dtype in dict.fromkeys(r["dtype"] for r in fa):
-        for w in dict.fromkeys(r["workload"] for r in fa if r["dtype"] == dtype):
-            by = {r["threads"]: r for r in fa if r["dtype"] == dtype and r["workload"] == w}
+    rules = list(dict.fromkeys(_rule_of(r) for r in fa))
+    for rule, dtype in dict.fromkeys((_rule_of(r), r["dtype"]) for r in fa):
+        for w in dict.fromkeys(r["workload"] for r in fa if r["dtype"] == dtype
+                               and _rule_of(r) == rule):
+            by = {r["threads"]: r for r in fa if r["dtype"] == dtype and r["workload"] == w
+                  and _rule_of(r) == rule}
             if 1 not in by:
                 continue
-            row = [by[1]["workload_label"], dtype]
+            title = RULE_SPECS[rule].title if rule in RULE_SPECS else rule
+            row = [(f"{title}: " if rules != ["adam"] else "") + by[1]["workload_label"],
+                   dtype]
             for t in threads[1:]:
                 row.append(f"{by[1]['sec_per_step'] / by[t]['sec_per_step']:.2f}x"
                            if t in by else "-")
             rows.append(row)
     return ["workload", "dtype"] + [f"{t} threads" for t in threads[1:]], rows
+
+
+# the issue's targets (float32): in cache, at least as fast as torch fused where torch has
+# one for the rule, else SPEED_TARGET x torch's fastest; out of cache within ROOF_TARGET % of
+# the rule's roofline
+TARGET_FAST = ("n1e6", "many_small")
+TARGET_ROOF = ("n1e8",)
+SPEED_TARGET, ROOF_TARGET = 3.0, 95.0
+_TORCH_KEYS = ("torch_fused", "torch_foreach", "torch_forloop")
+
+
+def rule_summary(recs):
+    """One row per rule x dtype x workload x threads where fastadam ran: the times of
+    fastadam and torch's three, fastadam's lead ("vs": torch time / fastadam time, the
+    median of the per-round ratios; > 1 means fastadam is faster) over torch fused and over
+    torch's fastest, % of the rule's roofline, and the target of that workload."""
+    ok = [r for r in recs if r.get("status") == "ok"]
+    cells = {}
+    for r in ok:
+        cells.setdefault((_rule_of(r), r["dtype"], r["workload"], r["threads"]), {})[
+            r["impl"]] = r
+    rows = []
+    for (rule, dtype, w, th), cell in cells.items():
+        fa = cell.get("fastadam")
+        if fa is None:
+            continue
+        t_fa = fa["sec_per_step"]
+
+        def vs(rec):
+            return rec.get("vs_fastadam") or rec["sec_per_step"] / t_fa
+
+        row = dict(optimizer=rule, dtype=dtype, workload=w, workload_label=fa["workload_label"],
+                   threads=th, n_elems=fa["n_elems"], fastadam=t_fa,
+                   fastadam_gbps=fa.get("gbps"), pct_roofline=fa.get("pct_roofline"),
+                   others_cpu=max((r.get("others_cpu") or 0.0) for r in cell.values()))
+        for k in _TORCH_KEYS + ("reference", "roofline"):
+            row[k] = cell[k]["sec_per_step"] if k in cell else None
+        if "roofline" in cell:
+            row["roofline_gbps"] = cell["roofline"]["gbps"]
+        row["vs_torch_fused"] = vs(cell["torch_fused"]) if "torch_fused" in cell else None
+        tr = {k: vs(cell[k]) for k in _TORCH_KEYS if k in cell}
+        row["torch_fastest"] = min(tr, key=tr.get) if tr else None
+        row["vs_torch_fastest"] = min(tr.values()) if tr else None
+        spec = RULE_SPECS.get(rule)
+        target = met = None
+        if w in TARGET_FAST:
+            if spec is not None and spec.fused:
+                target = ">= torch fused"
+                met = None if row["vs_torch_fused"] is None else row["vs_torch_fused"] >= 1.0
+            else:
+                target = f">= {SPEED_TARGET:g}x torch fastest"
+                met = (None if row["vs_torch_fastest"] is None
+                       else row["vs_torch_fastest"] >= SPEED_TARGET)
+        elif w in TARGET_ROOF:
+            target = f">= {ROOF_TARGET:g}% roofline"
+            met = None if row["pct_roofline"] is None else row["pct_roofline"] >= ROOF_TARGET
+        row["target"], row["target_met"] = target, met
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows):
+    """The per-rule summary table (a list of lines)."""
+    cols = ["rule", "workload", "threads", "fastadam", "torch fused", "torch foreach",
+            "torch for-loop", "vs fused", "vs fastest", "% roof", "target", "met"]
+    out_rows = []
+    for r in rows:
+        spec = RULE_SPECS.get(r["optimizer"])
+        x = r.get("vs_torch_fastest")
+        fastest = {"torch_fused": "fused", "torch_foreach": "foreach",
+                   "torch_forloop": "loop"}.get(r.get("torch_fastest"), "")
+        met = r.get("target_met")
+        out_rows.append([
+            spec.title if spec else r["optimizer"],
+            r["workload_label"] + ("" if r["dtype"] == "float32" else f" {r['dtype']}")
+            + (" !" if (r.get("others_cpu") or 0.0) > BUSY else ""),
+            r["threads"], _fmt_time(r["fastadam"]),
+            _fmt_time(r["torch_fused"]) if r.get("torch_fused") else "n/a"
+            if spec is not None and not spec.fused else "-",
+            _fmt_time(r.get("torch_foreach")), _fmt_time(r.get("torch_forloop")),
+            f"{r['vs_torch_fused']:.2f}x" if r.get("vs_torch_fused") else "-",
+            f"{x:.2f}x ({fastest})" if x else "-",
+            f"{r['pct_roofline']:.0f}%" if r.get("pct_roofline") else "-",
+            r.get("target") or "", "" if met is None else ("yes" if met else "NO")])
+    return [f"== summary: fastadam against torch per rule (vs = torch time / fastadam time, "
+            f"median of per-round ratios; > 1: fastadam faster; n/a: torch has no fused "
+            f"CPU kernel for the rule; -: not measured; !: disturbed by other processes)",
+            _table(cols, out_rows, right={2, 3, 4, 5, 6, 7, 8, 9})]
 
 
 def _table(cols, rows, right=()):
@@ -1147,13 +1494,18 @@ def check_matplotlib():
 
 def write_plot(data, path):
     """PNG: time per step and % of roofline against the number of elements, one line per
-    implementation; one row of panels per (dtype, threads)."""
+    implementation; one row of panels per (dtype, threads). One rule: Adam when it was
+    measured, else the first (the other rules' figures are in the table and the JSON)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     recs = [r for r in data["results"] if r["status"] == "ok"]
+    rules = list(dict.fromkeys(_rule_of(r) for r in recs))
+    rule = "adam" if "adam" in rules else (rules[0] if rules else "adam")
+    recs = [r for r in recs if _rule_of(r) == rule]
+    title_rule = RULE_SPECS[rule].title if rule in RULE_SPECS else rule
     keys = list(dict.fromkeys((r["dtype"], r["threads"]) for r in recs))
     if not keys:
         raise ValueError("nothing to plot: no successful measurements")
@@ -1189,7 +1541,7 @@ def write_plot(data, path):
                                      color=color[k], s=40, zorder=3)
         title = f"{dtype}, {threads} thread{'s' if threads != 1 else ''}"
         ax_t.set(xscale="log", yscale="log", xlabel="elements per step",
-                 ylabel="time per step [s]", title=f"time per Adam step ({title})")
+                 ylabel="time per step [s]", title=f"time per {title_rule} step ({title})")
         ax_p.set(xscale="log", yscale="log", xlabel="elements per step",
                  ylabel="% of roofline (roofline time / time)",
                  title=f"% of the memory roofline ({title})")
@@ -1257,7 +1609,8 @@ def main(argv=None, prog=None):
             msg = str(e) if str(e) else "bad arguments"
             print(f"error: {msg}", file=sys.stderr)
             return 2
-        if not s.sizes and not s.models:
+        if not s.sizes and not s.models and (s.optimizers == ["adam"] or (
+                not s.rule_sizes and not s.rule_models)):
             print("error: nothing to measure (--sizes none and --models none)",
                   file=sys.stderr)
             return 2
@@ -1272,10 +1625,15 @@ def main(argv=None, prog=None):
             "numpy_all_threads", "max_memory", "aligned", "quick", "seed")}
         settings["argv"] = argv
         settings["hyperparameters"] = {"lr": LR, "betas": list(BETAS), "eps": EPS}
+        settings["optimizers"] = s.optimizers
         data = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "elapsed_s": time.time() - t0, "machine": machine,
                 "versions": versions(torch_mod), "settings": settings, "notes": notes,
                 "results": records}
+        if s.optimizers != ["adam"]:      # the other rules: new keys, Adam's stay as they were
+            settings["rule_sizes"], settings["rule_models"] = s.rule_sizes, s.rule_models
+            settings["rules"] = {o: RULE_SPECS[o].as_json() for o in s.optimizers}
+            data["rules_summary"] = rule_summary(records)
     print(format_table(data), flush=True)
     code = 0
     if args.json and not args.load:
