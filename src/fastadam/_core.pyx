@@ -350,6 +350,7 @@ ctypedef struct _Run:
 # Each block writes up to _W buffers, its "slots": the parameter, the rule's state
 # streams (FA_MAX_STATE), and param_ema.
 cdef int _W = FA_MAX_STATE + 2
+cdef unsigned _EMA_BIT = 1u << FA_MAX_STATE  # in the masks of needed / present slots
 
 cdef inline int _slot_stream(int w) noexcept:
     if w == 0:
@@ -401,6 +402,8 @@ cdef class _Plan:
     cdef _Mirror *step_mirrors
     cdef _Mirror *ema_mirrors
     cdef _Mirror *scalars
+    cdef unsigned *required        # per group: the slots its options need (this step)
+    cdef unsigned *present         # per block: the slots it has
     cdef int64_t _step_count
     cdef _Run run
     cdef readonly tuple names      # the slots' names: param, the state streams, param_ema
@@ -459,7 +462,9 @@ cdef class _Plan:
         self.step_mirrors = <_Mirror *>calloc(n + 1, sizeof(_Mirror))
         self.ema_mirrors = <_Mirror *>calloc(n + 1, sizeof(_Mirror))
         self.scalars = <_Mirror *>calloc(n + 1, sizeof(_Mirror))
-        if (self.out == NULL or self.held == NULL or self.sigs == NULL or self.ndims == NULL
+        self.required = <unsigned *>calloc(ngroups, sizeof(unsigned))
+        self.present = <unsigned *>calloc(n + 1, sizeof(unsigned))
+        if (self.required == NULL or self.present == NULL or self.out == NULL or self.held == NULL or self.sigs == NULL or self.ndims == NULL
                 or self.param_objs == NULL
                 or self.shape_at == NULL or self.group_sizes == NULL
                 or self.grad_views == NULL or self.blocks == NULL or self.active == NULL
@@ -505,6 +510,8 @@ cdef class _Plan:
                     self.intervals[self.nintervals].which = which
                     self.nintervals += 1
                 self.blocks[i].stream[_slot_stream(which)] = v.buf
+                if which > 0:
+                    self.present[i] |= 1u << (which - 1)  # state k: bit k; param_ema: _EMA_BIT
             self.ndims[i] = self.out[_W * i].ndim
             self.shape_at[i] = nshape
             nshape += <size_t>self.out[_W * i].ndim
@@ -574,7 +581,7 @@ cdef class _Plan:
         free(self.shape_at); free(self.group_sizes); free(self.grad_views); free(self.blocks)
         free(self.active); free(self.active_index); free(self.options); free(self.intervals)
         free(self.workspace); free(self.steps); free(self.ema_steps); free(self.step_mirrors)
-        free(self.ema_mirrors); free(self.scalars)
+        free(self.ema_mirrors); free(self.scalars); free(self.required); free(self.present)
 
     @property
     def dtype(self):
@@ -731,9 +738,16 @@ cdef class _Plan:
         cdef Py_buffer *v
         cdef uintptr_t gs, ge
         cdef fa_block *b
+        cdef size_t gi
         if <size_t>len(grads) != self.n:
             raise ValueError(f"grads must have one entry per parameter ({self.n}), "
                              f"got {len(grads)}")
+        if self._step_count >= _MAX_STEP - 1:
+            raise ValueError("this optimizer has taken 2**62 - 1 steps, the most a step "
+                             "count may hold")
+        for gi in range(self.ngroups):  # the streams each group's options need
+            self.required[gi] = fa_rule_required(self.rule, &self.options[gi]) | (
+                _EMA_BIT if self.options[gi].ema else 0u)
         try:
             for i in range(<Py_ssize_t>self.n):
                 g = grads[i]
@@ -746,10 +760,15 @@ cdef class _Plan:
                 b[0] = self.blocks[i]
                 b.stream[FA_GRAD] = v.buf
                 self.active_index[nactive - 1] = i
-                b.step = self._next_step(i)
+                if self.step_mirrors[i].ptr == NULL and self.steps[i] < _MAX_STEP - 1:
+                    b.step = <double>(self.steps[i] + 1)  # the common case, inline
+                else:
+                    b.step = self._next_step(i)
                 if self.scalars[i].ptr != NULL:
                     b.scalar = _mirror_get(&self.scalars[i])
-                self._check_block(i)
+                gi = <size_t>(self.blocks[i].options - self.options)
+                if (self.required[gi] & ~self.present[i]) or self.options[gi].ema:
+                    self._check_block(i)
                 if v.len == 0:
                     continue
                 # Binary search: the last written interval starting below the grad's end.
