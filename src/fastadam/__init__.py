@@ -62,7 +62,8 @@ def config():
     calling thread, as GNU OpenMP cannot run threads after a fork), default_chunk (the
     least elements per thread), prefetch_window ((lo, hi]: a step whose state bytes --
     elements x itemsize x 4, all tensors of the step together -- lie in it prefetches in
-    software; (0, 0] means never: no L3 size was reported).
+    software; (0, 0] means never: no L3 size was reported), rules (the update rules the C
+    core runs).
     """
     return {
         "version": __version__,
@@ -75,6 +76,7 @@ def config():
         "forked": _core.forked(),
         "default_chunk": _core.DEFAULT_CHUNK,
         "prefetch_window": _core.prefetch_window(),
+        "rules": list(_core.RULE_NAMES),
     }
 
 

@@ -13,6 +13,7 @@ def info(argv=None):
     print(f"  SIMD path in use : {c['simd']}")
     print(f"  usable here      : {', '.join(c['simd_available'])}")
     print(f"  compiled in      : {', '.join(c['simd_compiled'])}")
+    print(f"  update rules     : {', '.join(c['rules'])}")
     print(f"  OpenMP           : {'yes' if c['openmp'] else 'no (serial build)'}")
     print(f"  max threads      : {c['max_threads']} (at most {c['thread_cap']} used, whatever "
           f"num_threads asks)")
