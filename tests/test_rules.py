@@ -465,3 +465,23 @@ def test_lion_sign_of_zero_is_zero():
     opt = fastadam.Lion([p], lr=0.1)
     opt.step([np.array([0.0, -0.0, 1.0])])
     assert np.array_equal(p, [1.0, -2.0, 2.9])
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_a_step_of_every_rule_allocates_no_buffers(rule):
+    """With every stream the rule can have (and the average), a step over 1e6 parameters
+    allocates no array memory: only a few small Python objects."""
+    import tracemalloc
+    kw = {"sgd": dict(momentum=0.9, nesterov=True), "rmsprop": dict(momentum=0.9, centered=True),
+          "adam": dict(amsgrad=True, eps_root=1e-8)}.get(rule, {})
+    params = [np.zeros(500_000, np.float32), np.zeros((500, 1000), np.float32)]
+    grads = [np.ones_like(p) for p in params]
+    opt = RULES[rule][0](params, ema_decay=0.9, max_grad_norm=1.0, **kw)
+    opt.step(grads)
+    tracemalloc.start()
+    try:
+        opt.step(grads)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4096, f"a step allocated {peak} bytes"
