@@ -791,21 +791,36 @@ class NpModel:
             if self.skip_nonfinite and not finite:
                 return new, False
             scale = scale0
+            zero_grads = False  # an infinite norm clips by 0: g * (+-0), as the C core does
             if self.max_grad_norm is not None and active:
-                assert finite, "the fuzzer does not clip non-finite gradients"
-                norm = math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2))
-                                     for _, a in active)) / scale0
-                if opt_norm is None or not math.isclose(opt_norm, norm, rel_tol=1e-9,
-                                                        abs_tol=1e-300):
-                    fail(f"last_grad_norm is {opt_norm!r}, NumPy's norm is {norm!r}")
-                coef = self.max_grad_norm / (opt_norm + 1e-6)
-                if coef < 1.0:
-                    scale = scale0 / coef
-            for i, a in active:
                 with np.errstate(all="ignore"):
+                    sumsq = sum(float(np.sum(a.astype(np.float64) ** 2)) for _, a in active)
+                if not finite:
+                    # torch reports the non-finite sum as the norm; the coefficient is
+                    # then 0 (inf) or NaN (no clipping: NaN < 1 is false)
+                    if opt_norm is None or not (math.isnan(opt_norm) == math.isnan(sumsq)
+                                                and not math.isfinite(opt_norm)):
+                        fail(f"last_grad_norm is {opt_norm!r} for gradients whose sum of "
+                             f"squares is {sumsq!r}")
+                    zero_grads = math.isinf(opt_norm)
+                else:
+                    norm = math.sqrt(sumsq) / scale0
+                    if opt_norm is None or not math.isclose(opt_norm, norm, rel_tol=1e-9,
+                                                            abs_tol=1e-300):
+                        fail(f"last_grad_norm is {opt_norm!r}, NumPy's norm is {norm!r}")
+                    coef = self.max_grad_norm / (opt_norm + 1e-6)
+                    if coef < 1.0:
+                        scale = scale0 / coef
+            for i, a in active:
+                gopts = opts[self.group_of[i]]
+                if bool(gopts["amsgrad"]) and new.vmax[i] is None:
+                    new.vmax[i] = np.zeros_like(new.p[i])  # switched on: starts at zero
+                with np.errstate(all="ignore"):
+                    if zero_grads:
+                        a, scale = a * a.dtype.type(0.0), 1.0
                     reference.adam_step(new.p[i], a, new.m[i], new.v[i],
                                         step=new.steps[i] + 1, max_exp_avg_sq=new.vmax[i],
-                                        grad_scale=scale, **opts[self.group_of[i]])
+                                        grad_scale=scale, **gopts)
                 new.steps[i] += 1
             new.step_count = t
             return new, True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from operator import is_
 from typing import NamedTuple
 
 import numpy as np
@@ -185,11 +186,28 @@ def check_threads(num_threads) -> int:
     return int(num_threads)
 
 
+def _types(values):
+    """The classes of values, and of the elements of tuples among them (betas)."""
+    return tuple(v.__class__ if v.__class__ is not tuple else tuple(map(type, v))
+                 for v in values)
+
+
 def changed(keys, applied) -> bool:
-    """keys != applied, for any values a user may have put in a param group: a comparison
-    that raises (a signalling-NaN Decimal, say) counts as changed, so that the options are
-    checked again and the value is refused with a clear error."""
+    """keys != applied (both: one tuple of options per group), for any values a user may
+    have put in a param group: a comparison that raises (a signalling-NaN Decimal, say)
+    counts as changed, so that the options are checked again and the value is refused
+    with a clear error; so does a value of another type that compares equal (0.0 where
+    False was applied: a float is not a flag). Objects identical to the applied ones (a
+    group left alone) cost one identity test each."""
     try:
-        return bool(keys != applied)
+        if keys != applied:
+            return True
     except Exception:
         return True
+    # the common case, a group left alone, costs one identity test per option
+    if len(keys) == 1:
+        return not all(map(is_, keys[0], applied[0])) and _types(keys[0]) != _types(applied[0])
+    for k, a in zip(keys, applied):
+        if not all(map(is_, k, a)) and _types(k) != _types(a):
+            return True
+    return False
