@@ -26,6 +26,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_RECORDS
                              PyBuffer_IsContiguous)
 from cpython.ref cimport PyObject
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.dict cimport PyDict_GetItem
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
@@ -965,6 +966,26 @@ cdef object _step_plans(PyObject **plans, PyObject **grads, Py_ssize_t nplans,
     for k in range(nplans):
         (<_Plan>plans[k]).last_grad_norm = result
     return stepped, result
+
+
+def same_options(list keys, applied):
+    """True if every option object in keys (one tuple per group) is the very object that
+    was applied: the plan's options cannot have changed (the per-step fast path of
+    _options.changed; anything else is compared there, values and types)."""
+    cdef Py_ssize_t g, j, n = len(keys)
+    if type(applied) is not list or len(<list>applied) != n:
+        return False
+    for g in range(n):
+        k = keys[g]
+        a = (<list>applied)[g]
+        if k is a:
+            continue
+        if type(k) is not tuple or type(a) is not tuple or len(<tuple>k) != len(<tuple>a):
+            return False
+        for j in range(len(<tuple>k)):
+            if PyTuple_GET_ITEM(k, j) != PyTuple_GET_ITEM(a, j):
+                return False
+    return True
 
 
 def grad_stats(grads, int num_threads=0, int isa=-1):

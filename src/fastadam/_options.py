@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from operator import is_
 from typing import NamedTuple
 
 import numpy as np
+
+from ._core import same_options
 
 EPS_MODES = {"paper": 0, "hat": 1}
 MAX_THREADS = 2**31 - 1  # num_threads is a C int
@@ -198,16 +199,15 @@ def changed(keys, applied) -> bool:
     counts as changed, so that the options are checked again and the value is refused
     with a clear error; so does a value of another type that compares equal (0.0 where
     False was applied: a float is not a flag). Objects identical to the applied ones (a
-    group left alone) cost one identity test each."""
+    group left alone) cost one identity test each, in C."""
+    if same_options(keys, applied):  # the common case: every group left alone
+        return False
     try:
         if keys != applied:
             return True
     except Exception:
         return True
-    # the common case, a group left alone, costs one identity test per option
-    if len(keys) == 1:
-        return not all(map(is_, keys[0], applied[0])) and _types(keys[0]) != _types(applied[0])
     for k, a in zip(keys, applied):
-        if not all(map(is_, k, a)) and _types(k) != _types(a):
+        if _types(k) != _types(a):
             return True
     return False
