@@ -35,10 +35,6 @@ import copy
 import inspect
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -50,6 +46,7 @@ torch = pytest.importorskip(
 import fastadam  # noqa: E402
 import fastadam.torch as ft  # noqa: E402
 import test_reference_rules as ref  # noqa: E402  (the closed-loop problem and its bounds)
+from test_zero import launch_ranks  # noqa: E402  (the 2-process gloo launcher)
 
 RULES = ["SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion"]
 CLIP = 30.0  # max_grad_norm: the problem's gradient norms run from about 10 to 40
@@ -577,7 +574,7 @@ def test_groups_scheduler_amp_clipping_none_grads_and_ema(rule):
                             s = S[i].setdefault(k, np.zeros(P[i].shape))
                             np.maximum(s, np.abs(real(v).numpy()), out=s)
 
-    (tp, topt, tsched, tscaler), (fp, fopt, fsched, fscaler) = sides["torch"], sides["fastadam"]
+    (tp, topt, _, tscaler), (fp, fopt, _, fscaler) = sides["torch"], sides["fastadam"]
     assert fscaler.get_scale() == tscaler.get_scale() and len(scales) > 2  # grew, backed off
     assert max(norms) > CLIP  # clipping was active
     assert isinstance(fopt.param_groups[0]["lr"], torch.Tensor)
@@ -804,43 +801,13 @@ ZERO_WORKER = textwrap.dedent(r'''
 ''')
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_zero_redundancy_optimizer_with_every_rule(tmp_path):
     """Two ranks (gloo, one batch seen by both): each keeps the state of its shard only,
     and the result is bit for bit the single-process one (g/2 + g/2 == g)."""
     dist = pytest.importorskip("torch.distributed", reason="torch.distributed is unavailable")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is unavailable")
-    script = tmp_path / "worker.py"
-    script.write_text(ZERO_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
-    if loopback:
-        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    for attempt in range(2):  # a second port if the first was taken in the meantime
-        port = str(_free_port())
-        procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port,
-                                   str(tmp_path), str(ZERO_STEPS), json.dumps(ZERO_CASES)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True) for r in range(2)]
-        outputs = []
-        for p in procs:
-            try:
-                outputs.append(p.communicate(timeout=60)[0])
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                pytest.fail("the 2-process ZeRO run did not finish in 60 s:\n"
-                            + "\n".join(q.communicate()[0] for q in procs))
-        if all(p.returncode == 0 for p in procs):
-            break
-        if attempt == 1 or "address already in use" not in "".join(outputs).lower():
-            pytest.fail("a ZeRO worker failed:\n" + "\n---\n".join(outputs))
+    launch_ranks(tmp_path, ZERO_WORKER, (ZERO_STEPS, json.dumps(ZERO_CASES)), timeout=60)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
