@@ -91,7 +91,6 @@
 #define FA_C4_(F, b) FA_CASE_(F, (b) + 0) FA_CASE_(F, (b) + 1) FA_CASE_(F, (b) + 2) FA_CASE_(F, (b) + 3)
 #define FA_C16_(F, b) FA_C4_(F, b) FA_C4_(F, (b) + 4) FA_C4_(F, (b) + 8) FA_C4_(F, (b) + 12)
 #define FA_C64_(F, b) FA_C16_(F, b) FA_C16_(F, (b) + 16) FA_C16_(F, (b) + 32) FA_C16_(F, (b) + 48)
-#define FA_VARIANTS_4(F, v) switch (v) { FA_C4_(F, 0) default: break; }
 #define FA_VARIANTS_8(F, v) switch (v) { FA_C4_(F, 0) FA_C4_(F, 4) default: break; }
 #define FA_VARIANTS_16(F, v) switch (v) { FA_C16_(F, 0) default: break; }
 #define FA_VARIANTS_32(F, v) switch (v) { FA_C16_(F, 0) FA_C16_(F, 16) default: break; }

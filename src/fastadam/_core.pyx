@@ -702,7 +702,7 @@ cdef class _Plan:
                 raise ValueError(f"state['step'] of {self._name('param', i)} must be "
                                  f"< 2**62 - 1, got {before}")
             return _mirror_next(m)
-        if self.steps[i] >= _MAX_STEP - 1 or self._step_count >= _MAX_STEP - 1:
+        if self.steps[i] >= _MAX_STEP - 1:  # (step_count: checked once, in _acquire_grads)
             raise ValueError(f"{self._name('param', i)} has taken 2**62 - 1 "
                              f"steps, the most a step count may hold")
         return <double>(self.steps[i] + 1)

@@ -639,9 +639,7 @@ class Optimizer:
 
 
 def _item(v):
-    """A number or a 0-d/1-element array as a Python scalar (for scalar state)."""
-    if isinstance(v, np.ndarray) and v.size == 1:
-        return v.reshape(()).item()
+    """A number, or a one-element array (or tensor), as a Python scalar (scalar state)."""
     if hasattr(v, "item") and not isinstance(v, (int, float)):
         try:
             return v.item()
