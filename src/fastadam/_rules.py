@@ -2,7 +2,8 @@
 
 A rule is a name and its number in the C core (csrc/fastadam.h's fa_rule), its
 hyperparameters with torch 2.13's defaults and checks, the state streams its options
-need (in the order of csrc/rules/<rule>.h), how a state stream starts, whether torch keeps
+need (in the order of csrc/rules/<rule>.h), which of them can be negative (the 8-bit
+format's signed or unsigned map), how a state stream starts, whether torch keeps
 a ``step`` in its state, and its per-parameter scalar (NAdam's ``mu_product``). The
 optimizer classes (optim.py, torch.py) and the plan are the same for every rule.
 
@@ -63,6 +64,7 @@ class Rule:
     hyper = ()           # group keys in the C core's hyperparameter order
     defaults = {}        # every group option with torch 2.13's default (lr first)
     state = ()           # the state streams, in the C core's order
+    signed = ()          # per state stream: can it be negative? (8-bit: signed map, else unsigned)
     step = True          # torch keeps state['step']
     scalar = None        # (key, initial value) of a per-parameter scalar state
     nonneg = ("lr", "eps", "weight_decay")  # options torch checks as >= 0 (in its order)
@@ -139,6 +141,7 @@ class Adam(Rule):
                     maximize=False, decoupled_weight_decay=False, bias_correction=True,
                     eps_mode="paper", eps_root=0.0)
     state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    signed = (True, False, False)
     flags = ("maximize", "amsgrad", "decoupled_weight_decay", "bias_correction")
 
     def needs(self, o):
@@ -151,6 +154,7 @@ class SGD(Rule):
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                     maximize=False)
     state = ("momentum_buffer",)
+    signed = (True,)
     step = False
     nonneg = ("lr", "momentum", "weight_decay")
     flags = ("maximize", "nesterov")
@@ -181,6 +185,7 @@ class Adagrad(Rule):
     defaults = dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                     eps=1e-10, maximize=False)
     state = ("sum",)
+    signed = (False,)
     nonneg = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
     def initial(self, key, o):
@@ -193,6 +198,7 @@ class RMSprop(Rule):
     defaults = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False, maximize=False)
     state = ("square_avg", "momentum_buffer", "grad_avg")
+    signed = (False, True, True)
     nonneg = ("lr", "eps", "momentum", "weight_decay", "alpha")
     flags = ("maximize", "centered")
 
@@ -206,6 +212,7 @@ class Adamax(Rule):
     hyper = ("beta1", "beta2", "eps")
     defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False)
     state = ("exp_avg", "exp_inf")
+    signed = (True, False)
 
 
 class NAdam(Rule):
@@ -214,6 +221,7 @@ class NAdam(Rule):
     defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                     momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False)
     state = ("exp_avg", "exp_avg_sq")
+    signed = (True, False)
     scalar = ("mu_product", 1.0)
     nonneg = ("lr", "eps", "weight_decay", "momentum_decay")
     flags = ("maximize", "decoupled_weight_decay")
@@ -225,6 +233,7 @@ class RAdam(Rule):
     defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                     decoupled_weight_decay=False, maximize=False)
     state = ("exp_avg", "exp_avg_sq")
+    signed = (True, False)
     flags = ("maximize", "decoupled_weight_decay")
 
 
@@ -233,6 +242,7 @@ class Lion(Rule):
     hyper = ("beta1", "beta2")
     defaults = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False)
     state = ("exp_avg",)
+    signed = (True,)
     step = False
     nonneg = ("lr", "weight_decay")
 
@@ -253,4 +263,5 @@ class Lion(Rule):
 RULES = {r.name: r for r in (Adam(), SGD(), Adagrad(), RMSprop(), Adamax(), NAdam(), RAdam(),
                              Lion())}
 assert set(RULES) == set(_core.RULE_NAMES)
+assert all(len(r.signed) == len(r.state) for r in RULES.values())
 assert EPS_MODES == {"paper": 0, "hat": 1}
