@@ -312,3 +312,168 @@ def test_rule_summary_targets():
 def test_bad_optimizer(capsys):
     assert bench.main(["--optimizer", "adam,sophia"]) == 2
     assert "--optimizer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- formats
+
+from fastadam import bench_formats  # noqa: E402
+
+FORMATS_ARGV = ["--formats", "--sizes", "1e4", "--models", "none", "--threads", "1",
+                "--repeats", "3", "--batch-time", "0.002", "--max-time", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def formats_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "formats.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastadam", "bench", *FORMATS_ARGV,
+                           "--json", str(path)], capture_output=True, text=True, timeout=240)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    with open(path) as f:
+        data = json.load(f)
+    return data, proc.stdout, elapsed, path
+
+
+def test_formats_json_keys(formats_run):
+    data, out, elapsed, _ = formats_run
+    assert elapsed < 120   # about 25 s on 2 cores with DeepSpeed and bitsandbytes
+    assert data["schema"] == bench_formats.SCHEMA
+    assert set(data) == {"schema", "created", "elapsed_s", "machine", "versions", "settings",
+                         "notes", "rows", "peers", "results", "targets"}
+    assert {"deepspeed", "bitsandbytes", "ml_dtypes", "torch", "fastadam"} <= set(
+        data["versions"])
+    st = data["settings"]
+    assert st["sizes"] == [10_000] and st["models"] == [] and st["threads"] == [1]
+    assert st["hyperparameters"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                     "weight_decay": 1e-2}
+    assert st["rows"] == bench_formats.ROW_ORDER
+    rows = data["rows"]
+    assert {k: rows[k]["bytes_per_elem"] for k in bench_formats.FORMATS} == {
+        "fastadam_f32": 28, "fastadam_f32_8bit": 16.0625, "fastadam_bf16": 14,
+        "fastadam_bf16_sr": 14, "fastadam_bf16_master": 28,
+        "fastadam_bf16_master_8bit": 16.0625}
+    assert rows["fastadam_bf16_master"]["roofline_bytes_per_elem"] == 30  # p16 read too
+    assert rows["deepspeed_engine"]["bytes_per_elem"] == 40
+    # every row is measured or says why not; fastadam's float32 row always runs
+    assert set(data["peers"]) == set(st["rows"])
+    recs = {r["impl"]: r for r in data["results"]}
+    assert recs["fastadam_f32"]["status"] == "ok"
+    for key, why in data["peers"].items():
+        if why is None:
+            assert key in recs
+    for r in data["results"]:
+        assert {"workload", "n_elems", "threads", "impl", "label", "status"} <= set(r)
+        if r["status"] != "ok":
+            assert r["note"]
+            continue
+        assert r["sec_per_step"] > 0 and r["sec_q1"] <= r["sec_per_step"] <= r["sec_q3"]
+        assert r["gbps"] == pytest.approx(r["bytes_per_elem"] * r["n_elems"]
+                                          / r["sec_per_step"] / 1e9)
+        if r["impl"] in bench_formats.FORMATS:
+            assert {"resident_bytes_per_param", "resident_declared", "pct_roofline", "vs",
+                    "vs_fp32_best", "fp32_best_of", "roofline_bytes_per_elem"} <= set(r)
+            assert r["resident_bytes_per_param"] == pytest.approx(r["resident_declared"])
+            assert r["pct_roofline"] > 0
+            if r["fp32_best_of"]:
+                assert r["vs_fp32_best"] > 0
+    assert recs["fastadam_f32"]["resident_bytes_per_param"] == 8
+    for t in data["targets"]:
+        assert {"impl", "workload", "threads", "metric", "value", "target", "threshold",
+                "met"} <= set(t)
+    metrics = {(t["impl"], t["metric"]) for t in data["targets"]}
+    assert ("fastadam_f32", "pct_roofline") in metrics
+    if recs.get("fastadam_bf16_master", {}).get("status") == "ok":
+        assert ("fastadam_bf16_master", "vs deepspeed_engine") in metrics
+    assert "== 1e4" in out and "== targets of issue 10" in out
+
+
+def test_formats_load_reprints(formats_run, capsys):
+    _, out, _, path = formats_run
+    assert bench.main(["--load", str(path)]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_formats_groups_fit_and_keep_families():
+    n, gib = 10 ** 8, 2 ** 30
+    keys = bench_formats.ROW_ORDER
+    groups, too_big, anchors = bench_formats.plan_groups(keys, n, 12 * gib, 6 * n)
+    assert anchors == ["torch_fused", "deepspeed"] and not too_big
+    assert all(with_anchors for _, with_anchors in groups)
+    assert sorted(k for g, _ in groups for k in g) == sorted(
+        k for k in keys if k not in bench_formats.ANCHORS)
+    for fam in bench_formats.FAMILIES:                  # each family in one group
+        assert sum(any(k in g for k in fam) for g, _ in groups) == 1
+    # 7 GiB: more groups; the master family (targets against DeepSpeed's bf16 modes) stays
+    # whole, without the float32 anchors
+    groups, too_big, _ = bench_formats.plan_groups(keys, n, 7 * gib, 6 * n)
+    assert not too_big and len(groups) > 3
+    fam = bench_formats.FAMILIES[3]
+    assert (fam, False) in groups
+    for g, with_anchors in groups:
+        assert with_anchors or g == fam
+    groups, too_big, anchors = bench_formats.plan_groups(keys, n, 1 * gib, 6 * n)
+    assert anchors == [] and "torch_fused" in too_big
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--formats", "--optimizer", "sgd"], "--optimizer"),
+    (["--formats", "--dtype", "float64"], "--dtype"),
+    (["--formats", "nosuchformat"], "--formats"),
+    (["--formats", "--sizes", "none", "--models", "none"], "nothing to measure"),
+])
+def test_formats_bad_arguments(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def _adamw_reference(p0, grads, steps):
+    """AdamW in float64 (torch's formulation) from p0 with the same gradient every step."""
+    lr, (b1, b2), eps, wd = bench.LR, bench.BETAS, bench.EPS, bench_formats.WD
+    out = []
+    for p, g in zip(p0, grads):
+        p, m, v = p.copy(), np.zeros_like(p), np.zeros_like(p)
+        for t in range(1, steps + 1):
+            p *= 1 - lr * wd
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            p -= lr / (1 - b1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps)
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("key", bench_formats.DISPLAY_ORDER)
+def test_formats_rows_compute_adamw(key):
+    """Every row that runs here is AdamW with the same hyperparameters: after 3 steps its
+    parameters moved as float64 AdamW moves them (float32 rows to rounding; 16-bit
+    parameters and 8-bit moments: the same direction and size, within their rounding)."""
+    torch = pytest.importorskip("torch") if key not in bench_formats.FORMATS else \
+        bench._import_torch()
+    why = bench_formats.probe(key, torch)
+    if why is not None:
+        if key == "fastadam_f32":
+            pytest.fail(why)
+        pytest.skip(why)
+    wl = bench.Workload("t", "t", [(5000,), (300,)], "model")
+    data = bench_formats.Data(wl, 0, False, torch, need_bf16=True)
+    obj = bench_formats._make(key, wl, data, 1, 0, False)
+    p0 = obj.values()
+    spec = bench_formats.SPECS[key]
+    grads = [g.astype(np.float64) if spec.grad == "float32"
+             else g.view(np.int16).astype(np.int32).__lshift__(16).astype(np.uint32)
+             .view(np.float32).astype(np.float64) for g in
+             (data.g32 if spec.grad == "float32" else data.g16)]
+    fn, args = obj.call
+    for _ in range(3):
+        fn(*args)
+    ref = _adamw_reference(p0, grads, 3)
+    exact = key in ("fastadam_f32", "torch_fused", "deepspeed")
+    for p, q, r in zip(obj.values(), p0, ref):
+        d, dr = p - q, r - q
+        if exact:
+            np.testing.assert_allclose(d, dr, rtol=1e-4, atol=1e-8)
+        else:
+            assert np.corrcoef(d, dr)[0, 1] > 0.95
+            assert 0.8 < np.linalg.norm(d) / np.linalg.norm(dr) < 1.25
+    if torch is not None:
+        torch.set_num_threads(torch.get_num_threads())

@@ -889,6 +889,14 @@ def build_parser(prog=None):
     p.add_argument("--load", metavar="PATH",
                    help="do not measure: print (and --plot) the results of an earlier --json")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--formats", nargs="?", const="all", default=None, metavar="LIST",
+                   help="storage formats instead (docs/formats.md): fastadam's AdamW in "
+                        "fp32, fp32 + 8-bit state, bf16 + bf16 state, bf16 + fp32 master (+ "
+                        "8-bit state) against torch fused, DeepSpeed CPUAdam (fp32, bf16, its "
+                        "engine path) and bitsandbytes' 8-bit AdamW where installed, with "
+                        "each format's bytes and own roofline (default workloads 1e8 and "
+                        "gpt2_small; --sizes shrinks them). LIST: rows (see bench_formats."
+                        "DISPLAY_ORDER) or 'all' (the default)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -1587,6 +1595,10 @@ def main(argv=None, prog=None):
         prog = "fastadam-bench"
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.formats is not None and not args.load:
+        from . import bench_formats
+
+        return bench_formats.main(args, argv)
     if args.plot:
         why = check_matplotlib()
         if why:
@@ -1599,6 +1611,14 @@ def main(argv=None, prog=None):
         except (OSError, ValueError) as e:
             print(f"error: --load {args.load}: {e}", file=sys.stderr)
             return 2
+        if data.get("schema") == "fastadam-bench-formats/1":
+            from . import bench_formats
+
+            if args.plot:
+                print("error: --plot: a --formats run has no plot", file=sys.stderr)
+                return 2
+            print(bench_formats.format_report(data), flush=True)
+            return 0
         if data.get("schema") != SCHEMA:
             print(f"error: --load {args.load}: not a fastadam bench file", file=sys.stderr)
             return 2
