@@ -189,7 +189,10 @@ const char *fa_isa_name(fa_isa isa)
 
 int fa_init(fa_isa force)
 {
-    if (!fa_initialised) detect_all();
+    if (!fa_initialised) {
+        detect_all();
+        (void)fa_q8_init(); /* cannot fail for the shipped maps (tests/test_formats.py) */
+    }
     fa_initialised = 1; /* the support table is valid from here on */
     if (force != FA_ISA_AUTO) {
         if (!fa_isa_usable(force)) return -1;

@@ -9,6 +9,8 @@
 #include <omp.h>
 #endif
 
+unsigned fa_traffic_sink; /* keeps the traffic pattern's reads alive; never read */
+
 typedef struct {
     const fa_options *options;
     double step, scalar;
@@ -47,9 +49,75 @@ static void prefetch_block_start(const fa_block *b, size_t esize)
 #endif
 }
 
+/* A block whose streams are all in the call's dtype is updated in place. Any other block
+ * goes tile by tile: each stored stream is loaded into a float32 tile (in L1), the
+ * float32 kernel runs on the tiles (and on the float32 streams in place), and the written
+ * streams are stored back -- still one pass over memory. 512 elements: 8 streams of
+ * tiles take 16 KiB, a tile is a whole number of 8-bit blocks, and the kernel's per-call
+ * cost is spread over enough elements. */
+#define FA_TILE 512
+#if defined(_MSC_VER)
+#define FA_ALIGN64 __declspec(align(64))
+#else
+#define FA_ALIGN64 __attribute__((aligned(64)))
+#endif
+
+static int is_formatted(const fa_block *b)
+{
+    if (b->image) return 1;
+    for (int k = 0; k < FA_MAX_STREAMS; k++)
+        if (b->stream[k] && b->format[k] != FA_FMT_NATIVE) return 1;
+    return 0;
+}
+
+static void run_tiles(const fa_kernel_table *table, fa_kernel_fn kernel, const fa_consts *c,
+                      const fa_block *blk, size_t i0, size_t i1)
+{
+    /* aligned tiles: the kernels' loads and stores are then aligned too */
+    FA_ALIGN64 float tile[FA_MAX_STREAMS][FA_TILE];
+    uint32_t keys[FA_MAX_STREAMS][2];
+    const uint32_t *key[FA_MAX_STREAMS];
+    for (int k = 0; k < FA_MAX_STREAMS; k++) {
+        key[k] = 0;
+        if (blk->stochastic) {
+            const uint64_t sk = fa_stream_key(blk->rng_base, (uint64_t)blk->step, (unsigned)k);
+            keys[k][0] = (uint32_t)sk;
+            keys[k][1] = (uint32_t)(sk >> 32);
+            key[k] = keys[k];
+        }
+    }
+    for (size_t t0 = i0; t0 < i1;) {
+        size_t t1 = i1 - t0 < FA_TILE ? i1 : t0 + FA_TILE;
+        /* the random bits take the element index's high half once per tile */
+        if ((t0 >> 16 >> 16) != ((t1 - 1) >> 16 >> 16)) t1 = ((t0 >> 16 >> 16) + 1) << 16 << 16;
+        const size_t len = t1 - t0;
+        char *s[FA_MAX_STREAMS];
+        for (int k = 0; k < FA_MAX_STREAMS; k++) {
+            if (!blk->stream[k]) {
+                s[k] = 0;
+            } else if (blk->format[k] == FA_FMT_NATIVE) {
+                s[k] = (char *)blk->stream[k] + t0 * sizeof(float);
+            } else {
+                table->load[blk->format[k]](blk->stream[k], t0, len, tile[k], blk->absmax[k]);
+                s[k] = (char *)tile[k];
+            }
+        }
+        kernel(c, s, len, 0);
+        for (int k = 0; k < FA_MAX_STREAMS; k++)
+            if (k != FA_GRAD && blk->stream[k] && blk->format[k] != FA_FMT_NATIVE)
+                table->store[blk->format[k]](tile[k], blk->stream[k], t0, len, blk->absmax[k],
+                                             key[k]);
+        if (blk->image)
+            table->store[blk->image_format]((const float *)s[FA_PARAM], blk->image, t0, len, 0,
+                                            key[FA_PARAM]);
+        t0 = t1;
+    }
+}
+
 /* prefetch: 0 none, 1 the next block's first lines, 2 that and within each block. */
-static void run_range(fa_rule rule, fa_kernel_fn kernel, size_t esize, const fa_block *blocks,
-                      size_t nblocks, size_t lo, size_t hi, int prefetch)
+static void run_range(fa_rule rule, const fa_kernel_table *table, fa_kernel_fn kernel,
+                      size_t esize, const fa_block *blocks, size_t nblocks, size_t lo, size_t hi,
+                      int prefetch)
 {
     /* Process elements [lo, hi) of the concatenation of all blocks. */
     consts_cache cache = {0};
@@ -58,18 +126,36 @@ static void run_range(fa_rule rule, fa_kernel_fn kernel, size_t esize, const fa_
         const fa_block *blk = &blocks[b];
         const size_t end = start + blk->n;
         if (end > lo && blk->n > 0) {
-            if (prefetch && end < hi && b + 1 < nblocks)
+            if (prefetch && end < hi && b + 1 < nblocks && !is_formatted(&blocks[b + 1]))
                 prefetch_block_start(&blocks[b + 1], esize);
             const size_t i0 = lo > start ? lo - start : 0;
             const size_t i1 = (hi < end ? hi : end) - start;
-            const size_t off = i0 * esize;
-            char *s[FA_MAX_STREAMS];
-            for (int k = 0; k < FA_MAX_STREAMS; k++)
-                s[k] = blk->stream[k] ? (char *)blk->stream[k] + off : (char *)0;
-            kernel(consts_for(&cache, rule, blk), s, i1 - i0, prefetch == 2);
+            if (is_formatted(blk)) {
+                run_tiles(table, kernel, consts_for(&cache, rule, blk), blk, i0, i1);
+            } else {
+                const size_t off = i0 * esize;
+                char *s[FA_MAX_STREAMS];
+                for (int k = 0; k < FA_MAX_STREAMS; k++)
+                    s[k] = blk->stream[k] ? (char *)blk->stream[k] + off : (char *)0;
+                kernel(consts_for(&cache, rule, blk), s, i1 - i0, prefetch == 2);
+            }
         }
         start = end;
     }
+}
+
+/* A thread's share ends at `cut` of the concatenation, moved down to where its block's
+ * own index is a multiple of FA_Q8_BLOCK (an 8-bit block is never split). Monotone in
+ * cut, so consecutive shares stay contiguous and disjoint. */
+static size_t snap(const fa_block *blocks, size_t nblocks, size_t cut)
+{
+    size_t start = 0;
+    for (size_t b = 0; b < nblocks; b++) {
+        const size_t end = start + blocks[b].n;
+        if (cut < end) return start + ((cut - start) & ~(FA_Q8_BLOCK - 1));
+        start = end;
+    }
+    return cut;
 }
 
 static int want_prefetch(int prefetch, size_t state_bytes)
@@ -98,8 +184,8 @@ void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblock
 #ifdef _OPENMP
     /* Threads get at least `chunk` elements each (fewer threads when there is less
      * work: a fork/join costs microseconds), and equal shares of the concatenation of
-     * all blocks, cut on multiples of 16 elements so no two threads write one cache
-     * line. Every element is computed by exactly one thread with the same operations,
+     * all blocks, cut at block-local multiples of 256 elements (snap), so no two threads
+     * share an 8-bit block or, in aligned buffers, a cache line. Every element is computed by exactly one thread with the same operations,
      * so the bits do not depend on the split. */
     size_t nt = num_threads > 0 ? (size_t)num_threads : (size_t)omp_get_max_threads();
     if (nt > (size_t)fa_thread_cap()) nt = (size_t)fa_thread_cap();
@@ -109,17 +195,18 @@ void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblock
         {
             const size_t k = (size_t)omp_get_thread_num();
             const size_t team = (size_t)omp_get_num_threads();
-            const size_t lo = k == 0 ? 0 : (total / team * k + total % team * k / team) & ~(size_t)15;
+            const size_t lo = k == 0 ? 0
+                              : snap(blocks, nblocks, total / team * k + total % team * k / team);
             const size_t hi = k + 1 == team ? total
-                              : (total / team * (k + 1) + total % team * (k + 1) / team) & ~(size_t)15;
-            if (lo < hi) run_range(rule, kernel, esize, blocks, nblocks, lo, hi, pf);
+                              : snap(blocks, nblocks, total / team * (k + 1) + total % team * (k + 1) / team);
+            if (lo < hi) run_range(rule, table, kernel, esize, blocks, nblocks, lo, hi, pf);
         }
         return;
     }
 #else
     (void)num_threads;
 #endif
-    run_range(rule, kernel, esize, blocks, nblocks, 0, total, pf);
+    run_range(rule, table, kernel, esize, blocks, nblocks, 0, total, pf);
 }
 
 size_t fa_grad_stats_workspace(size_t total_elements)
@@ -128,8 +215,9 @@ size_t fa_grad_stats_workspace(size_t total_elements)
 }
 
 /* Chunks [c0, c1) of the concatenated grads: one sum of squares per chunk into ws[c]. */
-static void stats_range(fa_sumsq_fn sumsq, size_t esize, const fa_block *blocks, size_t nblocks,
-                        size_t total, size_t c0, size_t c1, double *ws, double *nonfinite)
+static void stats_range(const fa_sumsq_fn *sumsq, fa_dtype dtype, const fa_block *blocks,
+                        size_t nblocks, size_t total, size_t c0, size_t c1, double *ws,
+                        double *nonfinite)
 {
     size_t b = 0, start = 0; /* first block that ends after the chunk's start */
     for (size_t c = c0; c < c1; c++) {
@@ -140,7 +228,14 @@ static void stats_range(fa_sumsq_fn sumsq, size_t esize, const fa_block *blocks,
         for (size_t bb = b, s = start; bb < nblocks && s < hi; s += blocks[bb++].n) {
             const size_t e = s + blocks[bb].n;
             const size_t i0 = lo > s ? lo - s : 0, i1 = (hi < e ? hi : e) - s;
-            if (i1 > i0) sumsq((const char *)blocks[bb].stream[FA_GRAD] + i0 * esize, i1 - i0, acc, nonfinite);
+            const int f = blocks[bb].format[FA_GRAD];
+            const int which = f == FA_FMT_BF16 ? FA_SUMSQ_BF16
+                            : f == FA_FMT_F16  ? FA_SUMSQ_F16
+                            : dtype == FA_FLOAT64 ? FA_SUMSQ_F64 : FA_SUMSQ_F32;
+            const size_t esize = which == FA_SUMSQ_F64 ? 8 : which == FA_SUMSQ_F32 ? 4 : 2;
+            if (i1 > i0)
+                sumsq[which]((const char *)blocks[bb].stream[FA_GRAD] + i0 * esize, i1 - i0, acc,
+                             nonfinite);
         }
         double sum = acc[0];
         for (int j = 1; j < 16; j++) sum = sum + acc[j];
@@ -152,8 +247,7 @@ double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, dou
                      int num_threads, fa_isa isa, int *nonfinite)
 {
     const fa_kernel_table *table = fa_table(isa);
-    const fa_sumsq_fn sumsq = table->sumsq[dtype == FA_FLOAT64];
-    const size_t esize = dtype == FA_FLOAT64 ? sizeof(double) : sizeof(float);
+    const fa_sumsq_fn *sumsq = table->sumsq;
     size_t total = 0;
     for (size_t b = 0; b < nblocks; b++) total += blocks[b].n;
     const size_t nchunks = fa_grad_stats_workspace(total);
@@ -167,7 +261,7 @@ double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, dou
         {
             const size_t k = (size_t)omp_get_thread_num();
             const size_t team = (size_t)omp_get_num_threads();
-            stats_range(sumsq, esize, blocks, nblocks, total, nchunks * k / team,
+            stats_range(sumsq, dtype, blocks, nblocks, total, nchunks * k / team,
                         nchunks * (k + 1) / team, workspace, &nf);
         }
     } else
@@ -175,7 +269,7 @@ double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, dou
     (void)num_threads;
 #endif
     {
-        stats_range(sumsq, esize, blocks, nblocks, total, 0, nchunks, workspace, &nf);
+        stats_range(sumsq, dtype, blocks, nblocks, total, 0, nchunks, workspace, &nf);
     }
     double sum = 0.0;
     for (size_t c = 0; c < nchunks; c++) sum = sum + workspace[c];
@@ -208,6 +302,39 @@ void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threa
     (void)num_threads;
 #endif
     table->traffic(streams, nstreams, n);
+}
+
+void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t n,
+                int num_threads)
+{
+    const fa_kernel_table *table = fa_table(FA_ISA_AUTO);
+    unsigned sink = 0;
+    if (nstreams < 2) return;
+    if (nstreams > 8) nstreams = 8;
+#ifdef _OPENMP
+    int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+    if (nt > fa_thread_cap()) nt = fa_thread_cap();
+    const size_t nchunks = (n + FA_DEFAULT_CHUNK - 1) / FA_DEFAULT_CHUNK;
+    if (nt > 1 && nchunks > 1) {
+#pragma omp parallel num_threads(nt) reduction(+ : sink)
+        {
+            const size_t k = (size_t)omp_get_thread_num();
+            const size_t team = (size_t)omp_get_num_threads();
+            const size_t lo = (n * k / team) & ~(size_t)63, hi = k + 1 == team ? n : (n * (k + 1) / team) & ~(size_t)63;
+            char *s[8];
+            for (int j = 0; j < nstreams; j++) s[j] = (char *)streams[j] + lo * esize[j];
+            if (lo < hi) table->traffic_any(s, esize, nstreams, hi - lo, &sink);
+        }
+    } else
+#else
+    (void)num_threads;
+#endif
+    {
+        char *s[8];
+        for (int j = 0; j < nstreams; j++) s[j] = (char *)streams[j];
+        table->traffic_any(s, esize, nstreams, n, &sink);
+    }
+    *(volatile unsigned *)&fa_traffic_sink = sink;
 }
 
 int fa_openmp(void)

@@ -30,8 +30,34 @@ extern "C" {
 
 #define FA_VERSION "0.2.0"
 
-/* Storage of every stream of a call. The rule computes in this type. */
+/* The element type a call computes in, and the storage of its FA_FMT_NATIVE streams. */
 typedef enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 } fa_dtype;
+
+/* Storage of one stream of a block (fa_block.format). Anything but FA_FMT_NATIVE exists
+ * only in FA_FLOAT32 calls: such a stream is loaded and widened exactly to float32, the
+ * rule runs in float32, and a written stream is stored back -- rounded to 16 bits
+ * (nearest-even, or stochastic: fa_block.stochastic) or re-quantized to 8 bits. The
+ * grad may be FA_FMT_BF16 or FA_FMT_F16; the param and the state streams any format
+ * (8-bit: state only). fastadam/reference/formats.py is the exact specification. */
+typedef enum fa_format {
+    FA_FMT_NATIVE = 0,      /* the call's dtype */
+    FA_FMT_BF16 = 1,        /* bfloat16 bits (uint16) */
+    FA_FMT_F16 = 2,         /* IEEE binary16 */
+    FA_FMT_Q8_SIGNED = 3,   /* uint8 codes of bitsandbytes' signed dynamic map, blockwise */
+    FA_FMT_Q8_UNSIGNED = 4, /* the unsigned map (streams that are never negative) */
+    FA_FMT_COUNT = 5
+} fa_format;
+
+/* Elements per 8-bit block: each has one float32 absmax (fa_block.absmax). */
+#define FA_Q8_BLOCK ((size_t)256)
+
+/* Stochastic rounding draws 32 bits per stored element from a counter-based hash keyed
+ * on (seed, parameter index, step, stream, element index), so the bits do not depend on
+ * threads or SIMD path. fa_rng_base(seed, index) is a block's part of the key
+ * (fa_block.rng_base); fa_stream_key(base, step, stream) the key of one stream of it at
+ * step t (stream: FA_PARAM for the parameter, FA_STATE0 + k for state stream k). */
+uint64_t fa_rng_base(uint64_t seed, uint64_t index);
+uint64_t fa_stream_key(uint64_t base, uint64_t step, unsigned stream);
 
 /* Instruction-set paths. FA_ISA_AUTO means "the one chosen by fa_init()". */
 typedef enum fa_isa {
@@ -113,15 +139,24 @@ unsigned fa_rule_required(fa_rule rule, const fa_options *o);
 int fa_rule_nstate(fa_rule rule); /* state streams the rule may use */
 const char *fa_rule_name(fa_rule rule);
 
-/* One parameter tensor: n contiguous elements of the call's dtype in each present
- * stream (absent: NULL). No written stream may overlap another stream of any block in
- * the call (grads may overlap other grads). */
+/* One parameter tensor: n contiguous elements in each present stream (absent: NULL), in
+ * the stream's format (zero: the call's dtype). No written stream may overlap another
+ * stream of any block in the call (grads may overlap other grads). A zeroed fa_block
+ * with streams, n, options and step set is a plain block of the call's dtype. */
 typedef struct fa_block {
     void *stream[FA_MAX_STREAMS]; /* stream[FA_GRAD] is only read */
     size_t n;
     const fa_options *options; /* blocks may share one fa_options */
     double step;               /* t, the step being taken (>= 1) */
     double scalar;             /* the rule's per-block scalar state before the step */
+    unsigned char format[FA_MAX_STREAMS]; /* fa_format of each stream */
+    float *absmax[FA_MAX_STREAMS]; /* 8-bit streams: ceil(n / FA_Q8_BLOCK) block maxima */
+    /* Master weights: stream[FA_PARAM] is the float32 master, and image (format
+     * image_format: FA_FMT_BF16 or FA_FMT_F16) is written as its rounded value. */
+    void *image;
+    unsigned char image_format;
+    unsigned char stochastic; /* round 16-bit stores stochastically (else nearest-even) */
+    uint64_t rng_base;        /* fa_rng_base(seed, the parameter's index) */
 } fa_block;
 
 /* Software prefetching in the update pass: of the next block's first cache lines,
@@ -149,8 +184,8 @@ void fa_prefetch_window(size_t *lo, size_t *hi);
 #define FA_DEFAULT_CHUNK ((size_t)16384)
 
 /* Update every block in place with `rule`: one OpenMP parallel region over the
- * concatenation of all blocks, split into equal contiguous shares (cut on multiples of
- * 16 elements), one per thread, so work is balanced by element count whatever the block
+ * concatenation of all blocks, split into equal contiguous shares (cut where a block's
+ * own index is a multiple of FA_Q8_BLOCK, so no 8-bit block is shared), one per thread, so work is balanced by element count whatever the block
  * sizes. A thread is used only for each `chunk` elements of work (0 means
  * FA_DEFAULT_CHUNK): less than 2*chunk elements run on the calling thread. num_threads
  * <= 0 means OpenMP's default; the team never exceeds fa_thread_cap() (so that a
@@ -165,7 +200,7 @@ void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblock
 
 /* Gradient statistics for loss scaling and global-norm clipping, in one read pass.
  * Returns the sum of the squares of every grad element of every block (in double;
- * float32 elements are widened exactly), and sets *nonfinite to 1 if any element is
+ * float32 and 16-bit elements (format[FA_GRAD]) are widened exactly), and sets *nonfinite to 1 if any element is
  * inf or NaN, else 0. The sum is deterministic: the concatenation of the blocks is cut
  * into fixed chunks of FA_NORM_CHUNK elements, each chunk summed with 16 interleaved
  * accumulators in a fixed order, then the chunk sums added in chunk order -- the same
@@ -200,6 +235,11 @@ int fa_thread_cap(void);
  * written, stream[1] (grad) only read; float32, n elements each, 2 <= nstreams <= 6
  * (Adam: 4 streams, 28 bytes per element). Same threading as fa_step. */
 void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threads);
+/* The same for streams of any element size (esize[k] bytes: 1, 2, 4 or 8), as a storage
+ * format moves them: streams[1] only read, every other one read and written, element by
+ * element, tile by tile across all streams at once. */
+void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t n,
+                int num_threads);
 
 #ifdef __cplusplus
 }

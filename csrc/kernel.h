@@ -17,6 +17,9 @@
 #include "dispatch.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include "formats/q8_maps.h"
 
 #ifndef FA_SUFFIX
 #error "define FA_SUFFIX before including kernel.h"
@@ -125,12 +128,15 @@
 #undef FA_FABS
 #undef FA_TN
 
+/* ---- storage formats (16-bit, 8-bit) --------------------------------------------- */
+#include "formats.h"
+
 /* ---- gradient statistics ------------------------------------------------------------
  * Sum of squares with 16 interleaved double accumulators: lane j takes the elements
  * whose index within the segment is j mod 16, in order. Each lane is one sequential
  * chain, so vectorising across lanes does not change a bit. acc[16] carries on across
  * the segments of one chunk; nonfinite accumulates x*0, which is NaN iff x is inf/NaN. */
-#define FA_DEFINE_SUMSQ(TT, NAME)                                                      \
+#define FA_DEFINE_SUMSQ(TT, NAME, WIDEN)                                                      \
     static void FA_CAT(NAME, FA_SUFFIX)(const void *src, size_t n, double *FA_RESTRICT acc, \
                                         double *FA_RESTRICT nonfinite)                 \
     {                                                                                  \
@@ -140,12 +146,12 @@
         size_t i = 0;                                                                  \
         for (; i + 16 <= n; i += 16)                                                   \
             for (int j = 0; j < 16; j++) {                                             \
-                const double d = (double)x[i + j];                                     \
+                const double d = WIDEN(x[i + j]);                                     \
                 a[j] = a[j] + d * d;                                                   \
                 z[j] = z[j] + d * 0.0;                                                 \
             }                                                                          \
         for (int j = 0; i + (size_t)j < n; j++) {                                      \
-            const double d = (double)x[i + j];                                         \
+            const double d = WIDEN(x[i + j]);                                         \
             a[j] = a[j] + d * d;                                                       \
             z[j] = z[j] + d * 0.0;                                                     \
         }                                                                              \
@@ -154,8 +160,13 @@
         *nonfinite = *nonfinite + zs;                                                  \
     }
 
-FA_DEFINE_SUMSQ(float, fa_sumsq_f32)
-FA_DEFINE_SUMSQ(double, fa_sumsq_f64)
+#define FA_WIDEN_PLAIN(x) ((double)(x))
+#define FA_WIDEN_BF16(x) FA_CAT(fa_bf16_to_double, FA_SUFFIX)(x)
+#define FA_WIDEN_F16(x) FA_CAT(fa_f16_to_double, FA_SUFFIX)(x)
+FA_DEFINE_SUMSQ(float, fa_sumsq_f32, FA_WIDEN_PLAIN)
+FA_DEFINE_SUMSQ(double, fa_sumsq_f64, FA_WIDEN_PLAIN)
+FA_DEFINE_SUMSQ(uint16_t, fa_sumsq_bf16, FA_WIDEN_BF16)
+FA_DEFINE_SUMSQ(uint16_t, fa_sumsq_f16, FA_WIDEN_F16)
 
 /* ---- the traffic-only pattern for the roofline: same loads and stores, one add each */
 FA_INLINE void FA_CAT(fa_traffic_body, FA_SUFFIX)(float *const *s, size_t n, const int NS)
@@ -187,6 +198,29 @@ static void FA_CAT(fa_traffic, FA_SUFFIX)(float *const *s, int nstreams, size_t 
     }
 }
 
+/* The traffic of streams of any element size: per tile of 1024 elements, every stream's
+ * bytes of the tile are read (stream 1) or read and written (the others). */
+static void FA_CAT(fa_traffic_any, FA_SUFFIX)(char *const *s, const size_t *esize, int nstreams,
+                                              size_t n, unsigned *sink)
+{
+    unsigned acc = 0;
+    for (size_t t0 = 0; t0 < n; t0 += 1024) {
+        const size_t len = n - t0 < 1024 ? n - t0 : 1024;
+        for (int k = 0; k < nstreams; k++) {
+            unsigned char *FA_RESTRICT b = (unsigned char *)s[k] + t0 * esize[k];
+            const size_t nb = len * esize[k];
+            if (k == 1) {
+                unsigned char x = 0;
+                for (size_t j = 0; j < nb; j++) x ^= b[j];
+                acc += x;
+            } else {
+                for (size_t j = 0; j < nb; j++) b[j] = (unsigned char)(b[j] + 1u);
+            }
+        }
+    }
+    *sink += acc;
+}
+
 /* ---- this path's table (dispatch.c picks one) ------------------------------------- */
 #define FA_RULE_PAIR(rule) {FA_CAT(FA_CAT(FA_CAT(fa, rule), f32), FA_SUFFIX), \
                             FA_CAT(FA_CAT(FA_CAT(fa, rule), f64), FA_SUFFIX)}
@@ -194,5 +228,11 @@ const fa_kernel_table FA_CAT(fa_table, FA_SUFFIX) = {
     {FA_RULE_PAIR(adam), FA_RULE_PAIR(sgd), FA_RULE_PAIR(adagrad), FA_RULE_PAIR(rmsprop),
      FA_RULE_PAIR(adamax), FA_RULE_PAIR(nadam), FA_RULE_PAIR(radam), FA_RULE_PAIR(lion)},
     FA_CAT(fa_traffic, FA_SUFFIX),
-    {FA_CAT(fa_sumsq_f32, FA_SUFFIX), FA_CAT(fa_sumsq_f64, FA_SUFFIX)},
+    {FA_CAT(fa_sumsq_f32, FA_SUFFIX), FA_CAT(fa_sumsq_f64, FA_SUFFIX),
+     FA_CAT(fa_sumsq_bf16, FA_SUFFIX), FA_CAT(fa_sumsq_f16, FA_SUFFIX)},
+    {0, FA_CAT(fa_load_bf16, FA_SUFFIX), FA_CAT(fa_load_f16, FA_SUFFIX),
+     FA_CAT(fa_load_q8s, FA_SUFFIX), FA_CAT(fa_load_q8u, FA_SUFFIX)},
+    {0, FA_CAT(fa_store_bf16, FA_SUFFIX), FA_CAT(fa_store_f16, FA_SUFFIX),
+     FA_CAT(fa_store_q8s, FA_SUFFIX), FA_CAT(fa_store_q8u, FA_SUFFIX)},
+    FA_CAT(fa_traffic_any, FA_SUFFIX),
 };

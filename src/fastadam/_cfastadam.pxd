@@ -1,5 +1,5 @@
 # Declarations of the C core (csrc/fastadam.h) for Cython.
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 cdef extern from "fastadam.h" nogil:
     const char *FA_VERSION
@@ -33,12 +33,30 @@ cdef extern from "fastadam.h" nogil:
     ctypedef struct fa_consts:
         double v[FA_MAX_CONSTS]
         unsigned variant
+    ctypedef enum fa_format:
+        FA_FMT_NATIVE
+        FA_FMT_BF16
+        FA_FMT_F16
+        FA_FMT_Q8_SIGNED
+        FA_FMT_Q8_UNSIGNED
+        FA_FMT_COUNT
+    size_t FA_Q8_BLOCK
     ctypedef struct fa_block:
         void *stream[FA_MAX_STREAMS]
         size_t n
         const fa_options *options
         double step
         double scalar
+        unsigned char format[FA_MAX_STREAMS]
+        float *absmax[FA_MAX_STREAMS]
+        void *image
+        unsigned char image_format
+        unsigned char stochastic
+        uint64_t rng_base
+    uint64_t fa_rng_base(uint64_t seed, uint64_t index)
+    uint64_t fa_stream_key(uint64_t base, uint64_t step, unsigned stream)
+    void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t n,
+                    int num_threads)
     size_t FA_DEFAULT_CHUNK
     void fa_consts_init(fa_rule rule, fa_consts *c, const fa_options *o, double step,
                         double scalar)
@@ -64,3 +82,6 @@ cdef extern from "fastadam.h" nogil:
     double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
                          double *workspace, int num_threads, fa_isa isa, int *nonfinite)
     void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threads)
+
+cdef extern from "dispatch.h" nogil:
+    int fa_q8_init()

@@ -30,7 +30,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.dict cimport PyDict_GetItem
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, qsort
 from libc.math cimport sqrt, INFINITY
 
@@ -47,6 +47,16 @@ DEFAULT_CHUNK = FA_DEFAULT_CHUNK
 ISA_NAMES = tuple(fa_isa_name(<fa_isa>i).decode() for i in range(FA_ISA_COUNT))
 MAX_STEP = 2 ** 62  # step counts of the NumPy API are < MAX_STEP (int64 never overflows)
 MAX_THREADS = 2 ** 31 - 1
+# Storage formats of a stream (csrc/fastadam.h fa_format; docs/formats.md)
+FMT_NATIVE = FA_FMT_NATIVE
+FMT_BF16 = FA_FMT_BF16
+FMT_F16 = FA_FMT_F16
+FMT_Q8_SIGNED = FA_FMT_Q8_SIGNED
+FMT_Q8_UNSIGNED = FA_FMT_Q8_UNSIGNED
+Q8_BLOCK = FA_Q8_BLOCK
+# The 8-bit lookup tables were built from the maps without a bucket holding two
+# thresholds (fa_q8_init); checked by the tests.
+Q8_TABLES_OK = fa_q8_init() == 0
 
 cdef int64_t _MAX_STEP = 2 ** 62
 cdef bint _LITTLE = sys.byteorder == "little"
@@ -329,6 +339,63 @@ cdef int _mirror_from(_Mirror *m, object a, str label, bint counts) except -1:
     return 0
 
 
+cdef tuple _FMT_NAMES = ("float32", "bfloat16", "float16", "uint8 (8-bit codes)",
+                         "uint8 (8-bit codes)")
+
+
+cdef bint _typenum_ok(int fmt, cnp.ndarray a) except -1:
+    """An ndarray's dtype may hold stream format fmt (2-byte: float16, bfloat16 or an
+    int16/uint16 view of either; 8-bit: uint8)."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    if fmt == FA_FMT_F16:
+        return t == cnp.NPY_FLOAT16 or t == cnp.NPY_INT16 or t == cnp.NPY_UINT16
+    if fmt == FA_FMT_BF16:
+        return (t == cnp.NPY_INT16 or t == cnp.NPY_UINT16
+                or (cnp.PyArray_ITEMSIZE(a) == 2 and a.dtype.name == "bfloat16"))
+    return t == cnp.NPY_UINT8
+
+
+cdef int _acquire_stored(Py_buffer *view, object obj, str label, bint writable, int fmt,
+                         int ndim, const Py_ssize_t *shape) except -1:
+    """_acquire for a stream of format fmt (FA_FMT_*): NATIVE is float32 (_acquire); a
+    16-bit or 8-bit stream must be a C-contiguous, aligned, native-order NumPy array of a
+    dtype that holds it (_typenum_ok). The view is filled from the array's fields (no
+    buffer export: NumPy cannot export bfloat16), so releasing it is a no-op; the caller
+    keeps the array alive."""
+    cdef cnp.ndarray a
+    cdef int size = 2 if fmt == FA_FMT_BF16 or fmt == FA_FMT_F16 else 1
+    if fmt == FA_FMT_NATIVE:
+        return _acquire(view, obj, label, writable, 0, ndim, shape)
+    if not cnp.PyArray_Check(obj):
+        raise TypeError(f"{label} must be a NumPy array of dtype {_FMT_NAMES[fmt]}; got "
+                        f"{_describe(obj)}")
+    a = <cnp.ndarray>obj
+    if not _typenum_ok(fmt, a):
+        raise TypeError(f"{label} must have dtype {_FMT_NAMES[fmt]}; got {_describe(obj)}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{label} must be C-contiguous; got a strided view")
+    if <uintptr_t>cnp.PyArray_DATA(a) % <uintptr_t>size != 0:
+        raise ValueError(f"{label} is not aligned to its element size ({size} bytes)")
+    if not cnp.PyArray_ISNOTSWAPPED(a):
+        raise ValueError(f"{label} must be in native byte order")
+    view.buf = cnp.PyArray_DATA(a)
+    view.itemsize = size
+    view.len = cnp.PyArray_SIZE(a) * size
+    view.readonly = not cnp.PyArray_ISWRITEABLE(a)
+    view.ndim = cnp.PyArray_NDIM(a)
+    view.shape = <Py_ssize_t *>cnp.PyArray_DIMS(a)
+    view.strides = NULL
+    view.format = NULL
+    if writable and view.readonly:
+        raise ValueError(f"{label} is updated in place and must be writable; got a "
+                         f"read-only array")
+    if ndim >= 0 and not _same_shape(view, ndim, shape):
+        raise ValueError(f"{label} must have the shape of its parameter "
+                         f"{tuple(shape[k] for k in range(ndim))}; "
+                         f"got {tuple(view.shape[k] for k in range(view.ndim))}")
+    return 0
+
+
 # What the GIL-free part of a step needs of one plan.
 ctypedef struct _Run:
     fa_rule rule
@@ -350,13 +417,18 @@ ctypedef struct _Run:
 # -------------------------------------------------------------------------- plan
 # Each block writes up to _W buffers, its "slots": the parameter, the rule's state
 # streams (FA_MAX_STATE), and param_ema.
-cdef int _W = FA_MAX_STATE + 2
+# With storage formats, also the float32 master weights and the 8-bit state streams'
+# block maxima.
+cdef int _SLOT_EMA = FA_MAX_STATE + 1
+cdef int _SLOT_MASTER = FA_MAX_STATE + 2
+cdef int _SLOT_ABSMAX = FA_MAX_STATE + 3  # + k for state stream k
+cdef int _W = 2 * FA_MAX_STATE + 3
 cdef unsigned _EMA_BIT = 1u << FA_MAX_STATE  # in the masks of needed / present slots
 
 cdef inline int _slot_stream(int w) noexcept:
     if w == 0:
         return FA_PARAM
-    if w == _W - 1:
+    if w == _SLOT_EMA:
         return FA_EMA
     return FA_STATE0 + w - 1
 
@@ -365,7 +437,8 @@ cdef class _Plan:
     """Many parameter blocks of one update rule and their state, checked once.
 
     _Plan(rule, names, params, states, emas, groups, ngroups, single=False, labels=None,
-          step_mirrors=None, scalar_mirrors=None, ema_mirrors=None)
+          step_mirrors=None, scalar_mirrors=None, ema_mirrors=None, formats=None, masters=None,
+    absmaxes=None, stochastic=False, seed=0, indices=None)
     rule: an fa_rule number; names: the names of its state streams (for errors), at most
     FA_MAX_STATE; states[i]: block i's state arrays, one per name, None where absent (a
     stream the block's options require is checked at every step); emas: one array or
@@ -378,6 +451,16 @@ cdef class _Plan:
     < 2**62 here. scalar_mirrors: one writable 0-d float32/float64 array per block, for a
     rule that keeps a per-block scalar (NAdam's mu_product); it is read before and
     written after each step (fa_scalar_after).
+
+    Storage formats (docs/formats.md; the plan then computes in float32): formats[i] =
+    (param format, one format per state name), FMT_* codes; a FMT_NATIVE stream is a
+    float32 array, a 16-bit one any 2-byte array that can hold it (float16, bfloat16,
+    int16/uint16 views), an 8-bit one uint8. masters[i]: None or the float32 master of a
+    16-bit parameter (the rule updates it; the parameter is written as its rounded
+    value). absmaxes[i]: per state name, the float32 block maxima (ceil(n/256)) of an
+    8-bit stream, else None. stochastic, seed: how 16-bit stores round; indices[i]: the
+    parameter's index in the optimizer (the random bits' key). A grad of a 16-bit
+    parameter may be float32 or of the parameter's own dtype.
     """
     cdef size_t n, ngroups, nintervals, nstate
     cdef fa_rule rule
@@ -411,11 +494,19 @@ cdef class _Plan:
     cdef readonly tuple arrays     # keeps every state object alive
     cdef readonly object labels
     cdef public object last_grad_norm
+    cdef readonly bint formatted   # built with formats: float32 compute, per-stream storage
+    cdef int *grad16               # per block: the 16-bit format a grad of its dtype has, or 0
+    cdef int *param_typenum        # per block: its parameter's dtype number
 
     def __cinit__(self, int rule, tuple names, list params, list states, emas, list groups,
                   Py_ssize_t ngroups, bint single=False, labels=None, step_mirrors=None,
-                  scalar_mirrors=None, ema_mirrors=None):
+                  scalar_mirrors=None, ema_mirrors=None, formats=None, masters=None,
+                  absmaxes=None, bint stochastic=False, seed=0, indices=None):
         cdef Py_ssize_t n = len(params), i, j, k
+        cdef int fmt
+        cdef size_t nq
+        cdef Py_ssize_t qshape[1]
+        cdef uint64_t seed64
         cdef Py_buffer *v
         cdef int which
         cdef size_t total = 0, nshape = 0
@@ -429,7 +520,21 @@ cdef class _Plan:
             raise ValueError(f"rule {fa_rule_name(self.rule).decode()} has at most "
                              f"{fa_rule_nstate(self.rule)} state streams, got names {names}")
         self.nstate = len(names)
-        self.names = ("param",) + names + (None,) * (FA_MAX_STATE - len(names)) + ("param_ema",)
+        pad = (None,) * (FA_MAX_STATE - len(names))
+        self.names = (("param",) + names + pad + ("param_ema", "master_param")
+                      + tuple(f"{x}_absmax" for x in names) + pad)
+        self.formatted = formats is not None
+        if not self.formatted and (masters is not None or absmaxes is not None):
+            raise ValueError("masters and absmaxes need formats")
+        for lst, what in ((formats, "formats"), (masters, "masters"), (absmaxes, "absmaxes"),
+                          (indices, "indices")):
+            if lst is not None and len(lst) != n:
+                raise ValueError(f"{what} must have one entry per parameter")
+        if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not (0 <= seed.__index__() < 2 ** 64):
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        seed64 = <uint64_t>seed.__index__()
         if emas is None:
             emas = [None] * n
         if not (len(states) == len(emas) == len(groups) == n):
@@ -465,7 +570,9 @@ cdef class _Plan:
         self.scalars = <_Mirror *>calloc(n + 1, sizeof(_Mirror))
         self.required = <unsigned *>calloc(ngroups, sizeof(unsigned))
         self.present = <unsigned *>calloc(n + 1, sizeof(unsigned))
-        if (self.required == NULL or self.present == NULL or self.out == NULL or self.held == NULL or self.sigs == NULL or self.ndims == NULL
+        self.grad16 = <int *>calloc(n + 1, sizeof(int))
+        self.param_typenum = <int *>calloc(n + 1, sizeof(int))
+        if (self.grad16 == NULL or self.param_typenum == NULL or self.required == NULL or self.present == NULL or self.out == NULL or self.held == NULL or self.sigs == NULL or self.ndims == NULL
                 or self.param_objs == NULL
                 or self.shape_at == NULL or self.group_sizes == NULL
                 or self.grad_views == NULL or self.blocks == NULL or self.active == NULL
@@ -476,7 +583,10 @@ cdef class _Plan:
             raise MemoryError()
         self.arrays = (tuple(params), tuple(tuple(s) for s in states), tuple(emas),
                        tuple(step_mirrors or ()), tuple(scalar_mirrors or ()),
-                       tuple(ema_mirrors or ()))
+                       tuple(ema_mirrors or ()), tuple(masters or ()),
+                       tuple(tuple(a) if a is not None else None for a in (absmaxes or ())))
+        if self.formatted:
+            self.dtype = 0
         params = list(self.arrays[0])
         for j in range(ngroups):
             self.options[j].grad_scale = 1.0
@@ -490,16 +600,41 @@ cdef class _Plan:
             st = self.arrays[1][i]
             if len(st) != self.nstate:
                 raise ValueError(f"states[{i}] must have one entry per state name {names}")
-            objs = (params[i],) + st + (None,) * (FA_MAX_STATE - self.nstate) + (self.arrays[2][i],)
+            pad = (None,) * (FA_MAX_STATE - self.nstate)
+            fm = self._check_formats(formats, i) if self.formatted else (0,) * (1 + FA_MAX_STATE)
+            master = self.arrays[6][i] if masters is not None else None
+            am = self.arrays[7][i] if absmaxes is not None else None
+            am = (None,) * self.nstate if am is None else am
+            if len(am) != self.nstate:
+                raise ValueError(f"absmaxes[{i}] must have one entry per state name {names}")
+            if master is not None and fm[0] == FA_FMT_NATIVE:
+                raise ValueError(f"{self._name('master_param', i)}: master weights are for "
+                                 f"16-bit (float16/bfloat16) parameters only")
+            objs = (params[i],) + st + pad + (self.arrays[2][i], master) + am + pad
             self.param_objs[i] = <PyObject *>params[i]
             for which in range(_W):
                 if which > 0 and objs[which] is None:
                     continue
                 v = &self.out[_W * i + which]
-                self.dtype = _acquire(v, objs[which], self._name(self.names[which], i), True,
-                                      self.dtype, -1 if which == 0 else self.out[_W * i].ndim,
-                                      self.out[_W * i].shape)
+                label = self._name(self.names[which], i)
+                if which >= _SLOT_ABSMAX:
+                    if fm[which - _SLOT_ABSMAX + 1] < FA_FMT_Q8_SIGNED:
+                        raise ValueError(f"{label} is given for a stream that is not 8-bit")
+                    nq = (self.blocks[i].n + FA_Q8_BLOCK - 1) // FA_Q8_BLOCK
+                    qshape[0] = <Py_ssize_t>nq
+                    _acquire(v, objs[which], label, True, 0, 1, qshape)
+                elif not self.formatted:
+                    self.dtype = _acquire(v, objs[which], label, True, self.dtype,
+                                          -1 if which == 0 else self.out[_W * i].ndim,
+                                          self.out[_W * i].shape)
+                else:
+                    fmt = fm[which] if which <= FA_MAX_STATE else FA_FMT_NATIVE
+                    _acquire_stored(v, objs[which], label, True, fmt,
+                                    -1 if which == 0 else self.out[_W * i].ndim,
+                                    self.out[_W * i].shape)
                 self.held[_W * i + which] = 1
+                if which == 0:
+                    self.blocks[i].n = <size_t>(v.len // v.itemsize)
                 if cnp.PyArray_Check(objs[which]):
                     self.sigs[_W * i + which].obj = <PyObject *>objs[which]
                     self.sigs[_W * i + which].data = v.buf
@@ -510,13 +645,35 @@ cdef class _Plan:
                     self.intervals[self.nintervals].block = i
                     self.intervals[self.nintervals].which = which
                     self.nintervals += 1
-                self.blocks[i].stream[_slot_stream(which)] = v.buf
-                if which > 0:
+                if which == _SLOT_MASTER:  # the rule updates the master; the param is its image
+                    self.blocks[i].image = self.blocks[i].stream[FA_PARAM]
+                    self.blocks[i].image_format = <unsigned char>fm[0]
+                    self.blocks[i].stream[FA_PARAM] = v.buf
+                    self.blocks[i].format[FA_PARAM] = FA_FMT_NATIVE
+                elif which >= _SLOT_ABSMAX:
+                    self.blocks[i].absmax[FA_STATE0 + which - _SLOT_ABSMAX] = <float *>v.buf
+                else:
+                    self.blocks[i].stream[_slot_stream(which)] = v.buf
+                    if which <= FA_MAX_STATE:
+                        self.blocks[i].format[_slot_stream(which)] = <unsigned char>fm[which]
+                if 0 < which <= _SLOT_EMA:
                     self.present[i] |= 1u << (which - 1)  # state k: bit k; param_ema: _EMA_BIT
+            for k in range(self.nstate):
+                if (fm[1 + k] >= FA_FMT_Q8_SIGNED and self.blocks[i].stream[FA_STATE0 + k] != NULL
+                        and self.blocks[i].absmax[FA_STATE0 + k] == NULL):
+                    raise ValueError(f"{self._name(self.names[_SLOT_ABSMAX + k], i)} is "
+                                     f"required: {self._name(names[k], i)} is 8-bit")
+            if self.formatted:
+                self.param_typenum[i] = cnp.PyArray_TYPE(<cnp.ndarray>params[i])
+                self.grad16[i] = fm[0] if fm[0] in (FA_FMT_BF16, FA_FMT_F16) else 0
+                self.blocks[i].stochastic = stochastic
+                j = i if indices is None else indices[i]
+                if j < 0:
+                    raise ValueError(f"indices[{i}] must be >= 0, got {j}")
+                self.blocks[i].rng_base = fa_rng_base(seed64, <uint64_t>j)
             self.ndims[i] = self.out[_W * i].ndim
             self.shape_at[i] = nshape
             nshape += <size_t>self.out[_W * i].ndim
-            self.blocks[i].n = <size_t>(self.out[_W * i].len // self.out[_W * i].itemsize)
             self.blocks[i].options = &self.options[g]
             self.blocks[i].step = 0
             self.blocks[i].scalar = 0
@@ -563,6 +720,19 @@ cdef class _Plan:
         self.run.scalars = self.scalars
         self.run.step_count = &self._step_count
 
+    cdef tuple _check_formats(self, formats, Py_ssize_t i):
+        """formats[i] as a tuple of 1 + FA_MAX_STATE valid codes (absent states: 0)."""
+        f = formats[i]
+        if not isinstance(f, tuple) or len(f) != 1 + self.nstate:
+            raise ValueError(f"formats[{i}] must be a tuple (param format, one per state "
+                             f"name {self.names[1:1 + self.nstate]}), got {f!r}")
+        for k, x in enumerate(f):
+            if isinstance(x, bool) or not isinstance(x, int) or not (0 <= x < FA_FMT_COUNT):
+                raise ValueError(f"formats[{i}][{k}] must be an FMT_* code, got {x!r}")
+        if f[0] >= FA_FMT_Q8_SIGNED:
+            raise ValueError(f"formats[{i}][0]: a parameter cannot be 8-bit")
+        return f + (0,) * (FA_MAX_STATE - self.nstate)
+
     cdef str _name(self, str base, Py_ssize_t i):
         if self.labels is not None:
             return self.labels[i] if base == "param" else f"{base} of {self.labels[i]}"
@@ -583,6 +753,7 @@ cdef class _Plan:
         free(self.active); free(self.active_index); free(self.options); free(self.intervals)
         free(self.workspace); free(self.steps); free(self.ema_steps); free(self.step_mirrors)
         free(self.ema_mirrors); free(self.scalars); free(self.required); free(self.present)
+        free(self.grad16); free(self.param_typenum)
 
     @property
     def dtype(self):
@@ -736,6 +907,7 @@ cdef class _Plan:
         held. Returns the number of active blocks."""
         cdef Py_ssize_t i, lo, hi, mid
         cdef size_t nactive = 0
+        cdef int gf
         cdef Py_buffer *v
         cdef uintptr_t gs, ge
         cdef fa_block *b
@@ -755,11 +927,12 @@ cdef class _Plan:
                 if g is None:
                     continue
                 v = &self.grad_views[nactive]
-                self._acquire_grad(v, g, i)
+                gf = self._acquire_grad(v, g, i)
                 nactive += 1
                 b = &self.active[nactive - 1]
                 b[0] = self.blocks[i]
                 b.stream[FA_GRAD] = v.buf
+                b.format[FA_GRAD] = <unsigned char>gf
                 self.active_index[nactive - 1] = i
                 if self.step_mirrors[i].ptr == NULL and self.steps[i] < _MAX_STEP - 1:
                     b.step = <double>(self.steps[i] + 1)  # the common case, inline
@@ -793,14 +966,26 @@ cdef class _Plan:
         return nactive
 
     cdef int _acquire_grad(self, Py_buffer *v, object g, Py_ssize_t i) except -1:
+        """Acquire block i's grad; returns its format (FA_FMT_NATIVE: the plan's dtype)."""
         cdef int code
         # Fast path first: the label is formatted only when a check fails.
         if cnp.PyArray_CheckExact(g):
             code = _fill_from_ndarray(v, <cnp.ndarray>g)
             if code == self.dtype and _same_shape(v, self.ndims[i], &self.shapes[self.shape_at[i]]):
-                return code
-        return _acquire(v, g, self._name("grad", i), False, self.dtype, self.ndims[i],
-                        &self.shapes[self.shape_at[i]])
+                return FA_FMT_NATIVE
+        if self.grad16[i] and cnp.PyArray_Check(g) and (
+                cnp.PyArray_TYPE(<cnp.ndarray>g) == self.param_typenum[i]):
+            _acquire_stored(v, g, self._name("grad", i), False, self.grad16[i], self.ndims[i],
+                            &self.shapes[self.shape_at[i]])
+            return self.grad16[i]
+        if self.grad16[i] and cnp.PyArray_Check(g) and (
+                cnp.PyArray_TYPE(<cnp.ndarray>g) != cnp.NPY_FLOAT32):
+            raise TypeError(f"{self._name('grad', i)} must have dtype float32 or its "
+                            f"parameter's dtype {(<object>self.param_objs[i]).dtype}; got "
+                            f"{_describe(g)}")
+        _acquire(v, g, self._name("grad", i), False, self.dtype, self.ndims[i],
+                 &self.shapes[self.shape_at[i]])
+        return FA_FMT_NATIVE
 
     cdef void _release_grads(self, size_t nactive) noexcept:
         cdef size_t k
@@ -988,9 +1173,11 @@ def same_options(list keys, applied):
     return True
 
 
-def grad_stats(grads, int num_threads=0, int isa=-1):
+def grad_stats(grads, int num_threads=0, int isa=-1, formats=None):
     """(sum of squares in double, any inf/NaN) over a list of float32 or float64 arrays,
-    deterministic for every thread count and SIMD path (see fa_grad_stats)."""
+    deterministic for every thread count and SIMD path (see fa_grad_stats). formats: None,
+    or one FMT_* per grad: FMT_NATIVE for float32/float64 arrays (all of one dtype),
+    FMT_BF16/FMT_F16 for 2-byte arrays holding bfloat16/float16."""
     cdef tuple snap = _snapshot(grads)
     cdef Py_ssize_t n = len(snap), i
     cdef Py_buffer *views
@@ -1008,8 +1195,22 @@ def grad_stats(grads, int num_threads=0, int isa=-1):
         free(views); free(blocks)
         raise MemoryError()
     try:
+        if formats is not None and len(formats) != n:
+            raise ValueError("formats must have one entry per grad")
         for i in range(n):
             g = snap[i]
+            f = 0 if formats is None else formats[i]
+            if f in (FA_FMT_BF16, FA_FMT_F16):
+                _acquire_stored(&views[i], g, _label("grad", i, False), False, f, -1, NULL)
+                held += 1
+                blocks[i].format[FA_GRAD] = <unsigned char>f
+                blocks[i].stream[FA_GRAD] = views[i].buf
+                blocks[i].n = <size_t>(views[i].len // 2)
+                total += blocks[i].n
+                continue
+            if f != 0:
+                raise ValueError(f"formats[{i}] must be FMT_NATIVE, FMT_BF16 or FMT_F16, "
+                                 f"got {f!r}")
             code = _fill_from_ndarray(&views[i], <cnp.ndarray>g) if cnp.PyArray_CheckExact(g) else -1
             if code < 0 or (dtype >= 0 and code != dtype):
                 code = _acquire(&views[i], g, _label("grad", i, False), False, dtype, -1, NULL)
@@ -1086,3 +1287,45 @@ def traffic_f32(streams, int num_threads=0):
         return
     with nogil:
         fa_traffic_f32(ptrs, <int>ns, n, nt)
+
+
+def traffic(arrays, int num_threads=0):
+    """The memory pattern of a storage format without arithmetic (its roofline probe):
+    arrays[1] (the grad) is read, every other array read and written, element by element
+    -- 2 to 8 C-contiguous NumPy arrays with the same number of elements, of any element
+    size (uint8 codes, 2-byte, float32, float64)."""
+    cdef void *ptrs[8]
+    cdef size_t es[8]
+    cdef Py_ssize_t k, ns = len(arrays)
+    cdef size_t n = 0
+    cdef int nt = _threads(num_threads)
+    cdef cnp.ndarray a
+    held = tuple(arrays)
+    if not (2 <= ns <= 8):
+        raise ValueError("traffic: 2 to 8 arrays")
+    for k in range(ns):
+        if not cnp.PyArray_Check(held[k]):
+            raise TypeError(f"arrays[{k}] must be a NumPy array")
+        a = <cnp.ndarray>held[k]
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a) or (k != 1 and not cnp.PyArray_ISWRITEABLE(a)):
+            raise ValueError(f"arrays[{k}] must be C-contiguous (and writable but for arrays[1])")
+        if k == 0:
+            n = <size_t>cnp.PyArray_SIZE(a)
+        elif <size_t>cnp.PyArray_SIZE(a) != n:
+            raise ValueError("traffic: all arrays must have the same number of elements")
+        ptrs[k] = cnp.PyArray_DATA(a)
+        es[k] = <size_t>cnp.PyArray_ITEMSIZE(a)
+    if n == 0:
+        return
+    with nogil:
+        fa_traffic(ptrs, es, <int>ns, n, nt)
+
+
+def rng_base(seed, index):
+    """fa_rng_base: a block's part of the stochastic-rounding key (for tests)."""
+    return fa_rng_base(<uint64_t>seed, <uint64_t>index)
+
+
+def stream_key(base, step, unsigned stream):
+    """fa_stream_key (for tests against fastadam.reference.formats.stream_key)."""
+    return fa_stream_key(<uint64_t>base, <uint64_t>step, stream)
