@@ -484,6 +484,9 @@ BAD_KINDS = ["other_float", "float16", "longdouble", "int32", "int64", "uint8", 
              "strided", "reversed", "fortran", "readonly", "byteswapped", "bytearray",
              "bytes", "mv_bytes", "list", "scalar", "none", "empty", "longer", "2d",
              "alias", "raiser", "string", "dict", "nested_list"]
+# a float16 parameter is a valid one (computed in float32 beside float32 parameters:
+# docs/formats.md, tests/test_formats_api.py); as a gradient or state array it is garbage
+PARAM_BAD_KINDS = [k for k in BAD_KINDS if k != "float16"] + ODD_KINDS
 
 
 class Ex:
@@ -1041,7 +1044,8 @@ def test_numpy_api_construct(data):
         for j in range(k):
             shape = ex.draw(st.sampled_from(SHAPES), label=f"group {gi} params[{j}] shape")
             is_bad = "param" in bad and ex.draw(st.booleans(), label="this one garbage?")
-            params.append(ex.buffer(f"group {gi} params[{j}]", shape, dtype, bad=is_bad))
+            params.append(ex.buffer(f"group {gi} params[{j}]", shape, dtype, bad=is_bad,
+                                    kinds=PARAM_BAD_KINDS if is_bad else None))
         g = {"params": params}
         for key in ex.draw(st.lists(st.sampled_from(OPTION_KEYS), max_size=3, unique=True),
                            label=f"group {gi}: options set"):
@@ -1254,7 +1258,9 @@ def test_numpy_api_add_param_group(data):
     for j in range(k):
         shape = ex.draw(st.sampled_from(SHAPES[:10]), label=f"new params[{j}] shape")
         params.append(ex.buffer(f"new params[{j}]", shape, model.dtype,
-                                bad="param" in bad and j == k - 1))
+                                bad="param" in bad and j == k - 1,
+                                kinds=PARAM_BAD_KINDS if "param" in bad and j == k - 1
+                                else None))
     if "duplicate" in bad:
         params[ex.draw(st.integers(0, k - 1))] = ex.pick(model.param_objs, "an existing parameter (index)")
     if "overlap" in bad:
@@ -1610,7 +1616,8 @@ def test_numpy_api_clip_grad_norm(data):
         for i, a in enumerate(arrays):
             if a is None:
                 fail(f"clip_grad_norm_ accepted grads[{i}] = {grads[i]!r}")
-            if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous:
+            # float16 gradients are valid (16-bit training; docs/formats.md)
+            if a.dtype not in (np.float32, np.float64, np.float16) or not a.flags.c_contiguous:
                 fail(f"clip_grad_norm_ accepted grads[{i}] of dtype {a.dtype}, "
                      f"contiguous={a.flags.c_contiguous}")
         with np.errstate(all="ignore"):

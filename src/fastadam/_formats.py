@@ -34,15 +34,15 @@ __all__ = ["FMT_NATIVE", "FMT_BF16", "FMT_F16", "FMT_Q8_SIGNED", "FMT_Q8_UNSIGNE
            "Q8_BLOCK", "Q8_MIN_NUMEL", "FLOAT_DTYPES", "Formats", "ParamFormat",
            "check_formats", "check_master_weights", "check_state_dtype", "check_rounding",
            "check_seed", "dtype_name", "param_format", "check_master_needed",
-           "state_layout", "fmt_dtype", "grad_format", "STATE_DTYPES", "ROUNDINGS"]
+           "state_layout", "fmt_dtype", "is_q8", "grad_format", "STATE_DTYPES", "ROUNDINGS"]
 
-# The C core's storage formats (_core.pyx); the values are the core's own.
-FMT_NATIVE = getattr(_core, "FMT_NATIVE", 0)      # the plan's compute dtype
-FMT_BF16 = getattr(_core, "FMT_BF16", 1)          # bfloat16 bits in a 2-byte buffer
-FMT_F16 = getattr(_core, "FMT_F16", 2)            # IEEE float16
-FMT_Q8_SIGNED = getattr(_core, "FMT_Q8_SIGNED", 3)      # uint8 codes, signed dynamic map
-FMT_Q8_UNSIGNED = getattr(_core, "FMT_Q8_UNSIGNED", 4)  # uint8 codes, unsigned map
-Q8_BLOCK = getattr(_core, "Q8_BLOCK", 256)        # elements per float32 absmax
+# The C core's storage formats (_core.pyx)
+FMT_NATIVE = _core.FMT_NATIVE            # the plan's compute dtype
+FMT_BF16 = _core.FMT_BF16                # bfloat16 bits in a 2-byte buffer
+FMT_F16 = _core.FMT_F16                  # IEEE float16
+FMT_Q8_SIGNED = _core.FMT_Q8_SIGNED      # uint8 codes, signed dynamic map, absmax per block
+FMT_Q8_UNSIGNED = _core.FMT_Q8_UNSIGNED  # uint8 codes, unsigned map
+Q8_BLOCK = _core.Q8_BLOCK                # elements per float32 absmax
 Q8_MIN_NUMEL = 4096  # smaller tensors keep float32 state under "8bit" (bitsandbytes' rule)
 
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")  # parameter dtypes
@@ -108,7 +108,7 @@ def dtype_name(x):
         if x.startswith("torch."):
             return _TORCH_NAMES.get(x[6:], x[6:])
         try:
-            return np.dtype(name).name
+            return np.dtype(x).name
         except Exception:
             return None
     if type(x).__module__ == "torch" and str(x).startswith("torch."):

@@ -1,4 +1,4 @@
-"""Adam and AdamW optimizers over NumPy arrays: a thin class around one fused C call."""
+"""The NumPy optimizers (Adam, AdamW, SGD, ... Lion): a thin class around one fused C call."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ import operator
 import numpy as np
 
 from . import _core
+from . import _formats
 from . import _sync  # after _core: see _sync's docstring
 from ._options import (_real, changed, check_count, check_ema_decay, check_flag,
                        check_grad_scale, check_max_norm, check_threads, clip_coefficient)
@@ -57,16 +58,40 @@ def aligned_zeros(shape, dtype=np.float32, align=_ALIGN):
     return raw[offset:offset + nbytes].view(dtype).reshape(dims)
 
 
-def _staggered_zeros(like, page_offset):
-    """Zeros shaped like `like`, 64-byte aligned, starting at `page_offset` (mod 4096,
+def _staggered_zeros(shape, dtype, page_offset):
+    """Zeros of this shape and dtype, 64-byte aligned, starting at `page_offset` (mod 4096,
     rounded up to 64) within a page when the buffer is large enough for it to matter."""
-    nbytes = like.size * like.dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < (1 << 16):
-        return aligned_zeros(like.shape, like.dtype)
+        return aligned_zeros(shape, dtype)
     want = -(-page_offset // _ALIGN) * _ALIGN % 4096
     raw = np.zeros(nbytes + 4096, dtype=np.uint8)
     offset = (want - raw.ctypes.data) % 4096
-    return raw[offset:offset + nbytes].view(like.dtype).reshape(like.shape)
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _bfloat16(params=()):
+    """NumPy's bfloat16 dtype: that of a bfloat16 parameter when there is one, else
+    ml_dtypes' (imported only here: fastadam itself never needs it)."""
+    for p in params:
+        dt = getattr(p, "dtype", None) if isinstance(p, np.ndarray) else None
+        if dt is not None and dt.name == "bfloat16" and dt.isnative:
+            return dt
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError("state_dtype=bfloat16 needs the ml_dtypes package "
+                          "(pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _constant_state(value, n, fmt):
+    """(codes fill, absmax fill) of an n-element 8-bit stream that holds `value`
+    everywhere: every block of a constant is quantized alike, so one block says it."""
+    from .reference import formats as ref
+    x = np.full(min(n, _formats.Q8_BLOCK), value, np.float32)
+    codes, absmax = ref.quantize_blockwise(x, fmt == _formats.FMT_Q8_SIGNED)
+    return codes.reshape(-1)[0], np.asarray(absmax, np.float32).reshape(-1)[0]
 
 
 class InverseSqrtDecay:
@@ -95,7 +120,8 @@ class Optimizer:
     ----------------------------------------------------------
     params : list of arrays, or list of dicts ``{"params": [...], "lr": ..., ...}`` (param
         groups with per-group options, as torch). Arrays must be writable, C-contiguous,
-        aligned, distinct and all of one dtype (float32 or float64).
+        aligned and distinct, and either all float64 or each float32, float16 or bfloat16
+        (``ml_dtypes.bfloat16``), computed in float32 (docs/formats.md).
     lr : float >= 0 or a callable ``lr(t) -> float`` of the 1-based step number (see
         :class:`InverseSqrtDecay`).
     ema_decay : None, or d in [0, 1): also keep the temporal average of every parameter
@@ -112,11 +138,48 @@ class Optimizer:
     skip_nonfinite : if True, a step whose gradients hold an inf or NaN changes nothing
         (parameters, state, step counts) and ``step`` returns False.
 
+    Storage formats (optimizer-wide, keyword-only; docs/formats.md is the contract)
+    ---------------------------------------------------------------------------------
+    A float16/bfloat16 parameter is computed in float32: each step widens it and its state
+    exactly, runs the float32 rule and rounds what it stores. Its gradient may have its
+    dtype or be float32.
+
+    master_weights : bool (default False). Keep a float32 copy of every 16-bit parameter,
+        ``state[i]["master_param"]`` (the "master weights" of mixed-precision training,
+        Micikevicius et al. 2018): the rule updates the master and, in the same pass,
+        stores the 16-bit parameter as its rounded image. The master (and float32 state)
+        follows bit for bit the float32 trajectory of the same rule fed the widened
+        gradients. The master is the parameter widened to float32 as of its first step (a
+        value written to the parameter before then is kept); afterwards change the weights
+        through ``master_param``: the 16-bit parameter is overwritten at every step.
+        float32/float64 parameters are their own master; ValueError if no parameter is
+        16-bit.
+    state_dtype : None, float32, bfloat16 or ``"8bit"`` (NumPy or torch dtypes, or their
+        names): the storage of the rule's state (the moments). None: the parameter's dtype
+        (a 16-bit parameter's own dtype, as torch; float32 with master weights).
+        ``"8bit"``: bitsandbytes' blockwise format (Dettmers et al. 2022): per element the
+        uint8 index of the nearest value of a 256-entry dynamic map (signed for first
+        moments, unsigned for states that are never negative), per block of 256 elements
+        a float32 absmax (``<name>_absmax``); tensors of fewer than 4096 elements keep
+        float32 state. Each step updates the parameter from the float32 moments it just
+        computed; only their stored image is rounded or quantized. float64 parameters
+        take None only (TypeError naming the parameter).
+    rounding : ``"nearest"`` (IEEE round-to-nearest-even, default) or ``"stochastic"``:
+        how every 16-bit value stored (a 16-bit parameter, bfloat16/float16 state) is
+        rounded. Stochastic rounding rounds up with probability proportional to the
+        distance from the lower neighbour, so small updates survive in expectation; its
+        random bits hash (seed, parameter index, step, stream, element index): the same on
+        every SIMD path and thread count and after a state_dict resume.
+    seed : int in [0, 2**64) (default 0): the key of stochastic rounding.
+
     The state buffers are allocated once, 64-byte aligned; ``step`` allocates nothing.
     ``state_dict()`` mirrors torch's layout for the rule (per-parameter state under
     torch's names, ``step`` where torch keeps one, and ``param_groups``), with copies of
     the arrays; with ``ema_decay`` each entry also holds ``param_ema`` and
-    ``param_ema_step`` (its update count).
+    ``param_ema_step`` (its update count); ``master_param`` and ``<name>_absmax`` where
+    the formats keep them, ``step`` for every rule under stochastic rounding (its random
+    bits are keyed on the step count), and ``state_dict()["formats"]`` the four format
+    options (a state_dict saved with other formats is refused).
 
     Like torch.optim, every step re-reads ``param_groups``: a parameter array put into a
     group (or a group's list changed) is picked up, and a new array starts with fresh
@@ -146,8 +209,14 @@ class Optimizer:
     _rule = None  # a fastadam._rules.Rule
 
     def __init__(self, params, defaults, num_threads=None, max_grad_norm=None,
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, *, master_weights=False, state_dtype=None,
+                 rounding="nearest", seed=0):
         self._lock = _sync.new_lock(self)
+        self._formats = _formats.check_formats(master_weights, state_dtype, rounding, seed)
+        # state_dict entries hold 'step' where torch keeps one, and for every rule under
+        # stochastic rounding (its random bits are keyed on each parameter's step count)
+        self._counted = self._rule.step or self._formats.stochastic
+        self._bf16 = None  # NumPy's bfloat16 dtype, once some buffer needs it
         rule = self._rule
         self._group_keys = tuple(rule.defaults) + ("ema_decay",)
         self._group_key = operator.itemgetter(*self._group_keys)  # one C call per group
@@ -205,6 +274,26 @@ class Optimizer:
         self._max_grad_norm = check_max_norm(value)
 
     @property
+    def master_weights(self):
+        """Whether 16-bit parameters keep a float32 master_param (fixed at construction)."""
+        return self._formats.master_weights
+
+    @property
+    def state_dtype(self):
+        """The state storage: None, 'float32', 'float64', 'bfloat16' or '8bit' (fixed)."""
+        return self._formats.state_dtype
+
+    @property
+    def rounding(self):
+        """'nearest' or 'stochastic': how stored 16-bit values are rounded (fixed)."""
+        return self._formats.rounding
+
+    @property
+    def seed(self):
+        """The key of stochastic rounding (fixed at construction)."""
+        return self._formats.seed
+
+    @property
     def last_grad_norm(self):
         """The unscaled global gradient norm of the last step, before clipping, when it
         was computed (max_grad_norm or skip_nonfinite), else None."""
@@ -253,23 +342,46 @@ class Optimizer:
         new["params"] = params
         self.param_groups.append(new)
 
-    def _streams_for(self, a, o, ema, s=None):
+    def _np_dtype(self, name):
+        """The NumPy dtype of a dtype name of _formats (bfloat16: see _bfloat16)."""
+        if name != "bfloat16":
+            return np.dtype(name)
+        if self._bf16 is None:
+            self._bf16 = _bfloat16(p for g in self.param_groups for p in g["params"])
+        return self._bf16
+
+    def _streams_for(self, a, o, ema, pf, s=None):
         """s (a parameter's state dict, or a new one) completed with every stream the
-        options need, each starting at the rule's initial value. Buffers start 1, 2, 3
-        KiB past the parameter's offset within a 4 KiB page: buffers at the same page
-        offset make the CPU suspect that a load depends on an earlier store to another
-        buffer ("4K aliasing"), which costs a third of the in-cache speed."""
+        options need, each starting at the rule's initial value stored in its format
+        (pf, a _formats.ParamFormat): 8-bit codes with their ``<name>_absmax``, and the
+        ``master_param`` (the parameter widened to float32). Buffers start 1, 2, 3 KiB
+        (the master: 512 bytes) past the parameter's offset within a 4 KiB page: buffers
+        at the same page offset make the CPU suspect that a load depends on an earlier
+        store to another buffer ("4K aliasing"), which costs a third of the in-cache
+        speed."""
+        rule = self._rule
         s = {} if s is None else dict(s)
         page = a.ctypes.data % 4096
-        want = self._rule.needs(o) + (("param_ema",) if ema is not None else ())
-        for j, k in enumerate(self._rule.state + ("param_ema",)):
+        want = rule.needs(o) + (("param_ema",) if ema is not None else ())
+        fmts = pf.states + (_formats.FMT_NATIVE,)
+        for j, (k, fmt) in enumerate(zip(rule.state + ("param_ema",), fmts)):
             if k in want and k not in s:
-                s[k] = _staggered_zeros(a, page + 1024 * (j % 3 + 1))
-                init = self._rule.initial(k, o) if k != "param_ema" else 0.0
-                if init != 0.0:
+                dtype = self._np_dtype(_formats.fmt_dtype(fmt, pf.compute))
+                s[k] = _staggered_zeros(a.shape, dtype, page + 1024 * (j % 3 + 1))
+                init = rule.initial(k, o) if k != "param_ema" else 0.0
+                if _formats.is_q8(fmt):
+                    s[k + "_absmax"] = aligned_zeros(-(-a.size // _formats.Q8_BLOCK),
+                                                     np.float32)
+                    code, absmax = _constant_state(init, a.size, fmt)
+                    s[k][...] = code
+                    s[k + "_absmax"][...] = absmax
+                elif init != 0.0:
                     s[k][...] = init
-        if self._rule.scalar is not None and self._rule.scalar[0] not in s:
-            s[self._rule.scalar[0]] = np.array(self._rule.scalar[1], np.float64)
+        if pf.master and "master_param" not in s:
+            s["master_param"] = _staggered_zeros(a.shape, np.dtype(np.float32), page + 512)
+            s["master_param"][...] = a
+        if rule.scalar is not None and rule.scalar[0] not in s:
+            s[rule.scalar[0]] = np.array(rule.scalar[1], np.float64)
         return s
 
     def add_param_group(self, param_group):
@@ -291,13 +403,15 @@ class Optimizer:
         states/steps: load_state_dict's new state and (step, ema count) pairs, one per
         parameter in group order."""
         rule = self._rule
+        fm = self._formats
         old = self._plan
         known = {}
         if old is not None:
-            for p, s, c, e in zip(self._params, self._states, old.get_steps(),
-                                  old.get_ema_steps()):
-                known[id(p)] = (s, (c, e))
-        params, new_states, counts, group_of = [], [], [], []
+            for p, s, c, e, dt in zip(self._params, self._states, old.get_steps(),
+                                      old.get_ema_steps(), self._dtypes):
+                known[id(p)] = (s, (c, e), dt)
+        params, new_states, counts, group_of, pfs, dtypes = [], [], [], [], [], []
+        compute = None  # (the compute dtype, the first parameter's label)
         seen = set()
         for gi, g in enumerate(self.param_groups):
             if not isinstance(g, dict) or not isinstance(g.get("params"), list):
@@ -315,25 +429,40 @@ class Optimizer:
                 if id(p) in seen:
                     raise ValueError(f"duplicate parameters: an array appears twice ({where})")
                 seen.add(id(p))
+                pf = _formats.param_format(rule, a.dtype.name, a.size, fm, where)
+                if compute is None:
+                    compute = (pf.compute, where)
+                elif pf.compute != compute[0]:
+                    raise TypeError(
+                        f"{where} is {a.dtype} but {compute[1]} is not (or the reverse): "
+                        f"float64 parameters cannot share an optimizer with float32, "
+                        f"float16 or bfloat16 ones (they are computed in float32); use "
+                        f"one optimizer for each")
                 if states is not None:
                     s, c = states[len(params)], steps[len(params)]
                 elif id(p) in known:
-                    s, c = known[id(p)]
+                    s, c, dt = known[id(p)]
+                    layout = _formats.state_layout(rule, pf, a.shape, names=s, ema=True)
                     for k, v in s.items():
                         if v.ndim == 0:
                             continue  # the rule's scalar
-                        if v.dtype != a.dtype or v.size != a.size:
+                        want = layout.get(k, (None,))[0]
+                        if (dt != a.dtype or v.dtype.name != want
+                                or v.size != math.prod(layout[k][1])):
                             raise ValueError(
-                                f"{where} is {_what(a)}, but its state {k!r} is {_what(v)}: a "
+                                f"{where} is {_what(a)}, but its state {k!r} is {_what(v)}"
+                                f"{'' if dt == a.dtype else f' (made for {dt})'}: a "
                                 f"parameter and its state are updated in place and may not "
                                 f"change their size or dtype (put a new array in the param "
                                 f"group instead: it starts with fresh state)")
-                    if any(v.ndim and v.shape != a.shape for v in s.values()):
+                    if any(v.ndim and v.shape != a.shape and not k.endswith("_absmax")
+                           for k, v in s.items()):
                         # same elements, new shape: follow it
-                        s = {k: v.reshape(a.shape) if v.ndim else v for k, v in s.items()}
+                        s = {k: v.reshape(a.shape) if v.ndim and not k.endswith("_absmax")
+                             else v for k, v in s.items()}
                 else:
                     s, c = None, (0, 0)
-                full = self._streams_for(a, o, ema, s)
+                full = self._streams_for(a, o, ema, pf, s)
                 if s is not None and not rule.step and any(k not in s for k in rule.needs(o)):
                     # torch starts a new buffer from the gradient (SGD: buf = g), which the
                     # kernel does at the count's first step
@@ -342,12 +471,24 @@ class Optimizer:
                 new_states.append(full)
                 counts.append(c)
                 group_of.append(gi)
+                pfs.append(pf)
+                dtypes.append(a.dtype)
+        _formats.check_master_needed(fm, [d.name for d in dtypes])
         scalar = rule.scalar[0] if rule.scalar else None
+        kw = {}
+        if not all(pf.native for pf in pfs):
+            # (all native: every buffer float32, or every one float64, the plan of old)
+            kw = dict(formats=[pf.plan_tuple() for pf in pfs],
+                      masters=[s.get("master_param") for s in new_states],
+                      absmaxes=[tuple(_absmax_arg(s.get(k + "_absmax")) for k in rule.state)
+                                for s in new_states],
+                      stochastic=fm.stochastic, seed=fm.seed, indices=list(range(len(pfs))))
         plan = _core._Plan(rule.index, rule.state, params,
                            [tuple(s.get(k) for k in rule.state) for s in new_states],
                            [s.get("param_ema") for s in new_states], group_of,
                            max(len(self.param_groups), 1),
-                           scalar_mirrors=[s[scalar] for s in new_states] if scalar else None)
+                           scalar_mirrors=[s[scalar] for s in new_states] if scalar else None,
+                           **kw)
         for i, (c, e) in enumerate(counts):
             plan.set_step(i, c, e)
         if old is not None:
@@ -355,8 +496,27 @@ class Optimizer:
             plan.last_grad_norm = old.last_grad_norm
         self._params, self._states, self._group_of, self._plan = (
             params, new_states, group_of, plan)
+        self._dtypes = dtypes
+        # masters of parameters that have not stepped yet are refreshed before each step
+        self._unsynced = [i for i, pf in enumerate(pfs) if pf.master and counts[i][0] == 0]
         self._ngroups = len(self.param_groups)
         self._applied = None
+
+    def _sync_masters(self):
+        """Before its first step, a parameter's master is the parameter widened (as torch
+        makes state at the first step): what was written to the parameter since the
+        optimizer was made is kept. Masters of parameters that have stepped are left
+        alone."""
+        steps = self._plan.get_steps()
+        left = []
+        for i in self._unsynced:
+            if steps[i] == 0:
+                a = np.asarray(self._params[i])
+                m = self._states[i]["master_param"]
+                if a.dtype == self._dtypes[i] and a.shape == m.shape:  # else: rebuilt first
+                    m[...] = a
+                left.append(i)
+        self._unsynced = left
 
     # -------------------------------------------------------------------- step
     def step(self, grads, grad_scale=1.0):
@@ -382,6 +542,8 @@ class Optimizer:
                 grad_scale = check_grad_scale(grad_scale)
             if changed(keys, self._applied):
                 self._apply(keys)
+            if self._unsynced:
+                self._sync_masters()
             r = self._plan.step(grads, self._num_threads, self._chunk, self._isa, grad_scale,
                                 self._skip_nonfinite, self._max_grad_norm or 0.0,
                                 self._prefetch, self.param_groups)
@@ -391,6 +553,8 @@ class Optimizer:
                 for attempt in range(3):
                     self._rebuild()
                     self._apply(keys)
+                    if self._unsynced:
+                        self._sync_masters()
                     r = self._plan.step(grads, self._num_threads, self._chunk, self._isa,
                                         grad_scale, self.skip_nonfinite,
                                         self.max_grad_norm or 0.0, self._prefetch,
@@ -430,11 +594,15 @@ class Optimizer:
         rule = self._rule
         s = self._states[i]
         entry = {}
-        if rule.step:
+        if self._counted:
             entry["step"] = self._plan.get_steps()[i]
         for k in rule.state:
             if k in s:
                 entry[k] = s[k].copy() if copy else s[k]
+                if k + "_absmax" in s:
+                    entry[k + "_absmax"] = s[k + "_absmax"].copy() if copy else s[k + "_absmax"]
+        if "master_param" in s:
+            entry["master_param"] = s["master_param"].copy() if copy else s["master_param"]
         if rule.scalar:
             entry[rule.scalar[0]] = float(s[rule.scalar[0]])
         if "param_ema" in s:
@@ -447,7 +615,11 @@ class Optimizer:
         evaluation: new arrays ``param_ema / (1 - d**t)``, d the group's ``ema_decay``
         and t the number of averaged steps, in the order of the param groups (a copy of
         the parameter where nothing has been averaged yet). Raises ValueError unless
-        ``ema_decay`` is set for every group."""
+        ``ema_decay`` is set for every group.
+
+        The average of a float16/bfloat16 parameter is kept in float32 and returned in
+        float32 (where nothing has been averaged yet: its master_param, or the parameter
+        widened)."""
         with self._lock:
             out = []
             counts = self._plan.get_ema_steps()
@@ -459,10 +631,12 @@ class Optimizer:
                 a = np.asarray(p)
                 t = counts[i]
                 if t == 0:
-                    out.append(a.copy())
+                    out.append(s["master_param"].copy() if "master_param" in s else
+                               a.astype(s["param_ema"].dtype))
                     continue
+                ema_arr = s["param_ema"]
                 correction = 1.0 - float(d) ** t
-                out.append((s["param_ema"] / a.dtype.type(correction)).astype(a.dtype))
+                out.append((ema_arr / ema_arr.dtype.type(correction)).astype(ema_arr.dtype))
             return out
 
     def state_dict(self):
@@ -485,14 +659,17 @@ class Optimizer:
                 d["params"] = list(range(i, i + len(g["params"])))
                 i += len(g["params"])
                 groups.append(d)
-            return {"state": state, "param_groups": groups, "step_count": self._plan.step_count}
+            return {"state": state, "param_groups": groups, "step_count": self._plan.step_count,
+                    "formats": self._formats.as_dict()}
 
     def load_state_dict(self, state_dict):
         """Load a state_dict() of an optimizer over parameters of the same shapes and dtype.
 
         Everything is checked first -- the layout (no missing or unknown keys), every
-        group's options, every step count (an integer, 0 <= step < 2**62), every array's
-        shape and dtype -- and an error names the entry; on error this optimizer is
+        group's options, the formats (``state_dict["formats"]`` must equal this
+        optimizer's; a state_dict without one was saved with the defaults), every step
+        count (an integer, 0 <= step < 2**62), every array's shape and dtype (each state
+        in its format) -- and an error names the entry; on error this optimizer is
         unchanged. As in torch, the saved groups' 'params' ids are matched to this
         optimizer's parameters in order, and 'state' is keyed by those ids.
         """
@@ -516,9 +693,11 @@ class Optimizer:
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing the key {key!r}")
-        unknown = [k for k in state_dict if k not in ("state", "param_groups", "step_count")]
+        unknown = [k for k in state_dict
+                   if k not in ("state", "param_groups", "step_count", "formats")]
         if unknown:
             raise ValueError(f"state_dict has unknown keys {_keys(unknown)}")
+        self._check_saved_formats(state_dict.get("formats"))
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, (list, tuple)):
             raise TypeError(f"state_dict['param_groups'] must be a list, got "
@@ -569,13 +748,17 @@ class Optimizer:
             raise ValueError(f"state_dict['state'] has entries for unknown parameters "
                              f"{_keys(extra)}")
         entries = {id_of[int(k)]: (k, v) for k, v in saved_state.items()}
-        known = set(rule.state) | {"param_ema", "param_ema_step"} | (
-            {"step"} if rule.step else set()) | ({rule.scalar[0]} if rule.scalar else set())
         new_states, steps = [], []
         for g, (o, ema) in zip(new_groups, checked):
             for p in g["params"]:
                 pos = len(new_states)
                 a = _as_param(p, f"parameter {pos}")
+                pf = _formats.param_format(rule, a.dtype.name, a.size, self._formats,
+                                           f"parameter {pos}")
+                layout = _formats.state_layout(rule, pf, a.shape, ema=True)
+                known = set(layout) | {"param_ema_step"} | (
+                    {"step"} if self._counted else set()) | (
+                    {rule.scalar[0]} if rule.scalar else set())
                 s = {}
                 step = ema_step = 0
                 if pos in entries:
@@ -583,7 +766,8 @@ class Optimizer:
                     where = f"state_dict['state'][{key!r}]"
                     if not isinstance(entry, dict):
                         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
-                    need = (["step"] if rule.step else []) + list(rule.needs(o))
+                    need = (["step"] if self._counted else []) + list(
+                        _formats.state_layout(rule, pf, a.shape, names=rule.needs(o)))
                     if rule.scalar:
                         need.append(rule.scalar[0])
                     missing = [k for k in need if k not in entry]
@@ -592,35 +776,42 @@ class Optimizer:
                     unknown = [k for k in entry if k not in known]
                     if unknown:
                         raise ValueError(f"{where} has unknown keys {_keys(unknown)}")
-                    if rule.step:
+                    if self._counted:
                         step = check_count(f"{where}['step']", entry["step"])
                     elif any(k in entry for k in rule.needs(o)) or not rule.needs(o):
                         step = 1  # the buffers exist: not a first step (SGD)
                     if "param_ema" in entry:
                         ema_step = check_count(f"{where}['param_ema_step']",
                                                entry.get("param_ema_step", 0))
-                    for k in rule.state + ("param_ema",):
+                    for k, (dname, shape) in layout.items():
                         if k not in entry:
                             continue
+                        if k.endswith("_absmax") and k[:-7] not in entry:
+                            raise ValueError(f"{where} has {k!r} without {k[:-7]!r}")
                         v = _as_saved_array(entry[k], f"{where}[{k!r}]")
-                        if v.shape != a.shape or v.dtype != a.dtype:
+                        want = self._np_dtype(dname)
+                        if v.shape != shape or v.dtype != want:
                             raise ValueError(
-                                f"{where}[{k!r}] must have shape {a.shape} and dtype "
-                                f"{a.dtype}; got {v.shape} {v.dtype}")
+                                f"{where}[{k!r}] must have shape {shape} and dtype "
+                                f"{want}; got {v.shape} {v.dtype}")
                         s[k] = v
+                    for k in rule.state:
+                        if k in s and k + "_absmax" in layout and k + "_absmax" not in s:
+                            raise ValueError(f"{where} is missing {[k + '_absmax']}")
                     if rule.scalar:
                         k = rule.scalar[0]
                         v = _real(f"{where}[{k!r}]", _item(entry[k]))
                         if not 0.0 <= v <= 1.0:
                             raise ValueError(f"{where}[{k!r}] must be in [0, 1], got {v}")
                         s[k] = np.array(v, np.float64)
-                full = self._streams_for(a, o, ema)
+                full = self._streams_for(a, o, ema, pf)
                 for k, v in s.items():
-                    if v.ndim == 0:
+                    if v.ndim == 0 and k not in layout:
                         full[k] = v  # the rule's scalar
                         continue
                     if k not in full:  # saved, not needed now (amsgrad off, say): kept
-                        full[k] = _staggered_zeros(a, a.ctypes.data % 4096 + 3072)
+                        full[k] = _staggered_zeros(v.shape, v.dtype,
+                                                   a.ctypes.data % 4096 + 3072)
                     full[k][...] = v
                 new_states.append(full)
                 steps.append((step, ema_step))
@@ -629,6 +820,30 @@ class Optimizer:
         else:
             step_count = max((s for s, _ in steps), default=0)
         return new_groups, new_states, steps, step_count
+
+    def _check_saved_formats(self, saved):
+        """A state_dict's 'formats' (None: saved without one, so with the defaults) must
+        be this optimizer's: the state's layout and the rounding's bits follow them."""
+        where = "state_dict['formats']"
+        if saved is None:
+            got = _formats.Formats()
+        else:
+            if not isinstance(saved, dict):
+                raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
+            names = ("master_weights", "state_dtype", "rounding", "seed")
+            unknown = [k for k in saved if k not in names]
+            if unknown:
+                raise ValueError(f"{where} has unknown keys {_keys(unknown)}")
+            try:
+                got = _formats.check_formats(**{k: saved[k] for k in names if k in saved})
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}: {e}") from None
+        if got != self._formats:
+            diff = [f"{k}={getattr(got, k)!r} (this optimizer: {getattr(self._formats, k)!r})"
+                    for k in got._fields if getattr(got, k) != getattr(self._formats, k)]
+            raise ValueError(f"{where} differs from this optimizer's formats: "
+                             f"{', '.join(diff)}; make the optimizer with the same "
+                             f"master_weights, state_dtype, rounding and seed")
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -648,16 +863,25 @@ def _item(v):
     return v
 
 
+def _absmax_arg(a):
+    # WORKAROUND (until _Plan._current compares an absmax array with its own shape, not
+    # its parameter's): hand the plan a memoryview, which it does not re-check per step.
+    return None if a is None else memoryview(a)
+
+
 def _as_param(p, where):
     """p as an ndarray (a view, not a copy) if it can be a parameter, else TypeError."""
     try:
         a = np.asarray(p)
     except Exception as e:  # an object whose __array__ or buffer raises
-        raise TypeError(f"{where} must be a float32 or float64 array, got "
-                        f"{type(p).__name__} ({type(e).__name__}: {e})") from None
-    if a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{where}: params must have dtype float32 or float64, got "
-                        f"{type(p).__name__} of dtype {a.dtype}")
+        raise TypeError(f"{where} must be a float32 or float64 array (or float16 or "
+                        f"bfloat16), got {type(p).__name__} ({type(e).__name__}: {e})"
+                        ) from None
+    if a.dtype not in (np.float32, np.float64, np.float16) and not (
+            a.dtype.name == "bfloat16" and a.dtype.isnative):
+        raise TypeError(f"{where}: params must have dtype float32 or float64 (or float16 or "
+                        f"bfloat16, native byte order), got {type(p).__name__} of dtype "
+                        f"{a.dtype}")
     return a
 
 
@@ -701,7 +925,8 @@ class Adam(Optimizer):
     ``step``, ``exp_avg``, ``exp_avg_sq`` [, ``max_exp_avg_sq``].
 
     The common parameters (``ema_decay``, ``num_threads``, ``max_grad_norm``,
-    ``skip_nonfinite``) and the behaviour every optimizer shares are documented on
+    ``skip_nonfinite``), the storage formats (``master_weights``, ``state_dtype``,
+    ``rounding``, ``seed``) and the behaviour every optimizer shares are documented on
     :class:`fastadam.optim.Optimizer`.
     """
 
@@ -711,7 +936,8 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=None,
                  bias_correction=True, eps_mode="paper", num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None):
+                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None, *,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -719,7 +945,9 @@ class Adam(Optimizer):
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       bias_correction=bias_correction, eps_mode=eps_mode,
                                       eps_root=eps_root, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class AdamW(Adam):
@@ -731,14 +959,16 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, maximize=False, decoupled_weight_decay=True,
                  bias_correction=True, eps_mode="paper", num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None):
+                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None, *,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
                          bias_correction=bias_correction, eps_mode=eps_mode,
                          num_threads=num_threads, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, eps_root=eps_root,
-                         ema_decay=ema_decay)
+                         ema_decay=ema_decay, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
 
 class SGD(Optimizer):
@@ -762,11 +992,14 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, maximize=False, *, ema_decay=None, num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False):
+                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, state_dtype=None,
+                 rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class Adagrad(Optimizer):
@@ -785,11 +1018,14 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False, *,
-                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False):
+                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
                                       eps=eps, maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class RMSprop(Optimizer):
@@ -811,11 +1047,14 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, maximize=False, *, ema_decay=None, num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False):
+                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, state_dtype=None,
+                 rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize,
                                       ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class Adamax(Optimizer):
@@ -833,10 +1072,13 @@ class Adamax(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  maximize=False, *, ema_decay=None, num_threads=None, max_grad_norm=None,
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, master_weights=False, state_dtype=None,
+                 rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class NAdam(Optimizer):
@@ -858,12 +1100,15 @@ class NAdam(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, *,
-                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False):
+                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       momentum_decay=momentum_decay,
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class RAdam(Optimizer):
@@ -880,11 +1125,14 @@ class RAdam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, maximize=False, *, ema_decay=None,
-                 num_threads=None, max_grad_norm=None, skip_nonfinite=False):
+                 num_threads=None, max_grad_norm=None, skip_nonfinite=False,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class Lion(Optimizer):
@@ -904,10 +1152,13 @@ class Lion(Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
                  *, ema_decay=None, num_threads=None, max_grad_norm=None,
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, master_weights=False, state_dtype=None,
+                 rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite)
+                         num_threads, max_grad_norm, skip_nonfinite,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 def clip_grad_norm_(grads, max_norm, num_threads=None):
@@ -928,7 +1179,12 @@ def clip_grad_norm_(grads, max_norm, num_threads=None):
         raise TypeError(f"grads must be an array or a list of arrays, got "
                         f"{type(grads).__name__}")
     grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
-    sumsq, nonfinite = _core.grad_stats(grads, nt)  # checks dtype, contiguity, alignment
+    fmts = [_formats.grad_format(g.dtype.name) if isinstance(g, np.ndarray) else
+            _formats.FMT_NATIVE for g in grads]
+    if any(f != _formats.FMT_NATIVE for f in fmts):  # 16-bit gradients
+        sumsq, nonfinite = _core.grad_stats(grads, nt, formats=fmts)
+    else:  # checks dtype, contiguity, alignment
+        sumsq, nonfinite = _core.grad_stats(grads, nt)
     arrays = [np.asarray(g) for g in grads]
     extents = []
     for i, a in enumerate(arrays):
