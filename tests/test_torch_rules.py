@@ -444,7 +444,8 @@ def test_constructor_matches_torch_signature(rule):
     assert list(mine)[:len(theirs)] == list(theirs)
     for name, p in theirs.items():
         assert mine[name].default == p.default and mine[name].kind == p.kind, name
-    extras = {"max_grad_norm": None, "num_threads": None, "ema_decay": None}
+    extras = {"max_grad_norm": None, "num_threads": None, "ema_decay": None,
+              "master_weights": False, "state_dtype": None, "rounding": "nearest", "seed": 0}
     if rule in ("Adam", "AdamW"):
         extras["eps_root"] = 0.0
     assert {k: p.default for k, p in mine.items() if k not in theirs} == extras
@@ -456,7 +457,8 @@ def test_lion_signature():
     assert [(k, p.default) for k, p in mine.items()][1:] == [
         ("params", inspect.Parameter.empty), ("lr", 1e-4), ("betas", (0.9, 0.99)),
         ("weight_decay", 0.0), ("maximize", False), ("max_grad_norm", None),
-        ("num_threads", None), ("ema_decay", None)]
+        ("num_threads", None), ("ema_decay", None), ("master_weights", False),
+        ("state_dtype", None), ("rounding", "nearest"), ("seed", 0)]
 
 
 # ------------------------------------------- 5. groups, schedulers, AMP, clipping, EMA

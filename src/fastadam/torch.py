@@ -14,6 +14,11 @@ their memory; nothing is copied to or from NumPy. The arithmetic is the rule's
 specification in ``fastadam.reference`` (bit for bit), which agrees with
 ``torch.optim.X(foreach=False)`` to within about an ulp per step.
 
+float16 and bfloat16 parameters (with float32 master weights or not) and bfloat16 or
+8-bit blockwise state are the storage formats of docs/formats.md: keyword-only
+``master_weights``, ``state_dtype``, ``rounding`` and ``seed`` on every class (see
+:class:`Optimizer`).
+
 ``import fastadam`` never imports torch; this module does.
 """
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 import torch as _torch
 from torch.optim import Optimizer as _Optimizer
 
-from fastadam import _core, _sync
+from fastadam import _core, _formats, _sync
 from fastadam._options import (changed, check_ema_decay, check_grad_scale, check_max_norm,
                                check_threads)
 from fastadam._rules import RULES
@@ -37,7 +42,17 @@ _Tensor = _torch.Tensor
 _STRIDED = _torch.strided
 # parameter dtype -> (the dtype of the plan that updates it, viewed as real?)
 _SUPPORTED = {_torch.float32: ("float32", False), _torch.float64: ("float64", False),
-              _torch.complex64: ("float32", True), _torch.complex128: ("float64", True)}
+              _torch.complex64: ("float32", True), _torch.complex128: ("float64", True),
+              _torch.float16: ("float32", False), _torch.bfloat16: ("float32", False)}
+# 16-bit parameters: their float32-compute plan sees them (and their 16-bit gradients and
+# state) as int16 views, since torch cannot .numpy() a bfloat16 tensor
+_HALF = {_torch.float16: "float16", _torch.bfloat16: "bfloat16"}
+# the dtype name _formats decides a parameter's storage from (complex: its real view)
+_NAMES = {_torch.float32: "float32", _torch.float64: "float64", _torch.complex64: "float32",
+          _torch.complex128: "float64", _torch.float16: "float16",
+          _torch.bfloat16: "bfloat16"}
+_FMT_DTYPES = {"bfloat16": _torch.bfloat16, "float16": _torch.float16, "uint8": _torch.uint8}
+_DEFAULT_FORMATS = _formats.Formats()
 _COUNT_DTYPES = (_torch.float32, _torch.float64, _torch.int64)  # what a count mirror may be
 
 
@@ -81,8 +96,9 @@ def _check_param(p, where):
                          f"CPU memory (keep the model, or an fp32 master copy of its "
                          f"parameters, on the CPU)")
     if p.dtype not in _SUPPORTED:
-        raise TypeError(f"{where} is {_describe(p)}; fastadam.torch supports float32 and "
-                        f"float64 parameters (and complex64/complex128, viewed as real)")
+        raise TypeError(f"{where} is {_describe(p)}; fastadam.torch supports float32, "
+                        f"float64, float16 and bfloat16 parameters (and complex64/"
+                        f"complex128, viewed as real)")
     if not p.is_contiguous():
         raise ValueError(f"{where} is {_describe(p)} that is not contiguous (strides "
                          f"{p.stride()}); fastadam.torch updates contiguous parameters in "
@@ -103,11 +119,14 @@ def _number(name, x):
 
 
 def _view(t):
-    """Zero-copy NumPy view of a CPU tensor's memory (complex viewed as real)."""
+    """Zero-copy NumPy view of a CPU tensor's memory (complex viewed as real, float16 and
+    bfloat16 as int16: the plan knows each block's format)."""
     if t.requires_grad:
         t = t.detach()
     if t.is_complex():
         t = _torch.view_as_real(t)
+    elif t.dtype in _HALF:
+        t = t.view(_torch.int16)
     return t.numpy()
 
 
@@ -173,7 +192,7 @@ class _Cache:
     by another allocation while the plans point at it)."""
 
     __slots__ = ("ids", "tensors", "ptrs", "storages", "slots", "plans", "needs", "state",
-                 "state_ids", "inner_ids", "shapes")
+                 "state_ids", "inner_ids", "shapes", "unsynced")
 
     def __init__(self):
         self.ids = []        # id() of every parameter, in param-group order
@@ -187,20 +206,36 @@ class _Cache:
         self.state_ids = []  # id() of each per-parameter state dict, in order
         self.inner_ids = []  # id() of every value in them (the state tensors), in order
         self.shapes = []     # every parameter's shape when built
+        self.unsynced = []   # (parameter, master_param, step) of masters not stepped yet
 
 
 class _Lists:
     """The _Plan arguments of one dtype, gathered parameter by parameter."""
 
     __slots__ = ("params", "states", "emas", "groups", "labels", "steps", "scalars",
-                 "ema_steps", "counts", "slots", "fresh")
+                 "ema_steps", "counts", "slots", "fresh", "formats", "masters", "absmaxes",
+                 "indices", "plain")
 
     def __init__(self):
         for k in self.__slots__:
             setattr(self, k, [])
+        self.plain = True  # every block float32/float64 with native state: formats=None
+
 
 
 _MISSING = object()
+def _quantize(x, signed):
+    """The 8-bit blockwise (codes, absmax) of the float32 values x, as
+    fastadam.reference.formats specifies (imported when 8-bit state is made)."""
+    from fastadam.reference import formats
+    codes, absmax = formats.quantize_blockwise(x, signed)
+    return (np.ascontiguousarray(codes, np.uint8).reshape(-1),
+            np.ascontiguousarray(absmax, np.float32).reshape(-1))
+
+
+def _blocks(n):
+    """The number of blocks (one absmax each) of an n-element 8-bit stream."""
+    return -(-n // _formats.Q8_BLOCK)
 
 
 class _SparseGradientError(TypeError, RuntimeError):
@@ -208,7 +243,6 @@ class _SparseGradientError(TypeError, RuntimeError):
     as every other refused input of fastadam."""
 
 
-_grad_of = operator.attrgetter("grad")
 _shape_of = operator.attrgetter("shape")
 _data_ptr = _Tensor.data_ptr
 
@@ -239,11 +273,12 @@ class Optimizer(_Optimizer):
     Same ``param_groups``, ``state`` and ``state_dict()`` as the torch.optim class, so it
     works with ``torch.optim.lr_scheduler``, hooks, ``torch.amp.GradScaler``, checkpoints
     written by (or for) torch.optim and ``torch.distributed.optim.ZeroRedundancyOptimizer``.
-    Parameters must be dense, contiguous CPU tensors of dtype float32 or float64
-    (complex64/complex128 are updated as pairs of reals, as torch does). Each ``step()``
-    updates every parameter whose ``.grad`` is not None with one call into C (one per
-    dtype), in place; parameters whose ``.grad`` is None are skipped exactly as torch
-    skips them (their state and step count do not move).
+    Parameters must be dense, contiguous CPU tensors of dtype float32, float64, float16 or
+    bfloat16 (complex64/complex128 are updated as pairs of reals, as torch does). Each
+    ``step()`` updates every parameter whose ``.grad`` is not None with one call into C
+    (one per compute dtype: float32, float16 and bfloat16 parameters share the float32
+    one, float64 ones have their own), in place; parameters whose ``.grad`` is None are
+    skipped exactly as torch skips them (their state and step count do not move).
 
     Common keyword-only parameters (fastadam extras, after torch's own):
         max_grad_norm (float or None): clip the global L2 norm of all gradients of this
@@ -263,6 +298,38 @@ class Optimizer(_Optimizer):
             ``param_ema_step`` (a 0-dim int64 tensor, its update count);
             :meth:`averaged_params` returns the bias-corrected averages. It never changes
             the optimizer's own trajectory.
+
+    Storage formats (keyword-only, optimizer-wide; docs/formats.md is the contract):
+        master_weights (bool, default False): keep a float32 copy of every float16/bfloat16
+            parameter, ``state[p]['master_param']``, made from the parameter at its first
+            step; the rule updates the master and, in the same pass, writes the parameter
+            as its rounded image, so the master follows bit for bit the float32 trajectory
+            of the rule fed the widened gradients. Writes to the 16-bit parameter after its
+            first step are overwritten by the next one (load weights into ``master_param``).
+            ValueError if the optimizer has no 16-bit parameter.
+        state_dtype (None, float32, bfloat16 or "8bit"; torch or NumPy dtypes or names): the
+            storage of the rule's state tensors. None: the parameter's dtype (float32 for a
+            16-bit parameter with master weights), as torch.optim. "8bit": bitsandbytes'
+            blockwise format, uint8 codes under torch's names (``exp_avg``, ...) plus a
+            float32 ``<name>_absmax`` per 256 elements; tensors of fewer than 4096 elements
+            keep float32 state. Complex parameters keep their own dtype; float64 parameters
+            allow None (TypeError otherwise).
+        rounding ("nearest" or "stochastic") and seed (int in [0, 2**64)): how every stored
+            16-bit value is rounded; stochastic rounding draws its bits from (seed, the
+            parameter's index over all param groups, step, stream, element), the same for
+            every thread count and after a resume (SGD and Lion then keep a ``step`` in
+            their state, as the other rules do).
+    Each step widens every stored value exactly to float32, runs the float32 rule and
+    rounds (or re-quantizes) each value once on store; the parameter moves by the float32
+    moments, not by their stored images. The gradients of a 16-bit parameter have its
+    dtype (torch's rule; another dtype is a TypeError). ``param_ema`` of a 16-bit parameter
+    is float32. ``state_dict()`` adds ``"formats"`` (the four options) unless they are the
+    defaults; ``load_state_dict`` refuses another optimizer's formats, checks every
+    state tensor's dtype and shape, and keeps the saved dtypes (torch's own loader would
+    cast a 16-bit parameter's float32 master and 8-bit codes to its dtype). Under
+    ZeroRedundancyOptimizer each rank numbers the parameters of its own shard, so
+    stochastic rounding draws other bits than one process would (nearest rounding gives
+    the same bits).
 
     ``foreach`` and ``fused`` are accepted for compatibility and have no effect: fastadam
     always runs its own fused, multithreaded pass. ``capturable`` and ``differentiable``
@@ -306,9 +373,12 @@ class Optimizer(_Optimizer):
     _eager = False        # state made by the constructor (torch's Adagrad)
     _sparse = None        # the message for a sparse gradient (torch's where it has one)
 
-    def __init__(self, params, defaults, max_grad_norm=None, num_threads=None):
+    def __init__(self, params, defaults, max_grad_norm=None, num_threads=None, *,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         name = type(self).__name__
         self._lock = _sync.new_lock(self)
+        # first: add_param_group (run by torch's constructor) checks parameters against it
+        self._fmt = _formats.check_formats(master_weights, state_dtype, rounding, seed)
         if defaults.get("capturable"):
             raise NotImplementedError(
                 f"fastadam.torch.{name} does not support capturable=True (CUDA graph "
@@ -329,6 +399,8 @@ class Optimizer(_Optimizer):
         self._applied = None
         self._fresh = {}
         super().__init__(params, defaults)
+        _formats.check_master_needed(self._fmt, [_NAMES[p.dtype] for g in self.param_groups
+                                                 for p in g["params"]])
         if self._eager:
             self._make_eager_state()
 
@@ -449,8 +521,9 @@ class Optimizer(_Optimizer):
                 param_group["params"] = params
                 gi = len(self.param_groups)
                 for i, p in enumerate(params):
-                    _check_param(p[1] if isinstance(p, tuple) else p,
-                                 f"param group {gi}, parameter {i}")
+                    p = p[1] if isinstance(p, tuple) else p
+                    _check_param(p, f"param group {gi}, parameter {i}")
+                    self._layout(p, f"param group {gi}, parameter {i}")
             super().add_param_group(param_group)
             group = self.param_groups[-1]
             try:
@@ -469,12 +542,12 @@ class Optimizer(_Optimizer):
         for group in self.param_groups:
             o = self._options_of(group)[0]
             for p in group["params"]:
-                self.state[p] = self._new_state(p, o, None)
+                self.state[p] = self._new_state(p, o, None, self._layout(p))
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_fastadam"] = {"max_grad_norm": self.max_grad_norm,
-                              "num_threads": self.num_threads}
+                              "num_threads": self.num_threads, "_fmt": self._fmt}
         return state
 
     def __setstate__(self, state):
@@ -484,13 +557,18 @@ class Optimizer(_Optimizer):
             if isinstance(state, dict) and "param_groups" in self.__dict__ \
                     and "state" in state and "param_groups" in state:
                 # load_state_dict: check everything before anything is replaced
+                loading = self.__dict__.get("_loading")
+                if loading and "state_dict" in loading:
+                    self._uncast(state["state"], state["param_groups"],
+                                 loading["state_dict"])
                 self._check_loaded(state["state"], state["param_groups"])
             extra = state.pop("_fastadam", None) if isinstance(state, dict) else None
             super().__setstate__(state)
             if extra is not None:
                 self.__dict__.update(extra)
             for name, default in (("max_grad_norm", None), ("num_threads", None),
-                                  ("last_grad_norm", None)):
+                                  ("last_grad_norm", None),
+                                  ("_fmt", _DEFAULT_FORMATS)):
                 self.__dict__.setdefault(name, default)
             rule = self._rule
             for group in self.param_groups:
@@ -535,9 +613,16 @@ class Optimizer(_Optimizer):
         missing = [k for k in ("state", "param_groups") if k not in state_dict]
         if missing:
             raise ValueError(f"state_dict is missing the keys {missing}")
-        unknown = [k for k in state_dict if k not in ("state", "param_groups")]
+        unknown = [k for k in state_dict if k not in ("state", "param_groups", "formats")]
         if unknown:
             raise ValueError(f"state_dict has unknown keys {sorted(map(repr, unknown))}")
+        saved = state_dict.get("formats", _DEFAULT_FORMATS.as_dict())
+        if not isinstance(saved, dict):
+            raise TypeError(f"state_dict['formats'] must be a dict, got {type(saved).__name__}")
+        if saved != self.formats:
+            raise ValueError(f"state_dict['formats'] is {saved}, this optimizer's are "
+                             f"{self.formats}: a state_dict loads only into an optimizer with "
+                             f"the same master_weights, state_dtype, rounding and seed")
         if not isinstance(state_dict["state"], dict):
             raise TypeError("state_dict['state'] must be a dict")
         groups = state_dict["param_groups"]
@@ -556,27 +641,135 @@ class Optimizer(_Optimizer):
                     raise ValueError(f"state_dict['state'][{key!r}][{k!r}] is {_describe(t)} "
                                      f"({t.layout}); fastadam.torch's state is dense CPU tensors")
         with self._lock:
-            super().load_state_dict(state_dict)
+            # torch casts every state tensor but 'step' to its parameter's dtype: a hook
+            # run last hands the dict it loads to __setstate__, which keeps the saved
+            # tensors where the format stores another dtype (master weights, bfloat16 or
+            # 8-bit moments)
+            loading = {}
+            hook = self.register_load_state_dict_pre_hook(
+                lambda _, sd: loading.__setitem__("state_dict", sd))
+            self._loading = loading
+            try:
+                super().load_state_dict(state_dict)
+            finally:
+                hook.remove()
+                self._loading = None
 
-    @classmethod
-    def _required(cls):
+    @property
+    def _counted(self):
+        """The state keeps a ``step``: torch's rules with one, and under stochastic
+        rounding every rule (the random bits are keyed on the step: SGD's and Lion's
+        count is then saved with their state, so a resumed run draws the same bits)."""
+        return self._rule.step or self._fmt.stochastic
+
+    def _required(self):
         """The state keys every non-empty state of this rule has (torch makes them
         together); the others are made when the options need them."""
+        cls = type(self)
         keys = cls.__dict__.get("_required_")
         if keys is None:
             rule = cls._rule
             core = rule.needs(rule.check(dict(rule.defaults)))
-            keys = (("step",) if rule.step else ()) + (
-                (rule.scalar[0],) if rule.scalar else ()) + tuple(core)
+            keys = ((rule.scalar[0],) if rule.scalar else ()) + tuple(core)
             setattr(cls, "_required_", keys)
-        return keys
+        return (("step",) if self._counted else ()) + keys
 
-    @classmethod
-    def _known(cls):
+    def _known(self):
         """Every key a state of this rule may hold."""
-        rule = cls._rule
-        return ((("step",) if rule.step else ()) + ((rule.scalar[0],) if rule.scalar else ())
-                + tuple(rule.state) + ("param_ema", "param_ema_step"))
+        cls = type(self)
+        keys = cls.__dict__.get("_known_")
+        if keys is None:
+            rule = cls._rule
+            keys = (((rule.scalar[0],) if rule.scalar else ()) + ("master_param",)
+                    + tuple(rule.state) + tuple(k + "_absmax" for k in rule.state)
+                    + ("param_ema", "param_ema_step"))
+            setattr(cls, "_known_", keys)
+        return (("step",) if self._counted else ()) + keys
+
+    # ------------------------------------------------------------------ formats
+    @property
+    def formats(self):
+        """The storage options (docs/formats.md) as ``state_dict()["formats"]`` holds them:
+        master_weights, state_dtype (None, "float32", "float64", "bfloat16", "8bit"),
+        rounding and seed."""
+        return self._fmt.as_dict()
+
+    def _layout(self, p, where="a parameter"):
+        """How p is stored and updated (a _formats.ParamFormat: its format, one per state
+        stream, master weights?); TypeError naming `where` if the formats do not fit p."""
+        pf = _formats.param_format(self._rule, _NAMES[p.dtype], p.numel(), self._fmt, where)
+        if p.is_complex() and not pf.native:
+            raise TypeError(f"{where} is {_describe(p)}: complex parameters keep their "
+                            f"state in their own dtype (state_dtype must be None or "
+                            f"float32, got {self._fmt.state_dtype!r})")
+        return pf
+
+    @staticmethod
+    def _stream_dtype(p, fmt):
+        """The dtype of a state stream of p stored in format `fmt` (param_ema: native)."""
+        if fmt == _core.FMT_NATIVE:
+            return _torch.float32 if p.dtype in _HALF else p.dtype
+        return _FMT_DTYPES[_formats.fmt_dtype(fmt, "float32")]
+
+    def state_dict(self):
+        """As torch's, plus ``"formats"`` unless they are the defaults: the storage options
+        (see :attr:`formats`), which load_state_dict requires to be this optimizer's (a
+        state_dict without them, torch.optim's say, holds default formats). Every
+        format's state is there as it is held: ``master_param`` (float32), moments in
+        their dtype (8-bit: uint8 codes and ``<name>_absmax``)."""
+        sd = super().state_dict()
+        if self._fmt != _DEFAULT_FORMATS:  # else exactly torch's layout
+            sd["formats"] = self.formats
+        return sd
+
+    def _uncast(self, state, groups, saved):
+        """Put back the saved tensors that torch's load_state_dict cast to their
+        parameter's dtype where this optimizer's format keeps another dtype: every
+        tensor but 'step' of a 16-bit parameter (its master, float32 moments,
+        mu_product, ...), and 16-bit or 8-bit moments (with their absmax) of a float32
+        parameter. `state` is the new state torch is about to install, keyed by
+        parameter; `saved` the state_dict it was made from."""
+        try:
+            ids = [i for g in saved["param_groups"] for i in g["params"]]
+            params = [p for g in groups for p in g["params"]]
+            raw = saved["state"]
+        except (KeyError, TypeError):
+            return  # malformed: _check_loaded says why
+        for i, p in zip(ids, params):
+            entry, s = raw.get(i), state.get(p)
+            if not (isinstance(entry, dict) and isinstance(s, dict)
+                    and isinstance(p, _Tensor) and p.dtype in _NAMES):
+                continue
+            half = p.dtype in _HALF
+            fmts = {} if half else dict(zip(self._rule.state, self._layout(p).states))
+            for k, v in entry.items():
+                if k == "step" or k not in s or not isinstance(v, _Tensor):
+                    continue
+                fmt = fmts.get(k, _core.FMT_NATIVE)
+                if half or (fmt != _core.FMT_NATIVE and v.dtype == self._stream_dtype(p, fmt)):
+                    s[k] = v.to(device=p.device)
+
+    def _check_extras(self, p, s, pf, where):
+        """Raise unless the master weights and every 8-bit stream's absmax in state s fit
+        p's formats pf (the streams themselves are checked by the caller)."""
+        if pf.master:
+            if "master_param" not in s:
+                raise ValueError(f"the state of {where} lacks ['master_param'] "
+                                 f"(master_weights=True)")
+            self._fit(s["master_param"], p, "master_param", _torch.float32, where)
+        elif "master_param" in s:
+            raise ValueError(f"the state of {where} has 'master_param', but this optimizer "
+                             f"keeps no master weights for {_describe(p)}")
+        for k, fmt in zip(self._rule.state, pf.states):
+            a = s.get(k + "_absmax")
+            if _formats.is_q8(fmt) and s.get(k) is not None:
+                if a is None:
+                    raise ValueError(f"the state of {where} lacks ['{k}_absmax'] (8-bit "
+                                     f"state)")
+                self._fit(a, p, k + "_absmax", _torch.float32, where, (_blocks(p.numel()),))
+            elif a is not None:
+                raise ValueError(f"the state of {where} has '{k}_absmax', but its {k!r} is "
+                                 f"not 8-bit here")
 
     def _check_loaded(self, state, groups):
         """Raise unless (state, groups), as torch's load_state_dict is about to install
@@ -613,65 +806,92 @@ class Optimizer(_Optimizer):
             missing = [k for k in required if k not in s]
             if missing:
                 raise ValueError(f"the state of {where} lacks {missing}")
-            if rule.step:
+            if self._counted:
                 _step_value(s["step"], where)
             if rule.scalar:
                 _unit_value(s[rule.scalar[0]], rule.scalar[0], where)
             if s.get("param_ema_step") is not None:
                 _count_value(s["param_ema_step"], "param_ema_step", where)
+            pf = self._layout(p, where)
+            fmts = dict(zip(rule.state, pf.states), param_ema=_core.FMT_NATIVE)
             for k in streams:
                 t = s.get(k)
                 if t is None and k not in required:
                     continue  # made when the options need it
-                if not isinstance(t, _Tensor):
-                    raise TypeError(f"state[{k!r}] of {where} must be a tensor, got "
-                                    f"{type(t).__name__}")
-                if t.shape != p.shape or t.layout is not _STRIDED or t.device.type != "cpu":
-                    raise ValueError(f"state[{k!r}] of {where} is {_describe(t)} "
-                                     f"({t.layout}); it must be a dense CPU tensor of the "
-                                     f"parameter's shape {tuple(p.shape)}")
+                self._fit(t, p, k, self._stream_dtype(p, fmts[k]), where)
+            self._check_extras(p, s, pf, where)
 
     # -------------------------------------------------------------------- state
     def _initial(self, key, o):
         """The value a new state stream starts at, for a group with options o."""
         return self._rule.initial(key, o) if key != "param_ema" else 0.0
 
-    def _make(self, p, key, o):
+    def _make(self, p, key, o, fmt=_core.FMT_NATIVE):
         """A new state stream of p at the rule's initial value (torch's zeros_like /
-        full_like)."""
+        full_like) in format `fmt`: {key: tensor}, and for 8-bit also {key + "_absmax":
+        its blocks' absmax}."""
         init = self._initial(key, o)
-        if init == 0.0:
-            return _torch.zeros_like(p, memory_format=_torch.preserve_format)
-        return _torch.full_like(p, complex(init, init) if p.is_complex() else init,
-                                memory_format=_torch.preserve_format)
+        dtype = self._stream_dtype(p, fmt)
+        if dtype == p.dtype:
+            if init == 0.0:
+                return {key: _torch.zeros_like(p, memory_format=_torch.preserve_format)}
+            return {key: _torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                          memory_format=_torch.preserve_format)}
+        if _formats.is_q8(fmt):
+            codes, absmax = _quantize(np.full(p.numel(), init, np.float32),
+                                      fmt == _core.FMT_Q8_SIGNED)
+            return {key: _torch.from_numpy(codes).reshape(p.shape),
+                    key + "_absmax": _torch.from_numpy(absmax)}
+        # float32, or the float32 value rounded to nearest once (bfloat16, float16)
+        return {key: _torch.full(p.shape, init, dtype=_torch.float32).to(dtype)}
 
-    def _new_state(self, p, o, ema):
-        """A parameter's first state, in torch's key order."""
+    def _new_state(self, p, o, ema, pf):
+        """A parameter's first state, in torch's key order (fastadam's keys among them:
+        ``master_param`` after the counts, ``<name>_absmax`` after each 8-bit stream)."""
         rule = self._rule
         s = {}
-        if rule.step:
+        if self._counted:
             s["step"] = _torch.tensor(0.0, dtype=_step_dtype())
         if rule.scalar:
             s[rule.scalar[0]] = _torch.tensor(rule.scalar[1], dtype=_step_dtype())
+        if pf.master:  # the parameter widened (exactly), refreshed until its first step
+            s["master_param"] = p.detach().to(_torch.float32, copy=True)
+        fmts = dict(zip(rule.state, pf.states))
         for k in rule.needs(o):
-            s[k] = self._make(p, k, o)
+            s.update(self._make(p, k, o, fmts[k]))
         if ema is not None:
-            s["param_ema"] = self._make(p, "param_ema", o)
+            s.update(self._make(p, "param_ema", o))
             s["param_ema_step"] = _torch.tensor(0, dtype=_torch.int64)
         return s
 
-    def _state_updates(self, p, s, o, needs, where):
+    def _fit(self, t, p, key, dtype, where, shape=None):
+        """Raise unless t can be the state tensor `key` of p; returns t, or a contiguous
+        copy of it (kept as the state from then on)."""
+        if not isinstance(t, _Tensor):
+            raise TypeError(f"state[{key!r}] of {where} must be a tensor, got "
+                            f"{type(t).__name__}")
+        shape = p.shape if shape is None else shape
+        if (t.shape != shape or t.dtype != dtype or t.device != p.device
+                or t.layout is not _STRIDED):
+            raise ValueError(f"state[{key!r}] of {where} is {_describe(t)} ({t.layout}); it "
+                             f"must be a dense {str(dtype).replace('torch.', '')} tensor of "
+                             f"shape {tuple(shape)} on {p.device} (the parameter is "
+                             f"{_describe(p)})")
+        return t if t.is_contiguous() else t.contiguous()
+
+    def _state_updates(self, p, s, o, needs, pf, where):
         """What s needs to be usable by the plan (a dict of replacements, applied only once
         the whole step has been checked): streams the options need and s lacks (amsgrad
         switched on, say), 0-dim tensors for the step and scalar mirrors, contiguous
         state tensors. Raises if s cannot be used."""
         rule = self._rule
         required = self._required()
-        missing = [k for k in required if k not in s]
+        missing = [k for k in required + (("master_param",) if pf.master else ())
+                   if k not in s]
         if missing:
             raise ValueError(f"state of {where} lacks {missing}")
         updates = {}
-        if rule.step:
+        if self._counted:
             step = s["step"]
             value = _step_value(step, where)
             if not _is_mirror(step, (_torch.float32, _torch.float64)):
@@ -682,23 +902,35 @@ class Optimizer(_Optimizer):
             value = _unit_value(s[k], k, where)
             if not _is_mirror(s[k], (_torch.float32, _torch.float64)):
                 updates[k] = _torch.tensor(value, dtype=_step_dtype())
-        for k in tuple(rule.state) + ("param_ema",):
+        if pf.master:
+            t = s["master_param"]
+            u = self._fit(t, p, "master_param", _torch.float32, where)
+            if u is not t:
+                updates["master_param"] = u
+        for k, fmt in zip(tuple(rule.state) + ("param_ema",),
+                          pf.states + (_core.FMT_NATIVE,)):
             t = s.get(k)
             if t is None and k not in required:
                 if k in needs:  # switched on after the state was made: start it
-                    updates[k] = self._make(p, k, o)
+                    updates.update(self._make(p, k, o, fmt))
                     if k == "param_ema":
                         updates["param_ema_step"] = _torch.tensor(0, dtype=_torch.int64)
+                    elif not rule.step and "step" in s:
+                        # SGD's counted state: a new buffer's first step is torch's
+                        # buf = g, selected by the count (restarted)
+                        updates["step"] = _torch.tensor(0.0, dtype=_step_dtype())
                 continue
-            if not isinstance(t, _Tensor):
-                raise TypeError(f"state[{k!r}] of {where} must be a tensor, got "
-                                f"{type(t).__name__}")
-            if (t.shape != p.shape or t.dtype != p.dtype or t.device != p.device
-                    or t.layout is not _STRIDED):
-                raise ValueError(f"state[{k!r}] of {where} is {_describe(t)}; it must match "
-                                 f"the parameter, {_describe(p)}")
-            if not t.is_contiguous():
-                updates[k] = t.contiguous()  # a (rare) copy, kept as the state from now on
+            u = self._fit(t, p, k, self._stream_dtype(p, fmt), where)
+            if u is not t:
+                updates[k] = u  # a (rare) copy, kept as the state from now on
+            if _formats.is_q8(fmt):
+                key = k + "_absmax"
+                a = s.get(key)
+                if a is None:
+                    raise ValueError(f"state of {where} lacks ['{key}'] (8-bit state)")
+                u = self._fit(a, p, key, _torch.float32, where, (_blocks(p.numel()),))
+                if u is not a:
+                    updates[key] = u
         if s.get("param_ema") is not None:
             v = s.get("param_ema_step")
             if v is None:
@@ -731,13 +963,17 @@ class Optimizer(_Optimizer):
         per_dtype = {}  # plan dtype -> _Lists
         pending = []    # (p, new state dict or None, updates)
         state_tensors = []
+        index = -1  # the parameter's position over all groups (stochastic rounding's key)
+        counted = self._counted
         for gi, group in enumerate(self.param_groups):
             o, ema = options[gi]
             needs = tuple(rule.needs(o)) + (("param_ema",) if ema is not None else ())
-            stateless = not needs and not rule.step and not rule.scalar
+            stateless = not needs and not counted and not rule.scalar
             for i, p in enumerate(group["params"]):
+                index += 1
                 where = f"param group {gi}, parameter {i}"
                 _check_param(p, where)
+                pf = self._layout(p, where)
                 c.ids.append(id(p))
                 c.tensors.append(p)
                 c.shapes.append(p.shape)
@@ -753,11 +989,11 @@ class Optimizer(_Optimizer):
                         c.slots.append(None)
                         continue
                     else:
-                        s = self._new_state(p, o, ema)
+                        s = self._new_state(p, o, ema, pf)
                         pending.append((p, s, None))
                         made = tuple(s)
                 else:
-                    updates = self._state_updates(p, s, o, needs, where)
+                    updates = self._state_updates(p, s, o, needs, pf, where)
                     if updates:
                         pending.append((p, None, updates))
                         made = tuple(k for k in updates if s.get(k) is None)
@@ -769,39 +1005,55 @@ class Optimizer(_Optimizer):
                 lists.params.append(_view(p))
                 lists.states.append(tuple(None if s.get(k) is None else _view(s[k])
                                           for k in rule.state))
+                half = p.dtype if p.dtype in _HALF else None
+                # a stream the state lacks is given as native (a new one means a new plan)
+                lists.formats.append((pf.param,) + tuple(
+                    _core.FMT_NATIVE if s.get(k) is None else f
+                    for k, f in zip(rule.state, pf.states)))
+                lists.masters.append(_view(s["master_param"]) if pf.master else None)
+                lists.absmaxes.append(tuple(
+                    _view(s[k + "_absmax"]) if _formats.is_q8(f) and s.get(k) is not None
+                    else None for k, f in zip(rule.state, pf.states)))
+                lists.indices.append(index)
+                lists.plain = lists.plain and pf.native
                 ema_t = s.get("param_ema")
                 lists.emas.append(None if ema_t is None else _view(ema_t))
                 lists.ema_steps.append(None if ema_t is None else s["param_ema_step"].numpy())
                 lists.groups.append(gi)
                 lists.labels.append(where)
-                if rule.step:
+                if counted:
                     lists.steps.append(s["step"].numpy())
                 if rule.scalar:
                     lists.scalars.append(s[rule.scalar[0]].numpy())
-                if not rule.step:
+                if pf.master and counted and float(s["step"]) == 0.0:
+                    c.unsynced.append((p, s["master_param"], s["step"]))
+                if not counted:
                     new = [s[k] for k in needs if k != "param_ema" and s.get(k) is not None
                            and (k in made or fresh.get(id(s[k])) is s[k])]
                     lists.counts.append(0 if new else 1)
                     lists.fresh.append(new)
-                lists.slots.append((len(c.slots), cplx))
+                lists.slots.append((len(c.slots), cplx, half))
                 state_tensors += [s[k] for k in known if isinstance(s.get(k), _Tensor)]
                 c.slots.append(None)
         ngroups = max(len(self.param_groups), 1)
         new_fresh = {}
         for lists in per_dtype.values():
+            fmt = {} if lists.plain else dict(
+                formats=lists.formats, masters=lists.masters, absmaxes=lists.absmaxes,
+                indices=lists.indices, stochastic=self._fmt.stochastic, seed=self._fmt.seed)
             plan = _core._Plan(rule.index, tuple(rule.state), lists.params, lists.states,
                                lists.emas, lists.groups, ngroups, labels=lists.labels,
-                               step_mirrors=lists.steps if rule.step else None,
+                               step_mirrors=lists.steps if counted else None,
                                scalar_mirrors=lists.scalars if rule.scalar else None,
-                               ema_mirrors=lists.ema_steps)
-            if not rule.step:
+                               ema_mirrors=lists.ema_steps, **fmt)
+            if not counted:
                 for bi, (count, new) in enumerate(zip(lists.counts, lists.fresh)):
                     plan.set_step(bi, count)
                     for t in new:
                         new_fresh[id(t)] = (t, plan, bi)
             pi = len(c.plans)
-            for bi, (pos, cplx) in enumerate(lists.slots):
-                c.slots[pos] = (pi, bi, cplx)
+            for bi, (pos, cplx, half) in enumerate(lists.slots):
+                c.slots[pos] = (pi, bi, cplx, half)
             c.plans.append(plan)
         # Everything is checked: install the new and completed state (undone by _undo
         # if the step that asked for it is refused).
@@ -837,6 +1089,14 @@ class Optimizer(_Optimizer):
                         self.state[p][k] = v
         self._cache = None
 
+    def _where(self, p):
+        """'param group i, parameter j' of parameter p (for errors)."""
+        for gi, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param group {gi}, parameter {i}"
+        return "a parameter"
+
     def _collect(self):
         """(per-plan gradient lists of NumPy views or None, any active) from the .grad
         tensors, or None if the plans must be rebuilt first (a parameter's first
@@ -850,7 +1110,8 @@ class Optimizer(_Optimizer):
             return None
         grads = [[None] * len(plan) for plan in c.plans]
         active = False
-        for slot, g in zip(c.slots, map(_grad_of, flat)):
+        for slot, p in zip(c.slots, flat):
+            g = p.grad
             if g is None:
                 continue
             if slot is None:
@@ -871,6 +1132,17 @@ class Optimizer(_Optimizer):
                     raise TypeError(f"the gradient of a complex parameter must be complex, "
                                     f"got {_describe(g)}")
                 g = _torch.view_as_real(g)
+            elif slot[3] is not None:  # a 16-bit parameter: its gradient has its dtype
+                if p.dtype is not slot[3]:
+                    return None  # p.data reinterpreted in place (same memory, new dtype)
+                if g.dtype is not p.dtype:
+                    raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; the "
+                                    f"gradient of a {str(p.dtype)[6:]} parameter must be "
+                                    f"{str(p.dtype)[6:]} (torch's rule)")
+                g = g.view(_torch.int16)
+            elif g.dtype in _HALF:
+                raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; it must "
+                                f"have the parameter's dtype, {str(p.dtype)[6:]}")
             try:
                 grads[slot[0]][slot[1]] = g.numpy()
             except RuntimeError:  # a gradient that requires grad (create_graph=True)
@@ -944,6 +1216,8 @@ class Optimizer(_Optimizer):
                 c = self._cache
                 if not active:
                     return
+                if c.unsynced:
+                    self._sync_masters(c)
                 marks = [(plan, plan.step_count) for plan in c.plans]
                 try:
                     _, self.last_grad_norm = _core.step_plans(c.plans, all_grads, threads,
@@ -965,12 +1239,27 @@ class Optimizer(_Optimizer):
                 self._undo(undo)
             raise
 
+    @staticmethod
+    def _sync_masters(c):
+        """Before its first step a master is its parameter widened: a parameter changed
+        after its state was made (Adagrad makes it in the constructor; a checkpoint may
+        hold step 0) starts from its new value, as in fastadam.optim."""
+        left = []
+        for p, master, step in c.unsynced:
+            if float(step) == 0.0:
+                if p.grad is not None:
+                    master.copy_(p.detach())
+                left.append((p, master, step))
+        c.unsynced = left
+
     # ------------------------------------------------------------- averages
     def averaged_params(self):
         """The temporal averages of the parameters (Kingma & Ba, Sec. 7.2), for
         evaluation: new tensors ``param_ema / (1 - d**t)``, d the group's ``ema_decay``
         and t the number of averaged steps (``param_ema_step``), in the order of the
-        param groups; a copy of the parameter where nothing has been averaged yet.
+        param groups; a copy of the parameter where nothing has been averaged yet. The
+        averages of float16/bfloat16 parameters are float32 (as their ``param_ema``; before
+        any average, their ``master_param`` or the parameter widened).
         Raises ValueError unless ``ema_decay`` is set for every group. The same bits as
         :meth:`fastadam.optim.Optimizer.averaged_params`."""
         with self._lock:
@@ -988,7 +1277,10 @@ class Optimizer(_Optimizer):
                         s.get("param_ema_step", 0), "param_ema_step",
                         f"param group {gi}, parameter {i}")
                     if t == 0:
-                        out.append(p.detach().clone())
+                        m = s.get("master_param") if isinstance(s, dict) else None
+                        out.append(m.clone() if isinstance(m, _Tensor) else
+                                   p.detach().to(_torch.float32) if p.dtype in _HALF
+                                   else p.detach().clone())
                         continue
                     a = _view(ema)
                     avg = (a / a.dtype.type(1.0 - d ** t)).astype(a.dtype)
@@ -1033,14 +1325,16 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 max_grad_norm=None, num_threads=None, eps_root=0.0, ema_decay=None):
+                 max_grad_norm=None, num_threads=None, eps_root=0.0, ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                                       capturable=capturable, differentiable=differentiable,
                                       fused=fused,
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       eps_root=eps_root, ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
     def _check_defaults(self, defaults):
         betas = defaults["betas"]
@@ -1074,12 +1368,15 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, max_grad_norm=None, num_threads=None,
-                 eps_root=0.0, ema_decay=None):
+                 eps_root=0.0, ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
-                         num_threads=num_threads, eps_root=eps_root, ema_decay=ema_decay)
+                         num_threads=num_threads, eps_root=eps_root, ema_decay=ema_decay,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)
 
 
 class SGD(Optimizer):
@@ -1101,13 +1398,15 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None, max_grad_norm=None, num_threads=None, ema_decay=None):
+                 fused=None, max_grad_norm=None, num_threads=None, ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize, foreach=foreach,
                                       differentiable=differentiable, fused=fused,
                                       ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
 
 class Adagrad(Optimizer):
@@ -1130,14 +1429,16 @@ class Adagrad(Optimizer):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
                  initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
                  differentiable=False, fused=None, max_grad_norm=None, num_threads=None,
-                 ema_decay=None):
+                 ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, eps=eps,
                                       weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
                                       foreach=foreach, maximize=maximize,
                                       differentiable=differentiable, fused=fused,
                                       ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
     def _initial(self, key, o):
         # torch.optim.Adagrad starts every sum at the constructor's value, whatever the
@@ -1171,13 +1472,15 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, max_grad_norm=None, num_threads=None,
-                 ema_decay=None):
+                 ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps,
                                       centered=centered, weight_decay=weight_decay,
                                       capturable=capturable, foreach=foreach,
                                       maximize=maximize, differentiable=differentiable,
                                       ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
 
 class Adamax(Optimizer):
@@ -1194,12 +1497,14 @@ class Adamax(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 max_grad_norm=None, num_threads=None, ema_decay=None):
+                 max_grad_norm=None, num_threads=None, ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       foreach=foreach, maximize=maximize,
                                       differentiable=differentiable, capturable=capturable,
                                       ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
 
 class NAdam(Optimizer):
@@ -1218,14 +1523,16 @@ class NAdam(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, max_grad_norm=None,
-                 num_threads=None, ema_decay=None):
+                 num_threads=None, ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       momentum_decay=momentum_decay,
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       maximize=maximize, foreach=foreach,
                                       capturable=capturable, differentiable=differentiable,
                                       ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
 
 class RAdam(Optimizer):
@@ -1242,13 +1549,15 @@ class RAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False,
                  capturable=False, differentiable=False, max_grad_norm=None,
-                 num_threads=None, ema_decay=None):
+                 num_threads=None, ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
                                       capturable=capturable,
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       differentiable=differentiable, ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
 
 
 class Lion(Optimizer):
@@ -1269,7 +1578,9 @@ class Lion(Optimizer):
     _sparse = "Lion does not support sparse gradients"
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
-                 *, max_grad_norm=None, num_threads=None, ema_decay=None):
+                 *, max_grad_norm=None, num_threads=None, ema_decay=None,
+                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
-                         max_grad_norm, num_threads)
+                         max_grad_norm, num_threads, master_weights=master_weights,
+                         state_dtype=state_dtype, rounding=rounding, seed=seed)
