@@ -33,12 +33,13 @@ typedef struct fa_kernel_table {
 /* 8-bit quantization tables (q8.c, filled once by fa_init, read-only afterwards): for the
  * bit pattern a of |q| (q = x / absmax, |q| <= 1), bucket = clamp(a >> 16, LO, HI) - LO;
  * entry t = (count << 16) | low: the number of thresholds below q is
- * (t >> 16) + ((a & 0xffff) > (t & 0xffff)). [0]: the signed map's positive thresholds;
- * [1]: its negative ones (counting those with |threshold| <= |q|); [2]: the unsigned map. */
+ * (t >> 16) + ((a & 0xffff) > (t & 0xffff)). Three tables of FA_Q8_NBUCKETS, one after
+ * the other: the signed map's positive thresholds; its negative ones (counting those with
+ * |threshold| <= |q|); the unsigned map's. */
 #define FA_Q8_BUCKET_LO 0x3380u /* 2**-24 >> 16: below every threshold's magnitude */
 #define FA_Q8_BUCKET_HI 0x3f80u /* 1.0 >> 16 */
 #define FA_Q8_NBUCKETS (FA_Q8_BUCKET_HI - FA_Q8_BUCKET_LO + 1u)
-extern uint32_t fa_q8_buckets[3][FA_Q8_NBUCKETS];
+extern uint32_t fa_q8_buckets[3 * FA_Q8_NBUCKETS];
 extern uint32_t fa_q8_zero_index; /* the signed map's index of 0.0: its negative codes */
 int fa_q8_init(void);             /* 0, or -1 if the maps break the tables' assumptions */
 

@@ -25,7 +25,7 @@ uint64_t fa_stream_key(uint64_t base, uint64_t step, unsigned stream)
     return splitmix64(splitmix64(base ^ step) ^ (uint64_t)stream);
 }
 
-uint32_t fa_q8_buckets[3][FA_Q8_NBUCKETS];
+uint32_t fa_q8_buckets[3 * FA_Q8_NBUCKETS];
 uint32_t fa_q8_zero_index;
 
 static uint32_t bits_of(float f)
@@ -73,8 +73,8 @@ int fa_q8_init(void)
         neg[nneg - 1 - i] = t;
     }
     fa_q8_zero_index = (uint32_t)nneg;
-    err |= build(fa_q8_buckets[0], pos, npos);
-    err |= build(fa_q8_buckets[1], neg, nneg);
-    err |= build(fa_q8_buckets[2], uns, nuns);
+    err |= build(fa_q8_buckets, pos, npos);
+    err |= build(fa_q8_buckets + FA_Q8_NBUCKETS, neg, nneg);
+    err |= build(fa_q8_buckets + 2 * FA_Q8_NBUCKETS, uns, nuns);
     return err ? -1 : 0;
 }

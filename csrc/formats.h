@@ -9,6 +9,10 @@
  * tile, and stored from one. i0 is the tensor-local index (8-bit: a multiple of
  * FA_Q8_BLOCK; the engine never splits a block of 256 between threads or tiles). */
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 /* ---- random bits of stochastic rounding (reference: random_bits) ------------------ */
 FA_INLINE uint32_t FA_CAT(fa_mix32, FA_SUFFIX)(uint32_t x)
 {
@@ -117,14 +121,34 @@ static void FA_CAT(fa_store_f16, FA_SUFFIX)(const float *src, void *dst, size_t 
 
 /* ---- 8-bit blockwise (bitsandbytes' dynamic maps) ----------------------------------
  * value = map[code] * absmax of its block of 256. */
-static void FA_CAT(fa_load_q8, FA_SUFFIX)(const float *map, const void *src, size_t i0,
+static void FA_CAT(fa_load_q8, FA_SUFFIX)(const float *FA_RESTRICT map, const void *src, size_t i0,
                                           size_t n, float *FA_RESTRICT dst, const float *absmax)
 {
     const uint8_t *FA_RESTRICT s = (const uint8_t *)src + i0;
     for (size_t b = 0; b < n; b += FA_Q8_BLOCK) {
         const float scale = absmax[(i0 + b) / FA_Q8_BLOCK];
         const size_t e = n - b < FA_Q8_BLOCK ? n - b : FA_Q8_BLOCK;
-        for (size_t j = 0; j < e; j++) dst[b + j] = map[s[b + j]] * scale;
+        const uint8_t *FA_RESTRICT c = s + b;
+        float *FA_RESTRICT d = dst + b;
+        size_t j = 0;
+        /* compilers do not emit gathers for this loop: written out where the ISA has them */
+#if defined(__AVX512F__)
+        const __m512 vs = _mm512_set1_ps(scale);
+        for (; j + 16 <= e; j += 16) {
+            const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j)));
+            _mm512_storeu_ps(d + j, _mm512_mul_ps(_mm512_i32gather_ps(k, map, 4), vs));
+        }
+#elif defined(__AVX2__)
+        const __m256 vs = _mm256_set1_ps(scale);
+        for (; j + 8 <= e; j += 8) {
+            const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + j)));
+            _mm256_storeu_ps(d + j, _mm256_mul_ps(_mm256_i32gather_ps(map, k, 4), vs));
+        }
+#endif
+        for (; j < e; j++) {
+            const uint32_t k = c[j];
+            d[j] = map[k] * scale;
+        }
     }
 }
 static void FA_CAT(fa_load_q8s, FA_SUFFIX)(const void *src, size_t i0, size_t n, float *dst,
@@ -138,45 +162,126 @@ static void FA_CAT(fa_load_q8u, FA_SUFFIX)(const void *src, size_t i0, size_t n,
     FA_CAT(fa_load_q8, FA_SUFFIX)(fa_q8_maps[1], src, i0, n, dst, absmax);
 }
 
+/* The block maximum of |x|, on bit patterns: non-negative floats order as integers, and
+ * a NaN's magnitude is above inf's, so a NaN wins (stored as the quiet NaN 0x7fc00000). */
+FA_INLINE float FA_CAT(fa_absmax, FA_SUFFIX)(const float *src, size_t n)
+{
+    const uint32_t *FA_RESTRICT x = (const uint32_t *)src;
+    uint32_t m = 0;
+    for (size_t j = 0; j < n; j++) {
+        const uint32_t a = x[j] & 0x7fffffffu;
+        m = a > m ? a : m;
+    }
+    if (m > 0x7f800000u) m = 0x7fc00000u;
+    float f;
+    memcpy(&f, &m, 4);
+    return f;
+}
+
 /* Per block: absmax = max |x| (NaN if any x is NaN), q = x / (absmax == 0 ? 1 : absmax),
  * code = the number of thresholds (midpoints of consecutive codes) below q, found with
- * one lookup in a table over q's bit pattern (dispatch.h: fa_q8_count) and one compare;
- * NaN q: code 0. */
+ * one lookup in a table over q's bit pattern (dispatch.h: fa_q8_buckets) and one
+ * compare; NaN q: code 0. table: the signed map's (positive half, then negative half) or
+ * the unsigned map's; zero: the index of the code 0.0. */
+FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table, uint32_t zero,
+                                              uint32_t neg_offset, const float *FA_RESTRICT x,
+                                              uint8_t *FA_RESTRICT d, size_t n, float div)
+{
+    size_t j = 0;
+    /* the same operations on 16 (8) lanes, with the table lookup as a gather */
+#if defined(__AVX512F__)
+    {
+        const __m512 vdiv = _mm512_set1_ps(div);
+        const __m512i lo = _mm512_set1_epi32((int)FA_Q8_BUCKET_LO);
+        const __m512i hi = _mm512_set1_epi32((int)FA_Q8_BUCKET_HI);
+        const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), low16 = _mm512_set1_epi32(0xffff);
+        const __m512i vneg_offset = _mm512_set1_epi32((int)neg_offset);
+        const __m512i vzero = _mm512_set1_epi32((int)zero), one = _mm512_set1_epi32(1);
+        const __m512i nil = _mm512_setzero_si512();
+        for (; j + 16 <= n; j += 16) {
+            const __m512 q = _mm512_div_ps(_mm512_loadu_ps(x + j), vdiv);
+            const __m512i u = _mm512_castps_si512(q);
+            const __m512i a = _mm512_and_si512(u, abs_mask);
+            const __mmask16 negative = _mm512_cmpneq_epi32_mask(_mm512_srli_epi32(u, 31), nil);
+            __m512i bk = _mm512_min_epu32(_mm512_max_epu32(_mm512_srli_epi32(a, 16), lo), hi);
+            bk = _mm512_sub_epi32(bk, lo);
+            bk = _mm512_mask_add_epi32(bk, negative, bk, vneg_offset);
+            const __m512i t = _mm512_i32gather_epi32(bk, (const void *)table, 4);
+            const __mmask16 above = _mm512_cmpgt_epu32_mask(_mm512_and_si512(a, low16),
+                                                            _mm512_and_si512(t, low16));
+            __m512i c = _mm512_srli_epi32(t, 16);
+            c = _mm512_mask_add_epi32(c, above, c, one);
+            const __m512i pos = _mm512_add_epi32(vzero, c);
+            const __m512i neg = _mm512_max_epi32(_mm512_sub_epi32(vzero, c), nil);
+            __m512i code = _mm512_mask_blend_epi32(negative, pos, neg);
+            code = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(q, q, _CMP_ORD_Q), code);
+            _mm_storeu_si128((__m128i *)(d + j), _mm512_cvtepi32_epi8(code));
+        }
+    }
+#elif defined(__AVX2__)
+    {
+        const __m256 vdiv = _mm256_set1_ps(div);
+        const __m256i lo = _mm256_set1_epi32((int)FA_Q8_BUCKET_LO);
+        const __m256i hi = _mm256_set1_epi32((int)FA_Q8_BUCKET_HI);
+        const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), low16 = _mm256_set1_epi32(0xffff);
+        const __m256i vneg_offset = _mm256_set1_epi32((int)neg_offset);
+        const __m256i vzero = _mm256_set1_epi32((int)zero), one = _mm256_set1_epi32(1);
+        const __m256i nil = _mm256_setzero_si256();
+        uint32_t codes[8];
+        for (; j + 8 <= n; j += 8) {
+            const __m256 q = _mm256_div_ps(_mm256_loadu_ps(x + j), vdiv);
+            const __m256i u = _mm256_castps_si256(q);
+            const __m256i a = _mm256_and_si256(u, abs_mask);
+            const __m256i negative = _mm256_srai_epi32(u, 31); /* all ones where q < 0 */
+            __m256i bk = _mm256_min_epu32(_mm256_max_epu32(_mm256_srli_epi32(a, 16), lo), hi);
+            bk = _mm256_sub_epi32(bk, lo);
+            bk = _mm256_add_epi32(bk, _mm256_and_si256(negative, vneg_offset));
+            const __m256i t = _mm256_i32gather_epi32((const int *)table, bk, 4);
+            /* both sides are below 2**16: the signed compare is the unsigned one */
+            const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(a, low16),
+                                                     _mm256_and_si256(t, low16));
+            const __m256i c = _mm256_add_epi32(_mm256_srli_epi32(t, 16),
+                                               _mm256_and_si256(above, one));
+            const __m256i pos = _mm256_add_epi32(vzero, c);
+            const __m256i neg = _mm256_max_epi32(_mm256_sub_epi32(vzero, c), nil);
+            __m256i code = _mm256_blendv_epi8(pos, neg, negative);
+            code = _mm256_and_si256(code, _mm256_castps_si256(_mm256_cmp_ps(q, q, _CMP_ORD_Q)));
+            _mm256_storeu_si256((__m256i *)codes, code);
+            for (int k = 0; k < 8; k++) d[j + k] = (uint8_t)codes[k];
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        const float q = x[j] / div;
+        uint32_t u;
+        memcpy(&u, &q, 4);
+        const uint32_t a = u & 0x7fffffffu, negative = u >> 31;
+        uint32_t bk = a >> 16;
+        bk = bk < FA_Q8_BUCKET_LO ? FA_Q8_BUCKET_LO : (bk > FA_Q8_BUCKET_HI ? FA_Q8_BUCKET_HI : bk);
+        bk = bk - FA_Q8_BUCKET_LO + negative * neg_offset;
+        const uint32_t t = table[bk];
+        const uint32_t c = (t >> 16) + ((a & 0xffffu) > (t & 0xffffu) ? 1u : 0u);
+        uint32_t code = negative ? (zero >= c ? zero - c : 0u) : zero + c;
+        code = q != q ? 0u : code;
+        d[j] = (uint8_t)code;
+    }
+}
+
 static void FA_CAT(fa_store_q8, FA_SUFFIX)(int is_signed, const float *src, void *dst,
                                            size_t i0, size_t n, float *absmax)
 {
     uint8_t *FA_RESTRICT d = (uint8_t *)dst + i0;
-    const uint32_t *FA_RESTRICT pos = fa_q8_buckets[is_signed ? 0 : 2];
-    const uint32_t *FA_RESTRICT neg = fa_q8_buckets[1];
+    /* signed: positive half at 0, negative half right after; unsigned: a negative q
+     * (only -0.0 can occur) reads the unsigned table's bucket 0, count 0: code 0 */
+    const uint32_t *table = fa_q8_buckets + (is_signed ? 0u : 2u * FA_Q8_NBUCKETS);
+    const uint32_t neg_offset = is_signed ? FA_Q8_NBUCKETS : 0u;
     const uint32_t zero = is_signed ? fa_q8_zero_index : 0u;
     for (size_t b = 0; b < n; b += FA_Q8_BLOCK) {
         const size_t e = n - b < FA_Q8_BLOCK ? n - b : FA_Q8_BLOCK;
-        const float *FA_RESTRICT x = src + b;
-        float m = 0.0f;
-        int nan = 0;
-        for (size_t j = 0; j < e; j++) {
-            const float ax = fabsf(x[j]);
-            m = ax > m ? ax : m;
-            nan |= x[j] != x[j];
-        }
-        if (nan) m = NAN;
+        const float m = FA_CAT(fa_absmax, FA_SUFFIX)(src + b, e);
         absmax[(i0 + b) / FA_Q8_BLOCK] = m;
-        const float div = m == 0.0f ? 1.0f : m;
-        for (size_t j = 0; j < e; j++) {
-            const float q = x[j] / div;
-            uint32_t u;
-            memcpy(&u, &q, 4);
-            const uint32_t a = u & 0x7fffffffu;
-            uint32_t bk = a >> 16;
-            bk = bk < FA_Q8_BUCKET_LO ? FA_Q8_BUCKET_LO : (bk > FA_Q8_BUCKET_HI ? FA_Q8_BUCKET_HI : bk);
-            bk -= FA_Q8_BUCKET_LO;
-            const int negative = (u >> 31) != 0;
-            const uint32_t t = negative ? neg[bk] : pos[bk];
-            const uint32_t c = (t >> 16) + ((a & 0xffffu) > (t & 0xffffu) ? 1u : 0u);
-            uint32_t code = negative ? (is_signed ? zero - c : 0u) : zero + c;
-            if (q != q) code = 0u;
-            d[b + j] = (uint8_t)code;
-        }
+        FA_CAT(fa_quantize, FA_SUFFIX)(table, zero, neg_offset, src + b, d + b, e,
+                                       m == 0.0f ? 1.0f : m);
     }
 }
 static void FA_CAT(fa_store_q8s, FA_SUFFIX)(const float *src, void *dst, size_t i0, size_t n,

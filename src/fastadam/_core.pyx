@@ -212,6 +212,10 @@ cdef int _acquire(Py_buffer *view, object obj, str label, bint writable, int dty
         # fall through: the general path below produces the error message
     if obj is None:
         raise TypeError(f"{label} must be a float32 or float64 array, got None")
+    if cnp.PyArray_Check(obj) and cnp.PyArray_TYPE(<cnp.ndarray>obj) not in (
+            cnp.NPY_FLOAT32, cnp.NPY_FLOAT64):
+        want = _DTYPE_NAMES[dtype] if dtype >= 0 else "float32 or float64"
+        raise TypeError(f"{label} must have dtype {want}; got {_describe(obj)}")
     try:
         PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO)
     except Exception:
@@ -852,8 +856,14 @@ cdef class _Plan:
                 a = <cnp.ndarray>s.obj
                 if (cnp.PyArray_DATA(a) != s.data or cnp.PyArray_TYPE(a) != s.typenum
                         or (cnp.PyArray_FLAGS(a) & _SIG_FLAGS) != _SIG_FLAGS
-                        or not cnp.PyArray_ISNOTSWAPPED(a)
-                        or cnp.PyArray_NDIM(a) != self.ndims[i]):
+                        or not cnp.PyArray_ISNOTSWAPPED(a)):
+                    return False
+                if w >= <size_t>_SLOT_ABSMAX:  # 1-D, one float per 8-bit block
+                    if (cnp.PyArray_NDIM(a) != 1 or <size_t>cnp.PyArray_DIMS(a)[0]
+                            != (self.blocks[i].n + FA_Q8_BLOCK - 1) // FA_Q8_BLOCK):
+                        return False
+                    continue
+                if cnp.PyArray_NDIM(a) != self.ndims[i]:
                     return False
                 for d in range(self.ndims[i]):
                     if cnp.PyArray_DIMS(a)[d] != self.shapes[self.shape_at[i] + d]:
