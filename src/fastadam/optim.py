@@ -480,7 +480,7 @@ class Optimizer:
             # (all native: every buffer float32, or every one float64, the plan of old)
             kw = dict(formats=[pf.plan_tuple() for pf in pfs],
                       masters=[s.get("master_param") for s in new_states],
-                      absmaxes=[tuple(_absmax_arg(s.get(k + "_absmax")) for k in rule.state)
+                      absmaxes=[tuple(s.get(k + "_absmax") for k in rule.state)
                                 for s in new_states],
                       stochastic=fm.stochastic, seed=fm.seed, indices=list(range(len(pfs))))
         plan = _core._Plan(rule.index, rule.state, params,
@@ -861,12 +861,6 @@ def _item(v):
         except Exception:
             return v
     return v
-
-
-def _absmax_arg(a):
-    # WORKAROUND (until _Plan._current compares an absmax array with its own shape, not
-    # its parameter's): hand the plan a memoryview, which it does not re-check per step.
-    return None if a is None else memoryview(a)
 
 
 def _as_param(p, where):
