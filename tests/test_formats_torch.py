@@ -832,3 +832,13 @@ def test_16bit_gradient_of_another_dtype_is_refused_before_anything_moves():
     p.grad = torch.ones(8, dtype=torch.float16)
     opt.step()
     assert float(opt.state[p]["step"]) == 2
+    r = torch.zeros(8, requires_grad=True)
+    opt = ft.Adam([r], state_dtype="bfloat16")
+    r.grad = torch.ones(8)
+    opt.step()
+    before = _snapshot(opt, [r])
+    r.grad.data = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="parameter 0 is a .8,. bfloat16.*must have the "
+                                        "parameter's dtype, float32"):
+        opt.step()
+    assert _same_snapshot(_snapshot(opt, [r]), before)

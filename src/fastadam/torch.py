@@ -1140,13 +1140,14 @@ class Optimizer(_Optimizer):
                                     f"gradient of a {str(p.dtype)[6:]} parameter must be "
                                     f"{str(p.dtype)[6:]} (torch's rule)")
                 g = g.view(_torch.int16)
-            elif g.dtype in _HALF:
-                raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; it must "
-                                f"have the parameter's dtype, {str(p.dtype)[6:]}")
             try:
                 grads[slot[0]][slot[1]] = g.numpy()
             except RuntimeError:  # a gradient that requires grad (create_graph=True)
                 grads[slot[0]][slot[1]] = g.detach().numpy()
+            except TypeError:  # a dtype NumPy lacks (bfloat16) on a float32 parameter
+                raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; it "
+                                f"must have the parameter's dtype, {str(p.dtype)[6:]}"
+                                ) from None
             active = True
         return grads, active
 
