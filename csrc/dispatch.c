@@ -106,7 +106,9 @@ static int detect_supported(fa_isa isa)
         const unsigned long long xcr0 = xgetbv0();
         if ((xcr0 & 0x6) != 0x6) return 0;
         if (isa == FA_ISA_AVX2) return fma && ((r7[1] >> 5) & 1);
-        return ((r7[1] >> 16) & 1) && (xcr0 & 0xe6) == 0xe6;
+        /* AVX-512 F, BW and VL (every AVX-512 CPU since Skylake-SP, and Zen 4) */
+        return ((r7[1] >> 16) & 1) && ((r7[1] >> 30) & 1) && ((r7[1] >> 31) & 1) &&
+               (xcr0 & 0xe6) == 0xe6;
     }
 #endif
 #if defined(__aarch64__) || defined(_M_ARM64)

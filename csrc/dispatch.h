@@ -6,7 +6,20 @@
 /* One rule's kernel: n elements of every present stream of s (already offset to the
  * first element to update), with the constants of its block. prefetch: prefetch within
  * the block (see FA_LOOP). */
-typedef void (*fa_kernel_fn)(const fa_consts *c, char *const *s, size_t n, int prefetch);
+typedef struct fa_fused fa_fused;
+typedef void (*fa_kernel_fn)(const fa_consts *c, char *const *s, size_t n, int prefetch,
+                             const fa_fused *fx);
+
+/* What a kernel over 16-bit storage needs besides its streams (NULL for the others): the
+ * tensor-local index of the streams' first element, and each stream's random key halves
+ * (stochastic rounding; the range never crosses a multiple of 2**32). */
+struct fa_fused {
+    size_t i0;
+    uint32_t key[FA_MAX_STREAMS][2];
+};
+
+/* The kernels of a rule: [storage] */
+enum { FA_K_F32 = 0, FA_K_F64 = 1, FA_K_BF16 = 2, FA_K_BF16_SR = 3, FA_K_COUNT = 4 };
 typedef void (*fa_traffic_fn)(float *const *s, int nstreams, size_t n);
 typedef void (*fa_sumsq_fn)(const void *x, size_t n, double *acc16, double *nonfinite);
 /* Storage formats (formats.h): load elements [i0, i0 + n) of a stream into a float32 tile;
@@ -22,7 +35,7 @@ typedef void (*fa_traffic_any_fn)(char *const *s, const size_t *esize, int nstre
 enum { FA_SUMSQ_F32 = 0, FA_SUMSQ_F64 = 1, FA_SUMSQ_BF16 = 2, FA_SUMSQ_F16 = 3 };
 
 typedef struct fa_kernel_table {
-    fa_kernel_fn rule[FA_RULE_COUNT][2]; /* [rule][dtype] */
+    fa_kernel_fn rule[FA_RULE_COUNT][FA_K_COUNT]; /* [rule][FA_K_*] */
     fa_traffic_fn traffic;
     fa_sumsq_fn sumsq[4];               /* FA_SUMSQ_* */
     fa_load_fn load[FA_FMT_COUNT];      /* [FA_FMT_NATIVE] unused */

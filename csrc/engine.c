@@ -70,22 +70,17 @@ static int is_formatted(const fa_block *b)
     return 0;
 }
 
+static void stream_keys(const fa_block *blk, fa_fused *fx);
+
 static void run_tiles(const fa_kernel_table *table, fa_kernel_fn kernel, const fa_consts *c,
                       const fa_block *blk, size_t i0, size_t i1)
 {
     /* aligned tiles: the kernels' loads and stores are then aligned too */
     FA_ALIGN64 float tile[FA_MAX_STREAMS][FA_TILE];
-    uint32_t keys[FA_MAX_STREAMS][2];
+    fa_fused fx;
     const uint32_t *key[FA_MAX_STREAMS];
-    for (int k = 0; k < FA_MAX_STREAMS; k++) {
-        key[k] = 0;
-        if (blk->stochastic) {
-            const uint64_t sk = fa_stream_key(blk->rng_base, (uint64_t)blk->step, (unsigned)k);
-            keys[k][0] = (uint32_t)sk;
-            keys[k][1] = (uint32_t)(sk >> 32);
-            key[k] = keys[k];
-        }
-    }
+    stream_keys(blk, &fx);
+    for (int k = 0; k < FA_MAX_STREAMS; k++) key[k] = blk->stochastic ? fx.key[k] : 0;
     for (size_t t0 = i0; t0 < i1;) {
         size_t t1 = i1 - t0 < FA_TILE ? i1 : t0 + FA_TILE;
         /* the random bits take the element index's high half once per tile */
@@ -102,7 +97,7 @@ static void run_tiles(const fa_kernel_table *table, fa_kernel_fn kernel, const f
                 s[k] = (char *)tile[k];
             }
         }
-        kernel(c, s, len, 0);
+        kernel(c, s, len, 0, 0);
         for (int k = 0; k < FA_MAX_STREAMS; k++)
             if (k != FA_GRAD && blk->stream[k] && blk->format[k] != FA_FMT_NATIVE)
                 table->store[blk->format[k]](tile[k], blk->stream[k], t0, len, blk->absmax[k],
@@ -110,6 +105,46 @@ static void run_tiles(const fa_kernel_table *table, fa_kernel_fn kernel, const f
         if (blk->image)
             table->store[blk->image_format]((const float *)s[FA_PARAM], blk->image, t0, len, 0,
                                             key[FA_PARAM]);
+        t0 = t1;
+    }
+}
+
+/* A block of bfloat16 param, grad and state (float32 average) runs in one fused loop
+ * (kernel.h), not through tiles. */
+static int is_fused_bf16(const fa_block *b)
+{
+    if (b->image || b->format[FA_PARAM] != FA_FMT_BF16 || b->format[FA_GRAD] != FA_FMT_BF16)
+        return 0;
+    for (int k = FA_STATE0; k < FA_EMA; k++)
+        if (b->stream[k] && b->format[k] != FA_FMT_BF16) return 0;
+    return !b->stream[FA_EMA] || b->format[FA_EMA] == FA_FMT_NATIVE;
+}
+
+static void stream_keys(const fa_block *blk, fa_fused *fx)
+{
+    for (int k = 0; k < FA_MAX_STREAMS; k++) {
+        const uint64_t sk = blk->stochastic
+                                ? fa_stream_key(blk->rng_base, (uint64_t)blk->step, (unsigned)k)
+                                : 0;
+        fx->key[k][0] = (uint32_t)sk;
+        fx->key[k][1] = (uint32_t)(sk >> 32);
+    }
+}
+
+static void run_fused(fa_kernel_fn kernel, const fa_consts *c, const fa_block *blk, size_t i0,
+                      size_t i1)
+{
+    fa_fused fx;
+    stream_keys(blk, &fx);
+    for (size_t t0 = i0; t0 < i1;) {
+        size_t t1 = i1; /* the random bits take the index's high half once per call */
+        if ((t0 >> 16 >> 16) != ((t1 - 1) >> 16 >> 16)) t1 = ((t0 >> 16 >> 16) + 1) << 16 << 16;
+        char *s[FA_MAX_STREAMS];
+        for (int k = 0; k < FA_MAX_STREAMS; k++)
+            s[k] = !blk->stream[k] ? (char *)0
+                   : (char *)blk->stream[k] + t0 * (k == FA_EMA ? sizeof(float) : sizeof(uint16_t));
+        fx.i0 = t0;
+        kernel(c, s, t1 - t0, 0, &fx);
         t0 = t1;
     }
 }
@@ -130,14 +165,17 @@ static void run_range(fa_rule rule, const fa_kernel_table *table, fa_kernel_fn k
                 prefetch_block_start(&blocks[b + 1], esize);
             const size_t i0 = lo > start ? lo - start : 0;
             const size_t i1 = (hi < end ? hi : end) - start;
-            if (is_formatted(blk)) {
+            if (is_fused_bf16(blk)) {
+                run_fused(table->rule[rule][blk->stochastic ? FA_K_BF16_SR : FA_K_BF16],
+                          consts_for(&cache, rule, blk), blk, i0, i1);
+            } else if (is_formatted(blk)) {
                 run_tiles(table, kernel, consts_for(&cache, rule, blk), blk, i0, i1);
             } else {
                 const size_t off = i0 * esize;
                 char *s[FA_MAX_STREAMS];
                 for (int k = 0; k < FA_MAX_STREAMS; k++)
                     s[k] = blk->stream[k] ? (char *)blk->stream[k] + off : (char *)0;
-                kernel(consts_for(&cache, rule, blk), s, i1 - i0, prefetch == 2);
+                kernel(consts_for(&cache, rule, blk), s, i1 - i0, prefetch == 2, 0);
             }
         }
         start = end;
@@ -171,7 +209,7 @@ void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblock
              int num_threads, size_t chunk, fa_isa isa, int prefetch)
 {
     const fa_kernel_table *table = fa_table(isa);
-    const fa_kernel_fn kernel = table->rule[rule][dtype == FA_FLOAT64];
+    const fa_kernel_fn kernel = table->rule[rule][dtype == FA_FLOAT64 ? FA_K_F64 : FA_K_F32];
     const size_t esize = dtype == FA_FLOAT64 ? sizeof(double) : sizeof(float);
     size_t total = 0;
     for (size_t b = 0; b < nblocks; b++) total += blocks[b].n;

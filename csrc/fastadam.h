@@ -65,7 +65,7 @@ typedef enum fa_isa {
     FA_ISA_SCALAR = 0, /* the plain C loop with auto-vectorisation disabled */
     FA_ISA_SSE2 = 1,   /* x86-64 baseline */
     FA_ISA_AVX2 = 2,   /* AVX2 + FMA (FMA is never used: no contraction) */
-    FA_ISA_AVX512 = 3, /* AVX-512F */
+    FA_ISA_AVX512 = 3, /* AVX-512 F, BW and VL */
     FA_ISA_NEON = 4,   /* aarch64 baseline */
     FA_ISA_COUNT = 5
 } fa_isa;

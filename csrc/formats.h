@@ -31,6 +31,33 @@ FA_INLINE uint32_t FA_CAT(fa_mix32, FA_SUFFIX)(uint32_t x)
              + ((uint32_t)((uint64_t)(i0) >> 32) ^ (key)[1]))
 
 /* ---- bfloat16 --------------------------------------------------------------------- */
+FA_INLINE float FA_CAT(fa_bf16_f32, FA_SUFFIX)(uint16_t h)
+{
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+/* Nearest-even: u + 0x7fff + lsb, cut to the top half; stochastic: u + (rand >> 16),
+ * cut. A NaN keeps its top half with the quiet bit set. (The select on 32 bits before the
+ * one narrowing keeps the compiler's vector code short.) */
+FA_INLINE uint16_t FA_CAT(fa_bf16_rne, FA_SUFFIX)(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t r = u + 0x7fffu + ((u >> 16) & 1u);
+    r = x != x ? u | 0x400000u : r;
+    return (uint16_t)(r >> 16);
+}
+FA_INLINE uint16_t FA_CAT(fa_bf16_sr, FA_SUFFIX)(float x, uint32_t rand)
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t r = u + (rand >> 16);
+    r = x != x ? u | 0x400000u : r;
+    return (uint16_t)(r >> 16);
+}
+
 static void FA_CAT(fa_load_bf16, FA_SUFFIX)(const void *src, size_t i0, size_t n,
                                             float *FA_RESTRICT dst, const float *absmax)
 {
@@ -40,26 +67,17 @@ static void FA_CAT(fa_load_bf16, FA_SUFFIX)(const void *src, size_t i0, size_t n
     for (size_t j = 0; j < n; j++) d[j] = (uint32_t)s[j] << 16;
 }
 
-/* nearest even: (u + 0x7fff + lsb) >> 16; stochastic: (u + (r >> 16)) >> 16; NaN: quiet. */
 static void FA_CAT(fa_store_bf16, FA_SUFFIX)(const float *src, void *dst, size_t i0, size_t n,
                                              float *absmax, const uint32_t *key)
 {
-    const uint32_t *FA_RESTRICT s = (const uint32_t *)src;
+    const float *FA_RESTRICT s = src;
     uint16_t *FA_RESTRICT d = (uint16_t *)dst + i0;
     (void)absmax;
     if (key) {
         const uint32_t k[2] = {key[0], key[1]};
-        for (size_t j = 0; j < n; j++) {
-            const uint32_t u = s[j];
-            const uint32_t r = (u + (FA_RAND(k, i0, j) >> 16)) >> 16;
-            d[j] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);
-        }
+        for (size_t j = 0; j < n; j++) d[j] = FA_CAT(fa_bf16_sr, FA_SUFFIX)(s[j], FA_RAND(k, i0, j));
     } else {
-        for (size_t j = 0; j < n; j++) {
-            const uint32_t u = s[j];
-            const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-            d[j] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);
-        }
+        for (size_t j = 0; j < n; j++) d[j] = FA_CAT(fa_bf16_rne, FA_SUFFIX)(s[j]);
     }
 }
 

@@ -90,7 +90,7 @@
 /* switch (variant) { case k: body(c, s, n, k); ... } for k < 2^bits: each case is a
  * loop with the variant's branches resolved at compile time. */
 #define FA_CASE_(F, k)                                                                   \
-    case (k): F(c, s, n, (k)); break;
+    case (k): F(c, s, n, (k), fx_); break;
 #define FA_C4_(F, b) FA_CASE_(F, (b) + 0) FA_CASE_(F, (b) + 1) FA_CASE_(F, (b) + 2) FA_CASE_(F, (b) + 3)
 #define FA_C16_(F, b) FA_C4_(F, b) FA_C4_(F, (b) + 4) FA_C4_(F, (b) + 8) FA_C4_(F, (b) + 12)
 #define FA_C64_(F, b) FA_C16_(F, b) FA_C16_(F, (b) + 16) FA_C16_(F, (b) + 32) FA_C16_(F, (b) + 48)
@@ -99,15 +99,29 @@
 #define FA_VARIANTS_32(F, v) switch (v) { FA_C16_(F, 0) FA_C16_(F, 16) default: break; }
 #define FA_VARIANTS_64(F, v) switch (v) { FA_C64_(F, 0) default: break; }
 
-/* A rule's kernel entry: fa_<rule>_<type>_<isa>(consts, streams, n, prefetch). */
+/* A rule's kernel entry: fa_<rule>_<storage>_<isa>(consts, streams, n, prefetch, fx).
+ * Prefetching (FA_LOOP) addresses streams of T; 16-bit storage never asks for it. */
 #define FA_DEFINE_ENTRY(rule, NVARIANTS)                                                 \
-    void FA_FN(rule)(const fa_consts *c, char *const *s, size_t n, int prefetch)         \
+    void FA_FN(rule)(const fa_consts *c, char *const *s, size_t n, int prefetch,         \
+                     const fa_fused *fx_)                                                \
     {                                                                                    \
-        const unsigned v = c->variant | (prefetch ? FA_V_PREFETCH : 0u);                 \
+        const unsigned v =                                                               \
+            c->variant | (prefetch && FA_STORAGE_NATIVE ? FA_V_PREFETCH : 0u);           \
         FA_CAT(FA_VARIANTS, NVARIANTS)(FA_FN(FA_CAT(rule, body)), v)                     \
     }
 
-/* ---- every rule, for float and for double ---------------------------------------- */
+/* How a rule reads and writes its streams (rules/<rule>.h): FA_STREAM declares one,
+ * FA_LD(name, i) loads element i as T, FA_ST(name, i, x) stores x (rounded as the
+ * storage needs). Native storage: plain T arrays. */
+#define FA_NATIVE_STREAM(name, slot) T *FA_RESTRICT name = (T *)s[slot]
+#define FA_NATIVE_LD(name, i) (name[i])
+#define FA_NATIVE_ST(name, i, x) (name[i] = (x))
+
+/* ---- every rule: float and double storage ------------------------------------------ */
+#define FA_STORAGE_NATIVE 1
+#define FA_STREAM FA_NATIVE_STREAM
+#define FA_LD FA_NATIVE_LD
+#define FA_ST FA_NATIVE_ST
 #define T float
 #define FA_SQRT sqrtf
 #define FA_FABS fabsf
@@ -127,9 +141,44 @@
 #undef FA_SQRT
 #undef FA_FABS
 #undef FA_TN
+#undef FA_STREAM
+#undef FA_LD
+#undef FA_ST
+#undef FA_STORAGE_NATIVE
 
 /* ---- storage formats (16-bit, 8-bit) --------------------------------------------- */
 #include "formats.h"
+
+/* ---- every rule over bfloat16 storage, fused: a block whose param, grad and state are
+ * all bfloat16 is updated in one loop that widens on load and rounds on store (the
+ * operations of formats.h, element by element), computing in float. The average stays
+ * float32. Nearest-even and stochastic rounding are two instantiations. */
+#define FA_STORAGE_NATIVE 0
+#define FA_STREAM(name, slot)                                                            \
+    uint16_t *FA_RESTRICT name = (uint16_t *)s[slot];                                    \
+    const uint32_t *name##_key_ = fx_ ? fx_->key[slot] : 0;                              \
+    (void)name##_key_
+#define FA_LD(name, i) FA_CAT(fa_bf16_f32, FA_SUFFIX)(name[i])
+#define T float
+#define FA_SQRT sqrtf
+#define FA_FABS fabsf
+#define FA_TN bf16
+#define FA_ST(name, i, x) (name[i] = FA_CAT(fa_bf16_rne, FA_SUFFIX)(x))
+#include "rules/all.h"
+#undef FA_TN
+#undef FA_ST
+#define FA_TN bf16sr
+#define FA_ST(name, i, x)                                                                \
+    (name[i] = FA_CAT(fa_bf16_sr, FA_SUFFIX)(x, FA_RAND(name##_key_, fx_->i0, i)))
+#include "rules/all.h"
+#undef FA_TN
+#undef FA_ST
+#undef T
+#undef FA_SQRT
+#undef FA_FABS
+#undef FA_STREAM
+#undef FA_LD
+#undef FA_STORAGE_NATIVE
 
 /* ---- gradient statistics ------------------------------------------------------------
  * Sum of squares with 16 interleaved double accumulators: lane j takes the elements
@@ -222,8 +271,10 @@ static void FA_CAT(fa_traffic_any, FA_SUFFIX)(char *const *s, const size_t *esiz
 }
 
 /* ---- this path's table (dispatch.c picks one) ------------------------------------- */
-#define FA_RULE_PAIR(rule) {FA_CAT(FA_CAT(FA_CAT(fa, rule), f32), FA_SUFFIX), \
-                            FA_CAT(FA_CAT(FA_CAT(fa, rule), f64), FA_SUFFIX)}
+#define FA_RULE_PAIR(rule) {FA_CAT(FA_CAT(FA_CAT(fa, rule), f32), FA_SUFFIX),   \
+                            FA_CAT(FA_CAT(FA_CAT(fa, rule), f64), FA_SUFFIX),   \
+                            FA_CAT(FA_CAT(FA_CAT(fa, rule), bf16), FA_SUFFIX),  \
+                            FA_CAT(FA_CAT(FA_CAT(fa, rule), bf16sr), FA_SUFFIX)}
 const fa_kernel_table FA_CAT(fa_table, FA_SUFFIX) = {
     {FA_RULE_PAIR(adam), FA_RULE_PAIR(sgd), FA_RULE_PAIR(adagrad), FA_RULE_PAIR(rmsprop),
      FA_RULE_PAIR(adamax), FA_RULE_PAIR(nadam), FA_RULE_PAIR(radam), FA_RULE_PAIR(lion)},

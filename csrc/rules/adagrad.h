@@ -34,11 +34,12 @@ static unsigned fa_adagrad_required(const fa_options *o)
 
 #else
 FA_INLINE void FA_FN(adagrad_body)(const fa_consts *c, char *const *s, size_t n,
-                                   const unsigned V)
+                     const unsigned V, const fa_fused *fx_)
 {
-    T *FA_RESTRICT param = (T *)s[FA_PARAM];
-    const T *FA_RESTRICT grad = (const T *)s[FA_GRAD];
-    T *FA_RESTRICT sum = (T *)s[FA_ADAGRAD_SUM];
+    (void)fx_;
+    FA_STREAM(param, FA_PARAM);
+    FA_STREAM(grad, FA_GRAD);
+    FA_STREAM(sum, FA_ADAGRAD_SUM);
     FA_EMA_LOCALS(c, s)
     const T grad_mul = (T)c->v[FA_C_GRAD_MUL];
     const T l2_weight_decay = (T)c->v[ADAGRAD_L2_WEIGHT_DECAY];
@@ -47,15 +48,15 @@ FA_INLINE void FA_FN(adagrad_body)(const fa_consts *c, char *const *s, size_t n,
     (void)l2_weight_decay;
 #define FA_ADAGRAD_ELEMENT(i)                                                            \
     {                                                                                    \
-        T p = param[i];                                                                  \
-        T g = grad[i] * grad_mul;                                                        \
+        T p = FA_LD(param, i);                                                           \
+        T g = FA_LD(grad, i) * grad_mul;                                                 \
         if (V & ADAGRAD_V_L2) g = g + l2_weight_decay * p;                               \
-        const T sq = sum[i] + g * g;                                                     \
+        const T sq = FA_LD(sum, i) + g * g;                                              \
         const T d = FA_SQRT(sq) + eps;                                                   \
-        sum[i] = sq;                                                                     \
+        FA_ST(sum, i, sq);                                                               \
         p = p - (clr * g) / d;                                                           \
         FA_EMA_UPDATE(V, i, p)                                                           \
-        param[i] = p;                                                                    \
+        FA_ST(param, i, p);                                                              \
     }
     FA_LOOP(V, s, n, FA_ADAGRAD_ELEMENT);
 #undef FA_ADAGRAD_ELEMENT

@@ -69,13 +69,15 @@ static unsigned fa_adam_required(const fa_options *o)
 }
 
 #else /* the kernel, in the element type T */
-FA_INLINE void FA_FN(adam_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V)
+FA_INLINE void FA_FN(adam_body)(const fa_consts *c, char *const *s, size_t n,
+                     const unsigned V, const fa_fused *fx_)
 {
-    T *FA_RESTRICT param = (T *)s[FA_PARAM];
-    const T *FA_RESTRICT grad = (const T *)s[FA_GRAD];
-    T *FA_RESTRICT exp_avg = (T *)s[FA_ADAM_EXP_AVG];
-    T *FA_RESTRICT exp_avg_sq = (T *)s[FA_ADAM_EXP_AVG_SQ];
-    T *FA_RESTRICT max_exp_avg_sq = (T *)s[FA_ADAM_MAX_EXP_AVG_SQ];
+    (void)fx_;
+    FA_STREAM(param, FA_PARAM);
+    FA_STREAM(grad, FA_GRAD);
+    FA_STREAM(exp_avg, FA_ADAM_EXP_AVG);
+    FA_STREAM(exp_avg_sq, FA_ADAM_EXP_AVG_SQ);
+    FA_STREAM(max_exp_avg_sq, FA_ADAM_MAX_EXP_AVG_SQ);
     FA_EMA_LOCALS(c, s)
     const T grad_mul = (T)c->v[FA_C_GRAD_MUL];
     const T l2_weight_decay = (T)c->v[ADAM_L2_WEIGHT_DECAY];
@@ -91,20 +93,20 @@ FA_INLINE void FA_FN(adam_body)(const fa_consts *c, char *const *s, size_t n, co
     (void)max_exp_avg_sq; (void)inv_bc2; (void)eps_root;
 #define FA_ADAM_ELEMENT(i)                                                               \
     {                                                                                    \
-        T p = param[i];                                                                  \
-        T g = grad[i] * grad_mul;                                                        \
+        T p = FA_LD(param, i);                                                           \
+        T g = FA_LD(grad, i) * grad_mul;                                                 \
         if (V & ADAM_V_L2) g = g + l2_weight_decay * p;                                  \
         p = p * param_decay;                                                             \
-        T m = exp_avg[i];                                                                \
+        T m = FA_LD(exp_avg, i);                                                         \
         m = m + one_minus_beta1 * (g - m);                                               \
-        T v = exp_avg_sq[i];                                                             \
+        T v = FA_LD(exp_avg_sq, i);                                                      \
         v = v * beta2 + (one_minus_beta2 * g) * g;                                       \
-        exp_avg[i] = m;                                                                  \
-        exp_avg_sq[i] = v;                                                               \
+        FA_ST(exp_avg, i, m);                                                            \
+        FA_ST(exp_avg_sq, i, v);                                                         \
         if (V & ADAM_V_AMSGRAD) {                                                        \
-            T vm = max_exp_avg_sq[i];                                                    \
+            T vm = FA_LD(max_exp_avg_sq, i);                                             \
             vm = vm >= v ? vm : v;                                                       \
-            max_exp_avg_sq[i] = vm;                                                      \
+            FA_ST(max_exp_avg_sq, i, vm);                                                \
             v = vm;                                                                      \
         }                                                                                \
         T d;                                                                             \
@@ -112,7 +114,7 @@ FA_INLINE void FA_FN(adam_body)(const fa_consts *c, char *const *s, size_t n, co
         else d = FA_SQRT(v) * inv_sqrt_bc2 + eps;                                        \
         p = p - step_size * (m / d);                                                     \
         FA_EMA_UPDATE(V, i, p)                                                           \
-        param[i] = p;                                                                    \
+        FA_ST(param, i, p);                                                              \
     }
     FA_LOOP(V, s, n, FA_ADAM_ELEMENT);
 #undef FA_ADAM_ELEMENT

@@ -39,12 +39,13 @@ static unsigned fa_adamax_required(const fa_options *o)
 
 #else
 FA_INLINE void FA_FN(adamax_body)(const fa_consts *c, char *const *s, size_t n,
-                                  const unsigned V)
+                     const unsigned V, const fa_fused *fx_)
 {
-    T *FA_RESTRICT param = (T *)s[FA_PARAM];
-    const T *FA_RESTRICT grad = (const T *)s[FA_GRAD];
-    T *FA_RESTRICT exp_avg = (T *)s[FA_ADAMAX_EXP_AVG];
-    T *FA_RESTRICT exp_inf = (T *)s[FA_ADAMAX_EXP_INF];
+    (void)fx_;
+    FA_STREAM(param, FA_PARAM);
+    FA_STREAM(grad, FA_GRAD);
+    FA_STREAM(exp_avg, FA_ADAMAX_EXP_AVG);
+    FA_STREAM(exp_inf, FA_ADAMAX_EXP_INF);
     FA_EMA_LOCALS(c, s)
     const T grad_mul = (T)c->v[FA_C_GRAD_MUL];
     const T l2_weight_decay = (T)c->v[ADAMAX_L2_WEIGHT_DECAY];
@@ -55,19 +56,19 @@ FA_INLINE void FA_FN(adamax_body)(const fa_consts *c, char *const *s, size_t n,
     (void)l2_weight_decay;
 #define FA_ADAMAX_ELEMENT(i)                                                             \
     {                                                                                    \
-        T p = param[i];                                                                  \
-        T g = grad[i] * grad_mul;                                                        \
+        T p = FA_LD(param, i);                                                           \
+        T g = FA_LD(grad, i) * grad_mul;                                                 \
         if (V & ADAMAX_V_L2) g = g + l2_weight_decay * p;                                \
-        T m = exp_avg[i];                                                                \
+        T m = FA_LD(exp_avg, i);                                                         \
         m = m + one_minus_beta1 * (g - m);                                               \
-        const T x = exp_inf[i] * beta2;                                                  \
+        const T x = FA_LD(exp_inf, i) * beta2;                                           \
         const T y = FA_FABS(g) + eps;                                                    \
         const T u = x >= y ? x : y;                                                      \
-        exp_avg[i] = m;                                                                  \
-        exp_inf[i] = u;                                                                  \
+        FA_ST(exp_avg, i, m);                                                            \
+        FA_ST(exp_inf, i, u);                                                            \
         p = p - (clr * m) / u;                                                           \
         FA_EMA_UPDATE(V, i, p)                                                           \
-        param[i] = p;                                                                    \
+        FA_ST(param, i, p);                                                              \
     }
     FA_LOOP(V, s, n, FA_ADAMAX_ELEMENT);
 #undef FA_ADAMAX_ELEMENT

@@ -42,11 +42,12 @@ static unsigned fa_lion_required(const fa_options *o)
 
 #else
 FA_INLINE void FA_FN(lion_body)(const fa_consts *c, char *const *s, size_t n,
-                                const unsigned V)
+                     const unsigned V, const fa_fused *fx_)
 {
-    T *FA_RESTRICT param = (T *)s[FA_PARAM];
-    const T *FA_RESTRICT grad = (const T *)s[FA_GRAD];
-    T *FA_RESTRICT exp_avg = (T *)s[FA_LION_EXP_AVG];
+    (void)fx_;
+    FA_STREAM(param, FA_PARAM);
+    FA_STREAM(grad, FA_GRAD);
+    FA_STREAM(exp_avg, FA_LION_EXP_AVG);
     FA_EMA_LOCALS(c, s)
     const T grad_mul = (T)c->v[FA_C_GRAD_MUL];
     const T param_decay = (T)c->v[LION_PARAM_DECAY];
@@ -59,16 +60,16 @@ FA_INLINE void FA_FN(lion_body)(const fa_consts *c, char *const *s, size_t n,
     (void)param_decay;
 #define FA_LION_ELEMENT(i)                                                               \
     {                                                                                    \
-        T p = param[i];                                                                  \
-        const T g = grad[i] * grad_mul;                                                  \
+        T p = FA_LD(param, i);                                                           \
+        const T g = FA_LD(grad, i) * grad_mul;                                           \
         if (V & LION_V_DECOUPLED) p = p * param_decay;                                   \
-        const T m = exp_avg[i];                                                          \
+        const T m = FA_LD(exp_avg, i);                                                   \
         const T u = m * beta1 + one_minus_beta1 * g;                                     \
         const T sgn = u > 0 ? one : (u < 0 ? minus_one : u);                             \
         p = p - lr * sgn;                                                                \
-        exp_avg[i] = m * beta2 + one_minus_beta2 * g;                                    \
+        FA_ST(exp_avg, i, m * beta2 + one_minus_beta2 * g);                              \
         FA_EMA_UPDATE(V, i, p)                                                           \
-        param[i] = p;                                                                    \
+        FA_ST(param, i, p);                                                              \
     }
     FA_LOOP(V, s, n, FA_LION_ELEMENT);
 #undef FA_LION_ELEMENT

@@ -66,12 +66,13 @@ static unsigned fa_radam_required(const fa_options *o)
 
 #else
 FA_INLINE void FA_FN(radam_body)(const fa_consts *c, char *const *s, size_t n,
-                                 const unsigned V)
+                     const unsigned V, const fa_fused *fx_)
 {
-    T *FA_RESTRICT param = (T *)s[FA_PARAM];
-    const T *FA_RESTRICT grad = (const T *)s[FA_GRAD];
-    T *FA_RESTRICT exp_avg = (T *)s[FA_RADAM_EXP_AVG];
-    T *FA_RESTRICT exp_avg_sq = (T *)s[FA_RADAM_EXP_AVG_SQ];
+    (void)fx_;
+    FA_STREAM(param, FA_PARAM);
+    FA_STREAM(grad, FA_GRAD);
+    FA_STREAM(exp_avg, FA_RADAM_EXP_AVG);
+    FA_STREAM(exp_avg_sq, FA_RADAM_EXP_AVG_SQ);
     FA_EMA_LOCALS(c, s)
     const T grad_mul = (T)c->v[FA_C_GRAD_MUL];
     const T l2_weight_decay = (T)c->v[RADAM_L2_WEIGHT_DECAY];
@@ -84,20 +85,20 @@ FA_INLINE void FA_FN(radam_body)(const fa_consts *c, char *const *s, size_t n,
     (void)l2_weight_decay; (void)param_decay; (void)eps;
 #define FA_RADAM_ELEMENT(i)                                                              \
     {                                                                                    \
-        T p = param[i];                                                                  \
-        T g = grad[i] * grad_mul;                                                        \
+        T p = FA_LD(param, i);                                                           \
+        T g = FA_LD(grad, i) * grad_mul;                                                 \
         if (V & RADAM_V_L2) g = g + l2_weight_decay * p;                                 \
         if (V & RADAM_V_DECOUPLED) p = p * param_decay;                                  \
-        T m = exp_avg[i];                                                                \
+        T m = FA_LD(exp_avg, i);                                                         \
         m = m + one_minus_beta1 * (g - m);                                               \
-        T v = exp_avg_sq[i];                                                             \
+        T v = FA_LD(exp_avg_sq, i);                                                      \
         v = v * beta2 + (one_minus_beta2 * g) * g;                                       \
-        exp_avg[i] = m;                                                                  \
-        exp_avg_sq[i] = v;                                                               \
+        FA_ST(exp_avg, i, m);                                                            \
+        FA_ST(exp_avg_sq, i, v);                                                         \
         if (V & RADAM_V_RECTIFIED) p = p - step_size * (m / (FA_SQRT(v) + eps));         \
         else p = p - step_size * m;                                                      \
         FA_EMA_UPDATE(V, i, p)                                                           \
-        param[i] = p;                                                                    \
+        FA_ST(param, i, p);                                                              \
     }
     FA_LOOP(V, s, n, FA_RADAM_ELEMENT);
 #undef FA_RADAM_ELEMENT

@@ -46,13 +46,14 @@ static unsigned fa_rmsprop_required(const fa_options *o)
 
 #else
 FA_INLINE void FA_FN(rmsprop_body)(const fa_consts *c, char *const *s, size_t n,
-                                   const unsigned V)
+                     const unsigned V, const fa_fused *fx_)
 {
-    T *FA_RESTRICT param = (T *)s[FA_PARAM];
-    const T *FA_RESTRICT grad = (const T *)s[FA_GRAD];
-    T *FA_RESTRICT square_avg = (T *)s[FA_RMSPROP_SQUARE_AVG];
-    T *FA_RESTRICT buf = (T *)s[FA_RMSPROP_MOMENTUM_BUFFER];
-    T *FA_RESTRICT grad_avg = (T *)s[FA_RMSPROP_GRAD_AVG];
+    (void)fx_;
+    FA_STREAM(param, FA_PARAM);
+    FA_STREAM(grad, FA_GRAD);
+    FA_STREAM(square_avg, FA_RMSPROP_SQUARE_AVG);
+    FA_STREAM(buf, FA_RMSPROP_MOMENTUM_BUFFER);
+    FA_STREAM(grad_avg, FA_RMSPROP_GRAD_AVG);
     FA_EMA_LOCALS(c, s)
     const T grad_mul = (T)c->v[FA_C_GRAD_MUL];
     const T l2_weight_decay = (T)c->v[RMSPROP_L2_WEIGHT_DECAY];
@@ -64,29 +65,29 @@ FA_INLINE void FA_FN(rmsprop_body)(const fa_consts *c, char *const *s, size_t n,
     (void)buf; (void)grad_avg; (void)momentum; (void)l2_weight_decay;
 #define FA_RMSPROP_ELEMENT(i)                                                            \
     {                                                                                    \
-        T p = param[i];                                                                  \
-        T g = grad[i] * grad_mul;                                                        \
+        T p = FA_LD(param, i);                                                           \
+        T g = FA_LD(grad, i) * grad_mul;                                                 \
         if (V & RMSPROP_V_L2) g = g + l2_weight_decay * p;                               \
-        const T v = square_avg[i] * alpha + (one_minus_alpha * g) * g;                   \
-        square_avg[i] = v;                                                               \
+        const T v = FA_LD(square_avg, i) * alpha + (one_minus_alpha * g) * g;            \
+        FA_ST(square_avg, i, v);                                                         \
         T d;                                                                             \
         if (V & RMSPROP_V_CENTERED) {                                                    \
-            T a = grad_avg[i];                                                           \
+            T a = FA_LD(grad_avg, i);                                                    \
             a = a + one_minus_alpha * (g - a);                                           \
-            grad_avg[i] = a;                                                             \
+            FA_ST(grad_avg, i, a);                                                       \
             d = FA_SQRT(v - a * a) + eps;                                                \
         } else {                                                                         \
             d = FA_SQRT(v) + eps;                                                        \
         }                                                                                \
         if (V & RMSPROP_V_MOMENTUM) {                                                    \
-            const T b = buf[i] * momentum + g / d;                                       \
-            buf[i] = b;                                                                  \
+            const T b = FA_LD(buf, i) * momentum + g / d;                                \
+            FA_ST(buf, i, b);                                                            \
             p = p - lr * b;                                                              \
         } else {                                                                         \
             p = p - (lr * g) / d;                                                        \
         }                                                                                \
         FA_EMA_UPDATE(V, i, p)                                                           \
-        param[i] = p;                                                                    \
+        FA_ST(param, i, p);                                                              \
     }
     FA_LOOP(V, s, n, FA_RMSPROP_ELEMENT);
 #undef FA_RMSPROP_ELEMENT

@@ -42,11 +42,13 @@ static unsigned fa_sgd_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(sgd_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V)
+FA_INLINE void FA_FN(sgd_body)(const fa_consts *c, char *const *s, size_t n,
+                     const unsigned V, const fa_fused *fx_)
 {
-    T *FA_RESTRICT param = (T *)s[FA_PARAM];
-    const T *FA_RESTRICT grad = (const T *)s[FA_GRAD];
-    T *FA_RESTRICT buf = (T *)s[FA_SGD_MOMENTUM_BUFFER];
+    (void)fx_;
+    FA_STREAM(param, FA_PARAM);
+    FA_STREAM(grad, FA_GRAD);
+    FA_STREAM(buf, FA_SGD_MOMENTUM_BUFFER);
     FA_EMA_LOCALS(c, s)
     const T grad_mul = (T)c->v[FA_C_GRAD_MUL];
     const T l2_weight_decay = (T)c->v[SGD_L2_WEIGHT_DECAY];
@@ -56,21 +58,21 @@ FA_INLINE void FA_FN(sgd_body)(const fa_consts *c, char *const *s, size_t n, con
     (void)buf; (void)momentum; (void)one_minus_dampening; (void)l2_weight_decay;
 #define FA_SGD_ELEMENT(i)                                                                \
     {                                                                                    \
-        T p = param[i];                                                                  \
-        T g = grad[i] * grad_mul;                                                        \
+        T p = FA_LD(param, i);                                                           \
+        T g = FA_LD(grad, i) * grad_mul;                                                 \
         if (V & SGD_V_L2) g = g + l2_weight_decay * p;                                   \
         T u = g;                                                                         \
         if (V & SGD_V_MOMENTUM) {                                                        \
             T b;                                                                         \
             if (V & SGD_V_FIRST) b = g;                                                  \
-            else b = buf[i] * momentum + one_minus_dampening * g;                        \
-            buf[i] = b;                                                                  \
+            else b = FA_LD(buf, i) * momentum + one_minus_dampening * g;                 \
+            FA_ST(buf, i, b);                                                            \
             if (V & SGD_V_NESTEROV) u = g + momentum * b;                                \
             else u = b;                                                                  \
         }                                                                                \
         p = p - lr * u;                                                                  \
         FA_EMA_UPDATE(V, i, p)                                                           \
-        param[i] = p;                                                                    \
+        FA_ST(param, i, p);                                                              \
     }
     FA_LOOP(V, s, n, FA_SGD_ELEMENT);
 #undef FA_SGD_ELEMENT
