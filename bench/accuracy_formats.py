@@ -1,0 +1,599 @@
+#!/usr/bin/env python
+"""Accuracy of fastadam's storage formats on real training (issue 10, "show it on real
+training"): does AdamW with 16-bit parameters, fp32 master weights, 8-bit or bfloat16
+moments and stochastic rounding train as well as float32 AdamW?
+
+Two workloads, each trained once per format below (float32 three times, with three seeds,
+to measure the run-to-run noise that the other formats are judged against):
+
+* ``mlp``: the MLP of ``python -m fastadam compare`` (``fastadam.compare.MLP``,
+  64-1000-1000-10, ReLU, He-initialised) on scikit-learn's handwritten digits
+  (``fastadam.compare.load_digits_split``: trained on the 1151 images of its search-train
+  split, validation loss on its 287 validation images, accuracy on the 359 test images),
+  with fastadam's NumPy API (``fastadam.AdamW``), minibatches of 128, constant lr.
+  Bfloat16 parameters are ``ml_dtypes.bfloat16`` arrays and are what the optimizer updates;
+  the forward and backward passes run in float32 on their exact float32 image (copied into
+  the model's float32 arrays before each step), and the float32 gradients are passed as
+  they are (the NumPy API accepts float32 gradients for 16-bit parameters). So the MLP
+  measures the optimizer's storage alone.
+* ``lm``: a small byte-level transformer language model (pre-LayerNorm GPT blocks, causal
+  self-attention, learned positions, untied output layer; torch on the CPU, 2 threads) on
+  the Python standard library's own source files (``sysconfig.get_paths()["stdlib"]``:
+  every ``*.py`` in sorted path order, without ``site-packages`` and the test suites; every
+  10th file is the validation set), with ``fastadam.torch.AdamW``, lr warmed up linearly and
+  decayed by a cosine. Bfloat16 runs convert the model with ``model.to(torch.bfloat16)``:
+  forward, backward and gradients are bfloat16 (the loss is taken in float32 from the
+  logits), so the bfloat16 parameters are what is trained.
+
+Formats (``FORMATS``; the options of docs/formats.md):
+
+    fp32              float32 params and moments (seeds 0, 1, 2)
+    bf16_master       bfloat16 params, master_weights=True (fp32 master and moments)
+    fp32_8bit         float32 params, state_dtype="8bit"
+    bf16_master_8bit  bfloat16 params, master_weights=True, state_dtype="8bit"
+    bf16_nearest      bfloat16 params and moments, no master, rounding="nearest"
+    bf16_stochastic   the same with rounding="stochastic" (seed 0)
+
+Every format but fp32 runs with seed 0 (the same initial weights, before rounding to
+bfloat16, and the same minibatches as fp32's seed 0). The learning rates are small on
+purpose: most of the updates of a well trained model are then smaller than half a bfloat16
+ulp of the weight they change, which is the regime where bfloat16 parameters without
+master weights lose updates under nearest rounding and stochastic rounding keeps them on
+average.
+
+Losses are measured on the final weights, in float32 (a bfloat16 model is widened exactly
+to float32 for the evaluation), so the numbers compare the trained parameters and not the
+precision of the evaluation: the MLP's training loss over its whole training split, the
+LM's over a fixed sample of training windows; validation losses likewise.
+
+Output: a table per workload (final training and validation loss, test accuracy for the
+MLP, each against float32's seed mean; "noise" is the sample standard deviation of the
+three float32 seeds) and, with ``--out PATH``, JSON (schema ``fastadam-accuracy/1``)::
+
+    schema, created, elapsed_s, machine {platform, cpu_model, usable_cpus, loadavg_start,
+    loadavg_end}, versions {python, numpy, torch, ml_dtypes, sklearn, fastadam, fastadam_simd},
+    settings {argv, quick, only, steps, formats, seeds},
+    formats: {key: {label, param_dtype, options, state_bytes_per_param,
+                    traffic_bytes_per_element}},
+    workloads: {mlp|lm: {
+        model, n_params, data {...}, steps, batch, lr, schedule, weight_decay,
+        runs: [{format, seed, final_train_loss, val_loss, test_accuracy (mlp), diverged,
+                seconds, curve: [{step, train_loss, val_loss}, ...]}, ...],
+        baseline: {metric: {mean, std, min, max, values}},    (float32, over the seeds)
+        summary: {format: {train_loss, val_loss, test_accuracy (mlp),
+                           delta_train, delta_val (against the fp32 mean),
+                           within_noise (|delta_val| <= 2 std of fp32, or null for fp32)}}}}
+
+    python bench/accuracy_formats.py --out accuracy.json       # both workloads (minutes)
+    python bench/accuracy_formats.py --only mlp --steps 500    # one workload, shorter
+    python bench/accuracy_formats.py --quick --out /tmp/a.json # a smoke run (seconds)
+
+Needs torch, scikit-learn and ml_dtypes (``--only mlp`` needs no torch).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+
+import numpy as np
+
+import fastadam
+from fastadam import compare
+
+SCHEMA = "fastadam-accuracy/1"
+
+# key -> label, parameter dtype, optimizer options (docs/formats.md), resident optimizer
+# bytes per parameter (param + master + moments; 8-bit: + 2 absmax per 256), bytes moved
+# per element and AdamW step (read p/master, g, m, v; write p/master (+ 16-bit p), m, v).
+FORMATS = {
+    "fp32": ("float32 AdamW", "float32", {}, 12, 28),
+    "bf16_master": ("bf16 + fp32 master", "bfloat16", {"master_weights": True}, 14, 28),
+    "fp32_8bit": ("fp32 + 8-bit moments", "float32", {"state_dtype": "8bit"},
+                  4 + 2 + 8 / 256, 16),
+    "bf16_master_8bit": ("bf16 + master + 8-bit", "bfloat16",
+                         {"master_weights": True, "state_dtype": "8bit"}, 2 + 4 + 2 + 8 / 256,
+                         16),
+    "bf16_nearest": ("bf16, no master, nearest", "bfloat16", {"rounding": "nearest"}, 6, 14),
+    "bf16_stochastic": ("bf16, no master, stochastic", "bfloat16",
+                        {"rounding": "stochastic", "seed": 0}, 6, 14),
+}
+BASELINE = "fp32"
+SEEDS = (0, 1, 2)
+NOISE_SIGMAS = 2.0
+
+# The workloads' settings; QUICK replaces some of them for --quick.
+MLP = dict(hidden=1000, batch=128, steps=2000, lr=1e-4, weight_decay=1e-2, evals=10)
+LM = dict(d_model=128, layers=2, heads=4, context=64, batch=16, steps=1000, lr=1e-3,
+          warmup=0.05, final_lr=0.1, weight_decay=1e-1, eval_windows=256, evals=5,
+          corpus_bytes=None, val_every=10)
+QUICK = {"mlp": dict(hidden=128, steps=12, evals=2),
+         "lm": dict(d_model=64, layers=1, context=32, batch=4, steps=6, eval_windows=16,
+                    evals=2, corpus_bytes=400_000)}
+
+
+class AccuracyError(Exception):
+    """A problem reported as one line and exit status 2."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _optional(name):
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def _require(names):
+    missing = [n for n in names if _optional(n) is None]
+    if missing:
+        pip = {"sklearn": "scikit-learn"}
+        raise AccuracyError("needs " + ", ".join(pip.get(n, n) for n in missing)
+                            + ": pip install " + " ".join(pip.get(n, n) for n in missing))
+
+
+def _float(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# ------------------------------------------------------------------------------ the MLP
+
+
+def _mlp_run(fmt, seed, cfg, data):
+    """Train the digits MLP with one format; returns the run's record."""
+    import ml_dtypes
+
+    _, pdtype, options, _, _ = FORMATS[fmt]
+    model = compare.MLP(data["x_train"].shape[1], int(data["y_train"].max()) + 1,
+                        hidden=cfg["hidden"], dtype=np.float32, seed=seed)
+    if pdtype == "bfloat16":
+        params = [p.astype(ml_dtypes.bfloat16) for p in model.params]
+    else:
+        params = model.params
+
+    def sync():                      # the model's float32 arrays <- the trained params
+        if params is not model.params:
+            for dst, src in zip(model.params, params):
+                dst[...] = src
+
+    sync()
+    opt = fastadam.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], **options)
+    x, y = data["x_search"], data["y_search"]
+    order = np.random.default_rng([seed, 2])
+    noise = np.random.default_rng([seed, 3])
+    bs, n = cfg["batch"], len(x)
+    marks = _marks(cfg["steps"], cfg["evals"])
+    curve, diverged = [], False
+
+    def evaluate(step):
+        sync()
+        tr = model.objective(x, y)
+        va, _ = model.evaluate(data["x_val"], data["y_val"])
+        curve.append({"step": step, "train_loss": _float(tr), "val_loss": _float(va)})
+        return math.isfinite(tr) and math.isfinite(va)
+
+    t0 = time.perf_counter()
+    evaluate(0)
+    perm, pos = order.permutation(n), 0
+    with np.errstate(all="ignore"):
+        for step in range(1, cfg["steps"] + 1):
+            if pos >= n:
+                perm, pos = order.permutation(n), 0
+            idx = perm[pos:pos + bs]
+            pos += bs
+            sync()
+            _, grads = model.loss_and_grads(x[idx], y[idx], noise)
+            opt.step(grads)
+            if step in marks and not evaluate(step):
+                diverged = True
+                break
+    sync()
+    with np.errstate(all="ignore"):
+        test_loss, test_acc = model.evaluate(data["x_test"], data["y_test"])
+    last = curve[-1]
+    return {"format": fmt, "seed": seed, "final_train_loss": last["train_loss"],
+            "val_loss": last["val_loss"], "test_loss": _float(test_loss),
+            "test_accuracy": float(test_acc), "diverged": diverged,
+            "seconds": round(time.perf_counter() - t0, 2), "curve": curve}
+
+
+def run_mlp(cfg, formats, seeds):
+    data = compare.load_digits_split(0, np.float32)
+    model = compare.MLP(data["x_train"].shape[1], 10, hidden=cfg["hidden"])
+    rec = {"model": model.description + " (fastadam.compare.MLP)",
+           "n_params": int(sum(p.size for p in model.params)),
+           "data": {"name": "scikit-learn digits (fastadam.compare.load_digits_split, seed 0)",
+                    "n_train": len(data["y_search"]), "n_val": len(data["y_val"]),
+                    "n_test": len(data["y_test"])},
+           "api": "fastadam.AdamW (NumPy); bfloat16 params are ml_dtypes.bfloat16 arrays, "
+                  "forward/backward in float32 from their exact image, float32 gradients",
+           "steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"],
+           "schedule": "constant", "weight_decay": cfg["weight_decay"], "runs": []}
+    with compare.BlasThreads("auto") as blas:
+        for fmt, seed in _plan(formats, seeds):
+            blas.before_run()
+            r = _mlp_run(fmt, seed, cfg, data)
+            _log_run("mlp", r)
+            rec["runs"].append(r)
+    _summarise(rec, ["final_train_loss", "val_loss", "test_accuracy"])
+    return rec
+
+
+# ---------------------------------------------------------------- the language model
+
+
+def stdlib_corpus(limit=None):
+    """The standard library's ``*.py`` files (sorted by path, no site-packages, no test
+    suites) as bytes: (train, validation, description); every 10th file is validation.
+    ``limit``: stop adding files once that many bytes are read."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted((p for p in root.rglob("*.py")
+                    if not skip.intersection(p.relative_to(root).parts[:-1])),
+                   key=lambda p: p.relative_to(root).as_posix())
+    train, val, total, used = [], [], 0, 0
+    for i, p in enumerate(files):
+        try:
+            b = p.read_bytes()
+        except OSError:
+            continue
+        (val if i % LM["val_every"] == LM["val_every"] - 1 else train).append(b)
+        total += len(b)
+        used += 1
+        if limit and total >= limit:
+            break
+    tr, va = b"".join(train), b"".join(val)
+    desc = {"name": "Python standard library sources", "root": str(root),
+            "python": platform.python_version(), "files": used,
+            "split": f"every {LM['val_every']}th file (sorted by path) is validation",
+            "train_bytes": len(tr), "val_bytes": len(va),
+            "sha256": hashlib.sha256(tr + va).hexdigest()}
+    return tr, va, desc
+
+
+def _lm_module():
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Block(nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.heads = heads
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads) \
+                .permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+            return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+    class ByteLM(nn.Module):
+        """Byte-level GPT: embeddings (256 bytes, learned positions), pre-LN blocks, final
+        LayerNorm, untied output layer. Linear and embedding weights N(0, 0.02)."""
+
+        def __init__(self, d, layers, heads, context):
+            super().__init__()
+            self.emb = nn.Embedding(256, d)
+            self.pos = nn.Parameter(torch.zeros(context, d))
+            self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+            self.ln = nn.LayerNorm(d)
+            self.head = nn.Linear(d, 256)
+            for name, p in self.named_parameters():
+                if p.dim() > 1:
+                    nn.init.normal_(p, 0.0, 0.02)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+
+        def forward(self, x):
+            return self.head(self.ln(self.blocks(self.emb(x) + self.pos[:x.shape[1]])))
+
+    return ByteLM
+
+
+def _windows(data, starts, context):
+    import torch
+
+    idx = starts[:, None] + torch.arange(context + 1)[None, :]
+    return data[idx]
+
+
+def _lm_run(fmt, seed, cfg, corpus):
+    import torch
+    import fastadam.torch as fat
+    from torch.nn import functional as F
+
+    _, pdtype, options, _, _ = FORMATS[fmt]
+    train, val, eval_sets = corpus
+    torch.manual_seed(seed)
+    model = _lm_module()(cfg["d_model"], cfg["layers"], cfg["heads"], cfg["context"])
+    if pdtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    opt = fat.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                    **options)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    steps, ctx = cfg["steps"], cfg["context"]
+    marks = _marks(steps, cfg["evals"])
+    curve, diverged = [], False
+
+    def lr_at(step):                 # 1-based: linear warmup, cosine to final_lr * lr
+        w = max(1, int(cfg["warmup"] * steps))
+        if step <= w:
+            return cfg["lr"] * step / w
+        c = 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+        return cfg["lr"] * (cfg["final_lr"] + (1 - cfg["final_lr"]) * c)
+
+    @torch.no_grad()
+    def evaluate(step):
+        m = model if pdtype == "float32" else copy.deepcopy(model).float()
+        m.eval()
+        out = {"step": step}
+        for name, w in eval_sets.items():
+            tot = 0.0
+            for i in range(0, len(w), cfg["batch"] * 4):
+                b = w[i:i + cfg["batch"] * 4]
+                logits = m(b[:, :-1]).float()
+                tot += F.cross_entropy(logits.reshape(-1, 256), b[:, 1:].reshape(-1),
+                                       reduction="sum").item()
+            out[name] = _float(tot / (len(w) * ctx))
+        model.train()
+        curve.append(out)
+        return all(v is not None for v in out.values())
+
+    t0 = time.perf_counter()
+    evaluate(0)
+    for step in range(1, steps + 1):
+        starts = torch.randint(0, len(train) - ctx - 1, (cfg["batch"],), generator=gen)
+        b = _windows(train, starts, ctx)
+        logits = model(b[:, :-1]).float()
+        loss = F.cross_entropy(logits.reshape(-1, 256), b[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.step()
+        if step in marks and not evaluate(step):
+            diverged = True
+            break
+    last = curve[-1]
+    return {"format": fmt, "seed": seed, "final_train_loss": last["train_loss"],
+            "val_loss": last["val_loss"], "diverged": diverged,
+            "seconds": round(time.perf_counter() - t0, 2), "curve": curve}
+
+
+def run_lm(cfg, formats, seeds):
+    import torch
+
+    torch.set_num_threads(2)
+    tr, va, desc = stdlib_corpus(cfg["corpus_bytes"])
+    train = torch.frombuffer(bytearray(tr), dtype=torch.uint8).long()
+    val = torch.frombuffer(bytearray(va), dtype=torch.uint8).long()
+    ctx = cfg["context"]
+    g = torch.Generator().manual_seed(12345)  # the same evaluation windows for every run
+    eval_sets = {
+        "train_loss": _windows(train, torch.randint(0, len(train) - ctx - 1,
+                                                    (cfg["eval_windows"],), generator=g), ctx),
+        "val_loss": _windows(val, torch.randint(0, len(val) - ctx - 1,
+                                                (cfg["eval_windows"],), generator=g), ctx)}
+    model = _lm_module()(cfg["d_model"], cfg["layers"], cfg["heads"], ctx)
+    rec = {"model": f"byte-level transformer LM: d_model {cfg['d_model']}, {cfg['layers']} "
+                    f"layers, {cfg['heads']} heads, context {ctx}, MLP 4x, pre-LN, untied head",
+           "n_params": int(sum(p.numel() for p in model.parameters())),
+           "data": dict(desc, eval_windows=cfg["eval_windows"],
+                        tokens_per_step=cfg["batch"] * ctx),
+           "api": "fastadam.torch.AdamW; bfloat16 runs: model.to(torch.bfloat16), bfloat16 "
+                  "forward/backward/gradients, loss in float32",
+           "steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"],
+           "schedule": f"linear warmup {cfg['warmup']:g} of the steps, cosine to "
+                       f"{cfg['final_lr']:g} x lr",
+           "weight_decay": cfg["weight_decay"], "torch_threads": torch.get_num_threads(),
+           "runs": []}
+    for fmt, seed in _plan(formats, seeds):
+        r = _lm_run(fmt, seed, cfg, (train, val, eval_sets))
+        _log_run("lm", r)
+        rec["runs"].append(r)
+    _summarise(rec, ["final_train_loss", "val_loss"])
+    return rec
+
+
+# ------------------------------------------------------------------------------ shared
+
+
+def _marks(steps, evals):
+    return {max(1, round(steps * k / evals)) for k in range(1, evals + 1)} | {steps}
+
+
+def _plan(formats, seeds):
+    out = []
+    for f in formats:
+        out += [(f, s) for s in seeds] if f == BASELINE else [(f, seeds[0])]
+    return out
+
+
+def _log_run(name, r):
+    acc = f", test accuracy {100 * r['test_accuracy']:.2f}%" if "test_accuracy" in r else ""
+    log(f"{name} {r['format']:<17} seed {r['seed']}: train {_fmt(r['final_train_loss'])}, "
+        f"val {_fmt(r['val_loss'])}{acc}  ({r['seconds']:.1f} s)")
+
+
+def _fmt(v, digits=4):
+    return "diverged" if v is None else f"{v:.{digits}f}"
+
+
+def _stats(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "values": list(values)}
+
+
+def _summarise(rec, metrics):
+    base = [r for r in rec["runs"] if r["format"] == BASELINE]
+    rec["baseline"] = {m: _stats([r[m] for r in base]) for m in metrics} if base else None
+    summ = {}
+    for r in rec["runs"]:
+        if r["format"] in summ:
+            continue
+        runs = [q for q in rec["runs"] if q["format"] == r["format"]]
+        s = {"seeds": [q["seed"] for q in runs], "diverged": any(q["diverged"] for q in runs)}
+        for m in metrics:
+            key = "train_loss" if m == "final_train_loss" else m
+            st = _stats([q[m] for q in runs])
+            s[key] = st["mean"] if st else None
+            if rec["baseline"] and rec["baseline"][m] and s[key] is not None:
+                s["delta_" + key.replace("_loss", "")] = s[key] - rec["baseline"][m]["mean"]
+        b = rec["baseline"]["val_loss"] if rec["baseline"] else None
+        if r["format"] == BASELINE or b is None or s["val_loss"] is None:
+            s["within_noise"] = None if r["format"] == BASELINE or b is None else False
+        else:
+            s["within_noise"] = abs(s["delta_val"]) <= NOISE_SIGMAS * b["std"]
+        summ[r["format"]] = s
+    rec["summary"] = summ
+
+
+def format_table(name, rec):
+    title = {"mlp": "MLP on digits (NumPy API)", "lm": "byte-level transformer LM on the "
+             "Python stdlib (torch)"}[name]
+    has_acc = name == "mlp"
+    lines = [f"== {title}: {rec['model']}, {rec['n_params']:,} params, {rec['steps']} steps "
+             f"of {rec['batch']}, lr {rec['lr']:g} ({rec['schedule']}), weight_decay "
+             f"{rec['weight_decay']:g}"]
+    base = rec["baseline"]
+    head = (f"{'format':<28} {'B/param':>7}  {'train loss':>10} {'vs fp32':>8}  "
+            f"{'val loss':>8} {'vs fp32':>8}" + ("  test acc" if has_acc else "")
+            + "  within noise")
+    lines += [head, "-" * len(head)]
+    for key, s in rec["summary"].items():
+        label, _, _, nbytes, _ = FORMATS[key]
+        if key == BASELINE and base:
+            tl = f"{base['final_train_loss']['mean']:.4f}"
+            tr = f"±{base['final_train_loss']['std']:.4f}"
+            vl = f"{base['val_loss']['mean']:.4f}"
+            vr = f"±{base['val_loss']['std']:.4f}"
+            label += f" ({len(s['seeds'])} seeds)"
+            noise = "(mean ± std)"
+        else:
+            tl, vl = _fmt(s["train_loss"]), _fmt(s["val_loss"])
+            tr = f"{s['delta_train']:+.4f}" if "delta_train" in s else ""
+            vr = f"{s['delta_val']:+.4f}" if "delta_val" in s else ""
+            noise = {True: "yes", False: "no", None: ""}[s["within_noise"]]
+            if base and base["val_loss"]["std"] > 0 and "delta_val" in s:
+                noise += f" ({s['delta_val'] / base['val_loss']['std']:+.1f} std)"
+        acc = ""
+        if has_acc:
+            acc = f"  {100 * s['test_accuracy']:7.2f}%"
+        lines.append(f"{label:<28} {nbytes:>7.2f}  {tl:>10} {tr:>8}  {vl:>8} {vr:>8}{acc}  "
+                     f"{noise}")
+    if base:
+        vals = ", ".join(f"{v:.4f}" for v in base["val_loss"]["values"] if v is not None)
+        lines.append(f"fp32 seeds' val losses: {vals}; within noise = |val loss - fp32 mean| "
+                     f"<= {NOISE_SIGMAS:g} std of the fp32 seeds")
+    return "\n".join(lines)
+
+
+def _versions():
+    import ml_dtypes
+
+    v = {"python": platform.python_version(), "numpy": np.__version__,
+         "ml_dtypes": ml_dtypes.__version__, "fastadam": fastadam.__version__,
+         "fastadam_simd": fastadam.config()["simd"]}
+    for mod in ("torch", "sklearn"):
+        m = _optional(mod)
+        v[mod] = getattr(m, "__version__", None) if m else None
+    return v
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python bench/accuracy_formats.py",
+        description="Train an MLP on digits (NumPy API) and a byte-level transformer LM on "
+                    "the Python stdlib (torch) with every storage format of fastadam's "
+                    "AdamW, and compare the final losses with float32 AdamW's run-to-run "
+                    "noise (3 seeds).",
+        epilog="The module docstring documents the setting and the JSON layout.")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of seconds (tiny models, a few steps)")
+    p.add_argument("--only", choices=["mlp", "lm"], help="one workload (default: both)")
+    p.add_argument("--steps", type=int, help=f"training steps (default: mlp {MLP['steps']}, "
+                                             f"lm {LM['steps']})")
+    p.add_argument("--lr", type=float, help=f"peak lr (default: mlp {MLP['lr']:g}, "
+                                            f"lm {LM['lr']:g})")
+    p.add_argument("--formats", default="all",
+                   help="comma separated keys of FORMATS, or all (default)")
+    p.add_argument("--seeds", type=int, default=len(SEEDS),
+                   help=f"float32 runs, seeds 0, 1, ... (default {len(SEEDS)})")
+    p.add_argument("--out", metavar="PATH", help="write the results as JSON")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    fmts = list(FORMATS) if args.formats == "all" else \
+        [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    err = (f"unknown format(s) {bad} (choose from {', '.join(FORMATS)})" if bad
+           else "no format" if not fmts
+           else "--steps must be >= 1" if args.steps is not None and args.steps < 1
+           else "--seeds must be >= 1" if args.seeds < 1 else None)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    seeds = tuple(range(args.seeds))
+    workloads = [args.only] if args.only else ["mlp", "lm"]
+    try:
+        _require(["ml_dtypes", "sklearn"] + (["torch"] if "lm" in workloads else []))
+    except AccuracyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    out = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "elapsed_s": None, "machine": compare._machine(), "versions": _versions(),
+           "settings": {"argv": argv, "quick": args.quick, "only": args.only,
+                        "steps": args.steps, "formats": fmts, "seeds": list(seeds)},
+           "formats": {k: {"label": v[0], "param_dtype": v[1], "options": v[2],
+                           "state_bytes_per_param": v[3], "traffic_bytes_per_element": v[4]}
+                       for k, v in FORMATS.items() if k in fmts},
+           "workloads": {}}
+    runners = {"mlp": (MLP, run_mlp), "lm": (LM, run_lm)}
+    for name in workloads:
+        base, fn = runners[name]
+        cfg = dict(base, **(QUICK[name] if args.quick else {}))
+        if args.steps:
+            cfg["steps"] = args.steps
+        if args.lr:
+            cfg["lr"] = args.lr
+        out["workloads"][name] = fn(cfg, fmts, seeds)
+        print(format_table(name, out["workloads"][name]) + "\n", flush=True)
+    out["elapsed_s"] = round(time.time() - t0, 1)
+    out["machine"]["loadavg_end"] = compare._loadavg()
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.out)
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
