@@ -3,8 +3,10 @@
 training"): does AdamW with 16-bit parameters, fp32 master weights, 8-bit or bfloat16
 moments and stochastic rounding train as well as float32 AdamW?
 
-Two workloads, each trained once per format below (float32 three times, with three seeds,
-to measure the run-to-run noise that the other formats are judged against):
+Two workloads, each trained with every format below: float32 three times (seeds 0, 1, 2:
+the run-to-run noise that the other formats are judged against), every other format once
+(seed 0) or, with ``--format-seeds 3``, with the same three seeds (then every value is a
+mean over the seeds, and each run is also compared with the float32 run of its seed):
 
 * ``mlp``: the MLP of ``python -m fastadam compare`` (``fastadam.compare.MLP``,
   64-1000-1000-10, ReLU, He-initialised) on scikit-learn's handwritten digits
@@ -32,14 +34,21 @@ Formats (``FORMATS``; the options of docs/formats.md):
     fp32_8bit         float32 params, state_dtype="8bit"
     bf16_master_8bit  bfloat16 params, master_weights=True, state_dtype="8bit"
     bf16_nearest      bfloat16 params and moments, no master, rounding="nearest"
-    bf16_stochastic   the same with rounding="stochastic" (seed 0)
+    bf16_stochastic   the same with rounding="stochastic" (the optimizer's seed=0)
 
-Every format but fp32 runs with seed 0 (the same initial weights, before rounding to
-bfloat16, and the same minibatches as fp32's seed 0). The learning rates are small on
-purpose: most of the updates of a well trained model are then smaller than half a bfloat16
-ulp of the weight they change, which is the regime where bfloat16 parameters without
-master weights lose updates under nearest rounding and stochastic rounding keeps them on
-average.
+A seed fixes the initial weights (a bfloat16 model starts from their rounded image) and
+the minibatches, so a format's run of seed s differs from float32's run of seed s by the
+format alone.
+
+The learning rates (MLP: a constant 1e-4; LM: 1e-3, decayed by the cosine to 1e-4) are
+chosen so that many updates are smaller than half a bfloat16 ulp of the weight they change
+(bfloat16 keeps 8 significant bits: half an ulp is 2**-9 to 2**-8 of the value, 0.004 for a
+LayerNorm weight of 1.0, about 1e-4 for a weight of 0.03): the regime where bfloat16
+parameters and moments without master weights lose those updates under nearest rounding
+and stochastic rounding keeps them on average. The same holds for the second moment
+(``exp_avg_sq``) in bfloat16 under nearest rounding: with beta2 = 0.999 it can never
+decrease (a step lowers it by at most 0.001 of its value, under half an ulp) and it grows
+only when the squared gradient exceeds about 3 to 5 times its value.
 
 Losses are measured on the final weights, in float32 (a bfloat16 model is widened exactly
 to float32 for the evaluation), so the numbers compare the trained parameters and not the
@@ -47,12 +56,14 @@ precision of the evaluation: the MLP's training loss over its whole training spl
 LM's over a fixed sample of training windows; validation losses likewise.
 
 Output: a table per workload (final training and validation loss, test accuracy for the
-MLP, each against float32's seed mean; "noise" is the sample standard deviation of the
-three float32 seeds) and, with ``--out PATH``, JSON (schema ``fastadam-accuracy/1``)::
+MLP, each against float32's seed mean; the verdict compares the validation loss's
+difference with the sample standard deviation of the three float32 seeds: within 2 of them
+is "within noise", beyond is "better" or "worse") and, with ``--out PATH``, JSON (schema
+``fastadam-accuracy/1``)::
 
     schema, created, elapsed_s, machine {platform, cpu_model, usable_cpus, loadavg_start,
     loadavg_end}, versions {python, numpy, torch, ml_dtypes, sklearn, fastadam, fastadam_simd},
-    settings {argv, quick, only, steps, formats, seeds},
+    settings {argv, quick, only, steps, formats, seeds {fp32: [...], formats: [...]}},
     formats: {key: {label, param_dtype, options, state_bytes_per_param,
                     traffic_bytes_per_element}},
     workloads: {mlp|lm: {
@@ -60,11 +71,17 @@ three float32 seeds) and, with ``--out PATH``, JSON (schema ``fastadam-accuracy/
         runs: [{format, seed, final_train_loss, val_loss, test_accuracy (mlp), diverged,
                 seconds, curve: [{step, train_loss, val_loss}, ...]}, ...],
         baseline: {metric: {mean, std, min, max, values}},    (float32, over the seeds)
-        summary: {format: {train_loss, val_loss, test_accuracy (mlp),
+        summary: {format: {seeds, diverged, train_loss, val_loss, test_accuracy (mlp):
+                           means over the format's runs; train_loss_std, val_loss_std, ...;
                            delta_train, delta_val (against the fp32 mean),
-                           within_noise (|delta_val| <= 2 std of fp32, or null for fp32)}}}}
+                           paired_delta_val {mean, std, min, max, values} (run minus the
+                           fp32 run of the same seed), within_noise (|delta_val| <= 2 std
+                           of the fp32 seeds; null for fp32), verdict ("within noise",
+                           "better", "worse", "diverged"; null for fp32)}},
+        stochastic_vs_nearest: {delta_train, delta_val, fp32_val_std}}}
 
     python bench/accuracy_formats.py --out accuracy.json       # both workloads (minutes)
+    python bench/accuracy_formats.py --format-seeds 3 --out a.json   # 3x as long, firmer
     python bench/accuracy_formats.py --only mlp --steps 500    # one workload, shorter
     python bench/accuracy_formats.py --quick --out /tmp/a.json # a smoke run (seconds)
 
@@ -421,9 +438,11 @@ def _marks(steps, evals):
 
 
 def _plan(formats, seeds):
+    """(format, seed) of every run: float32 with seeds["fp32"], the others with
+    seeds["formats"]."""
     out = []
     for f in formats:
-        out += [(f, s) for s in seeds] if f == BASELINE else [(f, seeds[0])]
+        out += [(f, s) for s in seeds["fp32" if f == BASELINE else "formats"]]
     return out
 
 
@@ -447,8 +466,13 @@ def _stats(values):
 
 
 def _summarise(rec, metrics):
+    """Per format: the mean of each metric over its runs, its difference from the float32
+    mean (delta_*), the spread of its own runs (*_std), the paired differences from the
+    float32 run of the same seed (paired_delta_val), and the verdict within_noise:
+    |delta_val| <= NOISE_SIGMAS x the standard deviation of the float32 seeds."""
     base = [r for r in rec["runs"] if r["format"] == BASELINE]
     rec["baseline"] = {m: _stats([r[m] for r in base]) for m in metrics} if base else None
+    by_seed = {r["seed"]: r for r in base}
     summ = {}
     for r in rec["runs"]:
         if r["format"] in summ:
@@ -459,15 +483,31 @@ def _summarise(rec, metrics):
             key = "train_loss" if m == "final_train_loss" else m
             st = _stats([q[m] for q in runs])
             s[key] = st["mean"] if st else None
+            s[key + "_std"] = st["std"] if st else None
             if rec["baseline"] and rec["baseline"][m] and s[key] is not None:
                 s["delta_" + key.replace("_loss", "")] = s[key] - rec["baseline"][m]["mean"]
+        pairs = [q["val_loss"] - by_seed[q["seed"]]["val_loss"] for q in runs
+                 if q["seed"] in by_seed and q["val_loss"] is not None
+                 and by_seed[q["seed"]]["val_loss"] is not None]
+        if r["format"] != BASELINE and pairs:
+            s["paired_delta_val"] = _stats(pairs)
         b = rec["baseline"]["val_loss"] if rec["baseline"] else None
-        if r["format"] == BASELINE or b is None or s["val_loss"] is None:
-            s["within_noise"] = None if r["format"] == BASELINE or b is None else False
+        if r["format"] == BASELINE or b is None:
+            s["within_noise"] = s["verdict"] = None
+        elif s["val_loss"] is None or s["diverged"]:
+            s["within_noise"], s["verdict"] = False, "diverged"
         else:
             s["within_noise"] = abs(s["delta_val"]) <= NOISE_SIGMAS * b["std"]
+            s["verdict"] = ("within noise" if s["within_noise"] else
+                            "better" if s["delta_val"] < 0 else "worse")
         summ[r["format"]] = s
     rec["summary"] = summ
+    near, stoch = summ.get("bf16_nearest"), summ.get("bf16_stochastic")
+    if near and stoch and near["val_loss"] is not None and stoch["val_loss"] is not None:
+        rec["stochastic_vs_nearest"] = {
+            "delta_train": stoch["train_loss"] - near["train_loss"],
+            "delta_val": stoch["val_loss"] - near["val_loss"],
+            "fp32_val_std": b["std"] if b else None}
 
 
 def format_table(name, rec):
@@ -478,35 +518,33 @@ def format_table(name, rec):
              f"of {rec['batch']}, lr {rec['lr']:g} ({rec['schedule']}), weight_decay "
              f"{rec['weight_decay']:g}"]
     base = rec["baseline"]
-    head = (f"{'format':<28} {'B/param':>7}  {'train loss':>10} {'vs fp32':>8}  "
-            f"{'val loss':>8} {'vs fp32':>8}" + ("  test acc" if has_acc else "")
-            + "  within noise")
+    head = (f"{'format':<28} {'seeds':>5} {'B/param':>7}  {'train loss':>10} {'vs fp32':>8}  "
+            f"{'val loss':>8} {'± std':>7} {'vs fp32':>8}" + ("  test acc" if has_acc else "")
+            + "  vs noise (in fp32 std)")
     lines += [head, "-" * len(head)]
+    sd = base["val_loss"]["std"] if base and base["val_loss"] else 0.0
     for key, s in rec["summary"].items():
         label, _, _, nbytes, _ = FORMATS[key]
-        if key == BASELINE and base:
-            tl = f"{base['final_train_loss']['mean']:.4f}"
-            tr = f"±{base['final_train_loss']['std']:.4f}"
-            vl = f"{base['val_loss']['mean']:.4f}"
-            vr = f"±{base['val_loss']['std']:.4f}"
-            label += f" ({len(s['seeds'])} seeds)"
-            noise = "(mean ± std)"
-        else:
-            tl, vl = _fmt(s["train_loss"]), _fmt(s["val_loss"])
-            tr = f"{s['delta_train']:+.4f}" if "delta_train" in s else ""
-            vr = f"{s['delta_val']:+.4f}" if "delta_val" in s else ""
-            noise = {True: "yes", False: "no", None: ""}[s["within_noise"]]
-            if base and base["val_loss"]["std"] > 0 and "delta_val" in s:
-                noise += f" ({s['delta_val'] / base['val_loss']['std']:+.1f} std)"
-        acc = ""
-        if has_acc:
-            acc = f"  {100 * s['test_accuracy']:7.2f}%"
-        lines.append(f"{label:<28} {nbytes:>7.2f}  {tl:>10} {tr:>8}  {vl:>8} {vr:>8}{acc}  "
-                     f"{noise}")
+        tr = f"{s['delta_train']:+.4f}" if "delta_train" in s and key != BASELINE else ""
+        vr = f"{s['delta_val']:+.4f}" if "delta_val" in s and key != BASELINE else ""
+        vs = f"{s['val_loss_std']:.4f}" if len(s["seeds"]) > 1 else ""
+        noise = s["verdict"] or ""
+        if sd > 0 and vr:
+            noise += f" ({s['delta_val'] / sd:+.1f})"
+        acc = f"  {100 * s['test_accuracy']:7.2f}%" if has_acc else ""
+        lines.append(f"{label:<28} {len(s['seeds']):>5} {nbytes:>7.2f}  "
+                     f"{_fmt(s['train_loss']):>10} {tr:>8}  {_fmt(s['val_loss']):>8} {vs:>7} "
+                     f"{vr:>8}{acc}  {noise}")
     if base:
-        vals = ", ".join(f"{v:.4f}" for v in base["val_loss"]["values"] if v is not None)
-        lines.append(f"fp32 seeds' val losses: {vals}; within noise = |val loss - fp32 mean| "
-                     f"<= {NOISE_SIGMAS:g} std of the fp32 seeds")
+        vals = ", ".join(_fmt(v) for v in base["val_loss"]["values"])
+        lines.append(f"float32 seeds' val losses: {vals}. Every value is the mean over the "
+                     "format's seeds; within noise: |val loss - float32 mean| <= "
+                     f"{NOISE_SIGMAS:g} std of the float32 seeds (better/worse beyond).")
+    sn = rec.get("stochastic_vs_nearest")
+    if sn:
+        rel = f" ({sn['delta_val'] / sd:+.1f} fp32 std)" if sd > 0 else ""
+        lines.append(f"bf16 without master, stochastic minus nearest rounding: train loss "
+                     f"{sn['delta_train']:+.4f}, val loss {sn['delta_val']:+.4f}{rel}.")
     return "\n".join(lines)
 
 
@@ -541,6 +579,8 @@ def build_parser():
                    help="comma separated keys of FORMATS, or all (default)")
     p.add_argument("--seeds", type=int, default=len(SEEDS),
                    help=f"float32 runs, seeds 0, 1, ... (default {len(SEEDS)})")
+    p.add_argument("--format-seeds", type=int, default=1,
+                   help="runs of every other format, seeds 0, 1, ... (default 1)")
     p.add_argument("--out", metavar="PATH", help="write the results as JSON")
     return p
 
@@ -554,11 +594,12 @@ def main(argv=None):
     err = (f"unknown format(s) {bad} (choose from {', '.join(FORMATS)})" if bad
            else "no format" if not fmts
            else "--steps must be >= 1" if args.steps is not None and args.steps < 1
-           else "--seeds must be >= 1" if args.seeds < 1 else None)
+           else "--seeds and --format-seeds must be >= 1"
+           if min(args.seeds, args.format_seeds) < 1 else None)
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    seeds = tuple(range(args.seeds))
+    seeds = {"fp32": list(range(args.seeds)), "formats": list(range(args.format_seeds))}
     workloads = [args.only] if args.only else ["mlp", "lm"]
     try:
         _require(["ml_dtypes", "sklearn"] + (["torch"] if "lm" in workloads else []))
@@ -569,7 +610,7 @@ def main(argv=None):
     out = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "elapsed_s": None, "machine": compare._machine(), "versions": _versions(),
            "settings": {"argv": argv, "quick": args.quick, "only": args.only,
-                        "steps": args.steps, "formats": fmts, "seeds": list(seeds)},
+                        "steps": args.steps, "formats": fmts, "seeds": seeds},
            "formats": {k: {"label": v[0], "param_dtype": v[1], "options": v[2],
                            "state_bytes_per_param": v[3], "traffic_bytes_per_element": v[4]}
                        for k, v in FORMATS.items() if k in fmts},

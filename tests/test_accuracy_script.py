@@ -66,19 +66,24 @@ def test_quick_json(quick_run):
             s = w["summary"][f]
             assert {"train_loss", "val_loss", "delta_train", "delta_val"} <= set(s)
             assert isinstance(s["within_noise"], bool)
+            assert s["verdict"] in ("within noise", "better", "worse")
+            assert len(s["paired_delta_val"]["values"]) == 1
+        assert set(w["stochastic_vs_nearest"]) == {"delta_train", "delta_val", "fp32_val_std"}
 
 
 def test_quick_table(quick_run):
     p, _ = quick_run
     assert "MLP on digits" in p.stdout and "transformer LM" in p.stdout
-    for label in ("float32 AdamW (3 seeds)", "bf16 + fp32 master", "fp32 + 8-bit moments",
+    for label in ("float32 AdamW", "bf16 + fp32 master", "fp32 + 8-bit moments",
                   "bf16, no master, nearest", "bf16, no master, stochastic"):
         assert p.stdout.count(label) == 2, label
+    assert p.stdout.count("stochastic minus nearest rounding") == 2
 
 
 @pytest.mark.parametrize("args, msg", [
     (["--formats", "fp16"], "unknown format"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--format-seeds", "0"], "--format-seeds must be >= 1"),
     (["--only", "cnn"], "invalid choice"),
 ])
 def test_bad_arguments(args, msg):
