@@ -19,7 +19,7 @@ mean over the seeds, and each run is also compared with the float32 run of its s
   they are (the NumPy API accepts float32 gradients for 16-bit parameters). So the MLP
   measures the optimizer's storage alone.
 * ``lm``: a small byte-level transformer language model (pre-LayerNorm GPT blocks, causal
-  self-attention, learned positions, untied output layer; torch on the CPU, 2 threads) on
+  self-attention, learned positions, untied output layer; torch on the CPU) on
   the Python standard library's own source files (``sysconfig.get_paths()["stdlib"]``:
   every ``*.py`` in sorted path order, without ``site-packages`` and the test suites; every
   10th file is the validation set), with ``fastadam.torch.AdamW``, lr warmed up linearly and
@@ -63,13 +63,14 @@ is "within noise", beyond is "better" or "worse") and, with ``--out PATH``, JSON
 
     schema, created, elapsed_s, machine {platform, cpu_model, usable_cpus, loadavg_start,
     loadavg_end}, versions {python, numpy, torch, ml_dtypes, sklearn, fastadam, fastadam_simd},
-    settings {argv, quick, only, steps, formats, seeds {fp32: [...], formats: [...]}},
+    settings {argv, quick, only, steps, formats, seeds {fp32: [...], formats: [...]},
+              threads ("auto" or the count asked for)},
     formats: {key: {label, param_dtype, options, state_bytes_per_param,
                     traffic_bytes_per_element}},
     workloads: {mlp|lm: {
         model, n_params, data {...}, steps, batch, lr, schedule, weight_decay,
         runs: [{format, seed, final_train_loss, val_loss, test_accuracy (mlp), diverged,
-                seconds, curve: [{step, train_loss, val_loss}, ...]}, ...],
+                seconds, threads, curve: [{step, train_loss, val_loss}, ...]}, ...],
         baseline: {metric: {mean, std, min, max, values}},    (float32, over the seeds)
         summary: {format: {seeds, diverged, train_loss, val_loss, test_accuracy (mlp):
                            means over the format's runs; train_loss_std, val_loss_std, ...;
@@ -124,6 +125,7 @@ FORMATS = {
     "bf16_stochastic": ("bf16, no master, stochastic", "bfloat16",
                         {"rounding": "stochastic", "seed": 0}, 6, 14),
 }
+MAX_THREADS = 2
 BASELINE = "fp32"
 SEEDS = (0, 1, 2)
 NOISE_SIGMAS = 2.0
@@ -166,10 +168,40 @@ def _float(v):
     return v if math.isfinite(v) else None
 
 
+class Threads:
+    """The thread count of each run: NumPy's BLAS (MLP), torch's intra-op pool (LM) and
+    fastadam's OpenMP team alike. A fixed count, or "auto": MAX_THREADS (2; at most the
+    usable CPUs), lowered before each run to the CPUs that other processes left idle since
+    the last decision (the rule of ``python -m fastadam compare --blas-threads auto``).
+    On a shared machine this matters: torch's and OpenBLAS's threads wait for each other at
+    every operation, so with 2 threads on 2 CPUs and another busy process an LM step took
+    256 ms against 42 ms with 1 thread. The count changes the last bits of a matrix product,
+    not what a format does to training."""
+
+    def __init__(self, n):
+        self.n = n
+        self.cpus = compare._machine()["usable_cpus"] or 1
+        self.mark = compare._cpu_snapshot()
+
+    def decide(self):
+        if self.n != "auto":
+            return self.n
+        now = compare._cpu_snapshot()
+        if self.mark and now and now[0] - self.mark[0] >= 1.0:
+            others = compare._others_busy(self.mark, now)
+        else:
+            others = compare._busy_cpus()
+        self.mark = compare._cpu_snapshot()
+        k = min(MAX_THREADS, self.cpus)
+        if others is not None:
+            k = min(k, max(1, int(round(self.cpus - others))))
+        return k
+
+
 # ------------------------------------------------------------------------------ the MLP
 
 
-def _mlp_run(fmt, seed, cfg, data):
+def _mlp_run(fmt, seed, cfg, data, threads):
     """Train the digits MLP with one format; returns the run's record."""
     import ml_dtypes
 
@@ -187,7 +219,8 @@ def _mlp_run(fmt, seed, cfg, data):
                 dst[...] = src
 
     sync()
-    opt = fastadam.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], **options)
+    opt = fastadam.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                         num_threads=threads, **options)
     x, y = data["x_search"], data["y_search"]
     order = np.random.default_rng([seed, 2])
     noise = np.random.default_rng([seed, 3])
@@ -227,7 +260,7 @@ def _mlp_run(fmt, seed, cfg, data):
             "seconds": round(time.perf_counter() - t0, 2), "curve": curve}
 
 
-def run_mlp(cfg, formats, seeds):
+def run_mlp(cfg, formats, seeds, threads):
     data = compare.load_digits_split(0, np.float32)
     model = compare.MLP(data["x_train"].shape[1], 10, hidden=cfg["hidden"])
     rec = {"model": model.description + " (fastadam.compare.MLP)",
@@ -239,12 +272,15 @@ def run_mlp(cfg, formats, seeds):
                   "forward/backward in float32 from their exact image, float32 gradients",
            "steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"],
            "schedule": "constant", "weight_decay": cfg["weight_decay"], "runs": []}
-    with compare.BlasThreads("auto") as blas:
-        for fmt, seed in _plan(formats, seeds):
-            blas.before_run()
-            r = _mlp_run(fmt, seed, cfg, data)
-            _log_run("mlp", r)
-            rec["runs"].append(r)
+    from threadpoolctl import threadpool_limits    # comes with scikit-learn
+
+    for fmt, seed in _plan(formats, seeds):
+        k = threads.decide()
+        with threadpool_limits(limits=k, user_api="blas"):
+            r = _mlp_run(fmt, seed, cfg, data, k)
+        r["threads"] = k
+        _log_run("mlp", r)
+        rec["runs"].append(r)
     _summarise(rec, ["final_train_loss", "val_loss", "test_accuracy"])
     return rec
 
@@ -332,7 +368,7 @@ def _windows(data, starts, context):
     return data[idx]
 
 
-def _lm_run(fmt, seed, cfg, corpus):
+def _lm_run(fmt, seed, cfg, corpus, threads):
     import torch
     import fastadam.torch as fat
     from torch.nn import functional as F
@@ -344,7 +380,7 @@ def _lm_run(fmt, seed, cfg, corpus):
     if pdtype == "bfloat16":
         model = model.to(torch.bfloat16)
     opt = fat.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                    **options)
+                    num_threads=threads, **options)
     gen = torch.Generator().manual_seed(1000 + seed)
     steps, ctx = cfg["steps"], cfg["context"]
     marks = _marks(steps, cfg["evals"])
@@ -395,10 +431,9 @@ def _lm_run(fmt, seed, cfg, corpus):
             "seconds": round(time.perf_counter() - t0, 2), "curve": curve}
 
 
-def run_lm(cfg, formats, seeds):
+def run_lm(cfg, formats, seeds, threads):
     import torch
 
-    torch.set_num_threads(2)
     tr, va, desc = stdlib_corpus(cfg["corpus_bytes"])
     train = torch.frombuffer(bytearray(tr), dtype=torch.uint8).long()
     val = torch.frombuffer(bytearray(va), dtype=torch.uint8).long()
@@ -420,10 +455,12 @@ def run_lm(cfg, formats, seeds):
            "steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"],
            "schedule": f"linear warmup {cfg['warmup']:g} of the steps, cosine to "
                        f"{cfg['final_lr']:g} x lr",
-           "weight_decay": cfg["weight_decay"], "torch_threads": torch.get_num_threads(),
-           "runs": []}
+           "weight_decay": cfg["weight_decay"], "runs": []}
     for fmt, seed in _plan(formats, seeds):
-        r = _lm_run(fmt, seed, cfg, (train, val, eval_sets))
+        k = threads.decide()
+        torch.set_num_threads(k)
+        r = _lm_run(fmt, seed, cfg, (train, val, eval_sets), k)
+        r["threads"] = k
         _log_run("lm", r)
         rec["runs"].append(r)
     _summarise(rec, ["final_train_loss", "val_loss"])
@@ -449,7 +486,7 @@ def _plan(formats, seeds):
 def _log_run(name, r):
     acc = f", test accuracy {100 * r['test_accuracy']:.2f}%" if "test_accuracy" in r else ""
     log(f"{name} {r['format']:<17} seed {r['seed']}: train {_fmt(r['final_train_loss'])}, "
-        f"val {_fmt(r['val_loss'])}{acc}  ({r['seconds']:.1f} s)")
+        f"val {_fmt(r['val_loss'])}{acc}  ({r['seconds']:.1f} s, threads {r['threads']})")
 
 
 def _fmt(v, digits=4):
@@ -581,6 +618,10 @@ def build_parser():
                    help=f"float32 runs, seeds 0, 1, ... (default {len(SEEDS)})")
     p.add_argument("--format-seeds", type=int, default=1,
                    help="runs of every other format, seeds 0, 1, ... (default 1)")
+    p.add_argument("--threads", default="auto",
+                   help=f"threads of each run (BLAS or torch, and fastadam): N, or auto "
+                        f"(default): {MAX_THREADS}, lowered before each run to the CPUs other "
+                        "processes leave idle")
     p.add_argument("--out", metavar="PATH", help="write the results as JSON")
     return p
 
@@ -596,6 +637,13 @@ def main(argv=None):
            else "--steps must be >= 1" if args.steps is not None and args.steps < 1
            else "--seeds and --format-seeds must be >= 1"
            if min(args.seeds, args.format_seeds) < 1 else None)
+    if err is None and args.threads != "auto":
+        try:
+            args.threads = int(args.threads)
+            if args.threads < 1:
+                raise ValueError
+        except ValueError:
+            err = f"--threads must be auto or an integer >= 1, got {args.threads!r}"
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -610,7 +658,8 @@ def main(argv=None):
     out = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "elapsed_s": None, "machine": compare._machine(), "versions": _versions(),
            "settings": {"argv": argv, "quick": args.quick, "only": args.only,
-                        "steps": args.steps, "formats": fmts, "seeds": seeds},
+                        "steps": args.steps, "formats": fmts, "seeds": seeds,
+                        "threads": args.threads},
            "formats": {k: {"label": v[0], "param_dtype": v[1], "options": v[2],
                            "state_bytes_per_param": v[3], "traffic_bytes_per_element": v[4]}
                        for k, v in FORMATS.items() if k in fmts},
@@ -623,7 +672,7 @@ def main(argv=None):
             cfg["steps"] = args.steps
         if args.lr:
             cfg["lr"] = args.lr
-        out["workloads"][name] = fn(cfg, fmts, seeds)
+        out["workloads"][name] = fn(cfg, fmts, seeds, Threads(args.threads))
         print(format_table(name, out["workloads"][name]) + "\n", flush=True)
     out["elapsed_s"] = round(time.time() - t0, 1)
     out["machine"]["loadavg_end"] = compare._loadavg()

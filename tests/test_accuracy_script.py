@@ -56,7 +56,7 @@ def test_quick_json(quick_run):
             for m in metrics:
                 assert isinstance(r[m], float), (name, r["format"], m)
             assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == w["steps"]
-            assert not r["diverged"]
+            assert not r["diverged"] and r["threads"] in (1, 2)
         for m in metrics:
             b = w["baseline"][m]
             assert len(b["values"]) == 3 and b["min"] <= b["mean"] <= b["max"]
@@ -84,6 +84,7 @@ def test_quick_table(quick_run):
     (["--formats", "fp16"], "unknown format"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--format-seeds", "0"], "--format-seeds must be >= 1"),
+    (["--threads", "0"], "--threads must be auto or an integer >= 1"),
     (["--only", "cnn"], "invalid choice"),
 ])
 def test_bad_arguments(args, msg):
