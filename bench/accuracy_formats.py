@@ -38,14 +38,14 @@ Formats (``FORMATS``; the options of docs/formats.md):
 
 A seed fixes the initial weights (a bfloat16 model starts from their rounded image) and
 the minibatches, so a format's run of seed s differs from float32's run of seed s by the
-format alone.
+format alone (and by the last bits of matrix products where the thread count differs).
 
 The learning rates (MLP: a constant 1e-4; LM: 1e-3, decayed by the cosine to 1e-4) are
 chosen so that many updates are smaller than half a bfloat16 ulp of the weight they change
-(bfloat16 keeps 8 significant bits: half an ulp is 2**-9 to 2**-8 of the value, 0.004 for a
-LayerNorm weight of 1.0, about 1e-4 for a weight of 0.03): the regime where bfloat16
-parameters and moments without master weights lose those updates under nearest rounding
-and stochastic rounding keeps them on average. The same holds for the second moment
+(bfloat16 keeps 8 significant bits: half an ulp is 2**-9 to 2**-8 of the value, 0.002 to
+0.004 around a LayerNorm weight of 1.0, about 6e-5 for a weight of 0.02): the regime where
+bfloat16 parameters and moments without master weights lose those updates under nearest
+rounding and stochastic rounding keeps them on average. The same holds for the second moment
 (``exp_avg_sq``) in bfloat16 under nearest rounding: with beta2 = 0.999 it can never
 decrease (a step lowers it by at most 0.001 of its value, under half an ulp) and it grows
 only when the squared gradient exceeds about 3 to 5 times its value.
