@@ -194,6 +194,19 @@ cdef inline bint _same_shape(const Py_buffer *v, int ndim, const Py_ssize_t *sha
             return False
     return True
 
+cdef int _check_view(const Py_buffer *view, str label, bint writable, int ndim,
+                     const Py_ssize_t *shape) except -1:
+    """The checks every acquired buffer ends with: writable if written, the shape."""
+    if writable and view.readonly:
+        raise ValueError(f"{label} is updated in place and must be writable; "
+                         f"got a read-only buffer")
+    if ndim >= 0 and not _same_shape(view, ndim, shape):
+        raise ValueError(f"{label} must have the shape of its parameter "
+                         f"{tuple(shape[k] for k in range(ndim))}; "
+                         f"got {tuple(view.shape[k] for k in range(view.ndim))}")
+    return 0
+
+
 cdef int _acquire(Py_buffer *view, object obj, str label, bint writable, int dtype,
                   int ndim, const Py_ssize_t *shape) except -1:
     """Acquire obj's buffer into *view and check it; on error nothing is held.
@@ -236,13 +249,7 @@ cdef int _acquire(Py_buffer *view, object obj, str label, bint writable, int dty
                              f"bytes): its data starts at an odd address (a view at a byte "
                              f"offset, say); copy it with numpy.ascontiguousarray(...) or "
                              f"numpy.require(..., requirements='A')")
-        if writable and view.readonly:
-            raise ValueError(f"{label} is updated in place and must be writable; "
-                             f"got a read-only buffer")
-        if ndim >= 0 and not _same_shape(view, ndim, shape):
-            raise ValueError(f"{label} must have the shape of its parameter "
-                             f"{tuple(shape[k] for k in range(ndim))}; "
-                             f"got {tuple(view.shape[k] for k in range(view.ndim))}")
+        _check_view(view, label, writable, ndim, shape)
     except BaseException:
         PyBuffer_Release(view)
         raise
@@ -390,13 +397,7 @@ cdef int _acquire_stored(Py_buffer *view, object obj, str label, bint writable, 
     view.shape = <Py_ssize_t *>cnp.PyArray_DIMS(a)
     view.strides = NULL
     view.format = NULL
-    if writable and view.readonly:
-        raise ValueError(f"{label} is updated in place and must be writable; got a "
-                         f"read-only array")
-    if ndim >= 0 and not _same_shape(view, ndim, shape):
-        raise ValueError(f"{label} must have the shape of its parameter "
-                         f"{tuple(shape[k] for k in range(ndim))}; "
-                         f"got {tuple(view.shape[k] for k in range(view.ndim))}")
+    _check_view(view, label, writable, ndim, shape)
     return 0
 
 
