@@ -416,6 +416,24 @@ def test_formats_groups_fit_and_keep_families():
     assert anchors == [] and "torch_fused" in too_big
 
 
+def test_formats_roofline_streams():
+    """A format's roofline moves its own streams at their element sizes (grad second), each
+    page written before it is timed: a never-written stream would be read from the
+    kernel's shared zero page, from cache."""
+    from fastadam import _core
+
+    fmt = bench_formats.FORMATS["fastadam_bf16_master"]
+    assert fmt.roof_sizes == [2, 2, 4, 4, 4] and fmt.roof_bytes_per_elem == 30
+    roof = bench_formats.FormatRoofline(fmt, 5000, 1, 0)
+    fn, (arrays, threads) = roof.call
+    if roof.exact:
+        assert fn is _core.traffic and [a.itemsize for a in arrays] == fmt.roof_sizes
+    else:
+        assert fn is _core.traffic_f32 and len(arrays) == 4
+    assert all(np.all(a.view(np.uint8).reshape(-1, a.itemsize).any(axis=1)) for a in arrays)
+    fn(arrays, threads)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--formats", "--optimizer", "sgd"], "--optimizer"),
     (["--formats", "--dtype", "float64"], "--dtype"),

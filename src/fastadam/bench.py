@@ -755,8 +755,8 @@ class CpuMonitor:
             v = [int(x) for x in _read("/proc/stat").splitlines()[0].split()[1:9]]
         except (IndexError, ValueError):
             return None
-        t = os.times()
-        return sum(v), v[3] + v[4], t[0] + t[1]
+        t = os.times()   # this process's threads and its finished children are ours
+        return sum(v), v[3] + v[4], t[0] + t[1] + t[2] + t[3]
 
     def others(self, reset=True):
         """Fraction (0..1) of all CPUs' time used by other processes since the last call,

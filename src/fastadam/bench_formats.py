@@ -347,8 +347,13 @@ class FormatRoofline(bench._Impl):
             types = {1: np.uint8, 2: np.uint16, 4: np.float32, 8: np.float64}
             arrays = [bench._aligned((n,), types[s]) for s in fmt.roof_sizes]
             for a in arrays:
+                # written once, so that every page is its own: a stream that is only read
+                # (the grad) would otherwise stay mapped to the kernel's one zero page,
+                # which is always in cache
                 if a.dtype == np.float32:
                     filler.fill(a)
+                else:
+                    a.fill(1)
             self.exact = True
             self.call = (_core.traffic, (arrays, threads))
         else:
@@ -408,9 +413,19 @@ class TorchFusedAdamW(_TorchRow):
 
 def _deepspeed_cpuadam():
     """DeepSpeedCPUAdam, imported with DeepSpeed's log lines sent to stderr (its logger
-    writes to the stdout it finds at import)."""
+    writes to the stdout it finds at import). Its constructor asks py-cpuinfo for the CPU
+    vendor, which starts a Python subprocess every time (about 2 s): the answer is kept
+    for the process instead (the CPU does not change while we measure)."""
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+    try:
+        import functools
+
+        import cpuinfo
+        if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+            cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
+    except ImportError:
+        pass
     return DeepSpeedCPUAdam
 
 
