@@ -905,6 +905,18 @@ class Settings:
     pass
 
 
+def _timing_settings(s, args, pick, q):
+    """The roofline and timing options every bench mode shares (--no-roofline, --repeats,
+    --batch-time, --max-time), with their defaults (quick: --quick's)."""
+    s.roofline = not args.no_roofline
+    s.repeats = pick(args.repeats, 7, 3)
+    s.batch_time = pick(args.batch_time, 0.02, 0.004)
+    s.max_time = pick(args.max_time, 1.5, 0.3)
+    s.warm_time = min(0.05, max(s.batch_time, 0.002)) if not q else 0.004
+    if s.repeats < 1 or s.batch_time <= 0 or s.max_time <= 0:
+        raise SystemExit("--repeats, --batch-time and --max-time must be positive")
+
+
 def resolve(args):
     """Defaults, --quick, and validation. Returns a Settings object (raises SystemExit)."""
     import fastadam
@@ -979,13 +991,7 @@ def resolve(args):
             raise SystemExit(f"--impls: unknown {bad}; choose from "
                              f"{', '.join(IMPL_ORDER + ['torch'])}")
         s.impls = [x for x in IMPL_ORDER if x in want]
-    s.roofline = not args.no_roofline
-    s.repeats = pick(args.repeats, 7, 3)
-    s.batch_time = pick(args.batch_time, 0.02, 0.004)
-    s.max_time = pick(args.max_time, 1.5, 0.3)
-    s.warm_time = min(0.05, max(s.batch_time, 0.002)) if not q else 0.004
-    if s.repeats < 1 or s.batch_time <= 0 or s.max_time <= 0:
-        raise SystemExit("--repeats, --batch-time and --max-time must be positive")
+    _timing_settings(s, args, pick, q)
     s.slow_limit = pick(args.slow_limit, 3e7, 3e7)
     s.numpy_all_threads = args.numpy_all_threads
     avail_mem = _mem_available()

@@ -935,13 +935,7 @@ def resolve(args):
     if any(t < 1 for t in s.threads):
         raise SystemExit("--threads: thread counts must be >= 1")
     s.threads = list(dict.fromkeys(s.threads))
-    s.roofline = not args.no_roofline
-    s.repeats = pick(args.repeats, 7, 3)
-    s.batch_time = pick(args.batch_time, 0.02, 0.004)
-    s.max_time = pick(args.max_time, 1.5, 0.3)
-    s.warm_time = min(0.05, max(s.batch_time, 0.002)) if not q else 0.004
-    if s.repeats < 1 or s.batch_time <= 0 or s.max_time <= 0:
-        raise SystemExit("--repeats, --batch-time and --max-time must be positive")
+    bench._timing_settings(s, args, pick, q)
     gib = (args.max_memory if args.max_memory is not None
            else min(6.0, 0.6 * bench._mem_available() / 2**30))
     s.max_memory = int(gib * 2**30)
