@@ -198,8 +198,7 @@ def launch(tmp_path, worker, args, world=2, timeout=TIMEOUT):
     script = tmp_path / "worker.py"
     script.write_text(worker)
     base = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-                WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
-                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+                WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     # gloo binds to the interface of the host name unless told otherwise; stay on loopback
     loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
     if loopback:

@@ -150,7 +150,8 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
 
     tensor_keys = [k for k, v in flat[0][0].items() if hasattr(v, "dim") and v.dim() > 0] \
         if flat[0] else []
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
+    # zero_to_fp32 prints its progress (stdout) and draws tqdm bars (stderr)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         params = merge(fp32)
         per_key = {k: merge([[s[k] for s in rank] for rank in flat]) for k in tensor_keys}
 
