@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 
 import numpy as np
 import torch as _torch
@@ -36,7 +37,8 @@ from fastadam._options import (changed, check_ema_decay, check_grad_scale, check
                                check_threads)
 from fastadam._rules import RULES
 
-__all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion"]
+__all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion",
+           "full_optim_state_dict", "load_full_optim_state_dict"]
 
 _Tensor = _torch.Tensor
 _STRIDED = _torch.strided
@@ -81,13 +83,61 @@ def _step_dtype():
 
 
 def _describe(p):
+    if _is_dtensor(p):
+        return (f"a {tuple(p.shape)} {str(p.dtype).replace('torch.', '')} DTensor "
+                f"({_placements(p)}, local shard {tuple(p._local_tensor.shape)}) on {p.device}")
     return f"a {tuple(p.shape)} {str(p.dtype).replace('torch.', '')} tensor on {p.device}"
+
+
+# ------------------------------------------------------------------ DTensor (FSDP2)
+# A DTensor parameter (torch.distributed.tensor, what FSDP2's fully_shard makes) is updated
+# through its local shard: the plan views the local tensor's memory (the DTensor's own
+# data_ptr() is 0 and .numpy() refuses it), and its state tensors are DTensors laid out like
+# it, so that torch.distributed.checkpoint saves and reshards them. The module is looked up
+# in sys.modules rather than imported: importing it costs about a second, and no DTensor
+# can exist before it is imported.
+_DTENSOR = None
+
+
+def _is_dtensor(t):
+    global _DTENSOR
+    if _DTENSOR is None:
+        mod = sys.modules.get("torch.distributed.tensor")
+        _DTENSOR = getattr(mod, "DTensor", None)
+        if _DTENSOR is None:
+            return False
+    return isinstance(t, _DTENSOR)
+
+
+def _local(t):
+    """The tensor whose memory fastadam reads and writes: a DTensor's local shard (its
+    ``_local_tensor``: to_local() would make a new autograd view at every call), else t."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _placements(t):
+    return ", ".join(map(str, t.placements)) + f" on a {tuple(t.device_mesh.shape)} mesh"
+
+
+def _ptrs(tensors, dtensors):
+    """The data pointers the plans were built on (a DTensor's: its local shard's)."""
+    if not dtensors:
+        return list(map(_data_ptr, tensors))
+    return [_local(t).data_ptr() for t in tensors]
 
 
 def _check_param(p, where):
     """Raise a clear error unless fastadam can update p in place."""
     if not isinstance(p, _Tensor):
         raise TypeError(f"{where}: optimizer can only optimize Tensors, got {type(p).__name__}")
+    if _is_dtensor(p):
+        if any(pl.is_partial() for pl in p.placements):
+            raise ValueError(f"{where} is {_describe(p)}: a parameter cannot have a Partial "
+                             f"placement (its local shards are not its values)")
+        if not p._local_tensor.is_contiguous():
+            raise ValueError(f"{where} is {_describe(p)} whose local shard is not contiguous "
+                             f"(strides {p._local_tensor.stride()}); fastadam.torch updates "
+                             f"contiguous shards in place")
     if p.layout is not _STRIDED:
         raise ValueError(f"{where} is a {p.layout} tensor; fastadam.torch updates dense "
                          f"(strided) CPU tensors")
@@ -99,7 +149,7 @@ def _check_param(p, where):
         raise TypeError(f"{where} is {_describe(p)}; fastadam.torch supports float32, "
                         f"float64, float16 and bfloat16 parameters (and complex64/"
                         f"complex128, viewed as real)")
-    if not p.is_contiguous():
+    if not _local(p).is_contiguous():
         raise ValueError(f"{where} is {_describe(p)} that is not contiguous (strides "
                          f"{p.stride()}); fastadam.torch updates contiguous parameters in "
                          f"place (make it contiguous before building the optimizer)")
@@ -120,7 +170,8 @@ def _number(name, x):
 
 def _view(t):
     """Zero-copy NumPy view of a CPU tensor's memory (complex viewed as real, float16 and
-    bfloat16 as int16: the plan knows each block's format)."""
+    bfloat16 as int16: the plan knows each block's format); of a DTensor, its local shard's."""
+    t = _local(t)
     if t.requires_grad:
         t = t.detach()
     if t.is_complex():
@@ -192,7 +243,7 @@ class _Cache:
     by another allocation while the plans point at it)."""
 
     __slots__ = ("ids", "tensors", "ptrs", "storages", "slots", "plans", "needs", "state",
-                 "state_ids", "inner_ids", "shapes", "unsynced")
+                 "state_ids", "inner_ids", "shapes", "unsynced", "dtensors", "reduce")
 
     def __init__(self):
         self.ids = []        # id() of every parameter, in param-group order
@@ -207,6 +258,8 @@ class _Cache:
         self.inner_ids = []  # id() of every value in them (the state tensors), in order
         self.shapes = []     # every parameter's shape when built
         self.unsynced = []   # (parameter, master_param, step) of masters not stepped yet
+        self.dtensors = False  # some tensor is a DTensor: pointers are its local shard's
+        self.reduce = []     # global norm: [(mesh, sharded mesh dims, [(plan, block, fmt)])]
 
 
 class _Lists:
@@ -236,6 +289,46 @@ def _quantize(x, signed):
 def _blocks(n):
     """The number of blocks (one absmax each) of an n-element 8-bit stream."""
     return -(-n // _formats.Q8_BLOCK)
+
+
+def _holds_dtensor(state):
+    """Some value of some entry of a state_dict's 'state' is a DTensor."""
+    return isinstance(state, dict) and any(
+        isinstance(entry, dict) and any(map(_is_dtensor, entry.values()))
+        for entry in state.values())
+
+
+def _clipped_scale(norm, max_norm, scale):
+    """The loss scale that clips to max_norm a step whose global gradient norm is `norm`:
+    as the fused single-process pass (_core), scale / coefficient when the coefficient
+    max_norm / (norm + 1e-6) is below 1. A non-finite norm makes the coefficient 0 there
+    (the gradients multiplied by 0); here the largest finite scale, which the C core
+    accepts (its multiplier 1/scale rounds to 0 in float32; 5.6e-309 in float64)."""
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        scale = scale / coef
+        if not scale < math.inf:
+            scale = sys.float_info.max
+    return scale
+
+
+def _sum_over_mesh(mesh, dims, sumsq, nonfinite):
+    """(sum, any) of (sumsq, nonfinite) over the ranks of `mesh` along `dims`: gathered
+    (all_gather, not all_reduce, so that the sum is taken in rank order, the same bits on
+    every rank), in a tensor on the mesh's device type, which its process group expects
+    (a CUDA mesh with CPU-offloaded shards talks NCCL; tested on CPU meshes only)."""
+    import torch.distributed as dist
+    t = _torch.tensor([sumsq, float(nonfinite)], dtype=_torch.float64,
+                      device=mesh.device_type)
+    for d in dims:
+        group = mesh.get_group(d)
+        parts = [_torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        t = parts[0].clone()
+        for q in parts[1:]:
+            t += q
+    sumsq, bad = t.tolist()
+    return sumsq, bad != 0.0
 
 
 class _SparseGradientError(TypeError, RuntimeError):
@@ -287,7 +380,8 @@ class Optimizer(_Optimizer):
             thread count), the coefficient is folded into the update and the ``.grad``
             tensors are not modified. The norm before clipping is left in
             ``last_grad_norm``. Under ZeroRedundancyOptimizer each rank sees only its
-            shard, so clip with ``torch.nn.utils.clip_grad_norm_`` there instead.
+            shard, so clip with ``torch.nn.utils.clip_grad_norm_`` there instead. Over
+            DTensor (FSDP2) parameters it is the norm of the whole model: see below.
         num_threads (int or None): OpenMP threads per step (None: OpenMP's default,
             ``OMP_NUM_THREADS``; else 1 to 2**31 - 1). The result is the same bits for every
             value.
@@ -362,6 +456,27 @@ class Optimizer(_Optimizer):
 
     Threads and fork: as :class:`fastadam.Adam` (one lock per optimizer; the C passes of
     the process run one at a time; after ``os.fork()`` the child steps on one thread).
+
+    DTensor parameters (``torch.distributed.tensor``, what FSDP2's ``fully_shard`` makes;
+    docs/engines.md): each rank updates its local shards, in the same one C call as
+    everything else; a shard may be empty or of any size, and the parameter's gradient
+    must be a DTensor with its placements (Partial placements are refused). The state
+    tensors are DTensors laid out like their parameter (same mesh, placements and local
+    shapes; the step counts stay plain 0-dim tensors), so that
+    ``torch.distributed.checkpoint`` and its ``get_state_dict``/``set_state_dict`` save,
+    reshard and restore them; :func:`full_optim_state_dict` and
+    :func:`load_full_optim_state_dict` convert to and from an ordinary state_dict of full
+    tensors. A local shard replaced under the same DTensor (``model.to_empty``, a
+    ``load_state_dict`` FSDP2 re-pads) is picked up like a replaced ``.data``.
+    ``max_grad_norm`` clips by the norm of all shards of the whole model: each rank's sum
+    of squares is gathered over the mesh dims its parameters are sharded along and summed
+    in rank order (one small collective per step, the same norm on every rank; plain
+    tensors next to DTensors are counted once, as replicated), so every rank must step
+    together. state_dtype="8bit" is refused (TypeError): its absmax is one per 256
+    elements of the local shard, which no reshard could carry. Under stochastic rounding
+    the random bits are keyed on the element's position in its local shard: other bits
+    than one process draws (nearest rounding gives the same bits however the model is
+    sharded).
     """
 
     _step_supports_amp_scaling = True
@@ -616,7 +731,14 @@ class Optimizer(_Optimizer):
         unknown = [k for k in state_dict if k not in ("state", "param_groups", "formats")]
         if unknown:
             raise ValueError(f"state_dict has unknown keys {sorted(map(repr, unknown))}")
-        saved = state_dict.get("formats", _DEFAULT_FORMATS.as_dict())
+        saved = state_dict.get("formats")
+        if saved is None:
+            # torch.distributed.checkpoint's state_dict API (get_state_dict/set_state_dict)
+            # keeps only 'state' and 'param_groups': a state of DTensors without 'formats'
+            # is taken to be in this optimizer's (every tensor's dtype, shape and layout is
+            # still checked against them below)
+            saved = (self.formats if _holds_dtensor(state_dict["state"])
+                     else _DEFAULT_FORMATS.as_dict())
         if not isinstance(saved, dict):
             raise TypeError(f"state_dict['formats'] must be a dict, got {type(saved).__name__}")
         if saved != self.formats:
@@ -697,6 +819,14 @@ class Optimizer(_Optimizer):
     def _layout(self, p, where="a parameter"):
         """How p is stored and updated (a _formats.ParamFormat: its format, one per state
         stream, master weights?); TypeError naming `where` if the formats do not fit p."""
+        if self._fmt.state_dtype == "8bit" and _is_dtensor(p):
+            # The absmax of 8-bit state is one per 256 elements of the LOCAL shard: as a
+            # DTensor it would not be laid out like the codes (a reshard, or a full
+            # state_dict, would pair codes with the absmax of other elements), and kept
+            # local, torch.distributed.checkpoint would save one rank's copy only.
+            raise TypeError(f"{where} is {_describe(p)}: state_dtype='8bit' is not supported "
+                            f"for DTensor (FSDP2) parameters, whose checkpoints are resharded; "
+                            f"use state_dtype='bfloat16' (2 bytes per moment) or None")
         pf = _formats.param_format(self._rule, _NAMES[p.dtype], p.numel(), self._fmt, where)
         if p.is_complex() and not pf.native:
             raise TypeError(f"{where} is {_describe(p)}: complex parameters keep their "
@@ -843,6 +973,8 @@ class Optimizer(_Optimizer):
             return {key: _torch.from_numpy(codes).reshape(p.shape),
                     key + "_absmax": _torch.from_numpy(absmax)}
         # float32, or the float32 value rounded to nearest once (bfloat16, float16)
+        if _is_dtensor(p):  # a DTensor laid out like p
+            return {key: _torch.full_like(p, init, dtype=_torch.float32).to(dtype)}
         return {key: _torch.full(p.shape, init, dtype=_torch.float32).to(dtype)}
 
     def _new_state(self, p, o, ema, pf):
@@ -877,7 +1009,19 @@ class Optimizer(_Optimizer):
                              f"must be a dense {str(dtype).replace('torch.', '')} tensor of "
                              f"shape {tuple(shape)} on {p.device} (the parameter is "
                              f"{_describe(p)})")
-        return t if t.is_contiguous() else t.contiguous()
+        dt = _is_dtensor(p)
+        if dt != _is_dtensor(t) or dt and (
+                t.placements != p.placements or t.device_mesh != p.device_mesh
+                or t._local_tensor.shape != p._local_tensor.shape):
+            raise ValueError(
+                f"state[{key!r}] of {where} is {_describe(t)}; the parameter is "
+                f"{_describe(p)}: " + (
+                    "the state of a DTensor parameter is a DTensor laid out like it (same "
+                    "mesh, placements and local shape; load a full state_dict with "
+                    "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict or "
+                    "fastadam.torch.load_full_optim_state_dict)" if dt else
+                    "the state of a plain tensor is a plain tensor"))
+        return t if _local(t).is_contiguous() else t.contiguous()
 
     def _state_updates(self, p, s, o, needs, pf, where):
         """What s needs to be usable by the plan (a dict of replacements, applied only once
@@ -976,7 +1120,7 @@ class Optimizer(_Optimizer):
                 pf = self._layout(p, where)
                 c.ids.append(id(p))
                 c.tensors.append(p)
-                c.shapes.append(p.shape)
+                c.shapes.append(_local(p).shape)
                 s = self.state.get(p)
                 if s is not None and not isinstance(s, dict):
                     raise TypeError(f"the state of {where} must be a dict, got "
@@ -1032,7 +1176,8 @@ class Optimizer(_Optimizer):
                            and (k in made or fresh.get(id(s[k])) is s[k])]
                     lists.counts.append(0 if new else 1)
                     lists.fresh.append(new)
-                lists.slots.append((len(c.slots), cplx, half))
+                lists.slots.append((len(c.slots), cplx, half,
+                                    p.placements if _is_dtensor(p) else None))
                 state_tensors += [s[k] for k in known if isinstance(s.get(k), _Tensor)]
                 c.slots.append(None)
         ngroups = max(len(self.param_groups), 1)
@@ -1052,8 +1197,8 @@ class Optimizer(_Optimizer):
                     for t in new:
                         new_fresh[id(t)] = (t, plan, bi)
             pi = len(c.plans)
-            for bi, (pos, cplx, half) in enumerate(lists.slots):
-                c.slots[pos] = (pi, bi, cplx, half)
+            for bi, (pos, cplx, half, placed) in enumerate(lists.slots):
+                c.slots[pos] = (pi, bi, cplx, half, placed)
             c.plans.append(plan)
         # Everything is checked: install the new and completed state (undone by _undo
         # if the step that asked for it is refused).
@@ -1067,8 +1212,11 @@ class Optimizer(_Optimizer):
                 self.state[p].update(updates)
         self._fresh = new_fresh
         c.tensors += state_tensors
-        c.ptrs = list(map(_data_ptr, c.tensors))
-        c.storages = [t.untyped_storage() for t in c.tensors]
+        c.dtensors = any(map(_is_dtensor, c.tensors))
+        c.ptrs = _ptrs(c.tensors, c.dtensors)
+        c.storages = [_local(t).untyped_storage() for t in c.tensors]
+        if c.dtensors:
+            c.reduce = self._reductions(c)
         c.needs = self._needs_of(options)
         c.state = self.state
         c.state_ids, c.inner_ids = _state_ids(self.state)
@@ -1105,7 +1253,7 @@ class Optimizer(_Optimizer):
         flat = [p for g in self.param_groups for p in g["params"]]
         state = self.state
         if (list(map(id, flat)) != c.ids or state is not c.state
-                or list(map(_data_ptr, c.tensors)) != c.ptrs
+                or _ptrs(c.tensors, c.dtensors) != c.ptrs
                 or _state_ids(state) != (c.state_ids, c.inner_ids)):
             return None
         grads = [[None] * len(plan) for plan in c.plans]
@@ -1116,6 +1264,8 @@ class Optimizer(_Optimizer):
                 continue
             if slot is None:
                 return None  # first gradient of this parameter: create its state
+            if slot[4] is not None or c.dtensors and _is_dtensor(g):
+                g = self._local_grad(p, g, slot[4])
             if g.layout is not _STRIDED:
                 name = type(self).__name__
                 raise _SparseGradientError(self._sparse or (
@@ -1200,6 +1350,7 @@ class Optimizer(_Optimizer):
             options = [self._options_of(g) for g in self.param_groups]
         undo = []
         marks = None  # the plans' step counts before the C pass: did it run?
+        norm = None   # the global gradient norm of a step over DTensors, once computed
         try:
             c = self._cache
             if c is None or (options is not None and c.needs != self._needs_of(options)):
@@ -1221,13 +1372,24 @@ class Optimizer(_Optimizer):
                     self._sync_masters(c)
                 marks = [(plan, plan.step_count) for plan in c.plans]
                 try:
+                    if max_norm and c.dtensors:
+                        # the norm of the whole model, not of this rank's shards: computed
+                        # once per step (every rank must take part in the same collectives,
+                        # also when this rank retries below) and folded into the scale
+                        if norm is None:
+                            norm = self._global_norm(c, all_grads, threads, scale)
+                        _core.step_plans(c.plans, all_grads, threads,
+                                         _clipped_scale(norm, max_norm, scale), False, 0.0)
+                        self.last_grad_norm = norm
+                        return
                     _, self.last_grad_norm = _core.step_plans(c.plans, all_grads, threads,
                                                               scale, False, max_norm)
                     return
                 except ValueError:
                     # p.data replaced by a tensor of another shape at the same address: the
                     # gradients no longer fit the plans. Rebuild once and check again.
-                    if attempt or list(map(_shape_of, c.tensors[:len(c.ids)])) == c.shapes:
+                    if attempt or [_local(t).shape for t in c.tensors[:len(c.ids)]] \
+                            == c.shapes:
                         raise
                     self._cache = None
                     undo += self._rebuild(init=True, options=options)
@@ -1239,6 +1401,72 @@ class Optimizer(_Optimizer):
             if undo and not ran:
                 self._undo(undo)
             raise
+
+    # ----------------------------------------------------------------- DTensor
+    def _local_grad(self, p, g, placed):
+        """The local shard of the gradient g of p (placed: p's placements, or None for a
+        plain tensor): a DTensor parameter's gradient is a DTensor laid out like it."""
+        if placed is None:
+            raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; the "
+                            f"gradient of a plain tensor must be a plain tensor")
+        if not _is_dtensor(g) or g.placements != placed:
+            raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; the "
+                            f"gradient of {_describe(p)} must be a DTensor with its "
+                            f"placements")
+        return g._local_tensor
+
+    def _reductions(self, c):
+        """How the squared norms of the local gradients add up to the model's: a list of
+        (mesh, the mesh dims to sum over, [(plan, block, grad format)]), one entry per
+        (mesh, sharded dims) in order of first appearance (the same on every rank).
+        Parameters replicated over every mesh dim, and plain tensors, are counted once
+        (mesh None): a plain tensor next to DTensors is taken to be replicated, as FSDP2
+        keeps the parameters it does not shard."""
+        out = []
+        flat = [p for g in self.param_groups for p in g["params"]]
+        for slot, p in zip(c.slots, flat):
+            if slot is None:
+                continue
+            mesh, dims = None, ()
+            if _is_dtensor(p):
+                dims = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
+                mesh = p.device_mesh if dims else None
+            block = (slot[0], slot[1], _formats.grad_format(_NAMES[p.dtype]))
+            for m, ds, blocks in out:
+                if ds == dims and (m is mesh or m == mesh):
+                    blocks.append(block)
+                    break
+            else:
+                out.append((mesh, dims, [block]))
+        return out
+
+    @staticmethod
+    def _global_norm(c, all_grads, threads, scale):
+        """The L2 norm of the gradients of the whole model (divided by the loss scale),
+        from this rank's local shards: each rank's sum of squares (in double, by the C
+        core's grad_stats) is gathered over the sharded mesh dims and summed in rank
+        order, so every rank gets the same bits. inf or NaN (the sum itself) if a
+        gradient is not finite, as the fused single-process norm."""
+        total, nonfinite = 0.0, False
+        for mesh, dims, blocks in c.reduce:
+            per_plan = {}
+            for pi, bi, fmt in blocks:
+                g = all_grads[pi][bi]
+                if g is not None:
+                    arrays, fmts = per_plan.setdefault(pi, ([], []))
+                    arrays.append(g)
+                    fmts.append(fmt)
+            sumsq, bad = 0.0, False
+            for pi in sorted(per_plan):
+                arrays, fmts = per_plan[pi]
+                part, nf = _core.grad_stats(arrays, threads, formats=fmts)
+                sumsq += part
+                bad = bad or nf
+            if mesh is not None:  # every rank calls this, with or without gradients
+                sumsq, bad = _sum_over_mesh(mesh, dims, sumsq, bad)
+            total += sumsq
+            nonfinite = nonfinite or bad
+        return total if nonfinite else math.sqrt(total) / scale
 
     @staticmethod
     def _sync_masters(c):
@@ -1286,7 +1514,12 @@ class Optimizer(_Optimizer):
                     a = _view(ema)
                     avg = (a / a.dtype.type(1.0 - d ** t)).astype(a.dtype)
                     r = _torch.from_numpy(avg)
-                    out.append(_torch.view_as_complex(r) if p.is_complex() else r)
+                    r = _torch.view_as_complex(r) if p.is_complex() else r
+                    if _is_dtensor(ema):  # laid out like the parameter, as param_ema
+                        r = type(ema).from_local(r, ema.device_mesh, ema.placements,
+                                                 run_check=False, shape=ema.shape,
+                                                 stride=ema.stride())
+                    out.append(r)
             return out
 
 
@@ -1585,3 +1818,100 @@ class Lion(Optimizer):
                                       maximize=maximize, ema_decay=ema_decay),
                          max_grad_norm, num_threads, master_weights=master_weights,
                          state_dtype=state_dtype, rounding=rounding, seed=seed)
+
+
+# ============================================================ FSDP2: full state_dicts
+def _fqn_order(model, optimizer):
+    """The fully qualified name of each parameter of `optimizer`, in param-group order
+    (the order of the integer keys of ``optimizer.state_dict()``)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    out = []
+    for gi, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in names:
+                raise ValueError(f"param group {gi}, parameter {i} of the optimizer is not a "
+                                 f"parameter of the model")
+            out.append(names[id(p)])
+    return out
+
+
+def full_optim_state_dict(model, optimizer, *, rank0_only=True):
+    """The state of an optimizer over DTensor (FSDP2) parameters as an ordinary
+    ``fastadam.torch`` state_dict: every state tensor gathered into a full, plain CPU
+    tensor, keyed as ``optimizer.state_dict()`` keys them (0, 1, ... over the param
+    groups in order), ``param_groups`` and ``"formats"`` as there. It loads with
+    ``load_state_dict`` into the same fastadam.torch class built on the unsharded model
+    (``cls(model.parameters(), ...)``, same formats), and, with the default formats, into
+    the torch.optim class of the same name (its layout is torch's).
+
+    Every rank must call it (the tensors are gathered with collectives). rank0_only: the
+    dict is returned on rank 0 only (None on the others), which alone holds the full
+    tensors (``StateDictOptions(cpu_offload=True)``); False: every rank gets it. Its
+    tensors are copies: later steps do not change them.
+    Built on ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which
+    first takes a step with lr 0 and zero gradients if the optimizer has no state yet."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastadam.torch optimizer, got "
+                        f"{type(optimizer).__name__}")
+    fqns = _fqn_order(model, optimizer)
+    sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=bool(rank0_only)))
+    if rank0_only and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    index = {name: i for i, name in enumerate(fqns)}
+    # the gathered DTensors are new tensors; the others (step counts, the state of plain
+    # parameters) are the optimizer's own, which its next step would change under the dict
+    live = {id(v) for s in optimizer.state.values() if isinstance(s, dict) for v in s.values()}
+    own = {k: {key: v.clone() if id(v) in live else v for key, v in entry.items()}
+           if isinstance(entry, dict) else entry for k, entry in sd["state"].items()}
+    out = {"state": {index[k]: v for k, v in own.items()},
+           "param_groups": [dict(g, params=[index[k] for k in g["params"]])
+                            for g in sd["param_groups"]]}
+    out["state"] = dict(sorted(out["state"].items()))
+    if optimizer._fmt != _DEFAULT_FORMATS:
+        out["formats"] = optimizer.formats
+    return out
+
+
+def load_full_optim_state_dict(model, optimizer, state_dict):
+    """Load an ordinary ``fastadam.torch`` (or, with the default formats, torch.optim)
+    state_dict -- one of :func:`full_optim_state_dict`, or of an optimizer built on the
+    unsharded model -- into an optimizer over DTensor (FSDP2) parameters: each rank keeps
+    its shard of every full tensor. Every rank must call it with the same dict. The
+    integer keys are positions over the param groups, as ``state_dict()`` numbers them;
+    ``"formats"`` must be this optimizer's (ValueError otherwise, before anything
+    changes). Built on ``set_optimizer_state_dict(..., StateDictOptions(full_state_dict=
+    True))``."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastadam.torch optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+            or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+        raise TypeError("state_dict must be a dict with a 'state' dict and a "
+                        "'param_groups' list")
+    saved = state_dict.get("formats", _DEFAULT_FORMATS.as_dict())
+    if saved != optimizer.formats:
+        raise ValueError(f"state_dict['formats'] is {saved}, this optimizer's are "
+                         f"{optimizer.formats}: a state_dict loads only into an optimizer "
+                         f"with the same master_weights, state_dtype, rounding and seed")
+    fqns = _fqn_order(model, optimizer)
+    try:
+        keys = [i for g in state_dict["param_groups"] for i in g["params"]]
+        if sorted(keys) != list(range(len(fqns))) or any(k not in range(len(fqns))
+                                                         for k in state_dict["state"]):
+            raise ValueError
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(f"state_dict must number the {len(fqns)} parameters of this "
+                         f"optimizer 0 to {len(fqns) - 1} over its param groups") from None
+    sd = {"state": {fqns[k]: v for k, v in state_dict["state"].items()},
+          "param_groups": [dict(g, params=[fqns[i] for i in g["params"]])
+                           for g in state_dict["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, sd,
+                             options=StateDictOptions(full_state_dict=True))
