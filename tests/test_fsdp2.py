@@ -9,11 +9,14 @@ deterministic, so the sharded parameters and state must equal the reference's BI
 after every step, whatever the shards are: uneven (33 rows over 2 ranks: 17 + 16), empty (a
 1-row weight: rank 1 holds 0 elements), several dtypes in one optimizer (float32, float64,
 bfloat16 with float32 master weights), MixedPrecisionPolicy (bf16 compute, fp32 shards),
-CPUOffloadPolicy, SGD with Nesterov momentum and Lion with bfloat16 moments. Also:
+CPUOffloadPolicy, SGD with Nesterov momentum (and ema_decay) and Lion with bfloat16
+moments. Also:
 
 * max_grad_norm clips by the norm of the WHOLE model's gradient (the ranks' squared norms
-  summed over the mesh), the same on both ranks, equal to the full gradient's norm; a
-  rank's own shards have a clearly smaller norm (so clipping by it would fail the test);
+  summed over the mesh), the same on both ranks, equal to the full gradient's norm (of the
+  unscaled gradients under a loss scale); a rank's own shards have a clearly smaller norm
+  (so clipping by it would fail the test); an inf in one rank's shard makes every rank's
+  norm inf and the step the single-process one, bit for bit;
 * torch.distributed.checkpoint (DCP): get_state_dict -> dcp.save on 2 ranks; a fresh model
   and optimizer load it (set_state_dict) and continue, on the same 2-rank mesh and on a
   1-rank mesh per process (a reshard); both equal the uninterrupted run bit for bit;
@@ -24,8 +27,10 @@ CPUOffloadPolicy, SGD with Nesterov momentum and Lion with bfloat16 moments. Als
 * a parameter's local storage replaced under the same DTensor object (model.to_empty, then
   load_state_dict: FSDP2 re-points every local shard) and a state tensor's local storage
   replaced are picked up (a stale plan would write the old memory);
-* state_dtype="8bit" is refused for DTensor parameters (its absmax is per block of the
-  local shard and cannot be resharded).
+* refused, changing nothing: an ordinary (full-tensor) state_dict given to load_state_dict
+  directly, a state_dict of other formats, a plain gradient for a DTensor parameter;
+  state_dtype="8bit" for DTensor parameters (its absmax is per block of the local shard
+  and cannot be resharded).
 The end-to-end result is also compared with single-process training here (bit for bit) and
 with torch.optim.AdamW under FSDP2 (within the few-ulp-per-step bound of
 tests/test_torch_optim.py).
@@ -111,10 +116,16 @@ WORKER = textwrap.dedent(r'''
     def full(t):  # a full copy (a plain tensor's step count moves on in place)
         return t.full_tensor().detach() if isinstance(t, DTensor) else t.detach().clone()
 
+    INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+    def bits(t):  # NaN included
+        t = full(t)
+        return t.view(INT[t.element_size()]) if t.is_floating_point() else t
+
     def same(xs, ys):
         xs, ys = list(xs), list(ys)
         return len(xs) == len(ys) and all(
-            x.dtype == y.dtype and torch.equal(full(x), full(y)) for x, y in zip(xs, ys))
+            x.dtype == y.dtype and torch.equal(bits(x), bits(y)) for x, y in zip(xs, ys))
 
     def same_state(opt, ref, ps, qs):
         for p, q in zip(ps, qs):
@@ -138,18 +149,18 @@ WORKER = textwrap.dedent(r'''
         ((m(X) - Y) ** 2).mean().backward()
         opt.step()
 
-    def train(m, opt, plain, ref, n, record, each=None):
+    def train(m, opt, plain, ref, n, record, each=None, scale=None):
         """n steps of the sharded m; the unsharded plain model (optimizer ref) is fed the full
         gradients m's step sees; record: bitwise equality of the parameters after each"""
         for _ in range(n):
             opt.zero_grad()
             ((m(X) - Y) ** 2).mean().backward()
-            for p, q in zip(m.parameters(), plain.parameters()):
-                q.grad = p.grad.full_tensor()
             if each:
                 each(m)
-            opt.step()
-            ref.step()
+            for p, q in zip(m.parameters(), plain.parameters()):
+                q.grad = p.grad.full_tensor()
+            opt.step(grad_scale=scale)
+            ref.step(grad_scale=scale)
             record.append(same(m.parameters(), plain.parameters()))
 
     def scenario(name, cls, make_opt, n=steps, **kw):
@@ -196,30 +207,40 @@ WORKER = textwrap.dedent(r'''
     scenario("mp", MLP, adamw, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                               reduce_dtype=torch.float32))
     scenario("offload", MLP, adamw, offload_policy=CPUOffloadPolicy(pin_memory=False))
-    scenario("sgd", MLP, lambda ps: ft.SGD(ps, lr=lr, momentum=0.9, nesterov=True,
-                                           weight_decay=1e-3))
+    m, opt, plain, ref = scenario("sgd", MLP, lambda ps: ft.SGD(
+        ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3, ema_decay=0.9))
+    avg = opt.averaged_params()
+    results["sgd"]["averaged"] = (all(isinstance(a, DTensor) for a in avg)
+                                  and same(avg, ref.averaged_params()))
     scenario("lion", MLP, lambda ps: ft.Lion(ps, lr=1e-3, weight_decay=0.1,
                                              state_dtype="bfloat16"))
 
-    # ---- global clipping
+    # ---- global clipping (with a loss scale of 2: the norm is of the unscaled gradients)
     norms = []
 
     def record_norms(m):
         grads = [p.grad for p in m.parameters()]
         local = math.sqrt(sum(float((gr._local_tensor.double() ** 2).sum()) for gr in grads))
         whole = float(torch.cat([gr.full_tensor().double().reshape(-1) for gr in grads]).norm())
-        norms.append([local, whole])
+        norms.append([local / 2, whole / 2])
+
+    def poison(m):  # an inf in rank 0's shard only
+        if rank == 0:
+            m.a.weight.grad._local_tensor[3, 5] = math.inf
 
     plain = make(MLP)
     m = shard(copy.deepcopy(plain))
     opt, ref = adamw(m.parameters(), max_grad_norm=max_norm), adamw(plain.parameters(),
                                                                     max_grad_norm=max_norm)
-    eq, fused = [], []
+    eq = []
     for _ in range(steps):
-        train(m, opt, plain, ref, 1, eq, each=record_norms)
+        train(m, opt, plain, ref, 1, eq, each=record_norms, scale=2.0)
         norms[-1] += [opt.last_grad_norm, ref.last_grad_norm]
-    results["clip"] = dict(equal=eq, norms=norms,
-                           state=same_state(opt, ref, m.parameters(), plain.parameters()))
+    state = same_state(opt, ref, m.parameters(), plain.parameters())
+    train(m, opt, plain, ref, 1, eq, each=poison)   # the ranks agree: inf, nothing moves
+    results["clip"] = dict(equal=eq, norms=norms, state=state,
+                           inf=[opt.last_grad_norm, ref.last_grad_norm],
+                           nan=int(sum(int(torch.isnan(full(p)).sum()) for p in m.parameters())))
 
     # ---- mixed dtypes with master weights; DCP save, resume, reshard; full state_dict
     mixed = lambda ps: ft.AdamW(ps, lr=lr, weight_decay=1e-2, master_weights=True)
@@ -304,6 +325,32 @@ WORKER = textwrap.dedent(r'''
         moments_moved=s._local_tensor.data_ptr() != moments_before,
         old_untouched=all(torch.equal(a, b) for a, b in zip(old, frozen)),
         state=same_state(opt, ref, ps, plain.parameters()))
+
+    # ---- refused calls change nothing
+    m = shard(make(MLP))
+    opt = adamw(m.parameters())
+    step(m, opt)
+    snapshot = lambda: [bits(p) for p in m.parameters()] + [
+        bits(v) for s in opt.state.values() for v in s.values()]
+    before = snapshot()
+    dist.barrier()  # rank 0 has written adamw_full.pt
+    ordinary = torch.load(f"{out}/adamw_full.pt", weights_only=True)
+    refused = []
+    for attempt in (
+            lambda: opt.load_state_dict(ordinary),  # full tensors: not laid out like p
+            lambda: ft.load_full_optim_state_dict(m, opt, dict(ordinary, formats=dict(
+                ordinary.get("formats", {}), master_weights=True))),
+            lambda: opt.step()):
+        if len(refused) == 2:  # a plain gradient for a DTensor parameter
+            opt.zero_grad()
+            ((m(X) - Y) ** 2).mean().backward()
+            m.a.weight.grad = torch.zeros(m.a.weight.shape)
+        try:
+            attempt()
+            refused.append(None)
+        except Exception as e:
+            refused.append([type(e).__name__, str(e)])
+    results["refused"] = dict(errors=refused, unchanged=same(before, snapshot()))
 
     # ---- 8-bit state is refused for DTensor parameters
     try:
@@ -443,6 +490,8 @@ def test_policies_and_rules_equal_single_process(job, name):
     assert all(r[name]["laid_out"] for r in ranks)
     if name == "mp":  # fp32 shards (bf16 only for compute)
         assert set(ranks[0][name]["dtypes"]) == {"torch.float32"}
+    if name == "sgd":  # with param_ema: DTensors, and their averages too
+        assert all(r[name]["averaged"] for r in ranks)
     if name == "lion":  # bfloat16 moments of float32 parameters
         assert ranks[0][name]["state_dtypes"] == ["torch.bfloat16"] * 4
 
@@ -461,7 +510,7 @@ def test_max_grad_norm_clips_by_the_global_norm(job):
     _, ranks = job
     _bitwise(ranks, "clip")
     n0, n1 = ranks[0]["clip"]["norms"], ranks[1]["clip"]["norms"]
-    assert len(n0) == STEPS
+    assert len(n0) == STEPS and len(ranks[0]["clip"]["equal"]) == STEPS + 1
     for (local0, whole, ours0, fused), (local1, _, ours1, _) in zip(n0, n1):
         assert ours0 == ours1                       # every rank clips by the same norm
         assert ours0 == pytest.approx(whole, rel=1e-12)
@@ -470,6 +519,11 @@ def test_max_grad_norm_clips_by_the_global_norm(job):
         # the shards' own norms are far from it: clipping by one would fail above
         assert max(local0, local1) < 0.95 * whole
         assert local0 ** 2 + local1 ** 2 == pytest.approx(whole ** 2, rel=1e-12)
+    # an inf in one rank's shard: every rank sees the norm inf and, as one process,
+    # multiplies the gradients by 0 (the inf element becomes NaN, nothing else does)
+    for r in ranks:
+        assert r["clip"]["inf"] == [float("inf")] * 2
+        assert r["clip"]["nan"] == 1
 
 
 def test_dcp_resume_and_reshard_bit_for_bit(job):
@@ -521,6 +575,17 @@ def test_replaced_local_storage_is_picked_up(job):
         assert res["same_objects"] and res["moved"] and all(res["moved"])
         assert res["moments_moved"] and res["old_untouched"]
         assert len(res["equal"]) == 2 * STEPS
+
+
+def test_refused_calls_change_nothing(job):
+    _, ranks = job
+    for r in ranks:
+        res = r["refused"]
+        (t0, m0), (t1, m1), (t2, m2) = res["errors"]
+        assert t0 == "ValueError" and "laid out like it" in m0 and "load_full_optim" in m0
+        assert t1 == "ValueError" and "formats" in m1
+        assert t2 == "TypeError" and "must be a DTensor with its placements" in m2
+        assert res["unchanged"]
 
 
 def test_8bit_state_is_refused_for_dtensors(job):

@@ -305,8 +305,8 @@ def _clipped_scale(norm, max_norm, scale):
     (the gradients multiplied by 0); here the largest finite scale, which the C core
     accepts (its multiplier 1/scale rounds to 0 in float32; 5.6e-309 in float64)."""
     coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        scale = scale / coef
+    if coef < 1.0:  # not for a NaN norm: as _core, no clipping then
+        scale = scale / coef if coef > 0.0 else math.inf
         if not scale < math.inf:
             scale = sys.float_info.max
     return scale
