@@ -82,7 +82,8 @@ def _quiet_deepspeed():
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed
         import deepspeed.comm.torch
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # (deepspeed.comm.torch as an attribute is torch itself: the module is in sys.modules)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.utils.logger.setLevel(logging.WARNING)
     try:
         import cpuinfo

@@ -82,15 +82,17 @@ WORKER = COMMON + textwrap.dedent(r'''
     import os, sys, logging
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import deepspeed.comm.torch
+    import deepspeed.comm.torch  # noqa: F401 - loaded, then patched through sys.modules
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     import fastadam.torch as ft
+    from fastadam.deepspeed import consolidate_zero_checkpoint, load_zero_state
 
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute of
     # g++ the first time) that only inference_all_reduce uses; training's collectives are
     # torch.distributed's (gloo here) either way.
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # (deepspeed.comm.torch as an attribute is torch itself: the module is in sys.modules)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.utils.logger.setLevel(logging.WARNING)
     torch.set_num_threads(1)
     stage, out = int(sys.argv[1]), sys.argv[2]
@@ -112,8 +114,10 @@ WORKER = COMMON + textwrap.dedent(r'''
             cfg["bf16"] = {"enabled": True}
         return cfg
 
-    def engine(client, dtype):
+    def engine(client, dtype, weights=None):
         net = make_model(torch.float32)
+        if weights is not None:
+            net.load_state_dict(weights)
         cls = ft.AdamW if client == "fastadam" else torch.optim.AdamW
         opt = cls(net.parameters(), lr=LR, weight_decay=WD)
         eng, zero_opt, _, _ = deepspeed.initialize(model=net, optimizer=opt,
@@ -162,9 +166,15 @@ WORKER = COMMON + textwrap.dedent(r'''
                 {float(s["step"]) for s in zero_opt.optimizer.state.values()})
         dist.barrier()
         for client, source in (("fastadam", "fastadam"), ("fastadam", "torch"),
-                               ("torch", "fastadam")):
-            eng, zero_opt = engine(client, dtype)
-            eng.load_checkpoint(f"{out}/ckpt_{name}_{source}", tag="t")
+                               ("torch", "fastadam"), ("fastadam", "consolidated")):
+            if source == "consolidated":
+                # the ordinary state_dict of the fastadam checkpoint, loaded back into ZeRO
+                c = consolidate_zero_checkpoint(f"{out}/ckpt_{name}_fastadam", tag="t")
+                eng, zero_opt = engine(client, dtype, c["params"])
+                load_zero_state(eng, c)
+            else:
+                eng, zero_opt = engine(client, dtype)
+                eng.load_checkpoint(f"{out}/ckpt_{name}_{source}", tag="t")
             results[name, client, source, "loaded_local"] = local_state(zero_opt)
             train(eng, SAVE_AT, STEPS, dtype)
             results[name, client, source, "final"] = full(eng)
@@ -330,11 +340,18 @@ def test_zero_offload_checkpoint_resume(job):
     stage, _, ranks = job
     for name in ("float32", "bfloat16"):
         for rk in ranks:
-            # fastadam from its own checkpoint: the uninterrupted run, bit for bit
-            assert _equal(rk[name, "fastadam", "fastadam", "final"]["master"],
-                          rk[name, "fastadam", "final"]["master"]), (stage, name)
-            assert _equal(rk[name, "fastadam", "fastadam", "final"]["param"],
-                          rk[name, "fastadam", "final"]["param"]), (stage, name)
+            # fastadam from its own checkpoint, and from its consolidated state_dict loaded
+            # back into a fresh engine (load_zero_state): the uninterrupted run, bit for bit
+            for source in ("fastadam", "consolidated"):
+                for k in ("master", "param"):
+                    assert _equal(rk[name, "fastadam", source, "final"][k],
+                                  rk[name, "fastadam", "final"][k]), (stage, name, source, k)
+                assert rk[name, "fastadam", source, "steps"] == [float(STEPS)]
+            # the state load_zero_state put in each rank's partitions is what was saved
+            for s, l in zip(rk[name, "fastadam", "saved_local"],
+                            rk[name, "fastadam", "consolidated", "loaded_local"]):
+                assert set(s) == set(l)
+                assert all(torch.equal(s[k], l[k]) for k in s), (stage, name)
             for client, source in (("fastadam", "fastadam"), ("fastadam", "torch"),
                                    ("torch", "fastadam")):
                 saved = rk[name, source, "saved_local"]

@@ -15,7 +15,7 @@ import contextlib
 import io
 import os
 
-__all__ = ["consolidate_zero_checkpoint"]
+__all__ = ["consolidate_zero_checkpoint", "load_zero_state"]
 
 
 def _deepspeed():
@@ -182,3 +182,91 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
         sd["formats"] = formats
     return {"optimizer": sd, "param_names": names,
             "params": {n: params[n].detach().clone() for n in names}}
+
+
+def load_zero_state(engine, consolidated):
+    """Load a consolidated state (the dict :func:`consolidate_zero_checkpoint` returns:
+    ``optimizer``, ``param_names`` and ``params``) into a ZeRO engine (stage 1, 2 or 3, any
+    world size): every rank calls it, after ``deepspeed.initialize`` and before the next
+    step. It sets each parameter's fp32 master and its part of every partition's optimizer
+    state, and the param groups' options; the model's 16-bit parameters are not touched
+    (load ``params`` into the model before ``deepspeed.initialize``: its nearest rounding is
+    what ZeRO's copy of the masters gives). Options and state keys are the saved ones;
+    the state the engine's optimizer already has is overwritten in place."""
+    import torch
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+
+    zero = engine.optimizer
+    inner = zero.optimizer
+    sd, names = consolidated["optimizer"], consolidated["param_names"]
+    index = {n: i for i, n in enumerate(names)}
+    module = dict(engine.module.named_parameters())
+    missing = [n for n in names if n not in module]
+    if missing:
+        raise ValueError(f"parameters {missing} of the state are not the engine's module's")
+    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
+    if stage3:
+        flats, members = zero.fp32_partitioned_groups_flat, zero.fp16_groups
+    else:
+        flats, members = zero.single_partition_of_fp32_groups, zero.bit16_groups
+    by_id = {id(p): n for n, p in module.items()}
+
+    # every flat partition gets the state keys of its parameters (as its optimizer would
+    # make them, zero where no parameter lies: the padding), and their step count
+    created = False
+    for flat, group in zip(flats, members):
+        ps = [by_id[id(p)] for p in group if id(p) in by_id]
+        if not ps:
+            continue
+        saved = sd["state"].get(index[ps[0]], {})
+        st = inner.state[flat]
+        for k, v in saved.items():
+            if k == "master_param":
+                continue  # ZeRO's masters are the partitions themselves
+            if torch.is_tensor(v) and v.dim() > 0:
+                t = st.get(k)
+                if not (torch.is_tensor(t) and t.dtype == v.dtype and t.shape == flat.shape):
+                    st[k] = torch.zeros(flat.shape, dtype=v.dtype, device=flat.device)
+                    created = True
+            else:
+                st[k] = v.detach().clone() if torch.is_tensor(v) else v
+    if created and not stage3:
+        # stages 1 and 2 map each parameter's fragment of the state once, after the first
+        # step: map the new tensors
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+    for g, saved in zip(inner.param_groups, sd["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    for n in names:  # stages 1 and 2 gather: every rank, the same order
+        p, saved = module[n], sd["state"].get(index[n], {})
+        values = {k: v for k, v in saved.items()
+                  if k != "master_param" and torch.is_tensor(v) and v.dim() > 0}
+        master = consolidated["params"][n].to(torch.float32)
+        if stage3:
+            # DeepSpeed 0.19.8's set_full_hp_param slices the unpadded value (an error on
+            # the last rank of a parameter that does not split evenly): each rank sets its
+            # own padded slice
+            safe_set_local_fp32_param(p, _local_slice(p, master))
+            for k, v in values.items():
+                safe_set_local_optimizer_state(p, _local_slice(p, v), k)
+        else:
+            safe_set_full_fp32_param(p, master)
+            for k, v in values.items():
+                safe_set_full_optimizer_state(p, v, k)
+
+
+def _local_slice(p, value):
+    """This rank's part of a stage-3 parameter's full value `value`: ZeRO-3 pads each
+    parameter to a multiple of its partition group's size and gives rank r the r-th
+    slice of p.ds_tensor.numel() elements."""
+    import torch
+    import torch.distributed as dist
+
+    n = p.ds_tensor.numel()
+    group = getattr(p, "ds_process_group", None)
+    rank, size = dist.get_rank(group=group), dist.get_world_size(group=group)
+    flat = value.reshape(-1)
+    if flat.numel() < n * size:
+        flat = torch.cat([flat, flat.new_zeros(n * size - flat.numel())])
+    return flat[rank * n:(rank + 1) * n]
