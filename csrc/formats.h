@@ -234,8 +234,9 @@ FA_INLINE float FA_CAT(fa_absmax, FA_SUFFIX)(const float *src, size_t n)
  * compare; NaN q: code 0. table: the signed map's (positive half, then negative half) or
  * the unsigned map's; zero: the index of the code 0.0. */
 FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table, uint32_t zero,
-                                              uint32_t neg_offset, const float *FA_RESTRICT x,
-                                              uint8_t *FA_RESTRICT d, size_t n, float div)
+                                              uint32_t neg_offset, uint32_t min_code,
+                                              const float *FA_RESTRICT x, uint8_t *FA_RESTRICT d,
+                                              size_t n, float div)
 {
     size_t j = 0;
     /* the same operations on 16 (8) lanes, with the table lookup as a gather */
@@ -247,7 +248,7 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
         const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), low16 = _mm512_set1_epi32(0xffff);
         const __m512i vneg_offset = _mm512_set1_epi32((int)neg_offset);
         const __m512i vzero = _mm512_set1_epi32((int)zero), one = _mm512_set1_epi32(1);
-        const __m512i nil = _mm512_setzero_si512();
+        const __m512i nil = _mm512_setzero_si512(), vmin = _mm512_set1_epi32((int)min_code);
         for (; j + 16 <= n; j += 16) {
             const __m512 q = _mm512_div_ps(_mm512_loadu_ps(x + j), vdiv);
             const __m512i u = _mm512_castps_si512(q);
@@ -264,6 +265,8 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
             const __m512i pos = _mm512_add_epi32(vzero, c);
             const __m512i neg = _mm512_max_epi32(_mm512_sub_epi32(vzero, c), nil);
             __m512i code = _mm512_mask_blend_epi32(negative, pos, neg);
+            code = _mm512_mask_max_epu32(code, _mm512_cmp_ps_mask(q, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                         code, vmin);
             code = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(q, q, _CMP_ORD_Q), code);
             _mm_storeu_si128((__m128i *)(d + j), _mm512_cvtepi32_epi8(code));
         }
@@ -276,7 +279,7 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
         const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), low16 = _mm256_set1_epi32(0xffff);
         const __m256i vneg_offset = _mm256_set1_epi32((int)neg_offset);
         const __m256i vzero = _mm256_set1_epi32((int)zero), one = _mm256_set1_epi32(1);
-        const __m256i nil = _mm256_setzero_si256();
+        const __m256i nil = _mm256_setzero_si256(), vmin = _mm256_set1_epi32((int)min_code);
         uint32_t codes[8];
         for (; j + 8 <= n; j += 8) {
             const __m256 q = _mm256_div_ps(_mm256_loadu_ps(x + j), vdiv);
@@ -295,6 +298,9 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
             const __m256i pos = _mm256_add_epi32(vzero, c);
             const __m256i neg = _mm256_max_epi32(_mm256_sub_epi32(vzero, c), nil);
             __m256i code = _mm256_blendv_epi8(pos, neg, negative);
+            const __m256i positive = _mm256_castps_si256(_mm256_cmp_ps(q, _mm256_setzero_ps(),
+                                                                       _CMP_GT_OQ));
+            code = _mm256_max_epu32(code, _mm256_and_si256(positive, vmin));
             code = _mm256_and_si256(code, _mm256_castps_si256(_mm256_cmp_ps(q, q, _CMP_ORD_Q)));
             _mm256_storeu_si256((__m256i *)codes, code);
             for (int k = 0; k < 8; k++) d[j + k] = (uint8_t)codes[k];
@@ -312,6 +318,7 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
         const uint32_t t = table[bk];
         const uint32_t c = (t >> 16) + ((a & 0xffffu) > (t & 0xffffu) ? 1u : 0u);
         uint32_t code = negative ? (zero >= c ? zero - c : 0u) : zero + c;
+        code = q > 0.0f && code < min_code ? min_code : code;
         code = q != q ? 0u : code;
         d[j] = (uint8_t)code;
     }
@@ -326,11 +333,12 @@ static void FA_CAT(fa_store_q8, FA_SUFFIX)(int is_signed, const float *src, void
     const uint32_t *table = fa_q8_buckets + (is_signed ? 0u : 2u * FA_Q8_NBUCKETS);
     const uint32_t neg_offset = is_signed ? FA_Q8_NBUCKETS : 0u;
     const uint32_t zero = is_signed ? fa_q8_zero_index : 0u;
+    const uint32_t min_code = is_signed ? 0u : 1u; /* a positive denominator never stores as 0 */
     for (size_t b = 0; b < n; b += FA_Q8_BLOCK) {
         const size_t e = n - b < FA_Q8_BLOCK ? n - b : FA_Q8_BLOCK;
         const float m = FA_CAT(fa_absmax, FA_SUFFIX)(src + b, e);
         absmax[(i0 + b) / FA_Q8_BLOCK] = m;
-        FA_CAT(fa_quantize, FA_SUFFIX)(table, zero, neg_offset, src + b, d + b, e,
+        FA_CAT(fa_quantize, FA_SUFFIX)(table, zero, neg_offset, min_code, src + b, d + b, e,
                                        m == 0.0f ? 1.0f : m);
     }
 }

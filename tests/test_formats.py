@@ -163,6 +163,35 @@ def test_formatted_step_equals_reference(isa, rule, kw, layout):
                 assert float(scalars[i]) == pytest.approx(ref_scalars[i], rel=1e-6)
 
 
+def test_positive_denominator_never_stores_as_zero(isa):
+    """AdaGrad's 8-bit sum (an unsigned stream) after one step is g**2: with one gradient
+    of 1 per block and the others 1e-4 (g**2 / absmax = 1e-8, below the unsigned map's
+    first threshold), the small ones store as code 1, not the nearest code 0, on every
+    path and thread count; zero gradients still store as 0."""
+    blocks, _ = _setup("adagrad", {}, "f32-q8")
+    grads = []
+    for n in SIZES:
+        g = np.full(n, 1e-4, np.float32)
+        g[::256] = 1.0
+        g[3::7] = 0.0
+        grads.append(g)
+    ref, _ = _reference("adagrad", {}, blocks, [grads], False, 0)
+    for b, g in zip(ref, grads):
+        if b["sfmts"][0] != "q8u":  # tensors below 4096 elements: float32 (not here: _setup)
+            continue
+        codes = b["states"][0]
+        tiny = (g == np.float32(1e-4)) & (np.repeat(b["absmax"][0], 256)[:g.size] == 1.0)
+        assert np.all(codes[tiny] == 1) and np.all(codes[g == 0] == 0)
+        assert np.searchsorted(F.UNSIGNED_THRESHOLDS, np.float32(1e-8)) == 0  # nearest: 0
+    for threads in (1, 2, 3):
+        got = _copy(blocks)
+        plan, _ = _plan("adagrad", {}, got, False, 0)
+        plan.step(grads, num_threads=threads, chunk=64, isa=isa)
+        for b, r in zip(got, ref):
+            assert np.array_equal(_bits(b["states"][0]), _bits(r["states"][0]))
+            assert np.array_equal(_bits(b["absmax"][0]), _bits(r["absmax"][0]))
+
+
 # ------------------------------------------------------------------ the specification
 def test_nearest_rounding_is_numpy_and_ml_dtypes():
     rng = np.random.default_rng(0)
@@ -218,14 +247,18 @@ def test_quantize_round_trip_within_resolution():
         back = F.dequantize_blockwise(codes, absmax, signed)
         scale = np.repeat(absmax, 256)[:v.size]
         q = v / scale
-        # the chosen code is the nearest one of the map (ties within float32 rounding)
-        dist = np.abs(m[codes] - q)
-        best = np.min(np.abs(m[None, :] - q[:, None]), axis=1)
+        # unsigned: a positive value below the first threshold stores as code 1, not 0
+        floored = (q > 0) & (q < F.UNSIGNED_THRESHOLDS[0]) if not signed else q != q
+        assert signed or floored.sum() > 100
+        assert np.all(codes[floored] == 1)
+        # every other code is the nearest one of the map (ties within float32 rounding)
+        dist = np.abs(m[codes] - q)[~floored]
+        best = np.min(np.abs(m[None, :] - q[~floored, None]), axis=1)
         assert np.all(dist <= best * (1 + 1e-6) + 1e-12)
         # the error is at most half the gap between the two codes around the value
         j = np.clip(np.searchsorted(m, q), 1, 255)
         half_gap = (m[j] - m[j - 1]) / 2
-        assert np.all(np.abs(back - v) <= half_gap * scale * (1 + 1e-5) + 1e-30)
+        assert np.all((np.abs(back - v) <= half_gap * scale * (1 + 1e-5) + 1e-30)[~floored])
     assert np.array_equal(F.dequantize_blockwise(*F.quantize_blockwise(np.zeros(300, np.float32),
                                                                         True), True),
                           np.zeros(300, np.float32))

@@ -166,7 +166,12 @@ def quantize_blockwise(x, signed: bool):
     """float32 values -> (codes uint8, absmax float32 per block of Q8_BLOCK elements).
 
     Per block: absmax = max |x| (NaN if any element is NaN); q = x / d in float32 with
-    d = 1 where absmax == 0, else absmax; code = the number of thresholds < q (NaN q: 0)."""
+    d = 1 where absmax == 0, else absmax; code = the number of thresholds < q (NaN q: 0),
+    the nearest code. One exception, unsigned map only: a q > 0 below the first threshold
+    stores as code 1 (the smallest positive value, 3.25e-7 * absmax), not 0. Unsigned
+    states are denominators (second moments, AdaGrad's sum, Adamax's exp_inf): rounded to
+    0 while the numerator survives, they would turn m / (sqrt(v) + eps) into a step of up
+    to m / eps; stored as the smallest code they can only shrink the step."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     n = x.size
     nblocks = -(-n // Q8_BLOCK)
@@ -180,6 +185,8 @@ def quantize_blockwise(x, signed: bool):
         q = (blocks / d[:, None]).astype(np.float32).reshape(-1)[:n]
     thresholds = SIGNED_THRESHOLDS if signed else UNSIGNED_THRESHOLDS
     codes = np.searchsorted(thresholds, q, side="left")
+    if not signed:
+        codes = np.where(q > 0, np.maximum(codes, 1), codes)
     codes = np.where(np.isnan(q), 0, codes).astype(np.uint8)
     return codes, absmax
 
