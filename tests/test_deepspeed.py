@@ -68,12 +68,24 @@ COMMON = textwrap.dedent(r'''
 
     STEPS, SAVE_AT, LR, WD, BATCH = {STEPS}, {SAVE_AT}, {LR}, {WD}, {BATCH}
 
-    def make_model(dtype):
+    def make_model(dtype, width=33):
         torch.manual_seed(0)
-        # 16*33 + 33 + 33*4 + 4 = 697 elements: odd, so ZeRO pads the partitions
-        net = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.Tanh(),
-                                  torch.nn.Linear(33, 4))
+        # 16*33 + 33 + 33*4 + 4 = 697 elements: odd, so ZeRO pads the partitions; width 520:
+        # 10924, partitions of more than 4096 (fastadam's 8-bit state is for those)
+        net = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(),
+                                  torch.nn.Linear(width, 4))
         return net.to(dtype)
+
+    # other rules and storage formats as client (float32 model): name -> (class, options,
+    # model width)
+    RULES = {{
+        "SGD-nesterov": ("SGD", dict(momentum=0.9, nesterov=True, weight_decay=WD), 33),
+        "Adagrad": ("Adagrad", dict(weight_decay=WD), 33),
+        "Lion": ("Lion", dict(weight_decay=WD), 33),
+        "AdamW-amsgrad": ("AdamW", dict(weight_decay=WD, amsgrad=True), 33),
+        "AdamW-bf16-state": ("AdamW", dict(weight_decay=WD, state_dtype="bfloat16"), 33),
+        "AdamW-8bit": ("AdamW", dict(weight_decay=WD, state_dtype="8bit"), 520),
+    }}
 
     def batch(step, rank, dtype):
         """Rank `rank`'s half of the batch of step `step` (0-based): the same on a resume."""
@@ -122,14 +134,27 @@ WORKER = COMMON + textwrap.dedent(r'''
         return cfg
 
     def engine(client, dtype, weights=None):
-        net = make_model(torch.float32)
+        if client in RULES:
+            name, kw, width = RULES[client]
+            cls = getattr(ft, name)
+        else:
+            cls = ft.AdamW if client == "fastadam" else torch.optim.AdamW
+            kw, width = dict(weight_decay=WD), 33
+        net = make_model(torch.float32, width)
         if weights is not None:
             net.load_state_dict(weights)
-        cls = ft.AdamW if client == "fastadam" else torch.optim.AdamW
-        opt = cls(net.parameters(), lr=LR, weight_decay=WD)
+        opt = cls(net.parameters(), lr=LR, **kw)
         eng, zero_opt, _, _ = deepspeed.initialize(model=net, optimizer=opt,
                                                     config=config(dtype == torch.bfloat16))
         assert type(zero_opt.optimizer) is cls, type(zero_opt.optimizer)
+        if cls is ft.Adagrad:
+            # docs/engines.md: Adagrad made its state for the module's parameters in its
+            # constructor (as torch's does), ZeRO then gave it flat partitions instead; the
+            # orphaned state would make state_dict() (save_checkpoint) fail
+            inner = zero_opt.optimizer
+            live = {id(p) for g in inner.param_groups for p in g["params"]}
+            for p in [p for p in inner.state if id(p) not in live]:
+                del inner.state[p]
         return eng, zero_opt
 
     def local_state(zero_opt):
@@ -187,6 +212,21 @@ WORKER = COMMON + textwrap.dedent(r'''
             results[name, client, source, "final"] = full(eng)
             results[name, client, source, "steps"] = sorted(
                 {float(s["step"]) for s in zero_opt.optimizer.state.values()})
+    for client in RULES:  # float32: trained, checkpointed, resumed
+        eng, zero_opt = engine(client, torch.float32)
+        train(eng, 0, SAVE_AT, torch.float32)
+        eng.save_checkpoint(f"{out}/ckpt_{client}", tag="t")
+        train(eng, SAVE_AT, STEPS, torch.float32)
+        results[client, "final"] = [safe_get_full_fp32_param(p).clone()
+                                    for p in eng.module.parameters()]
+        results[client, "state"] = sorted({(k, str(v.dtype)) for st in
+                                           zero_opt.optimizer.state.values()
+                                           for k, v in st.items()})
+        eng, zero_opt = engine(client, torch.float32)
+        eng.load_checkpoint(f"{out}/ckpt_{client}", tag="t")
+        train(eng, SAVE_AT, STEPS, torch.float32)
+        results[client, "resumed"] = [safe_get_full_fp32_param(p).clone()
+                                      for p in eng.module.parameters()]
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.barrier()
 ''')
@@ -263,22 +303,25 @@ def _ns():
     return ns
 
 
-def _single_process(dtype, start=0, stop=STEPS, opt_state=None, params=None, cls=ft.AdamW):
+def _single_process(dtype, start=0, stop=STEPS, opt_state=None, params=None, cls=ft.AdamW,
+                    kw=None, width=33):
     """One process, the same model and data, the two ranks' gradients averaged as ZeRO's
     reduction does ((g0 + g1) / 2 in the gradients' dtype): the fp32 parameters (masters
     for bf16), the parameters and the optimizer at `stop`. Starts at `start` from the fp32
     values `params` (bf16: their nearest rounding, as ZeRO's copy of its masters) and the
     state_dict `opt_state` when given."""
     ns = _ns()
-    net = ns["make_model"](dtype)
+    net = ns["make_model"](dtype, width)
     ps = list(net.parameters())
     if params is not None:
         with torch.no_grad():
             for p, v in zip(ps, params):
                 p.copy_(v)
     # ZeRO keeps fp32 masters of bf16 parameters: fastadam's master weights do the same
-    kw = dict(master_weights=True) if dtype == torch.bfloat16 else {}
-    opt = cls(ps, lr=LR, weight_decay=WD, **kw)
+    kw = dict(weight_decay=WD) if kw is None else dict(kw)
+    if dtype == torch.bfloat16:
+        kw["master_weights"] = True
+    opt = cls(ps, lr=LR, **kw)
     if opt_state is not None:
         # torch's load_state_dict keeps the given tensors (no copy) and the step updates them
         opt.load_state_dict(copy.deepcopy(opt_state))
@@ -419,3 +462,25 @@ def test_consolidate_zero_checkpoint(job):
             assert _worst(tmaster, r[name, "fastadam", "final"]["master"], STEPS,
                           EPS32) <= K_TRAJ
             assert {float(s["step"]) for s in topt.state.values()} == {float(STEPS)}
+
+
+def test_zero_offload_other_rules_and_formats(job):
+    """The other fastadam rules and storage formats as ZeRO-Offload clients (float32): bit for
+    bit a single process where the update is elementwise (every rule; bfloat16 state with
+    nearest rounding), and a checkpoint resume bit for bit the uninterrupted run (8-bit
+    state too, whose blocks of 256 elements run over ZeRO's flat partition: no
+    single-process twin)."""
+    stage, _, ranks = job
+    rules = _ns()["RULES"]
+    for client, (name, kw, width) in rules.items():
+        for rk in ranks:
+            assert _equal(rk[client, "resumed"], rk[client, "final"]), (stage, client)
+        state = dict(ranks[0][client, "state"])
+        if kw.get("state_dtype") == "8bit":
+            assert state["exp_avg"] == "torch.uint8" and "exp_avg_absmax" in state, state
+            continue
+        if kw.get("state_dtype") == "bfloat16":
+            assert state["exp_avg"] == "torch.bfloat16", state
+        master, _, _ = _single_process(torch.float32, cls=getattr(ft, name), kw=kw,
+                                       width=width)
+        assert _equal(ranks[0][client, "final"], master), (stage, client)
