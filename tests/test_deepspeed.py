@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -212,7 +213,9 @@ WORKER = COMMON + textwrap.dedent(r'''
             results[name, client, source, "final"] = full(eng)
             results[name, client, source, "steps"] = sorted(
                 {float(s["step"]) for s in zero_opt.optimizer.state.values()})
-    for client in RULES:  # float32: trained, checkpointed, resumed
+    # float32: trained, checkpointed, resumed; stage 1 updates the partitions as stage 2
+    # does (one flat tensor per group, the same code), stage 3 swaps them into the groups
+    for client in (RULES if stage > 1 else ()):
         eng, zero_opt = engine(client, torch.float32)
         train(eng, 0, SAVE_AT, torch.float32)
         eng.save_checkpoint(f"{out}/ckpt_{client}", tag="t")
@@ -272,9 +275,11 @@ def launch(tmp_path, worker, args, world=2, timeout=TIMEOUT):
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                     start_new_session=True))
             outputs = []
+            deadline = time.monotonic() + timeout  # for the whole job, not per rank
             for p in procs:
                 try:
-                    outputs.append(p.communicate(timeout=timeout)[0])
+                    outputs.append(p.communicate(
+                        timeout=max(1.0, deadline - time.monotonic()))[0])
                 except subprocess.TimeoutExpired:
                     _kill(procs)
                     pytest.fail(f"the {world}-rank DeepSpeed job did not finish in {timeout} s:\n"
@@ -471,6 +476,8 @@ def test_zero_offload_other_rules_and_formats(job):
     state too, whose blocks of 256 elements run over ZeRO's flat partition: no
     single-process twin)."""
     stage, _, ranks = job
+    if stage == 1:
+        pytest.skip("stage 1 steps its optimizer as stage 2 does: the rules run at 2 and 3")
     rules = _ns()["RULES"]
     for client, (name, kw, width) in rules.items():
         for rk in ranks:
