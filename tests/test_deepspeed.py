@@ -149,13 +149,13 @@ WORKER = COMMON + textwrap.dedent(r'''
                                                     config=config(dtype == torch.bfloat16))
         assert type(zero_opt.optimizer) is cls, type(zero_opt.optimizer)
         if cls is ft.Adagrad:
-            # docs/engines.md: Adagrad made its state for the module's parameters in its
-            # constructor (as torch's does), ZeRO then gave it flat partitions instead; the
-            # orphaned state would make state_dict() (save_checkpoint) fail
+            # Adagrad made its state for the module's parameters in its constructor (as
+            # torch's does), then ZeRO gave it flat partitions: state_dict() (so
+            # save_checkpoint) leaves that orphaned state out instead of failing
             inner = zero_opt.optimizer
             live = {id(p) for g in inner.param_groups for p in g["params"]}
-            for p in [p for p in inner.state if id(p) not in live]:
-                del inner.state[p]
+            assert any(id(p) not in live for p in inner.state)
+            assert all(isinstance(k, int) for k in inner.state_dict()["state"])
         return eng, zero_opt
 
     def local_state(zero_opt):

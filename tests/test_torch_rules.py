@@ -345,6 +345,33 @@ def test_sgd_without_momentum_keeps_no_state_as_torch():
     assert of.state_dict() == theirs
 
 
+def test_state_of_replaced_params_is_left_out_of_state_dict():
+    """Adagrad makes state in its constructor; an engine that then swaps the group's
+    tensors (DeepSpeed ZeRO) leaves that state orphaned. torch.optim's state_dict raises
+    KeyError on it; fastadam's leaves it out, keeps it in opt.state, and the result loads
+    into a fresh optimizer that steps on like the original."""
+    old, new = torch.ones(4), torch.ones(6)
+    opt = ft.Adagrad([old], lr=0.1)
+    theirs = torch.optim.Adagrad([torch.ones(4)], lr=0.1)
+    theirs.param_groups[0]["params"] = [torch.ones(6)]
+    with pytest.raises(KeyError):
+        theirs.state_dict()
+    opt.param_groups[0]["params"] = [new]
+    assert opt.state_dict()["state"] == {}
+    new.grad = torch.full((6,), 0.25)
+    opt.step()
+    sd = opt.state_dict()
+    assert list(sd["state"]) == [0] and torch.equal(sd["state"][0]["sum"], torch.full((6,), 0.0625))
+    assert old in opt.state  # left where it was
+    twin_p = new.clone()
+    twin = ft.Adagrad([twin_p], lr=0.1)
+    twin.load_state_dict(copy.deepcopy(sd))  # (state_dict holds the live tensors, as torch's)
+    for o, p in ((opt, new), (twin, twin_p)):
+        p.grad = torch.full((6,), -0.5)
+        o.step()
+    assert torch.equal(new, twin_p)
+
+
 # ------------------------------------------------------------------ 4. torch's errors
 BAD = {
     "SGD": [dict(lr=-1.0), dict(lr=torch.tensor([1e-3, 1e-3])), dict(lr=torch.tensor(-0.5)),

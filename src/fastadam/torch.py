@@ -846,8 +846,21 @@ class Optimizer(_Optimizer):
         (see :attr:`formats`), which load_state_dict requires to be this optimizer's (a
         state_dict without them, torch.optim's say, holds default formats). Every
         format's state is there as it is held: ``master_param`` (float32), moments in
-        their dtype (8-bit: uint8 codes and ``<name>_absmax``)."""
-        sd = super().state_dict()
+        their dtype (8-bit: uint8 codes and ``<name>_absmax``).
+
+        State of a tensor that is in no param group is left out (torch.optim raises
+        KeyError): it can never be stepped again. This happens when an engine replaces
+        the groups' tensors after the constructor made state for them, as DeepSpeed ZeRO
+        does to Adagrad (docs/engines.md)."""
+        live = {id(p) for g in self.param_groups for p in g["params"]}
+        state = self.state
+        if any(id(p) not in live for p in state):
+            self.state = type(state)(state.default_factory,
+                                     {p: s for p, s in state.items() if id(p) in live})
+        try:
+            sd = super().state_dict()
+        finally:
+            self.state = state
         if self._fmt != _DEFAULT_FORMATS:  # else exactly torch's layout
             sd["formats"] = self.formats
         return sd
