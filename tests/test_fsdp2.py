@@ -29,8 +29,15 @@ moments. Also:
   replaced are picked up (a stale plan would write the old memory);
 * refused, changing nothing: an ordinary (full-tensor) state_dict given to load_state_dict
   directly, a state_dict of other formats, a plain gradient for a DTensor parameter;
-  state_dtype="8bit" for DTensor parameters (its absmax is per block of the local shard
-  and cannot be resharded).
+* state_dtype="8bit" (with a bfloat16 parameter and float32 master weights among them):
+  its blocks are 256 elements of the LOCAL shard, so the reference is, on each rank, a
+  plain fastadam.torch optimizer over tensors equal to that rank's shards, fed its shards
+  of the reduced gradients: parameters, codes and absmax bit for bit (uneven shards with
+  partial last blocks, an empty shard, float32 state below 4096 GLOBAL elements); the
+  absmax is a DTensor of L entries per rank (L: the largest shard's block count; unused
+  entries 0); DCP resumes it on the same mesh bit for bit; a reshard onto a 1-rank mesh
+  is refused (by dcp.load's size check, or, given a template of the checkpoint's lengths,
+  by load_state_dict) and so is a full state_dict, changing nothing.
 The end-to-end result is also compared with single-process training here (bit for bit) and
 with torch.optim.AdamW under FSDP2 (within the few-ulp-per-step bound of
 tests/test_torch_optim.py).
@@ -352,12 +359,146 @@ WORKER = textwrap.dedent(r'''
             refused.append([type(e).__name__, str(e)])
     results["refused"] = dict(errors=refused, unchanged=same(before, snapshot()))
 
-    # ---- 8-bit state is refused for DTensor parameters
+    # ---- 8-bit state: blocks of the LOCAL shards. The reference steps each rank's local
+    # shards as plain tensors (one fastadam.torch optimizer per rank, same options) fed that
+    # rank's shards of the reduced gradients: codes, absmax and parameters bit for bit
+    X8 = torch.randn(8, 208, generator=g)
+
+    class Q8(nn.Module):
+        # a.weight: 41 x 208 over 2 ranks: 21 + 20 rows, 4368 + 4160 elements, 18 and 17
+        # blocks (the last partial): L = 18, rank 1's 18th absmax entry unused. c: bfloat16
+        # (master weights), one 4160-element row per rank. d: 1 x 4096, rank 1 holds 0
+        # elements (8-bit by the global size: 16 absmax entries, all unused). The rest have
+        # fewer than 4096 elements: float32 state.
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(208, 41), nn.Linear(41, 1)
+            self.c = nn.Linear(4160, 2, bias=False).bfloat16()
+            self.d = nn.Linear(4096, 1, bias=False)
+
+        def forward(self, x):
+            wide = x.repeat(1, 20)
+            return (self.b(torch.tanh(self.a(x)))
+                    + self.c(wide.bfloat16()).float().sum(-1, keepdim=True) * 0.01
+                    + self.d(wide[:, :4096]) * 0.01)
+
+    q8 = lambda ps: ft.AdamW(ps, lr=lr, weight_decay=1e-2, state_dtype="8bit",
+                             master_weights=True)
+    loc = lambda v: v._local_tensor if isinstance(v, DTensor) else v
+
+    def step8(m, opt):
+        opt.zero_grad()
+        ((m(X8) - Y) ** 2).mean().backward()
+        opt.step()
+
+    def snap(m, opt):  # this rank's shards of the parameters and of every state tensor
+        return [p._local_tensor.detach().clone() for p in m.parameters()] + [
+            loc(v).clone() for p in m.parameters() for v in opt.state[p].values()]
+
+    def q8_state(opt, ref, ps, qs):
+        kinds, ok = [], True
+        for p, q in zip(ps, qs):
+            s, r = opt.state[p], ref.state[q]
+            nb = -(-p._local_tensor.numel() // 256)  # the blocks this rank uses
+            if "exp_avg_absmax" in s and "exp_avg_absmax" not in r:
+                # the empty shard (float32 state as a 0-element tensor): no codes, absmax 0
+                kinds.append("empty")
+                ok = ok and p._local_tensor.numel() == 0 and loc(s["exp_avg"]).numel() == 0 \
+                    and all(not loc(s[k]).any() for k in ("exp_avg_absmax", "exp_avg_sq_absmax"))
+                continue
+            kinds.append("8bit" if "exp_avg_absmax" in s else "float32")
+            ok = ok and list(s) == list(r) and all(
+                same([loc(v)[:nb]], [r[k]]) and not loc(v)[nb:].any()
+                if k.endswith("_absmax") else same([loc(v)], [r[k]]) for k, v in s.items())
+        return kinds, ok
+
+    m = shard(make(Q8))
+    opt = q8(m.parameters())
+    ps = list(m.parameters())
+    qs = [p._local_tensor.detach().clone().requires_grad_() for p in ps]
+    ref = q8(qs)
+    eq = []
+
+    def train8(n):
+        for _ in range(n):
+            opt.zero_grad()
+            ((m(X8) - Y) ** 2).mean().backward()
+            for p, q in zip(ps, qs):
+                q.grad = p.grad._local_tensor.clone()
+            opt.step()
+            ref.step()
+            eq.append(same([p._local_tensor for p in ps], qs))
+
+    train8(steps)
+    msd, osd = get_state_dict(m, opt)
+    lengths = {(fqn, k): v.shape[0] for fqn, s in osd["state"].items() for k, v in s.items()
+               if k.endswith("_absmax")}
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out}/ckpt8")
+    train8(steps)                                     # the uninterrupted run
+    kinds, ok = q8_state(opt, ref, ps, qs)
+    absmax = opt.state[ps[0]]["exp_avg_sq_absmax"]
+    results["q8"] = dict(
+        equal=eq, state=ok, kinds=kinds, laid_out=laid_out(opt, ps),
+        local=[list(p._local_tensor.shape) for p in ps],
+        codes=[str(opt.state[p]["exp_avg"].dtype) for p in ps],
+        master=str(opt.state[ps[4]]["master_param"].dtype),
+        absmax=[isinstance(absmax, DTensor) and absmax.device_mesh == ps[0].device_mesh,
+                list(absmax.shape), list(absmax._local_tensor.shape),
+                [str(pl) for pl in absmax.placements]],
+        lengths=sorted(set(lengths.values())))
+    at = snap(m, opt)
+
+    # full state_dict: refused on every rank (no collective started), nothing changed
+    refused = []
+    for attempt in (lambda: ft.full_optim_state_dict(m, opt),
+                    lambda: ft.load_full_optim_state_dict(m, opt, dict(
+                        opt.state_dict(), state={}))):
+        try:
+            attempt()
+            refused.append(None)
+        except Exception as e:
+            refused.append([type(e).__name__, str(e)])
+    results["q8_full"] = dict(errors=refused, unchanged=same(at, snap(m, opt)))
+
+    # DCP: resumed on the same 2-rank mesh, bit for bit the uninterrupted run
+    m2 = shard(make(Q8))
+    opt2 = q8(m2.parameters())
+    msd, osd = get_state_dict(m2, opt2)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=f"{out}/ckpt8")
+    set_state_dict(m2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    for _ in range(steps):
+        step8(m2, opt2)
+    results["q8_dcp_same_mesh"] = same(at, snap(m2, opt2))
+
+    # ... and onto a 1-rank mesh per process: refused. dcp.load itself refuses the absmax
+    # of another length; loaded into a template of the checkpoint's lengths (a reshard of
+    # the absmax as a flat tensor), set_state_dict reaches load_state_dict, which refuses
+    one = DeviceMesh.from_group(groups[rank], "cpu")
+    m3 = shard(make(Q8), mesh=one)
+    opt3 = q8(m3.parameters())
+    msd, osd = get_state_dict(m3, opt3)  # the lr-0 step makes the state
+    before = snap(m3, opt3)
+    reshard = []
     try:
-        ft.AdamW(shard(make(MLP)).parameters(), state_dtype="8bit")
-        results["q8"] = None
+        dcp.load({"optim": osd}, checkpoint_id=f"{out}/ckpt8", process_group=groups[rank])
+        reshard.append(None)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        reshard.append([type(e).__name__, str(e)])
+    from torch.distributed.tensor import Shard
+    tmpl = {"state": {fqn: {k: DTensor.from_local(torch.zeros(lengths[fqn, k]), one,
+                                                  [Shard(0)])
+                            if k.endswith("_absmax") else v.clone() for k, v in s.items()}
+                      for fqn, s in osd["state"].items()},
+            "param_groups": copy.deepcopy(osd["param_groups"])}
+    dcp.load({"optim": tmpl}, checkpoint_id=f"{out}/ckpt8", process_group=groups[rank])
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    try:
+        set_optimizer_state_dict(m3, opt3, tmpl)
+        reshard.append(None)
     except Exception as e:
-        results["q8"] = [type(e).__name__, str(e)]
+        reshard.append([type(e).__name__, str(e)])
+    results["q8_reshard"] = dict(errors=reshard, unchanged=same(before, snap(m3, opt3)))
 
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(results, f)
@@ -588,9 +729,45 @@ def test_refused_calls_change_nothing(job):
         assert res["unchanged"]
 
 
-def test_8bit_state_is_refused_for_dtensors(job):
+def test_8bit_state_bit_for_bit_per_local_shard(job):
+    _, ranks = job
+    _bitwise(ranks, "q8")
+    for r, res in enumerate(ranks):
+        res = res["q8"]
+        assert len(res["equal"]) == 2 * STEPS
+        # a.weight uneven (21 + 20 rows), c bfloat16 with float32 master, d empty on rank 1
+        assert res["local"][0] == [[21, 208], [20, 208]][r]
+        assert res["local"][5] == [[1, 4096], [0, 4096]][r]
+        assert res["kinds"] == ["8bit", "float32", "float32", "float32", "8bit",
+                                ["8bit", "empty"][r]]   # 8-bit by the GLOBAL size
+        assert res["codes"][0] == res["codes"][4] == "torch.uint8"
+        assert res["master"] == "torch.float32"
+        assert res["laid_out"]   # codes: DTensors laid out like their parameter
+        # absmax of a.weight: L = 18 blocks per rank (rank 0's 4368 elements), 2 * 18 in all
+        assert res["absmax"] == [True, [36], [18], ["S(0)"]]   # Shard(0)
+        # every absmax's global length is 2 x L: d 16 (rank 0's 4096 elements; rank 1 uses
+        # none of its 16), c 17 (4160 on each rank), a 18
+        assert res["lengths"] == [32, 34, 36]
+
+
+def test_8bit_dcp_resume_on_the_same_mesh_reshard_refused(job):
     _, ranks = job
     for r in ranks:
-        kind, message = r["q8"]
-        assert kind == "TypeError"
-        assert "8bit" in message and "DTensor" in message and "param group 0, parameter 0" in message
+        assert r["q8_dcp_same_mesh"] is True
+        res = r["q8_reshard"]
+        (t0, m0), (t1, m1) = res["errors"]
+        assert "Size mismatch" in m0 and "_absmax" in m0    # DCP's own check (other length)
+        assert t1 == "ValueError" and "cannot be resharded" in m1
+        assert "param group 0, parameter 0" in m1 and "exp_avg_absmax" in m1
+        assert res["unchanged"]
+
+
+def test_8bit_has_no_full_state_dict(job):
+    _, ranks = job
+    for r in ranks:
+        res = r["q8_full"]
+        for name, (kind, message) in zip(("full_optim_state_dict", "load_full_optim_state_dict"),
+                                         res["errors"]):
+            assert kind == "ValueError" and message.startswith(name)
+            assert "param group 0, parameter 0" in message and "cannot be resharded" in message
+        assert res["unchanged"]

@@ -291,6 +291,39 @@ def _blocks(n):
     return -(-n // _formats.Q8_BLOCK)
 
 
+def _q8_layout(p):
+    """The 8-bit absmax layout of a DTensor parameter p: (L, global length, placements).
+    The C core's blocks are 256 consecutive elements of the LOCAL shard, so a rank's absmax
+    is one per block of its own shard. Stored as a 1-D DTensor on p's mesh, Shard(0) over
+    the mesh dims p is sharded on (Replicate elsewhere: those ranks hold the same shard),
+    of global length world * L, every rank holding exactly L entries (torch.chunk of an
+    evenly divisible length); a rank uses its first ceil(n_local / 256), the rest stay 0.
+    L = max over ranks of ceil(n_local / 256), from p's global shape and placements alone
+    (the same on every rank, no communication): a Shard is torch.chunk's split, whose first
+    chunk is the largest along each dim, so the rank at mesh coordinate 0 has the largest
+    local shard."""
+    from torch.distributed.tensor import Replicate, Shard
+    shape, world, placements = list(p.shape), 1, []
+    for i, pl in enumerate(p.placements):
+        if pl.is_shard():
+            k = p.device_mesh.size(i)
+            shape[pl.dim] = -(-shape[pl.dim] // k)
+            world *= k
+            placements.append(Shard(0))
+        else:
+            placements.append(Replicate())
+    L = _blocks(math.prod(shape))
+    return L, world * L, tuple(placements)
+
+
+def _absmax_view(a, p):
+    """The NumPy view of the absmax the C core uses for p: of a DTensor parameter, the
+    first ceil(n_local / 256) entries of the local absmax (a contiguous view)."""
+    if _is_dtensor(p):
+        return _view(a)[:_blocks(_local(p).numel())]
+    return _view(a)
+
+
 def _holds_dtensor(state):
     """Some value of some entry of a state_dict's 'state' is a DTensor."""
     return isinstance(state, dict) and any(
@@ -472,8 +505,12 @@ class Optimizer(_Optimizer):
     of squares is gathered over the mesh dims its parameters are sharded along and summed
     in rank order (one small collective per step, the same norm on every rank; plain
     tensors next to DTensors are counted once, as replicated), so every rank must step
-    together. state_dtype="8bit" is refused (TypeError): its absmax is one per 256
-    elements of the local shard, which no reshard could carry. Under stochastic rounding
+    together. state_dtype="8bit" works on the local shards: the codes are DTensors laid out
+    like the parameter, ``<name>_absmax`` (one per 256 elements of the LOCAL shard) a 1-D
+    DTensor, ``Shard(0)`` over the mesh dims the parameter is sharded on, of L entries per
+    rank (L: the largest rank's block count); DCP resumes it on the same mesh only: a
+    reshard, and a full state_dict (:func:`full_optim_state_dict`), are refused
+    (ValueError), as no reshard can carry local-shard blocks. Under stochastic rounding
     the random bits are keyed on the element's position in its local shard: other bits
     than one process draws (nearest rounding gives the same bits however the model is
     sharded).
@@ -819,15 +856,17 @@ class Optimizer(_Optimizer):
     def _layout(self, p, where="a parameter"):
         """How p is stored and updated (a _formats.ParamFormat: its format, one per state
         stream, master weights?); TypeError naming `where` if the formats do not fit p."""
-        if self._fmt.state_dtype == "8bit" and _is_dtensor(p):
-            # The absmax of 8-bit state is one per 256 elements of the LOCAL shard: as a
-            # DTensor it would not be laid out like the codes (a reshard, or a full
-            # state_dict, would pair codes with the absmax of other elements), and kept
-            # local, torch.distributed.checkpoint would save one rank's copy only.
-            raise TypeError(f"{where} is {_describe(p)}: state_dtype='8bit' is not supported "
-                            f"for DTensor (FSDP2) parameters, whose checkpoints are resharded; "
-                            f"use state_dtype='bfloat16' (2 bytes per moment) or None")
         pf = _formats.param_format(self._rule, _NAMES[p.dtype], p.numel(), self._fmt, where)
+        if _is_dtensor(p) and any(map(_formats.is_q8, pf.states)):
+            # numel above is the GLOBAL one: every rank decides the same. The absmax layout
+            # (_q8_layout) follows torch.chunk's split, which is what Shard means; other
+            # placements (_StridedShard, say) split otherwise
+            from torch.distributed.tensor import Replicate, Shard
+            odd = [pl for pl in p.placements if type(pl) not in (Shard, Replicate)]
+            if odd:
+                raise TypeError(f"{where} is {_describe(p)}: state_dtype='8bit' supports "
+                                f"DTensor parameters placed by Shard and Replicate only, "
+                                f"not {odd[0]}; use state_dtype='bfloat16' or None")
         if p.is_complex() and not pf.native:
             raise TypeError(f"{where} is {_describe(p)}: complex parameters keep their "
                             f"state in their own dtype (state_dtype must be None or "
@@ -909,7 +948,7 @@ class Optimizer(_Optimizer):
                 if a is None:
                     raise ValueError(f"the state of {where} lacks ['{k}_absmax'] (8-bit "
                                      f"state)")
-                self._fit(a, p, k + "_absmax", _torch.float32, where, (_blocks(p.numel()),))
+                self._fit_absmax(a, p, k + "_absmax", where)
             elif a is not None:
                 raise ValueError(f"the state of {where} has '{k}_absmax', but its {k!r} is "
                                  f"not 8-bit here")
@@ -957,6 +996,10 @@ class Optimizer(_Optimizer):
                 _count_value(s["param_ema_step"], "param_ema_step", where)
             pf = self._layout(p, where)
             fmts = dict(zip(rule.state, pf.states), param_ema=_core.FMT_NATIVE)
+            if _is_dtensor(p):  # 8-bit state of another mesh: say so before the codes' shape
+                for k, fmt in zip(rule.state, pf.states):
+                    if _formats.is_q8(fmt) and s.get(k + "_absmax") is not None:
+                        self._fit_absmax(s[k + "_absmax"], p, k + "_absmax", where)
             for k in streams:
                 t = s.get(k)
                 if t is None and k not in required:
@@ -981,10 +1024,24 @@ class Optimizer(_Optimizer):
             return {key: _torch.full_like(p, complex(init, init) if p.is_complex() else init,
                                           memory_format=_torch.preserve_format)}
         if _formats.is_q8(fmt):
-            codes, absmax = _quantize(np.full(p.numel(), init, np.float32),
+            local = _local(p)
+            codes, absmax = _quantize(np.full(local.numel(), init, np.float32),
                                       fmt == _core.FMT_Q8_SIGNED)
-            return {key: _torch.from_numpy(codes).reshape(p.shape),
-                    key + "_absmax": _torch.from_numpy(absmax)}
+            codes = _torch.from_numpy(codes).reshape(local.shape)
+            absmax = _torch.from_numpy(absmax)
+            if not _is_dtensor(p):
+                return {key: codes, key + "_absmax": absmax}
+            # codes laid out like p; the absmax as _q8_layout says (unused entries 0)
+            from torch.distributed.tensor import DTensor
+            L, length, placements = _q8_layout(p)
+            padded = _torch.zeros(L, dtype=_torch.float32)
+            padded[:absmax.numel()] = absmax
+            return {key: DTensor.from_local(codes, p.device_mesh, p.placements,
+                                            run_check=False, shape=p.shape,
+                                            stride=p.stride()),
+                    key + "_absmax": DTensor.from_local(padded, p.device_mesh, placements,
+                                                        run_check=False, shape=(length,),
+                                                        stride=(1,))}
         # float32, or the float32 value rounded to nearest once (bfloat16, float16)
         if _is_dtensor(p):  # a DTensor laid out like p
             return {key: _torch.full_like(p, init, dtype=_torch.float32).to(dtype)}
@@ -1036,6 +1093,27 @@ class Optimizer(_Optimizer):
                     "the state of a plain tensor is a plain tensor"))
         return t if _local(t).is_contiguous() else t.contiguous()
 
+    def _fit_absmax(self, a, p, key, where):
+        """_fit for the absmax `key` of p's 8-bit stream: ceil(n / 256) float32 entries; of a
+        DTensor parameter, the 1-D DTensor _q8_layout describes. Anything else on a DTensor
+        parameter is 8-bit state of another mesh (or none): refused, as no reshard can
+        carry it (the blocks are the local shards')."""
+        if not _is_dtensor(p):
+            return self._fit(a, p, key, _torch.float32, where, (_blocks(p.numel()),))
+        L, length, placements = _q8_layout(p)
+        if not (_is_dtensor(a) and a.dtype == _torch.float32 and a.device == p.device
+                and a.layout is _STRIDED and tuple(a.shape) == (length,)
+                and a.device_mesh == p.device_mesh and tuple(a.placements) == placements
+                and tuple(a._local_tensor.shape) == (L,)):
+            raise ValueError(
+                f"state[{key!r}] of {where} is {_describe(a)}; the parameter is "
+                f"{_describe(p)}, whose 8-bit state needs a float32 DTensor of global shape "
+                f"({length},) ({', '.join(map(str, placements))}: {L} per rank) on this mesh: "
+                f"8-bit state cannot be resharded (its absmax is one per 256 elements of "
+                f"each rank's local shard); load an 8-bit checkpoint on the mesh that saved "
+                f"it (docs/engines.md, FSDP2)")
+        return a if a._local_tensor.is_contiguous() else a.contiguous()
+
     def _state_updates(self, p, s, o, needs, pf, where):
         """What s needs to be usable by the plan (a dict of replacements, applied only once
         the whole step has been checked): streams the options need and s lacks (amsgrad
@@ -1085,7 +1163,7 @@ class Optimizer(_Optimizer):
                 a = s.get(key)
                 if a is None:
                     raise ValueError(f"state of {where} lacks ['{key}'] (8-bit state)")
-                u = self._fit(a, p, key, _torch.float32, where, (_blocks(p.numel()),))
+                u = self._fit_absmax(a, p, key, where)
                 if u is not a:
                     updates[key] = u
         if s.get("param_ema") is not None:
@@ -1169,7 +1247,8 @@ class Optimizer(_Optimizer):
                     for k, f in zip(rule.state, pf.states)))
                 lists.masters.append(_view(s["master_param"]) if pf.master else None)
                 lists.absmaxes.append(tuple(
-                    _view(s[k + "_absmax"]) if _formats.is_q8(f) and s.get(k) is not None
+                    _absmax_view(s[k + "_absmax"], p) if _formats.is_q8(f)
+                    and s.get(k) is not None
                     else None for k, f in zip(rule.state, pf.states)))
                 lists.indices.append(index)
                 lists.plain = lists.plain and pf.native
@@ -1850,6 +1929,24 @@ def _fqn_order(model, optimizer):
     return out
 
 
+def _no_full_q8(optimizer, name):
+    """Refuse 8-bit state of DTensor parameters in a full state_dict, on every rank alike
+    (before any collective): its absmax blocks are 256 elements of each rank's local shard,
+    so the gathered absmax would not be the full tensor's ceil(n / 256) blocks, and
+    re-blocking (dequantize, requantize) would change the moments."""
+    if optimizer._fmt.state_dtype != "8bit":
+        return
+    for gi, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if _is_dtensor(p) and any(map(_formats.is_q8, optimizer._layout(p).states)):
+                raise ValueError(
+                    f"{name}: param group {gi}, parameter {i} ({_describe(p)}) has 8-bit "
+                    f"state (state_dtype='8bit'), whose absmax is one per 256 elements of "
+                    f"each rank's local shard: it has no full-tensor form (8-bit state "
+                    f"cannot be resharded); checkpoint it with torch.distributed.checkpoint "
+                    f"and resume on the same mesh (docs/engines.md, FSDP2)")
+
+
 def full_optim_state_dict(model, optimizer, *, rank0_only=True):
     """The state of an optimizer over DTensor (FSDP2) parameters as an ordinary
     ``fastadam.torch`` state_dict: every state tensor gathered into a full, plain CPU
@@ -1871,6 +1968,7 @@ def full_optim_state_dict(model, optimizer, *, rank0_only=True):
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a fastadam.torch optimizer, got "
                         f"{type(optimizer).__name__}")
+    _no_full_q8(optimizer, "full_optim_state_dict")
     fqns = _fqn_order(model, optimizer)
     sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=bool(rank0_only)))
@@ -1914,6 +2012,7 @@ def load_full_optim_state_dict(model, optimizer, state_dict):
         raise ValueError(f"state_dict['formats'] is {saved}, this optimizer's are "
                          f"{optimizer.formats}: a state_dict loads only into an optimizer "
                          f"with the same master_weights, state_dtype, rounding and seed")
+    _no_full_q8(optimizer, "load_full_optim_state_dict")
     fqns = _fqn_order(model, optimizer)
     try:
         keys = [i for g in state_dict["param_groups"] for i in g["params"]]
