@@ -404,11 +404,12 @@ WORKER = textwrap.dedent(r'''
                 # the empty shard (float32 state as a 0-element tensor): no codes, absmax 0
                 kinds.append("empty")
                 ok = ok and p._local_tensor.numel() == 0 and loc(s["exp_avg"]).numel() == 0 \
-                    and all(not loc(s[k]).any() for k in ("exp_avg_absmax", "exp_avg_sq_absmax"))
+                    and all(not loc(s[k])[:-1].any() and loc(s[k])[-1] < 0
+                            for k in ("exp_avg_absmax", "exp_avg_sq_absmax"))
                 continue
             kinds.append("8bit" if "exp_avg_absmax" in s else "float32")
             ok = ok and list(s) == list(r) and all(
-                same([loc(v)[:nb]], [r[k]]) and not loc(v)[nb:].any()
+                same([loc(v)[:nb]], [r[k]]) and not loc(v)[nb:-1].any() and loc(v)[-1] < 0
                 if k.endswith("_absmax") else same([loc(v)], [r[k]]) for k, v in s.items())
         return kinds, ok
 
@@ -470,6 +471,22 @@ WORKER = textwrap.dedent(r'''
     for _ in range(steps):
         step8(m2, opt2)
     results["q8_dcp_same_mesh"] = same(at, snap(m2, opt2))
+
+    # a reshard whose absmax lengths agree (no length check sees it): the layout stamp,
+    # here another layout's, refuses it, changing nothing
+    sd2 = opt2.state_dict()
+    sd2["state"] = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                    for i, st in sd2["state"].items()}
+    stamps = [float(loc(sd2["state"][0][k])[-1]) for k in ("exp_avg_absmax", "exp_avg_sq_absmax")]
+    loc(sd2["state"][0]["exp_avg_absmax"])[-1] = -12345.0
+    before = snap(m2, opt2)
+    try:
+        opt2.load_state_dict(sd2)
+        collision = None
+    except Exception as e:
+        collision = [type(e).__name__, str(e)]
+    results["q8_stamp"] = dict(error=collision, unchanged=same(before, snap(m2, opt2)),
+                               stamps=stamps)
 
     # ... and onto a 1-rank mesh per process: refused. dcp.load itself refuses the absmax
     # of another length; loaded into a template of the checkpoint's lengths (a reshard of
@@ -744,10 +761,11 @@ def test_8bit_state_bit_for_bit_per_local_shard(job):
         assert res["master"] == "torch.float32"
         assert res["laid_out"]   # codes: DTensors laid out like their parameter
         # absmax of a.weight: L = 18 blocks per rank (rank 0's 4368 elements), 2 * 18 in all
-        assert res["absmax"] == [True, [36], [18], ["S(0)"]]   # Shard(0)
-        # every absmax's global length is 2 x L: d 16 (rank 0's 4096 elements; rank 1 uses
-        # none of its 16), c 17 (4160 on each rank), a 18
-        assert res["lengths"] == [32, 34, 36]
+        # (+ 1: the layout stamp)
+        assert res["absmax"] == [True, [38], [19], ["S(0)"]]   # Shard(0)
+        # every absmax's global length is 2 x (L + 1): d 16 (rank 0's 4096 elements; rank 1
+        # uses none of its 16), c 17 (4160 on each rank), a 18
+        assert res["lengths"] == [34, 36, 38]
 
 
 def test_8bit_dcp_resume_on_the_same_mesh_reshard_refused(job):
@@ -760,6 +778,15 @@ def test_8bit_dcp_resume_on_the_same_mesh_reshard_refused(job):
         assert t1 == "ValueError" and "cannot be resharded" in m1
         assert "param group 0, parameter 0" in m1 and "exp_avg_absmax" in m1
         assert res["unchanged"]
+        # same lengths, another layout's stamp: refused by the stamp
+        res = r["q8_stamp"]
+        kind, message = res["error"]
+        assert kind == "ValueError" and "layout stamp -12345.0" in message
+        assert "cannot be resharded" in message and "exp_avg_absmax" in message
+        assert res["unchanged"]
+        # both streams carry this layout's stamp: one negative integer, the same on each rank
+        assert res["stamps"][0] == res["stamps"][1] < 0 and res["stamps"][0] == int(res["stamps"][0])
+    assert ranks[0]["q8_stamp"]["stamps"] == ranks[1]["q8_stamp"]["stamps"]
 
 
 def test_8bit_has_no_full_state_dict(job):

@@ -27,6 +27,7 @@ import math
 import numbers
 import operator
 import sys
+import zlib
 
 import numpy as np
 import torch as _torch
@@ -301,7 +302,14 @@ def _q8_layout(p):
     L = max over ranks of ceil(n_local / 256), from p's global shape and placements alone
     (the same on every rank, no communication): a Shard is torch.chunk's split, whose first
     chunk is the largest along each dim, so the rank at mesh coordinate 0 has the largest
-    local shard."""
+    local shard.
+
+    Each rank's region ends with one more entry, the layout stamp: minus a 24-bit hash of
+    p's global shape, the mesh's shape and p's placements (never an absmax: those are >= 0
+    or NaN). DCP refuses a checkpoint whose absmax has another global length; the stamp
+    catches a reshard that happens to give the same length (2 shards of 500 elements and 1
+    of 1000 both need 4 entries), which would pair codes with the wrong blocks' scales.
+    Returns (L, global length world * (L + 1), placements, stamp)."""
     from torch.distributed.tensor import Replicate, Shard
     shape, world, placements = list(p.shape), 1, []
     for i, pl in enumerate(p.placements):
@@ -313,7 +321,9 @@ def _q8_layout(p):
         else:
             placements.append(Replicate())
     L = _blocks(math.prod(shape))
-    return L, world * L, tuple(placements)
+    layout = repr((tuple(p.shape), tuple(p.device_mesh.mesh.shape), tuple(map(str, p.placements))))
+    stamp = -float(zlib.crc32(layout.encode()) % (1 << 24) or 1)  # exact in float32
+    return L, world * (L + 1), tuple(placements), stamp
 
 
 def _absmax_view(a, p):
@@ -1033,9 +1043,10 @@ class Optimizer(_Optimizer):
                 return {key: codes, key + "_absmax": absmax}
             # codes laid out like p; the absmax as _q8_layout says (unused entries 0)
             from torch.distributed.tensor import DTensor
-            L, length, placements = _q8_layout(p)
-            padded = _torch.zeros(L, dtype=_torch.float32)
+            L, length, placements, stamp = _q8_layout(p)
+            padded = _torch.zeros(L + 1, dtype=_torch.float32)
             padded[:absmax.numel()] = absmax
+            padded[L] = stamp
             return {key: DTensor.from_local(codes, p.device_mesh, p.placements,
                                             run_check=False, shape=p.shape,
                                             stride=p.stride()),
@@ -1100,18 +1111,25 @@ class Optimizer(_Optimizer):
         carry it (the blocks are the local shards')."""
         if not _is_dtensor(p):
             return self._fit(a, p, key, _torch.float32, where, (_blocks(p.numel()),))
-        L, length, placements = _q8_layout(p)
+        L, length, placements, stamp = _q8_layout(p)
         if not (_is_dtensor(a) and a.dtype == _torch.float32 and a.device == p.device
                 and a.layout is _STRIDED and tuple(a.shape) == (length,)
                 and a.device_mesh == p.device_mesh and tuple(a.placements) == placements
-                and tuple(a._local_tensor.shape) == (L,)):
+                and tuple(a._local_tensor.shape) == (L + 1,)):
             raise ValueError(
                 f"state[{key!r}] of {where} is {_describe(a)}; the parameter is "
                 f"{_describe(p)}, whose 8-bit state needs a float32 DTensor of global shape "
-                f"({length},) ({', '.join(map(str, placements))}: {L} per rank) on this mesh: "
+                f"({length},) ({', '.join(map(str, placements))}: {L + 1} per rank) on this mesh: "
                 f"8-bit state cannot be resharded (its absmax is one per 256 elements of "
                 f"each rank's local shard); load an 8-bit checkpoint on the mesh that saved "
                 f"it (docs/engines.md, FSDP2)")
+        saved = float(a._local_tensor[L])
+        if saved != stamp:
+            raise ValueError(
+                f"state[{key!r}] of {where} was saved for another layout (its layout stamp "
+                f"{saved!r} is not {stamp!r}, this mesh's): 8-bit state cannot be resharded "
+                f"(its absmax is one per 256 elements of each rank's local shard); load an "
+                f"8-bit checkpoint on the mesh that saved it (docs/engines.md, FSDP2)")
         return a if a._local_tensor.is_contiguous() else a.contiguous()
 
     def _state_updates(self, p, s, o, needs, pf, where):
