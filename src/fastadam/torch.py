@@ -517,8 +517,9 @@ class Optimizer(_Optimizer):
     tensors next to DTensors are counted once, as replicated), so every rank must step
     together. state_dtype="8bit" works on the local shards: the codes are DTensors laid out
     like the parameter, ``<name>_absmax`` (one per 256 elements of the LOCAL shard) a 1-D
-    DTensor, ``Shard(0)`` over the mesh dims the parameter is sharded on, of L entries per
-    rank (L: the largest rank's block count); DCP resumes it on the same mesh only: a
+    DTensor, ``Shard(0)`` over the mesh dims the parameter is sharded on, of L + 1 entries
+    per rank (L: the largest rank's block count; the last entry a layout stamp, negative);
+    DCP resumes it on the same mesh only: a
     reshard, and a full state_dict (:func:`full_optim_state_dict`), are refused
     (ValueError), as no reshard can carry local-shard blocks. Under stochastic rounding
     the random bits are keyed on the element's position in its local shard: other bits
