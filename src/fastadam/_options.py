@@ -181,7 +181,7 @@ def check_threads(num_threads) -> int:
         return 0
     if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):
         raise TypeError(f"num_threads must be an int >= 1 or None, got {_kind(num_threads)}")
-    if not 1 <= num_threads <= MAX_THREADS:
+    if not 1 <= num_threads <= MAX_THREADS:  # type: ignore[operator]  # Integral: no __ge__
         raise ValueError(f"num_threads must be None or an int in [1, 2**31 - 1], "
                          f"got {num_threads}")
     return int(num_threads)

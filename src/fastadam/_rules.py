@@ -16,6 +16,7 @@ the normalised options.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from . import _core
 from ._options import EPS_MODES, _flag, _real, check_eps_mode
@@ -59,16 +60,16 @@ def _betas(value, closed=False):
 class Rule:
     """One update rule. Subclasses set the class attributes and may override the hooks."""
 
-    name = ""            # fa_rule_name
-    title = ""           # for docs and errors
-    hyper = ()           # group keys in the C core's hyperparameter order
-    defaults = {}        # every group option with torch 2.13's default (lr first)
-    state = ()           # the state streams, in the C core's order
-    signed = ()          # per state stream: can it be negative? (8-bit: signed map, else unsigned)
-    step = True          # torch keeps state['step']
-    scalar = None        # (key, initial value) of a per-parameter scalar state
-    nonneg = ("lr", "eps", "weight_decay")  # options torch checks as >= 0 (in its order)
-    flags = ("maximize",)
+    name: str = ""                  # fa_rule_name
+    title: str = ""                 # for docs and errors
+    hyper: tuple[str, ...] = ()     # group keys in the C core's hyperparameter order
+    defaults: dict[str, Any] = {}   # every group option with torch 2.13's default (lr first)
+    state: tuple[str, ...] = ()     # the state streams, in the C core's order
+    signed: tuple[bool, ...] = ()   # per state stream: can it be negative? (8-bit: signed map)
+    step: bool = True               # torch keeps state['step']
+    scalar: tuple[str, float] | None = None  # (key, initial value) of a per-parameter scalar
+    nonneg: tuple[str, ...] = ("lr", "eps", "weight_decay")  # torch checks >= 0 (its order)
+    flags: tuple[str, ...] = ("maximize",)
 
     @property
     def index(self):

@@ -12,9 +12,10 @@ registered earlier and so runs later) is the order a step takes them in.
 import os
 import threading
 import weakref
+from typing import Any
 
-_live = weakref.WeakSet()
-_held = []
+_live: weakref.WeakSet[Any] = weakref.WeakSet()
+_held: list[Any] = []
 
 
 def new_lock(owner):

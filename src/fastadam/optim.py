@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from . import _sync  # after _core: see _sync's docstring
 from ._options import (_real, changed, check_count, check_ema_decay, check_flag,
                        check_grad_scale, check_max_norm, check_threads, clip_coefficient)
 from ._rules import RULES
+
+if TYPE_CHECKING:
+    from ._rules import Rule
 
 __all__ = ["Optimizer", "Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam",
            "RAdam", "Lion", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm_"]
@@ -206,7 +210,7 @@ class Optimizer:
     the buffers: they are committed together, inside the C call.
     """
 
-    _rule = None  # a fastadam._rules.Rule
+    _rule: ClassVar[Rule] = None  # type: ignore[assignment]  # each subclass sets its Rule
 
     def __init__(self, params, defaults, num_threads=None, max_grad_norm=None,
                  skip_nonfinite=False, *, master_weights=False, state_dtype=None,

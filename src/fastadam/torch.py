@@ -28,6 +28,7 @@ import numbers
 import operator
 import sys
 import zlib
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch as _torch
@@ -37,6 +38,9 @@ from fastadam import _core, _formats, _sync
 from fastadam._options import (changed, check_ema_decay, check_grad_scale, check_max_norm,
                                check_threads)
 from fastadam._rules import RULES
+
+if TYPE_CHECKING:
+    from fastadam._rules import Rule
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion",
            "full_optim_state_dict", "load_full_optim_state_dict"]
@@ -528,13 +532,13 @@ class Optimizer(_Optimizer):
     """
 
     _step_supports_amp_scaling = True
-    _rule = None          # a fastadam._rules.Rule
-    _extras = {"ema_decay": None}  # fastadam's group options: in a group only when set
-    _fixed = {}           # rule options this class does not expose, at their values
-    _setdefaults = {}     # the keys torch's __setstate__ fills in, with its values
-    _forced = {}          # group options __setstate__ forces (AdamW's decoupled decay)
+    _rule: ClassVar[Rule] = None  # type: ignore[assignment]  # each subclass sets its Rule
+    _extras: dict[str, Any] = {"ema_decay": None}  # fastadam's group options: only when set
+    _fixed: dict[str, Any] = {}        # rule options this class does not expose, at their values
+    _setdefaults: dict[str, Any] = {}  # the keys torch's __setstate__ fills in, with its values
+    _forced: dict[str, Any] = {}       # group options __setstate__ forces (AdamW's decoupled decay)
     _eager = False        # state made by the constructor (torch's Adagrad)
-    _sparse = None        # the message for a sparse gradient (torch's where it has one)
+    _sparse: str | None = None  # the message for a sparse gradient (torch's where it has one)
 
     def __init__(self, params, defaults, max_grad_norm=None, num_threads=None, *,
                  master_weights=False, state_dtype=None, rounding="nearest", seed=0):

@@ -249,9 +249,11 @@ def formatted_step(update, param, grad, states, *, formats, step, master=None,
         if states[k] is None:
             continue
         f = formats["states"][k]
-        flat = s32[k].reshape(-1)
+        sk = s32[k]
+        assert sk is not None  # loaded above for every state that is not None
+        flat = sk.reshape(-1)
         if f in (None, "f32"):
-            states[k][...] = s32[k]
+            states[k][...] = sk
         elif f in ("bf16", "f16"):
             states[k].reshape(-1).view(np.uint16)[:] = round_bits(f, flat, rand(2 + k))
         else:
