@@ -74,6 +74,46 @@ def test_load_reprints_the_table(quick_run, capsys):
     assert again == out
 
 
+# The JSON schema of `python -m fastadam bench`, pinned key by key: a change here is a change
+# of the fastadam-bench/1 schema (bench.SCHEMA), which readers of saved runs depend on.
+QUICK_TOP_KEYS = {"schema", "created", "elapsed_s", "machine", "versions", "settings", "notes",
+                  "results"}
+QUICK_SETTINGS_KEYS = {"sizes", "models", "dtypes", "threads", "simd", "simd_in_use", "impls",
+                       "roofline", "repeats", "batch_time", "max_time", "warm_time",
+                       "slow_limit", "numpy_all_threads", "max_memory", "aligned", "quick",
+                       "seed", "argv", "hyperparameters", "optimizers"}
+MACHINE_KEYS = {"platform", "machine", "logical_cpus", "cpu_model", "physical_cores",
+                "usable_cpus", "caches_per_cpu0", "loadavg_start", "hypervisor", "loadavg_end"}
+MACHINE_OPTIONAL = {"mem_total_bytes", "mem_available_bytes"}       # where /proc/meminfo is
+VERSIONS_KEYS = {"python", "numpy", "fastadam", "fastadam_config", "torch"}
+VERSIONS_OPTIONAL = {"torch_num_threads_default", "environment"}  # torch; OMP_* variables set
+RECORD_KEYS = {                                          # an "ok" record of fastadam (Adam)
+    "workload", "workload_label", "kind", "n_tensors", "n_elems", "dtype", "threads",
+    "optimizer", "impl", "label", "simd", "group", "groups", "buffer_offsets_mod64", "status",
+    "sec_per_step", "sec_q1", "sec_q3", "sec_min", "sec_max", "iqr_rel", "batches",
+    "steps_per_batch", "warmup_steps", "rewarm", "capped", "samples", "rounds", "elems_per_s",
+    "gbps", "roofline_sec_per_step", "pct_roofline", "cell_seconds", "others_cpu"}
+PEER_RECORD_KEYS = RECORD_KEYS - {"buffer_offsets_mod64"} | {"vs_fastadam"}
+ROOFLINE_RECORD_KEYS = RECORD_KEYS - {"buffer_offsets_mod64"} | {"group_sec_per_step"}
+
+
+def test_quick_json_keys_pinned(quick_run):
+    data, _, _, _, _ = quick_run
+    assert set(data) == QUICK_TOP_KEYS
+    assert set(data["settings"]) == QUICK_SETTINGS_KEYS
+    assert MACHINE_KEYS <= set(data["machine"]) <= MACHINE_KEYS | MACHINE_OPTIONAL
+    assert VERSIONS_KEYS <= set(data["versions"]) <= VERSIONS_KEYS | VERSIONS_OPTIONAL
+    ok = {}
+    for r in data["results"]:
+        if r["status"] == "ok":
+            ok.setdefault(r["impl"], r)
+    assert set(ok["fastadam"]) == RECORD_KEYS
+    assert set(ok["roofline"]) == ROOFLINE_RECORD_KEYS
+    for key in ("reference", "numpy", "torch_fused", "torch_foreach", "torch_forloop"):
+        if key in ok:
+            assert set(ok[key]) == PEER_RECORD_KEYS, key
+
+
 def test_model_workloads_have_the_real_shapes():
     gpt2 = bench.Workload.model("gpt2_small")
     assert (gpt2.n_tensors, gpt2.n_elems) == (148, 124_439_808)
@@ -316,7 +356,7 @@ def test_bad_optimizer(capsys):
 
 # ----------------------------------------------------------------------------- formats
 
-from fastadam import bench_formats  # noqa: E402
+from fastadam.bench import formats as bench_formats  # noqa: E402
 
 FORMATS_ARGV = ["--formats", "--sizes", "1e4", "--models", "none", "--threads", "1",
                 "--repeats", "3", "--batch-time", "0.002", "--max-time", "0.1"]
@@ -386,6 +426,36 @@ def test_formats_json_keys(formats_run):
     if recs.get("fastadam_bf16_master", {}).get("status") == "ok":
         assert ("fastadam_bf16_master", "vs deepspeed_engine") in metrics
     assert "== 1e4" in out and "== targets of issue 10" in out
+
+
+# The JSON schema of `python -m fastadam bench --formats` (fastadam-bench-formats/1), pinned
+# key by key (the top-level keys: test_formats_json_keys).
+FORMATS_SETTINGS_KEYS = {"sizes", "models", "threads", "rows", "roofline", "repeats",
+                         "batch_time", "max_time", "warm_time", "max_memory", "aligned",
+                         "quick", "seed", "argv", "hyperparameters"}
+FORMAT_ROW_KEYS = {"kind", "label", "param", "grad", "master_weights", "state_dtype",
+                   "rounding", "options", "streams", "bytes_per_elem", "roofline_of",
+                   "roofline_streams", "roofline_bytes_per_elem"}
+FORMAT_RECORD_KEYS = {                                  # an "ok" record of a fastadam format
+    "workload", "workload_label", "kind", "n_tensors", "n_elems", "threads", "impl", "label",
+    "row_kind", "bytes_per_elem", "group", "groups", "status", "sec_per_step", "sec_q1",
+    "sec_q3", "sec_min", "sec_max", "iqr_rel", "batches", "steps_per_batch", "warmup_steps",
+    "capped", "samples", "rounds", "elems_per_s", "gbps", "resident_bytes_per_param",
+    "resident_declared", "roofline_bytes_per_elem", "pct_roofline", "vs", "fp32_best_of",
+    "vs_fp32_best", "cell_seconds", "others_cpu"}
+TARGET_KEYS = {"impl", "label", "workload", "workload_label", "threads", "metric", "value",
+               "target", "threshold", "met", "others_cpu"}
+
+
+def test_formats_json_keys_pinned(formats_run):
+    data = formats_run[0]
+    assert set(data["settings"]) == FORMATS_SETTINGS_KEYS
+    assert set(data["rows"]) == set(bench_formats.ROW_ORDER)
+    for key in bench_formats.FORMATS:
+        assert set(data["rows"][key]) == FORMAT_ROW_KEYS, key
+    recs = {r["impl"]: r for r in data["results"]}
+    assert set(recs["fastadam_f32"]) == FORMAT_RECORD_KEYS
+    assert data["targets"] and all(set(t) == TARGET_KEYS for t in data["targets"])
 
 
 def test_formats_load_reprints(formats_run, capsys):

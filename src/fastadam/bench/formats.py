@@ -33,8 +33,8 @@ float32 baseline of the issue's targets: the faster of torch fused and DeepSpeed
 CPUAdam on float32, per round (the median over rounds of min(torch fused, DeepSpeed) /
 fastadam, both measured in the same round).
 
-Timing is bench.py's (bench.measure_interleaved: warm-up, calibration, round-robin
-batches, medians). Thread counts run in this process: fastadam's ``num_threads`` and
+Timing is the main bench's (measure.py: bench.measure_interleaved: warm-up, calibration,
+round-robin batches, medians). Thread counts run in this process: fastadam's ``num_threads`` and
 ``torch.set_num_threads`` (one OpenMP runtime serves torch, DeepSpeed's extension and
 fastadam here). Memory: a cell's rows are packed into groups that fit ``--max-memory``,
 each group holding the two baselines (torch fused and DeepSpeed float32) and whole
@@ -55,8 +55,8 @@ import time
 
 import numpy as np
 
-from . import bench
-from .bench import BETAS, EPS, LR
+from .. import bench
+from .workloads import BETAS, EPS, LR
 
 SCHEMA = "fastadam-bench-formats/1"
 WD = 1e-2                 # AdamW's weight decay (torch's default) for every row
@@ -339,7 +339,7 @@ class FormatRoofline(bench._Impl):
     kind = "roofline"
 
     def __init__(self, fmt, n, threads, seed):
-        from . import _core
+        from .. import _core
 
         self.key, self.label = f"roofline:{fmt.key}", _label(f"roofline:{fmt.key}")
         filler = bench._Filler(np.float32, 0.02, seed, True)
@@ -366,7 +366,7 @@ class FormatRoofline(bench._Impl):
 
     @staticmethod
     def mem(fmt):
-        from . import _core
+        from .. import _core
 
         if hasattr(_core, "traffic"):
             return sum(fmt.roof_sizes)
