@@ -13,6 +13,7 @@ path and how many threads are in use. Set ``FASTADAM_SIMD`` (scalar, sse2, avx2,
 neon or auto) before import to force a path.
 """
 import os as _os
+from typing import Any as _Any
 
 from . import _core
 from .functional import adam_step
@@ -51,7 +52,7 @@ def _select_from_env():
 _select_from_env()
 
 
-def config():
+def config() -> dict[str, _Any]:
     """What this build and machine use: a dict with
 
     version, simd (the path in use), simd_available (compiled in and supported here, in

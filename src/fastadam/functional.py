@@ -1,8 +1,13 @@
 """The functional step: one fused C pass over one parameter tensor."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import _core
 from ._options import check_flag, check_options, check_step, check_threads
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 RULE_ADAM = _core.RULE_NAMES.index("adam")
 ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -18,10 +23,13 @@ def adam_plan_options(o, eps_root=0.0, ema_decay=None):
 __all__ = ["adam_step"]
 
 
-def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
-              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-              max_exp_avg_sq=None, maximize=False, bias_correction=True, eps_mode="paper",
-              num_threads=None, grad_scale=1.0, skip_nonfinite=False):
+def adam_step(param: ArrayLike, grad: ArrayLike, exp_avg: ArrayLike, exp_avg_sq: ArrayLike, *,
+              step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+              amsgrad: bool = False, max_exp_avg_sq: ArrayLike | None = None,
+              maximize: bool = False, bias_correction: bool = True, eps_mode: str = "paper",
+              num_threads: int | None = None, grad_scale: float = 1.0,
+              skip_nonfinite: bool = False) -> bool:
     r"""One Adam step, in place, in a single fused pass (GIL released).
 
     With alpha = ``lr``, (beta1, beta2) = ``betas``, epsilon = ``eps``, lambda =

@@ -16,6 +16,10 @@ from ._options import (_real, changed, check_count, check_ema_decay, check_flag,
 from ._rules import RULES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from numpy.typing import ArrayLike, DTypeLike, NDArray
+
     from ._rules import Rule
 
 __all__ = ["Optimizer", "Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam",
@@ -24,7 +28,8 @@ __all__ = ["Optimizer", "Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", 
 _ALIGN = 64
 
 
-def aligned_zeros(shape, dtype=np.float32, align=_ALIGN):
+def aligned_zeros(shape: int | Sequence[int], dtype: DTypeLike = np.float32,
+                  align: int = _ALIGN) -> NDArray[Any]:
     """A zero-filled C-contiguous array whose data starts on an `align`-byte boundary.
 
     shape: an int or a sequence of ints >= 0; align: an int in [1, 2**20]."""
@@ -104,13 +109,13 @@ class InverseSqrtDecay:
     Pass it as ``lr``: ``Adam(params, lr=InverseSqrtDecay(1e-3))``.
     """
 
-    def __init__(self, alpha=1e-3):
+    def __init__(self, alpha: float = 1e-3) -> None:
         self.alpha = float(alpha)
 
-    def __call__(self, t):
+    def __call__(self, t: int) -> float:
         return self.alpha / math.sqrt(t)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"InverseSqrtDecay(alpha={self.alpha!r})"
 
 
@@ -212,9 +217,10 @@ class Optimizer:
 
     _rule: ClassVar[Rule] = None  # type: ignore[assignment]  # each subclass sets its Rule
 
-    def __init__(self, params, defaults, num_threads=None, max_grad_norm=None,
-                 skip_nonfinite=False, *, master_weights=False, state_dtype=None,
-                 rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any],
+                 num_threads: int | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, *, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         self._lock = _sync.new_lock(self)
         self._formats = _formats.check_formats(master_weights, state_dtype, rounding, seed)
         # state_dict entries hold 'step' where torch keeps one, and for every rule under
@@ -238,67 +244,68 @@ class Optimizer:
         if not params:
             raise ValueError("params is an empty list")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
-        self.param_groups = []
-        self._params = []   # the parameters the plan was built from, in group order
-        self._states = []   # their state dicts (the rule's streams, param_ema, scalar)
-        self._group_of = []
+        self.param_groups: list[dict[str, Any]] = []
+        self._params: list[Any] = []   # the parameters the plan was built from, in group order
+        self._states: list[dict[str, Any]] = []  # their state dicts (streams, param_ema, scalar)
+        self._group_of: list[int] = []
         # tests force a SIMD path, a split and prefetching on/off through these
         self._isa, self._chunk, self._prefetch = -1, 0, -1
-        self._plan = None
+        # built by the first _add_group below (params is not empty), never None after
+        self._plan: _core._Plan = None  # type: ignore[assignment]
         self._applied = None
         for group in groups:
             self._add_group(group)
         self._rebuild()
 
     @property
-    def num_threads(self):
+    def num_threads(self) -> int | None:
         """OpenMP threads per step (None: OpenMP's default); may be changed between steps."""
         return self._num_threads or None
 
     @num_threads.setter
-    def num_threads(self, value):
+    def num_threads(self, value: Any) -> None:
         self._num_threads = check_threads(value)
 
     @property
-    def skip_nonfinite(self):
+    def skip_nonfinite(self) -> bool:
         """Skip (change nothing, return False) a step whose gradients hold an inf or NaN."""
         return self._skip_nonfinite
 
     @skip_nonfinite.setter
-    def skip_nonfinite(self, value):
+    def skip_nonfinite(self, value: Any) -> None:
         self._skip_nonfinite = check_flag("skip_nonfinite", value)
 
     @property
-    def max_grad_norm(self):
+    def max_grad_norm(self) -> float | None:
         """Clip the global gradient norm to this (None: no clipping); may be changed."""
         return self._max_grad_norm
 
     @max_grad_norm.setter
-    def max_grad_norm(self, value):
+    def max_grad_norm(self, value: Any) -> None:
         self._max_grad_norm = check_max_norm(value)
 
     @property
-    def master_weights(self):
+    def master_weights(self) -> bool:
         """Whether 16-bit parameters keep a float32 master_param (fixed at construction)."""
         return self._formats.master_weights
 
     @property
-    def state_dtype(self):
+    def state_dtype(self) -> str | None:
         """The state storage: None, 'float32', 'float64', 'bfloat16' or '8bit' (fixed)."""
         return self._formats.state_dtype
 
     @property
-    def rounding(self):
+    def rounding(self) -> str:
         """'nearest' or 'stochastic': how stored 16-bit values are rounded (fixed)."""
         return self._formats.rounding
 
     @property
-    def seed(self):
+    def seed(self) -> int:
         """The key of stochastic rounding (fixed at construction)."""
         return self._formats.seed
 
     @property
-    def last_grad_norm(self):
+    def last_grad_norm(self) -> float | None:
         """The unscaled global gradient norm of the last step, before clipping, when it
         was computed (max_grad_norm or skip_nonfinite), else None."""
         return self._plan.last_grad_norm
@@ -388,7 +395,7 @@ class Optimizer:
             s[rule.scalar[0]] = np.array(rule.scalar[1], np.float64)
         return s
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (a dict with 'params' and options; missing options take the defaults)."""
         with self._lock:
             n = len(self.param_groups)
@@ -523,7 +530,7 @@ class Optimizer:
         self._unsynced = left
 
     # -------------------------------------------------------------------- step
-    def step(self, grads, grad_scale=1.0):
+    def step(self, grads: Sequence[ArrayLike | None], grad_scale: float = 1.0) -> bool:
         """Update every parameter in place from ``grads`` (one array, or None to skip, per
         parameter, in the order of the param groups) with one call into C.
 
@@ -589,7 +596,7 @@ class Optimizer:
 
     # ------------------------------------------------------------------- state
     @property
-    def state(self):
+    def state(self) -> list[dict[str, Any]]:
         """Per-parameter state, in parameter order (live arrays; counts are snapshots)."""
         with self._lock:
             return [self._entry(i, copy=False) for i in range(len(self._states))]
@@ -614,7 +621,7 @@ class Optimizer:
             entry["param_ema_step"] = self._plan.get_ema_steps()[i]
         return entry
 
-    def averaged_params(self):
+    def averaged_params(self) -> list[NDArray[Any]]:
         """The temporal averages of the parameters (Kingma & Ba, Sec. 7.2), for
         evaluation: new arrays ``param_ema / (1 - d**t)``, d the group's ``ema_decay``
         and t the number of averaged steps, in the order of the param groups (a copy of
@@ -643,7 +650,7 @@ class Optimizer:
                 out.append((ema_arr / ema_arr.dtype.type(correction)).astype(ema_arr.dtype))
             return out
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """torch-style: {'state': {index: {...}}, 'param_groups': [{..., 'params': [...]}],
         'step_count': steps taken}.
 
@@ -666,7 +673,7 @@ class Optimizer:
             return {"state": state, "param_groups": groups, "step_count": self._plan.step_count,
                     "formats": self._formats.as_dict()}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict() of an optimizer over parameters of the same shapes and dtype.
 
         Everything is checked first -- the layout (no missing or unknown keys), every
@@ -931,11 +938,15 @@ class Adam(Optimizer):
     _rule = RULES["adam"]
     _decoupled_default = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, decoupled_weight_decay=None,
-                 bias_correction=True, eps_mode="paper", num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None, *,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+                 decoupled_weight_decay: bool | None = None, bias_correction: bool = True,
+                 eps_mode: str = "paper", num_threads: int | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 eps_root: float = 0.0, ema_decay: float | None = None, *,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -954,11 +965,15 @@ class AdamW(Adam):
 
     _decoupled_default = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, decoupled_weight_decay=True,
-                 bias_correction=True, eps_mode="paper", num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False, eps_root=0.0, ema_decay=None, *,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
+                 decoupled_weight_decay: bool = True, bias_correction: bool = True,
+                 eps_mode: str = "paper", num_threads: int | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 eps_root: float = 0.0, ema_decay: float | None = None, *,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
@@ -988,10 +1003,12 @@ class SGD(Optimizer):
 
     _rule = RULES["sgd"]
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, *, ema_decay=None, num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, state_dtype=None,
-                 rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False, maximize: bool = False, *, ema_decay: float | None = None,
+                 num_threads: int | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize, ema_decay=ema_decay),
@@ -1014,10 +1031,13 @@ class Adagrad(Optimizer):
 
     _rule = RULES["adagrad"]
 
-    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *,
-                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+                 lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False,
+                 *, ema_decay: float | None = None, num_threads: int | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
                                       eps=eps, maximize=maximize, ema_decay=ema_decay),
@@ -1043,10 +1063,13 @@ class RMSprop(Optimizer):
 
     _rule = RULES["rmsprop"]
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, maximize=False, *, ema_decay=None, num_threads=None,
-                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, state_dtype=None,
-                 rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
+                 alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.0, centered: bool = False, maximize: bool = False, *,
+                 ema_decay: float | None = None, num_threads: int | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize,
                                       ema_decay=ema_decay),
@@ -1068,10 +1091,13 @@ class Adamax(Optimizer):
 
     _rule = RULES["adamax"]
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 maximize=False, *, ema_decay=None, num_threads=None, max_grad_norm=None,
-                 skip_nonfinite=False, master_weights=False, state_dtype=None,
-                 rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, maximize: bool = False, *,
+                 ema_decay: float | None = None, num_threads: int | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
                          num_threads, max_grad_norm, skip_nonfinite,
@@ -1096,10 +1122,14 @@ class NAdam(Optimizer):
 
     _rule = RULES["nadam"]
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, *,
-                 ema_decay=None, num_threads=None, max_grad_norm=None, skip_nonfinite=False,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, maximize: bool = False, *,
+                 ema_decay: float | None = None, num_threads: int | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       momentum_decay=momentum_decay,
                                       decoupled_weight_decay=decoupled_weight_decay,
@@ -1121,10 +1151,13 @@ class RAdam(Optimizer):
 
     _rule = RULES["radam"]
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, maximize=False, *, ema_decay=None,
-                 num_threads=None, max_grad_norm=None, skip_nonfinite=False,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+                 maximize: bool = False, *, ema_decay: float | None = None,
+                 num_threads: int | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
@@ -1148,10 +1181,12 @@ class Lion(Optimizer):
 
     _rule = RULES["lion"]
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
-                 *, ema_decay=None, num_threads=None, max_grad_norm=None,
-                 skip_nonfinite=False, master_weights=False, state_dtype=None,
-                 rounding="nearest", seed=0):
+    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 maximize: bool = False, *, ema_decay: float | None = None,
+                 num_threads: int | None = None, max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
                          num_threads, max_grad_norm, skip_nonfinite,
@@ -1159,7 +1194,8 @@ class Lion(Optimizer):
                          rounding=rounding, seed=seed)
 
 
-def clip_grad_norm_(grads, max_norm, num_threads=None):
+def clip_grad_norm_(grads: NDArray[Any] | Iterable[Any], max_norm: float,
+                    num_threads: int | None = None) -> float:
     """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``, as
     ``torch.nn.utils.clip_grad_norm_``: coefficient max_norm / (norm + 1e-6), applied only
     when below 1. Returns the norm before clipping (a float).

@@ -40,6 +40,10 @@ from fastadam._options import (changed, check_ema_decay, check_grad_scale, check
 from fastadam._rules import RULES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch.optim.optimizer import ParamsT
+
     from fastadam._rules import Rule
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion",
@@ -540,8 +544,10 @@ class Optimizer(_Optimizer):
     _eager = False        # state made by the constructor (torch's Adagrad)
     _sparse: str | None = None  # the message for a sparse gradient (torch's where it has one)
 
-    def __init__(self, params, defaults, max_grad_norm=None, num_threads=None, *,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, defaults: dict[str, Any],
+                 max_grad_norm: float | None = None, num_threads: int | None = None, *,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         name = type(self).__name__
         self._lock = _sync.new_lock(self)
         # first: add_param_group (run by torch's constructor) checks parameters against it
@@ -564,7 +570,7 @@ class Optimizer(_Optimizer):
         self.last_grad_norm = None
         self._cache = None
         self._applied = None
-        self._fresh = {}
+        self._fresh: dict[Any, Any] = {}
         super().__init__(params, defaults)
         _formats.check_master_needed(self._fmt, [_NAMES[p.dtype] for g in self.param_groups
                                                  for p in g["params"]])
@@ -674,7 +680,7 @@ class Optimizer(_Optimizer):
         return tuple((tuple(rule.needs(o)), ema is not None) for o, ema in options)
 
     # ------------------------------------------------------------------ groups
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's; also checks that fastadam can update the new parameters and that
         the group's options are valid."""
         with self._lock:
@@ -770,7 +776,7 @@ class Optimizer(_Optimizer):
                 group.setdefault(k, self.defaults[k])
         group.update(self._forced)
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but everything is checked before anything is replaced: the layout,
         every group's options, and every parameter's state (only the rule's keys, the
         parameter's shape, a step count >= 0); an error names the parameter by group and
@@ -819,10 +825,10 @@ class Optimizer(_Optimizer):
             # run last hands the dict it loads to __setstate__, which keeps the saved
             # tensors where the format stores another dtype (master weights, bfloat16 or
             # 8-bit moments)
-            loading = {}
+            loading: dict[str, Any] = {}
             hook = self.register_load_state_dict_pre_hook(
                 lambda _, sd: loading.__setitem__("state_dict", sd))
-            self._loading = loading
+            self._loading: dict[str, Any] | None = loading
             try:
                 super().load_state_dict(state_dict)
             finally:
@@ -862,7 +868,7 @@ class Optimizer(_Optimizer):
 
     # ------------------------------------------------------------------ formats
     @property
-    def formats(self):
+    def formats(self) -> dict[str, Any]:
         """The storage options (docs/formats.md) as ``state_dict()["formats"]`` holds them:
         master_weights, state_dtype (None, "float32", "float64", "bfloat16", "8bit"),
         rounding and seed."""
@@ -895,7 +901,7 @@ class Optimizer(_Optimizer):
             return _torch.float32 if p.dtype in _HALF else p.dtype
         return _FMT_DTYPES[_formats.fmt_dtype(fmt, "float32")]
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """As torch's, plus ``"formats"`` unless they are the defaults: the storage options
         (see :attr:`formats`), which load_state_dict requires to be this optimizer's (a
         state_dict without them, torch.optim's say, holds default formats). Every
@@ -1426,7 +1432,8 @@ class Optimizer(_Optimizer):
         self._applied = keys
 
     # --------------------------------------------------------------------- step
-    def step(self, closure=None, grad_scale=None, found_inf=None):
+    def step(self, closure: Callable[[], Any] | None = None,
+             grad_scale: _Tensor | float | None = None, found_inf: _Tensor | None = None) -> Any:
         """One step for every parameter whose ``.grad`` is not None.
 
         closure: re-evaluates the model and returns the loss (run with grad enabled).
@@ -1597,7 +1604,7 @@ class Optimizer(_Optimizer):
         c.unsynced = left
 
     # ------------------------------------------------------------- averages
-    def averaged_params(self):
+    def averaged_params(self) -> list[_Tensor]:
         """The temporal averages of the parameters (Kingma & Ba, Sec. 7.2), for
         evaluation: new tensors ``param_ema / (1 - d**t)``, d the group's ``ema_decay``
         and t the number of averaged steps (``param_ema_step``), in the order of the
@@ -1615,8 +1622,8 @@ class Optimizer(_Optimizer):
                                      f"[0, 1)) to keep temporal averages")
                 d = check_ema_decay(_scalar(d))
                 for i, p in enumerate(group["params"]):
-                    s = self.state.get(p)
-                    ema = s.get("param_ema") if isinstance(s, dict) else None
+                    s: Any = self.state.get(p)
+                    ema: Any = s.get("param_ema") if isinstance(s, dict) else None
                     t = 0 if ema is None else _count_value(
                         s.get("param_ema_step", 0), "param_ema_step",
                         f"param group {gi}, parameter {i}")
@@ -1671,11 +1678,15 @@ class Adam(Optimizer):
                     "differentiable": False, "fused": None, "decoupled_weight_decay": False}
     _sparse = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False,
-                 max_grad_norm=None, num_threads=None, eps_root=0.0, ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False,
+                 max_grad_norm: float | None = None, num_threads: int | None = None,
+                 eps_root: float = 0.0, ema_decay: float | None = None,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                                       capturable=capturable, differentiable=differentiable,
@@ -1714,11 +1725,15 @@ class AdamW(Adam):
     _forced = {"decoupled_weight_decay": True}
     _setdefaults = dict(Adam._setdefaults, decoupled_weight_decay=True)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, max_grad_norm=None, num_threads=None,
-                 eps_root=0.0, ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 max_grad_norm: float | None = None, num_threads: int | None = None,
+                 eps_root: float = 0.0, ema_decay: float | None = None,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -1745,10 +1760,13 @@ class SGD(Optimizer):
     _setdefaults = {"nesterov": False, "maximize": False, "foreach": None,
                     "differentiable": False, "fused": False}
 
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None, max_grad_norm=None, num_threads=None, ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, max_grad_norm: float | None = None,
+                 num_threads: int | None = None, ema_decay: float | None = None,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize, foreach=foreach,
@@ -1775,11 +1793,13 @@ class Adagrad(Optimizer):
                     "fused": None}
     _eager = True
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
-                 initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
-                 differentiable=False, fused=None, max_grad_norm=None, num_threads=None,
-                 ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-2, lr_decay: float = 0,
+                 weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
+                 foreach: bool | None = None, *, maximize: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 max_grad_norm: float | None = None, num_threads: int | None = None,
+                 ema_decay: float | None = None, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, eps=eps,
                                       weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
@@ -1796,7 +1816,7 @@ class Adagrad(Optimizer):
             return super()._initial(key, o)
         return float(_scalar(self.defaults["initial_accumulator_value"]))
 
-    def share_memory(self):
+    def share_memory(self) -> None:
         """As torch's: tensor.share_memory_() on the ``sum`` tensors (picked up by the
         next step: they move)."""
         with self._lock:
@@ -1818,11 +1838,13 @@ class RMSprop(Optimizer):
                     "differentiable": False, "capturable": False}
     _sparse = "RMSprop does not support sparse gradients"
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
-                 centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, max_grad_norm=None, num_threads=None,
-                 ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-2, alpha: float = 0.99,
+                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
+                 centered: bool = False, capturable: bool = False, foreach: bool | None = None,
+                 maximize: bool = False, differentiable: bool = False, *,
+                 max_grad_norm: float | None = None, num_threads: int | None = None,
+                 ema_decay: float | None = None, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps,
                                       centered=centered, weight_decay=weight_decay,
                                       capturable=capturable, foreach=foreach,
@@ -1844,10 +1866,13 @@ class Adamax(Optimizer):
                     "capturable": False}
     _sparse = "Adamax does not support sparse gradients"
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 max_grad_norm=None, num_threads=None, ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, foreach: bool | None = None, *, maximize: bool = False,
+                 differentiable: bool = False, capturable: bool = False,
+                 max_grad_norm: float | None = None, num_threads: int | None = None,
+                 ema_decay: float | None = None, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       foreach=foreach, maximize=maximize,
                                       differentiable=differentiable, capturable=capturable,
@@ -1869,11 +1894,14 @@ class NAdam(Optimizer):
                     "differentiable": False, "decoupled_weight_decay": False}
     _sparse = "NAdam does not support sparse gradients"
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
-                 maximize=False, capturable=False, differentiable=False, max_grad_norm=None,
-                 num_threads=None, ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 max_grad_norm: float | None = None, num_threads: int | None = None,
+                 ema_decay: float | None = None, master_weights: bool = False,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       momentum_decay=momentum_decay,
                                       decoupled_weight_decay=decoupled_weight_decay,
@@ -1895,11 +1923,14 @@ class RAdam(Optimizer):
                     "decoupled_weight_decay": False, "capturable": False}
     _sparse = "RAdam does not support sparse gradients"
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 decoupled_weight_decay=False, *, foreach=None, maximize=False,
-                 capturable=False, differentiable=False, max_grad_norm=None,
-                 num_threads=None, ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, max_grad_norm: float | None = None,
+                 num_threads: int | None = None, ema_decay: float | None = None,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, foreach=foreach,
                                       capturable=capturable,
@@ -1926,9 +1957,12 @@ class Lion(Optimizer):
     _setdefaults = {"maximize": False}
     _sparse = "Lion does not support sparse gradients"
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
-                 *, max_grad_norm=None, num_threads=None, ema_decay=None,
-                 master_weights=False, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 maximize: bool = False, *, max_grad_norm: float | None = None,
+                 num_threads: int | None = None, ema_decay: float | None = None,
+                 master_weights: bool = False, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, ema_decay=ema_decay),
                          max_grad_norm, num_threads, master_weights=master_weights,
@@ -1970,7 +2004,8 @@ def _no_full_q8(optimizer, name):
                     f"and resume on the same mesh (docs/engines.md, FSDP2)")
 
 
-def full_optim_state_dict(model, optimizer, *, rank0_only=True):
+def full_optim_state_dict(model: _torch.nn.Module, optimizer: Optimizer, *,
+                          rank0_only: bool = True) -> dict[str, Any] | None:
     """The state of an optimizer over DTensor (FSDP2) parameters as an ordinary
     ``fastadam.torch`` state_dict: every state tensor gathered into a full, plain CPU
     tensor, keyed as ``optimizer.state_dict()`` keys them (0, 1, ... over the param
@@ -1993,7 +2028,7 @@ def full_optim_state_dict(model, optimizer, *, rank0_only=True):
                         f"{type(optimizer).__name__}")
     _no_full_q8(optimizer, "full_optim_state_dict")
     fqns = _fqn_order(model, optimizer)
-    sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+    sd: dict[str, Any] = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=bool(rank0_only)))
     if rank0_only and dist.is_initialized() and dist.get_rank() != 0:
         return None
@@ -2003,16 +2038,18 @@ def full_optim_state_dict(model, optimizer, *, rank0_only=True):
     live = {id(v) for s in optimizer.state.values() if isinstance(s, dict) for v in s.values()}
     own = {k: {key: v.clone() if id(v) in live else v for key, v in entry.items()}
            if isinstance(entry, dict) else entry for k, entry in sd["state"].items()}
-    out = {"state": {index[k]: v for k, v in own.items()},
-           "param_groups": [dict(g, params=[index[k] for k in g["params"]])
-                            for g in sd["param_groups"]]}
+    out: dict[str, Any] = {
+        "state": {index[k]: v for k, v in own.items()},
+        "param_groups": [dict(g, params=[index[k] for k in g["params"]])
+                         for g in sd["param_groups"]]}
     out["state"] = dict(sorted(out["state"].items()))
     if optimizer._fmt != _DEFAULT_FORMATS:
         out["formats"] = optimizer.formats
     return out
 
 
-def load_full_optim_state_dict(model, optimizer, state_dict):
+def load_full_optim_state_dict(model: _torch.nn.Module, optimizer: Optimizer,
+                               state_dict: dict[str, Any]) -> None:
     """Load an ordinary ``fastadam.torch`` (or, with the default formats, torch.optim)
     state_dict -- one of :func:`full_optim_state_dict`, or of an optimizer built on the
     unsharded model -- into an optimizer over DTensor (FSDP2) parameters: each rank keeps
@@ -2045,8 +2082,9 @@ def load_full_optim_state_dict(model, optimizer, state_dict):
     except (TypeError, ValueError, KeyError):
         raise ValueError(f"state_dict must number the {len(fqns)} parameters of this "
                          f"optimizer 0 to {len(fqns) - 1} over its param groups") from None
-    sd = {"state": {fqns[k]: v for k, v in state_dict["state"].items()},
-          "param_groups": [dict(g, params=[fqns[i] for i in g["params"]])
-                           for g in state_dict["param_groups"]]}
+    sd: dict[str, Any] = {
+        "state": {fqns[k]: v for k, v in state_dict["state"].items()},
+        "param_groups": [dict(g, params=[fqns[i] for i in g["params"]])
+                         for g in state_dict["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, sd,
                              options=StateDictOptions(full_state_dict=True))

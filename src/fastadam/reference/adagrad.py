@@ -30,11 +30,14 @@ ulp of g). The C kernels must not fuse: they give the same bits on every SIMD pa
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._common import check_arrays, check_nonneg, check_step, grad_mul
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["adagrad_step", "adagrad_constants", "AdagradConstants"]
 
@@ -74,8 +77,10 @@ def adagrad_constants(step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-1
     )
 
 
-def adagrad_step(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 eps=1e-10, maximize=False, grad_scale=1.0):
+def adagrad_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+                 state_sum: NDArray[np.floating[Any]], *, step: int, lr: float = 1e-2,
+                 lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+                 maximize: bool = False, grad_scale: float = 1.0):
     """One Adagrad step in place (param and state_sum, torch's state ``sum``).
 
     state_sum: ``np.full_like(param, initial_accumulator_value)`` before step 1. step: the

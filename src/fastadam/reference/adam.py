@@ -39,11 +39,14 @@ inf/NaN for that element, exactly as in torch; nothing is skipped or clamped.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from .._options import check_eps_root, check_options, check_step
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["adam_step", "step_constants", "StepConstants"]
 
@@ -104,10 +107,14 @@ def step_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=
     )
 
 
-def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
-              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-              max_exp_avg_sq=None, maximize=False, bias_correction=True, eps_mode="paper",
-              num_threads=None, grad_scale=1.0, skip_nonfinite=False, eps_root=0.0):
+def adam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+              exp_avg: NDArray[np.floating[Any]], exp_avg_sq: NDArray[np.floating[Any]], *,
+              step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+              amsgrad: bool = False, max_exp_avg_sq: NDArray[np.floating[Any]] | None = None,
+              maximize: bool = False, bias_correction: bool = True, eps_mode: str = "paper",
+              num_threads: int | None = None, grad_scale: float = 1.0, skip_nonfinite: bool = False,
+              eps_root: float = 0.0):
     """One Adam step in place, in plain NumPy: the specification of fastadam.adam_step.
 
     Same signature and results (bit for bit) as :func:`fastadam.adam_step`;
@@ -144,6 +151,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
         exp_avg[...] = m
         exp_avg_sq[...] = v
         if c.amsgrad:
+            assert max_exp_avg_sq is not None  # checked above
             v = np.where(max_exp_avg_sq >= v, max_exp_avg_sq, v)
             max_exp_avg_sq[...] = v
         if c.eps_root != 0.0:

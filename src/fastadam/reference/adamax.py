@@ -37,11 +37,14 @@ Deliberate differences from torch's single-tensor code:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._common import check_arrays, check_betas, check_nonneg, check_step, grad_mul
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["adamax_step", "adamax_constants", "AdamaxConstants"]
 
@@ -87,8 +90,11 @@ def adamax_constants(step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_deca
     )
 
 
-def adamax_step(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.999),
-                eps=1e-8, weight_decay=0.0, maximize=False, grad_scale=1.0):
+def adamax_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+                exp_avg: NDArray[np.floating[Any]], exp_inf: NDArray[np.floating[Any]], *,
+                step: int, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
+                grad_scale: float = 1.0):
     """One Adamax step in place (param, exp_avg, exp_inf; both states zero before step 1).
 
     The exact per-element operations, in T (each constant rounded once to T):

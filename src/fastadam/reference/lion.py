@@ -33,11 +33,14 @@ sign is the select ``c > 0 ? 1 : (c < 0 ? -1 : c)``:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._common import check_arrays, check_betas, check_nonneg, check_step, grad_mul
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["lion_step", "lion_constants", "LionConstants"]
 
@@ -87,8 +90,10 @@ def lion_constants(step, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximi
     )
 
 
-def lion_step(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
-              maximize=False, grad_scale=1.0):
+def lion_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+              exp_avg: NDArray[np.floating[Any]], *, step: int, lr: float = 1e-4,
+              betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+              maximize: bool = False, grad_scale: float = 1.0):
     """One Lion step in place (param and exp_avg, zero before step 1). Returns None.
 
     The exact per-element operations, in T (each constant rounded once to T):

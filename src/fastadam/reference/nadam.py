@@ -52,13 +52,16 @@ Deliberate differences from torch's single-tensor code:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._common import (check_arrays, check_betas, check_flag, check_nonneg, check_step,
                       grad_mul)
 from .._options import _real
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["nadam_step", "nadam_constants", "NAdamConstants"]
 
@@ -149,9 +152,13 @@ def nadam_constants(step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
     )
 
 
-def nadam_step(param, grad, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3,
-               betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
-               decoupled_weight_decay=False, maximize=False, grad_scale=1.0) -> float:
+def nadam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+               exp_avg: NDArray[np.floating[Any]], exp_avg_sq: NDArray[np.floating[Any]], *,
+               step: int, mu_product: float, lr: float = 2e-3,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+               decoupled_weight_decay: bool = False, maximize: bool = False,
+               grad_scale: float = 1.0) -> float:
     """One NAdam step in place (param, exp_avg, exp_avg_sq; both zero before step 1).
 
     mu_product: the parameter's product of mu's before this step (1.0 before step 1).

@@ -44,12 +44,15 @@ Deliberate differences from torch's single-tensor code:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._common import (check_arrays, check_betas, check_flag, check_nonneg, check_step,
                       grad_mul)
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["radam_step", "radam_constants", "RAdamConstants"]
 
@@ -131,9 +134,11 @@ def radam_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
     )
 
 
-def radam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
-               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
-               grad_scale=1.0):
+def radam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+               exp_avg: NDArray[np.floating[Any]], exp_avg_sq: NDArray[np.floating[Any]], *,
+               step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+               eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+               maximize: bool = False, grad_scale: float = 1.0):
     """One RAdam step in place (param, exp_avg, exp_avg_sq; both zero before step 1).
 
     The exact per-element operations, in T (each constant rounded once to T):

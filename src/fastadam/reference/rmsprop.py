@@ -48,11 +48,14 @@ that both agree).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._common import check_arrays, check_flag, check_nonneg, check_step, grad_mul
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["rmsprop_step", "rmsprop_constants", "RMSpropConstants"]
 
@@ -111,9 +114,13 @@ def rmsprop_constants(step, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
     )
 
 
-def rmsprop_step(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step,
-                 lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, maximize=False, grad_scale=1.0):
+def rmsprop_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+                 square_avg: NDArray[np.floating[Any]],
+                 momentum_buffer: NDArray[np.floating[Any]] | None = None,
+                 grad_avg: NDArray[np.floating[Any]] | None = None, *, step: int, lr: float = 1e-2,
+                 alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.0, centered: bool = False, maximize: bool = False,
+                 grad_scale: float = 1.0):
     """One RMSprop step in place (param, square_avg [, momentum_buffer] [, grad_avg]).
 
     All state arrays are zero before step 1. momentum_buffer is required when
@@ -166,7 +173,9 @@ def rmsprop_step(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *
             new_p = p - (T(c.lr) * g) / d
         square_avg[...] = v
         if c.centered:
+            assert grad_avg is not None  # checked above
             grad_avg[...] = a
         if c.momentum:
+            assert momentum_buffer is not None  # checked above
             momentum_buffer[...] = b
         param[...] = new_p

@@ -38,12 +38,15 @@ of p per step (two with L2 and momentum), and nothing when the product is exact
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._common import (check_arrays, check_finite, check_flag, check_nonneg, check_step,
                       grad_mul)
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["sgd_step", "sgd_constants", "SGDConstants"]
 
@@ -100,9 +103,11 @@ def sgd_constants(step, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.
     )
 
 
-def sgd_step(param, grad, momentum_buffer=None, *, step, lr=1e-3, momentum=0.0,
-             dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-             grad_scale=1.0):
+def sgd_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
+             momentum_buffer: NDArray[np.floating[Any]] | None = None, *, step: int,
+             lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+             weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
+             grad_scale: float = 1.0):
     """One SGD step in place (param and, with momentum, momentum_buffer).
 
     momentum_buffer: zero-initialised before step 1 (torch's ``momentum_buffer`` after
