@@ -115,6 +115,7 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -378,7 +379,7 @@ def train(exp, key, lr, data, settings, x, y, epochs, eval_sets=(), track_train=
     seed, bs = settings["seed"], settings["batch_size"]
     order = np.random.default_rng([seed, 2])   # the same minibatches for every optimizer
     noise = np.random.default_rng([seed, 3])   # dropout masks
-    res = {"train_loss": [], "diverged": False}
+    res: dict[str, Any] = {"train_loss": [], "diverged": False}
     for name, _, _ in eval_sets:
         res[name + "_loss"], res[name + "_accuracy"] = [], []
 
@@ -615,6 +616,7 @@ def _machine():
                     break
     except OSError:
         pass
+    cpus: int | None
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -661,9 +663,12 @@ class BlasThreads:
 
     def __init__(self, n, log=lambda msg: None):
         self.n, self.log = n, log
-        self.default = self.current = None
-        self.used = []
-        self._limit = self._first = self._mark = None
+        self.default: Any = None
+        self.current: Any = None
+        self.used: list[Any] = []
+        self._limit: Any = None
+        self._first: Any = None
+        self._mark: Any = None
 
     def __enter__(self):
         try:

@@ -14,6 +14,7 @@ underscore); docs/engines.md has the recipe.
 import contextlib
 import io
 import os
+from typing import Any
 
 __all__ = ["consolidate_zero_checkpoint", "load_zero_state"]
 
@@ -120,7 +121,7 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
         paddings = optims[0].get(C.PARAM_ALIGNMENT_PADDINGS)
 
         def merge(flat_groups):
-            out = {}
+            out: dict[str, Any] = {}
             z._zero2_merge_trainable_params(out, world, flat_groups, models, paddings)
             return out
     elif stage == 3:
@@ -142,7 +143,7 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
             k += len(g["params"])
 
         def merge(flat_groups):
-            out = {}
+            out: dict[str, Any] = {}
             z._zero3_merge_trainable_params(out, world, flat_groups, models)
             return {n: t.contiguous() for n, t in out.items()}
     else:
@@ -155,7 +156,9 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
         params = merge(fp32)
         per_key = {k: merge([[s[k] for s in rank] for rank in flat]) for k in tensor_keys}
 
-    names, state, param_groups = [], {}, []
+    names: list[Any] = []
+    state: dict[Any, Any] = {}
+    param_groups: list[Any] = []
     for g, flat_ids in zip(inner[0]["param_groups"], groups):
         ids = []
         for k in flat_ids:
