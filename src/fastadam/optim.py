@@ -416,12 +416,19 @@ class Optimizer:
         rule = self._rule
         fm = self._formats
         old = self._plan
-        known = {}
+        known: dict[int, Any] = {}
+        s: Any
+        c: Any
         if old is not None:
             for p, s, c, e, dt in zip(self._params, self._states, old.get_steps(),
                                       old.get_ema_steps(), self._dtypes):
                 known[id(p)] = (s, (c, e), dt)
-        params, new_states, counts, group_of, pfs, dtypes = [], [], [], [], [], []
+        params: list[Any] = []
+        new_states: list[dict[str, Any]] = []
+        counts: list[tuple[Any, Any]] = []
+        group_of: list[int] = []
+        pfs: list[Any] = []
+        dtypes: list[Any] = []
         compute = None  # (the compute dtype, the first parameter's label)
         seen = set()
         for gi, g in enumerate(self.param_groups):
@@ -486,7 +493,7 @@ class Optimizer:
                 dtypes.append(a.dtype)
         _formats.check_master_needed(fm, [d.name for d in dtypes])
         scalar = rule.scalar[0] if rule.scalar else None
-        kw = {}
+        kw: dict[str, Any] = {}
         if not all(pf.native for pf in pfs):
             # (all native: every buffer float32, or every one float64, the plan of old)
             kw = dict(formats=[pf.plan_tuple() for pf in pfs],
@@ -507,7 +514,7 @@ class Optimizer:
             plan.last_grad_norm = old.last_grad_norm
         self._params, self._states, self._group_of, self._plan = (
             params, new_states, group_of, plan)
-        self._dtypes = dtypes
+        self._dtypes: list[Any] = dtypes
         # masters of parameters that have not stepped yet are refreshed before each step
         self._unsynced = [i for i, pf in enumerate(pfs) if pf.master and counts[i][0] == 0]
         self._ngroups = len(self.param_groups)
@@ -716,7 +723,9 @@ class Optimizer:
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer "
                              f"has {len(self.param_groups)}")
-        new_groups, id_of, checked = [], {}, []
+        new_groups: list[dict[str, Any]] = []
+        id_of: dict[int, int] = {}
+        checked = []
         optional = ("ema_decay",)  # absent from torch.optim's groups
         for gi, (saved, mine) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{gi}]"
@@ -742,7 +751,7 @@ class Optimizer:
                 if int(k) in id_of:
                     raise ValueError(f"{where}['params'][{j}]: the id {int(k)} appears twice")
                 id_of[int(k)] = len(id_of)
-            g = {k: saved.get(k) for k in self._group_keys}
+            g: dict[str, Any] = {k: saved.get(k) for k in self._group_keys}
             if "betas" in g and _is_pair(g["betas"]):
                 g["betas"] = tuple(g["betas"])
             checked.append(self._check_group(g, where))
@@ -759,7 +768,8 @@ class Optimizer:
             raise ValueError(f"state_dict['state'] has entries for unknown parameters "
                              f"{_keys(extra)}")
         entries = {id_of[int(k)]: (k, v) for k, v in saved_state.items()}
-        new_states, steps = [], []
+        new_states: list[dict[str, Any]] = []
+        steps: list[tuple[Any, Any]] = []
         for g, (o, ema) in zip(new_groups, checked):
             for p in g["params"]:
                 pos = len(new_states)
