@@ -107,7 +107,7 @@ def main(argv=None):
                     try:
                         with contextlib.redirect_stdout(buf):
                             exec(compile(code, name, "exec"), ns)
-                    except BaseException:  # noqa: BLE001 (report any failure, go on)
+                    except (Exception, SystemExit):  # any failure of the example, reported
                         failed += 1
                         print(f"{page}:{line}: FAILED\n{buf.getvalue()}"
                               f"{traceback.format_exc()}", file=sys.stderr)
