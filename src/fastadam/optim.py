@@ -179,7 +179,8 @@ class Optimizer:
         distance from the lower neighbour, so small updates survive in expectation; its
         random bits hash (seed, parameter index, step, stream, element index): the same on
         every SIMD path and thread count and after a state_dict resume.
-    seed : int in [0, 2**64) (default 0): the key of stochastic rounding.
+    seed : int in [0, 2**64) (default 0)
+        the key of stochastic rounding.
 
     The state buffers are allocated once, 64-byte aligned; ``step`` allocates nothing.
     ``state_dict()`` mirrors torch's layout for the rule (per-parameter state under

@@ -464,6 +464,7 @@ class Optimizer(_Optimizer):
             parameter's index over all param groups, step, stream, element), the same for
             every thread count and after a resume (SGD and Lion then keep a ``step`` in
             their state, as the other rules do).
+
     Each step widens every stored value exactly to float32, runs the float32 rule and
     rounds (or re-quantizes) each value once on store; the parameter moves by the float32
     moments, not by their stored images. The gradients of a 16-bit parameter have its
@@ -1436,12 +1437,15 @@ class Optimizer(_Optimizer):
              grad_scale: _Tensor | float | None = None, found_inf: _Tensor | None = None) -> Any:
         """One step for every parameter whose ``.grad`` is not None.
 
-        closure: re-evaluates the model and returns the loss (run with grad enabled).
-        grad_scale: a number or 1-element tensor every gradient is divided by, inside the
-            kernel (loss scaling); default: the ``grad_scale`` attribute that
-            ``torch.amp.GradScaler.step`` sets, else 1.
-        found_inf: a number or 1-element tensor; if nonzero nothing changes (parameters,
-            state, step counts); default: the ``found_inf`` attribute GradScaler sets.
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad enabled).
+            grad_scale: a number or 1-element tensor every gradient is divided by, inside
+                the kernel (loss scaling); default: the ``grad_scale`` attribute that
+                ``torch.amp.GradScaler.step`` sets, else 1.
+            found_inf: a number or 1-element tensor; if nonzero nothing changes
+                (parameters, state, step counts); default: the ``found_inf`` attribute
+                GradScaler sets.
+
         Returns the closure's loss (or None).
         """
         loss = None
@@ -1649,18 +1653,21 @@ class Optimizer(_Optimizer):
 class Adam(Optimizer):
     r"""Adam (Kingma & Ba, 2015) as ``torch.optim.Adam``, on fastadam's fused C core.
 
-    Args (torch.optim.Adam's):
+    torch.optim.Adam's arguments:
+
+    Args:
         params: iterable of parameters or of param-group dicts.
         lr (float or 0-dim Tensor): step size (default 1e-3).
         betas (tuple): (beta1, beta2), floats or 1-element tensors (default (0.9, 0.999)).
         eps (float): added to the denominator (default 1e-8).
         weight_decay (float): L2 penalty added to the gradient, or with
-            ``decoupled_weight_decay=True`` (AdamW) p *= 1 - lr * weight_decay (default 0).
+            ``decoupled_weight_decay=True`` (AdamW) ``p *= 1 - lr * weight_decay`` (default 0).
         amsgrad (bool): use the running maximum of ``exp_avg_sq`` (default False).
         foreach, fused: accepted for compatibility; no effect.
         maximize (bool): ascend instead of descend (default False).
         capturable, differentiable: must be False.
         decoupled_weight_decay (bool): AdamW's decay (default False).
+
     fastadam extras (keyword-only): ``max_grad_norm``, ``num_threads``, ``ema_decay`` (see
     :class:`Optimizer`) and ``eps_root`` (optax's epsilon inside the square root,
     ``sqrt(v_hat + eps_root) + eps``; 0, the default, is bitwise the plain update; a group

@@ -3,7 +3,7 @@
 Algorithm (Duchi, Hazan & Singer, 2011, "Adaptive Subgradient Methods for Online Learning
 and Stochastic Optimization", diagonal version, in the form torch.optim.Adagrad
 documents), for step t >= 1 with gradient g_t, learning rate gamma (``lr``), learning-rate
-decay eta, weight decay lambda and epsilon:
+decay eta, weight decay lambda and epsilon::
 
     g       <- +/- g_t / grad_scale               (minus when maximize)
     g       <- g + lambda * p                     (L2 weight decay, when lambda != 0)
@@ -86,7 +86,7 @@ def adagrad_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
     state_sum: ``np.full_like(param, initial_accumulator_value)`` before step 1. step: the
     1-based step count (torch's state ``step`` after its increment). Returns None.
 
-    The exact per-element operations, in T (each constant rounded once to T):
+    The exact per-element operations, in T (each constant rounded once to T)::
 
         g = grad * T(grad_mul)
         g = g + T(l2_weight_decay) * p            if l2

@@ -5,7 +5,7 @@ SIMD path and thread count. Speed is not a goal here.
 
 Algorithm (Kingma & Ba, 2015, Algorithm 1, in the form torch.optim.Adam documents), for
 step t >= 1 with gradient g_t, step size alpha (``lr``), decay rates beta1, beta2,
-epsilon and weight decay lambda:
+epsilon and weight decay lambda::
 
     g   <- +/- g_t / grad_scale                  (minus when maximize)
     g   <- g + lambda * p                        (L2 weight decay, the Adam paper's way)

@@ -2,7 +2,7 @@
 
 Algorithm (Kingma & Ba, 2015, "Adam: A Method for Stochastic Optimization", section 7.1,
 Algorithm 2, with torch's epsilon and L2 decay), for step t >= 1 with gradient g_t, step
-size alpha (``lr``), decay rates beta1, beta2, epsilon and weight decay lambda:
+size alpha (``lr``), decay rates beta1, beta2, epsilon and weight decay lambda::
 
     g <- +/- g_t / grad_scale                     (minus when maximize)
     g <- g + lambda * p                           (L2 weight decay, when lambda != 0)
@@ -19,8 +19,8 @@ capturable=False, differentiable=False).
 
 The maximum is the select ``u*beta2 >= |g|+eps ? u*beta2 : |g|+eps``. For numbers it is
 torch.maximum; for NaN it differs: torch.maximum propagates a NaN from either side, the
-select propagates a NaN of the new term |g|+eps (a NaN gradient, or a NaN p through L2
-decay) and replaces a NaN already in u by |g|+eps (a comparison with NaN is false, the
+select propagates a NaN of the new term ``|g|+eps`` (a NaN gradient, or a NaN p through L2
+decay) and replaces a NaN already in u by ``|g|+eps`` (a comparison with NaN is false, the
 same convention as the Adam reference's AMSGrad maximum). A NaN can only reach u through
 a NaN gradient, which has made m (and so p) NaN for good, so the parameters are the same
 either way; only u may become finite again.
@@ -56,7 +56,7 @@ class AdamaxConstants(NamedTuple):
     l2_weight_decay: lambda when L2 decay is on, else 0.
     one_minus_beta1: 1 - beta1 (m's interpolation weight).
     beta2: u's decay.
-    eps: epsilon, added to |g|.
+    eps: epsilon, added to ``|g|``.
     clr: alpha / (1 - beta1**t), the bias-corrected step size.
     l2: lambda != 0 (the variant g <- g + lambda*p).
     """
@@ -97,7 +97,7 @@ def adamax_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
                 grad_scale: float = 1.0):
     """One Adamax step in place (param, exp_avg, exp_inf; both states zero before step 1).
 
-    The exact per-element operations, in T (each constant rounded once to T):
+    The exact per-element operations, in T (each constant rounded once to T)::
 
         g = grad * T(grad_mul)
         g = g + T(l2_weight_decay) * p            if l2

@@ -1,7 +1,7 @@
 """The temporal average of the parameters (Kingma & Ba 2015, Sec. 7.2), in plain NumPy.
 
 Every optimizer with ``ema_decay=d`` keeps, per parameter, ``param_ema`` (from 0) and
-updates it in the same pass as the rule, from the parameter's new value p:
+updates it in the same pass as the rule, from the parameter's new value p::
 
     param_ema <- param_ema * d + (1 - d) * p
 

@@ -88,7 +88,7 @@ def f16_bits(x, rand=None) -> np.ndarray:
     """float32 -> IEEE float16 bit patterns (uint16). rand None: round to nearest even
     (numpy's astype); else stochastic: the dropped bits plus the top bits of rand (13 of
     them in the normal range; 14 to 31 in the subnormal range), then truncated; magnitudes
-    below 2**-32 (a shift above 31) give zero. |x| >= 65536 and inf -> inf; NaN ->
+    below 2**-32 (a shift above 31) give zero. ``|x| >= 65536`` and inf -> inf; NaN ->
     sign | 0x7e00."""
     u = _f32_bits(x).astype(np.int64)
     sign = (u >> 16) & 0x8000
@@ -165,7 +165,7 @@ for _m in (SIGNED_MAP, SIGNED_THRESHOLDS, UNSIGNED_MAP, UNSIGNED_THRESHOLDS):
 def quantize_blockwise(x, signed: bool):
     """float32 values -> (codes uint8, absmax float32 per block of Q8_BLOCK elements).
 
-    Per block: absmax = max |x| (NaN if any element is NaN); q = x / d in float32 with
+    Per block: absmax = ``max |x|`` (NaN if any element is NaN); q = x / d in float32 with
     d = 1 where absmax == 0, else absmax; code = the number of thresholds < q (NaN q: 0),
     the nearest code. One exception, unsigned map only: a q > 0 below the first threshold
     stores as code 1 (the smallest positive value, 3.25e-7 * absmax), not 0. Unsigned

@@ -2,7 +2,7 @@
 
 Algorithm (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms", Program 1 /
 Algorithm 2), for step t >= 1 with gradient g_t, learning rate eta (``lr``), decay rates
-beta1, beta2 and (decoupled) weight decay lambda:
+beta1, beta2 and (decoupled) weight decay lambda::
 
     g <- +/- g_t / grad_scale                     (minus when maximize)
     p <- p * (1 - eta * lambda)                   (decoupled weight decay, when lambda != 0)
@@ -16,7 +16,7 @@ torch has no Lion; the form follows the paper's pseudo-code and the widely used
 lion-pytorch (lucidrains): ``exp_avg * beta1 + grad * (1 - beta1)``, then sign, then
 ``exp_avg * beta2 + grad * (1 - beta2)`` (lion-pytorch writes both as ``mul`` then
 ``add(grad, alpha=1 - beta)``, which torch's CPU kernel computes as a fused multiply-add;
-here the product is rounded, which changes sign(c) only where |c| is within an ulp of 0,
+here the product is rounded, which changes sign(c) only where ``|c|`` is within an ulp of 0,
 and m by half an ulp per step).
 Since eta * sign(c) is exact (sign(c) is -1, 0 or 1), ``p - eta*sign(c)`` is one rounding,
 the same as torch's ``p.add_(sign(c), alpha=-eta)`` fused or not.
@@ -96,7 +96,7 @@ def lion_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
               maximize: bool = False, grad_scale: float = 1.0):
     """One Lion step in place (param and exp_avg, zero before step 1). Returns None.
 
-    The exact per-element operations, in T (each constant rounded once to T):
+    The exact per-element operations, in T (each constant rounded once to T)::
 
         g = grad * T(grad_mul)
         p = p * T(param_decay)                    if decoupled

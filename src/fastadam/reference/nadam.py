@@ -3,7 +3,7 @@
 Algorithm (Dozat, 2016, "Incorporating Nesterov Momentum into Adam", with the momentum
 schedule of torch.optim.NAdam's documentation), for step t >= 1 with gradient g_t, step
 size gamma (``lr``), decay rates beta1, beta2, momentum decay psi, epsilon and weight
-decay lambda. The per-parameter scalar state mu_product (Pi mu_i) starts at 1:
+decay lambda. The per-parameter scalar state mu_product (Pi mu_i) starts at 1::
 
     mu_t      = beta1 * (1 - 0.5 * 0.96^(t psi))
     mu_{t+1}  = beta1 * (1 - 0.5 * 0.96^((t+1) psi))
@@ -165,7 +165,7 @@ def nadam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
     Returns the new mu_product (``mu_product * mu_t`` in double), to pass to the next
     step.
 
-    The exact per-element operations, in T (each constant rounded once to T):
+    The exact per-element operations, in T (each constant rounded once to T)::
 
         g = grad * T(grad_mul)
         g = g + T(l2_weight_decay) * p            if l2

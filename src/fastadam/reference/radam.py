@@ -2,7 +2,7 @@
 
 Algorithm (Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and Beyond",
 Algorithm 2, with torch's epsilon and weight decay), for step t >= 1 with gradient g_t,
-step size gamma (``lr``), decay rates beta1, beta2, epsilon and weight decay lambda:
+step size gamma (``lr``), decay rates beta1, beta2, epsilon and weight decay lambda::
 
     rho_inf = 2 / (1 - beta2) - 1
     rho_t   = rho_inf - 2 t beta2^t / (1 - beta2^t)
@@ -70,7 +70,7 @@ class RAdamConstants(NamedTuple):
     rho_t: the length of the approximated SMA at step t (informative).
     rect: r when rectified, else 1 (informative; folded into step_size).
     step_size: gamma * sqrt(1 - beta2**t) * r / (1 - beta1**t) when rectified,
-               gamma / (1 - beta1**t) otherwise.
+    gamma / (1 - beta1**t) otherwise.
     l2: L2 decay (g <- g + lambda*p).
     decoupled: decoupled decay (p <- p * param_decay).
     rectified: rho_t > 5 (the adaptive update; otherwise p <- p - step_size*m).
@@ -141,7 +141,7 @@ def radam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
                maximize: bool = False, grad_scale: float = 1.0):
     """One RAdam step in place (param, exp_avg, exp_avg_sq; both zero before step 1).
 
-    The exact per-element operations, in T (each constant rounded once to T):
+    The exact per-element operations, in T (each constant rounded once to T)::
 
         g = grad * T(grad_mul)
         g = g + T(l2_weight_decay) * p            if l2

@@ -4,7 +4,7 @@ Algorithm (Hinton, Srivastava & Swersky, 2012, "Neural Networks for Machine Lear
 lecture 6e; the centered form from Graves, 2013, "Generating Sequences With Recurrent
 Neural Networks"; in the form torch.optim.RMSprop documents), for step t >= 1
 with gradient g_t, learning rate gamma (``lr``), smoothing constant alpha, epsilon,
-momentum mu and weight decay lambda:
+momentum mu and weight decay lambda::
 
     g   <- +/- g_t / grad_scale                   (minus when maximize)
     g   <- g + lambda * p                         (L2 weight decay, when lambda != 0)
@@ -30,7 +30,7 @@ Deliberate differences from torch's single-tensor code:
 
 * torch's CPU ``lerp_(g, w)`` with w = 1 - alpha is fma(w, g - a, a) when w < 0.5 and
   fma(w - 1, g - a, g) otherwise; here always ``a + T(1 - alpha)*(g - a)`` (as the Adam
-  reference), unfused: half an ulp of a per step (about one ulp of max(|a|, |g|) for
+  reference), unfused: half an ulp of a per step (about one ulp of ``max(|a|, |g|)`` for
   alpha <= 0.5, where torch takes the other form).
 * torch's CPU kernels fuse the multiply-add of ``add(x, alpha=c)`` (L2 decay,
   ``p - gamma*b`` with momentum) and of ``addcmul`` (``v*alpha + ((1-alpha)*g)*g`` is
@@ -126,7 +126,7 @@ def rmsprop_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
     All state arrays are zero before step 1. momentum_buffer is required when
     momentum > 0 and grad_avg when centered; otherwise they are not read. Returns None.
 
-    The exact per-element operations, in T (each constant rounded once to T):
+    The exact per-element operations, in T (each constant rounded once to T)::
 
         g = grad * T(grad_mul)
         g = g + T(l2_weight_decay) * p            if l2

@@ -3,7 +3,7 @@
 Algorithm (torch.optim.SGD's documented form; momentum as in Sutskever et al. 2013, "On
 the importance of initialization and momentum in deep learning"), for step t >= 1 with
 gradient g_t, learning rate gamma (``lr``), momentum mu, dampening tau and weight decay
-lambda:
+lambda::
 
     g <- +/- g_t / grad_scale                     (minus when maximize)
     g <- g + lambda * p                           (L2 weight decay, when lambda != 0)
@@ -113,7 +113,7 @@ def sgd_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
     momentum_buffer: zero-initialised before step 1 (torch's ``momentum_buffer`` after
     each step); required when momentum != 0, not read otherwise. Returns None.
 
-    The exact per-element operations, in T (each constant rounded once to T):
+    The exact per-element operations, in T (each constant rounded once to T)::
 
         g = grad * T(grad_mul)
         g = g + T(l2_weight_decay) * p            if l2
