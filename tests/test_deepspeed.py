@@ -33,15 +33,11 @@ DeepSpeed's gradient clipping (default 1.0) is off, so that one process can repl
 """
 import copy
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
+
+from ranks import launch
 
 torch = pytest.importorskip(
     "torch", reason="torch is not installed: fastadam.torch is not tested")
@@ -115,7 +111,7 @@ WORKER = COMMON + textwrap.dedent(r'''
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.utils.logger.setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    stage, out = int(sys.argv[1]), sys.argv[2]
+    stage, out = int(sys.argv[5]), sys.argv[4]  # argv: rank, world, port, out, stage
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
 
@@ -235,69 +231,12 @@ WORKER = COMMON + textwrap.dedent(r'''
 ''')
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill(procs):
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # the rank and anything it started
-            except ProcessLookupError:
-                pass
-
-
-def launch(tmp_path, worker, args, world=2, timeout=TIMEOUT):
-    """Run the script text `worker` as `world` DeepSpeed ranks on 127.0.0.1 (gloo; rank,
-    world size and rendezvous in the environment, as DeepSpeed's launcher sets them), each
-    in its own process group. Fails the test if one fails or the job exceeds `timeout` s,
-    and kills every rank's process group then."""
-    script = tmp_path / "worker.py"
-    script.write_text(worker)
-    base = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-                WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    # gloo binds to the interface of the host name unless told otherwise; stay on loopback
-    loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
-    if loopback:
-        base.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    for attempt in range(2):  # a second port if the first was taken in the meantime
-        port = str(_free_port())
-        procs = []
-        try:
-            for r in range(world):
-                env = dict(base, RANK=str(r), LOCAL_RANK=str(r), LOCAL_SIZE=str(world),
-                           MASTER_PORT=port)
-                procs.append(subprocess.Popen(
-                    [sys.executable, str(script), *map(str, args)], env=env,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    start_new_session=True))
-            outputs = []
-            deadline = time.monotonic() + timeout  # for the whole job, not per rank
-            for p in procs:
-                try:
-                    outputs.append(p.communicate(
-                        timeout=max(1.0, deadline - time.monotonic()))[0])
-                except subprocess.TimeoutExpired:
-                    _kill(procs)
-                    pytest.fail(f"the {world}-rank DeepSpeed job did not finish in {timeout} s:\n"
-                                + "\n---\n".join(q.communicate()[0][-4000:] for q in procs))
-        finally:
-            _kill(procs)
-        if all(p.returncode == 0 for p in procs):
-            return
-        if attempt == 1 or "address already in use" not in "".join(outputs).lower():
-            pytest.fail("a DeepSpeed rank failed:\n"
-                        + "\n---\n".join(o[-6000:] for o in outputs))
-
-
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda s: f"stage{s}")
 def job(request, tmp_path_factory):
     """Run the job of one ZeRO stage; its two ranks' results and its checkpoint folder."""
     out = tmp_path_factory.mktemp(f"zero{request.param}")
-    launch(out, WORKER, (request.param, out))
+    launch(out, WORKER, (request.param,), timeout=TIMEOUT, env={"DS_ACCELERATOR": "cpu"},
+           what=f"DeepSpeed ZeRO-{request.param} job")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return request.param, out, ranks
 

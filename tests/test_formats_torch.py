@@ -680,9 +680,9 @@ def test_zero_redundancy_optimizer_bf16_master_weights(tmp_path):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is unavailable")
-    from test_zero import launch_ranks
+    from ranks import launch
     steps = 10
-    launch_ranks(tmp_path, ZERO_WORKER, (steps,))
+    launch(tmp_path, ZERO_WORKER, (steps,), timeout=120, what="ZeroRedundancyOptimizer job")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
                               torch.nn.Linear(32, 4)).to(torch.bfloat16)

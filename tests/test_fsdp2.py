@@ -43,15 +43,12 @@ with torch.optim.AdamW under FSDP2 (within the few-ulp-per-step bound of
 tests/test_torch_optim.py).
 """
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
+
+from ranks import launch
 
 torch = pytest.importorskip(
     "torch", reason="torch is not installed: fastadam.torch is not tested")
@@ -524,68 +521,11 @@ WORKER = textwrap.dedent(r'''
 ''')
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill(procs):
-    for p in procs:
-        try:  # the rank and anything it started (also if the rank itself has exited)
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for p in procs:
-        p.wait()
-
-
-def launch(tmp_path, worker, args, world=2, timeout=TIMEOUT):
-    """Run the script text `worker` as `world` processes on a gloo mesh on 127.0.0.1
-    (argv: rank, world, port, tmp_path, *args), each in its own process group. Fails the
-    test if one fails (the others are then killed at once, instead of hanging in a
-    collective) or if they run past `timeout` seconds (all killed)."""
-    script = tmp_path / "worker.py"
-    script.write_text(worker)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
-    if loopback:  # gloo binds to the host name's interface unless told otherwise
-        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    for attempt in range(2):  # a second port if the first was taken in the meantime
-        port = str(_free_port())
-        logs = [tmp_path / f"rank{r}.log" for r in range(world)]
-        procs = []
-        try:
-            for r in range(world):
-                with open(logs[r], "w") as log:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, str(script), str(r), str(world), port,
-                         str(tmp_path), *map(str, args)],
-                        env=env, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True))
-            deadline = time.monotonic() + timeout
-            while any(p.poll() is None for p in procs):
-                if time.monotonic() > deadline or any(p.poll() for p in procs):
-                    break
-                time.sleep(0.1)
-        finally:
-            timed_out = not any(p.poll() for p in procs) and any(p.poll() is None
-                                                                for p in procs)
-            _kill(procs)
-        output = "\n---\n".join(f"rank {r}:\n{log.read_text()}" for r, log in enumerate(logs))
-        if all(p.returncode == 0 for p in procs):
-            return
-        if attempt == 0 and "address already in use" in output.lower():
-            continue
-        why = f"did not finish in {timeout} s" if timed_out else "failed"
-        pytest.fail(f"the {world}-process FSDP2 job {why}:\n{output}")
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     start = time.monotonic()
-    launch(out, WORKER, (STEPS, LR, MAX_NORM))
+    launch(out, WORKER, (STEPS, LR, MAX_NORM), timeout=TIMEOUT, what="FSDP2 job")
     print(f"FSDP2 job: {time.monotonic() - start:.1f} s")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return out, ranks

@@ -46,7 +46,7 @@ torch = pytest.importorskip(
 import fastadam  # noqa: E402
 import fastadam.torch as ft  # noqa: E402
 import test_reference_rules as ref  # noqa: E402  (the closed-loop problem and its bounds)
-from test_zero import launch_ranks  # noqa: E402  (the 2-process gloo launcher)
+from ranks import launch  # noqa: E402  (the 2-process gloo launcher)
 
 RULES = ["SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion"]
 CLIP = 30.0  # max_grad_norm: the problem's gradient norms run from about 10 to 40
@@ -836,7 +836,8 @@ def test_zero_redundancy_optimizer_with_every_rule(tmp_path):
     dist = pytest.importorskip("torch.distributed", reason="torch.distributed is unavailable")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is unavailable")
-    launch_ranks(tmp_path, ZERO_WORKER, (ZERO_STEPS, json.dumps(ZERO_CASES)), timeout=60)
+    launch(tmp_path, ZERO_WORKER, (ZERO_STEPS, json.dumps(ZERO_CASES)), timeout=120,
+           what="ZeroRedundancyOptimizer job")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)

@@ -18,13 +18,11 @@ Each rank also reports how many parameter elements its local optimizer holds sta
 together they cover the model once (the point of ZeRO).
 """
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from ranks import launch
 
 torch = pytest.importorskip(
     "torch", reason="torch is not installed: fastadam.torch is not tested")
@@ -95,12 +93,6 @@ WORKER = textwrap.dedent(r'''
 ''')
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process(x, y):
     import fastadam.torch
 
@@ -115,39 +107,9 @@ def _single_process(x, y):
     return [p.detach() for p in net.parameters()]
 
 
-def launch_ranks(tmp_path, worker, args, world=2, timeout=50):
-    """Run the script text `worker` as `world` processes on a gloo mesh on 127.0.0.1:
-    argv = rank, world, port, tmp_path, *args. Fails the test if one fails or hangs."""
-    script = tmp_path / "worker.py"
-    script.write_text(worker)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    # gloo binds to the interface of the host name unless told otherwise; stay on loopback
-    loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
-    if loopback:
-        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    for attempt in range(2):  # a second port if the first was taken in the meantime
-        port = str(_free_port())
-        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port,
-                                   str(tmp_path), *map(str, args)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True) for r in range(world)]
-        outputs = []
-        for p in procs:
-            try:
-                outputs.append(p.communicate(timeout=timeout)[0])
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                pytest.fail(f"the {world}-process ZeRO run did not finish in {timeout} s:\n"
-                            + "\n".join(q.communicate()[0] for q in procs))
-        if all(p.returncode == 0 for p in procs):
-            return
-        if attempt == 1 or "address already in use" not in "".join(outputs).lower():
-            pytest.fail("a ZeRO worker failed:\n" + "\n---\n".join(outputs))
-
-
 def _launch(tmp_path, world=2):
-    launch_ranks(tmp_path, WORKER, (STEPS, LR), world)
+    launch(tmp_path, WORKER, (STEPS, LR), world, timeout=120,
+           what="ZeroRedundancyOptimizer job")
 
 
 def test_zero_redundancy_optimizer_with_fastadam(tmp_path):
