@@ -88,6 +88,7 @@ is "within noise", beyond is "better" or "worse") and, with ``--out PATH``, JSON
 
 Needs torch, scikit-learn and ml_dtypes (``--only mlp`` needs no torch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,14 +117,22 @@ SCHEMA = "fastadam-accuracy/1"
 FORMATS = {
     "fp32": ("float32 AdamW", "float32", {}, 12, 28),
     "bf16_master": ("bf16 + fp32 master", "bfloat16", {"master_weights": True}, 14, 28),
-    "fp32_8bit": ("fp32 + 8-bit moments", "float32", {"state_dtype": "8bit"},
-                  4 + 2 + 8 / 256, 16),
-    "bf16_master_8bit": ("bf16 + master + 8-bit", "bfloat16",
-                         {"master_weights": True, "state_dtype": "8bit"}, 2 + 4 + 2 + 8 / 256,
-                         16),
+    "fp32_8bit": ("fp32 + 8-bit moments", "float32", {"state_dtype": "8bit"}, 4 + 2 + 8 / 256, 16),
+    "bf16_master_8bit": (
+        "bf16 + master + 8-bit",
+        "bfloat16",
+        {"master_weights": True, "state_dtype": "8bit"},
+        2 + 4 + 2 + 8 / 256,
+        16,
+    ),
     "bf16_nearest": ("bf16, no master, nearest", "bfloat16", {"rounding": "nearest"}, 6, 14),
-    "bf16_stochastic": ("bf16, no master, stochastic", "bfloat16",
-                        {"rounding": "stochastic", "seed": 0}, 6, 14),
+    "bf16_stochastic": (
+        "bf16, no master, stochastic",
+        "bfloat16",
+        {"rounding": "stochastic", "seed": 0},
+        6,
+        14,
+    ),
 }
 MAX_THREADS = 2
 BASELINE = "fp32"
@@ -132,12 +141,35 @@ NOISE_SIGMAS = 2.0
 
 # The workloads' settings; QUICK replaces some of them for --quick.
 MLP = dict(hidden=1000, batch=128, steps=2000, lr=1e-4, weight_decay=1e-2, evals=10)
-LM = dict(d_model=128, layers=2, heads=4, context=64, batch=16, steps=1000, lr=1e-3,
-          warmup=0.05, final_lr=0.1, weight_decay=1e-1, eval_windows=256, evals=5,
-          corpus_bytes=None, val_every=10)
-QUICK = {"mlp": dict(hidden=128, steps=12, evals=2),
-         "lm": dict(d_model=64, layers=1, context=32, batch=4, steps=6, eval_windows=16,
-                    evals=2, corpus_bytes=400_000)}
+LM = dict(
+    d_model=128,
+    layers=2,
+    heads=4,
+    context=64,
+    batch=16,
+    steps=1000,
+    lr=1e-3,
+    warmup=0.05,
+    final_lr=0.1,
+    weight_decay=1e-1,
+    eval_windows=256,
+    evals=5,
+    corpus_bytes=None,
+    val_every=10,
+)
+QUICK = {
+    "mlp": dict(hidden=128, steps=12, evals=2),
+    "lm": dict(
+        d_model=64,
+        layers=1,
+        context=32,
+        batch=4,
+        steps=6,
+        eval_windows=16,
+        evals=2,
+        corpus_bytes=400_000,
+    ),
+}
 
 
 class AccuracyError(Exception):
@@ -159,8 +191,12 @@ def _require(names):
     missing = [n for n in names if _optional(n) is None]
     if missing:
         pip = {"sklearn": "scikit-learn"}
-        raise AccuracyError("needs " + ", ".join(pip.get(n, n) for n in missing)
-                            + ": pip install " + " ".join(pip.get(n, n) for n in missing))
+        raise AccuracyError(
+            "needs "
+            + ", ".join(pip.get(n, n) for n in missing)
+            + ": pip install "
+            + " ".join(pip.get(n, n) for n in missing)
+        )
 
 
 def _float(v):
@@ -194,7 +230,7 @@ class Threads:
         self.mark = compare._cpu_snapshot()
         k = min(MAX_THREADS, self.cpus)
         if others is not None:
-            k = min(k, max(1, int(round(self.cpus - others))))
+            k = min(k, max(1, round(self.cpus - others)))
         return k
 
 
@@ -206,21 +242,27 @@ def _mlp_run(fmt, seed, cfg, data, threads):
     import ml_dtypes
 
     _, pdtype, options, _, _ = FORMATS[fmt]
-    model = compare.MLP(data["x_train"].shape[1], int(data["y_train"].max()) + 1,
-                        hidden=cfg["hidden"], dtype=np.float32, seed=seed)
+    model = compare.MLP(
+        data["x_train"].shape[1],
+        int(data["y_train"].max()) + 1,
+        hidden=cfg["hidden"],
+        dtype=np.float32,
+        seed=seed,
+    )
     if pdtype == "bfloat16":
         params = [p.astype(ml_dtypes.bfloat16) for p in model.params]
     else:
         params = model.params
 
-    def sync():                      # the model's float32 arrays <- the trained params
+    def sync():  # the model's float32 arrays <- the trained params
         if params is not model.params:
             for dst, src in zip(model.params, params):
                 dst[...] = src
 
     sync()
-    opt = fastadam.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                         num_threads=threads, **options)
+    opt = fastadam.AdamW(
+        params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], num_threads=threads, **options
+    )
     x, y = data["x_search"], data["y_search"]
     order = np.random.default_rng([seed, 2])
     noise = np.random.default_rng([seed, 3])
@@ -242,7 +284,7 @@ def _mlp_run(fmt, seed, cfg, data, threads):
         for step in range(1, cfg["steps"] + 1):
             if pos >= n:
                 perm, pos = order.permutation(n), 0
-            idx = perm[pos:pos + bs]
+            idx = perm[pos : pos + bs]
             pos += bs
             sync()
             _, grads = model.loss_and_grads(x[idx], y[idx], noise)
@@ -254,25 +296,41 @@ def _mlp_run(fmt, seed, cfg, data, threads):
     with np.errstate(all="ignore"):
         test_loss, test_acc = model.evaluate(data["x_test"], data["y_test"])
     last = curve[-1]
-    return {"format": fmt, "seed": seed, "final_train_loss": last["train_loss"],
-            "val_loss": last["val_loss"], "test_loss": _float(test_loss),
-            "test_accuracy": float(test_acc), "diverged": diverged,
-            "seconds": round(time.perf_counter() - t0, 2), "curve": curve}
+    return {
+        "format": fmt,
+        "seed": seed,
+        "final_train_loss": last["train_loss"],
+        "val_loss": last["val_loss"],
+        "test_loss": _float(test_loss),
+        "test_accuracy": float(test_acc),
+        "diverged": diverged,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "curve": curve,
+    }
 
 
 def run_mlp(cfg, formats, seeds, threads):
     data = compare.load_digits_split(0, np.float32)
     model = compare.MLP(data["x_train"].shape[1], 10, hidden=cfg["hidden"])
-    rec = {"model": model.description + " (fastadam.compare.MLP)",
-           "n_params": int(sum(p.size for p in model.params)),
-           "data": {"name": "scikit-learn digits (fastadam.compare.load_digits_split, seed 0)",
-                    "n_train": len(data["y_search"]), "n_val": len(data["y_val"]),
-                    "n_test": len(data["y_test"])},
-           "api": "fastadam.AdamW (NumPy); bfloat16 params are ml_dtypes.bfloat16 arrays, "
-                  "forward/backward in float32 from their exact image, float32 gradients",
-           "steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"],
-           "schedule": "constant", "weight_decay": cfg["weight_decay"], "runs": []}
-    from threadpoolctl import threadpool_limits    # comes with scikit-learn
+    rec = {
+        "model": model.description + " (fastadam.compare.MLP)",
+        "n_params": int(sum(p.size for p in model.params)),
+        "data": {
+            "name": "scikit-learn digits (fastadam.compare.load_digits_split, seed 0)",
+            "n_train": len(data["y_search"]),
+            "n_val": len(data["y_val"]),
+            "n_test": len(data["y_test"]),
+        },
+        "api": "fastadam.AdamW (NumPy); bfloat16 params are ml_dtypes.bfloat16 arrays, "
+        "forward/backward in float32 from their exact image, float32 gradients",
+        "steps": cfg["steps"],
+        "batch": cfg["batch"],
+        "lr": cfg["lr"],
+        "schedule": "constant",
+        "weight_decay": cfg["weight_decay"],
+        "runs": [],
+    }
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
     for fmt, seed in _plan(formats, seeds):
         k = threads.decide()
@@ -294,9 +352,10 @@ def stdlib_corpus(limit=None):
     ``limit``: stop adding files once that many bytes are read."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = sorted((p for p in root.rglob("*.py")
-                    if not skip.intersection(p.relative_to(root).parts[:-1])),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(
+        (p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1])),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     train, val, total, used = [], [], 0, 0
     for i, p in enumerate(files):
         try:
@@ -309,11 +368,16 @@ def stdlib_corpus(limit=None):
         if limit and total >= limit:
             break
     tr, va = b"".join(train), b"".join(val)
-    desc = {"name": "Python standard library sources", "root": str(root),
-            "python": platform.python_version(), "files": used,
-            "split": f"every {LM['val_every']}th file (sorted by path) is validation",
-            "train_bytes": len(tr), "val_bytes": len(va),
-            "sha256": hashlib.sha256(tr + va).hexdigest()}
+    desc = {
+        "name": "Python standard library sources",
+        "root": str(root),
+        "python": platform.python_version(),
+        "files": used,
+        "split": f"every {LM['val_every']}th file (sorted by path) is validation",
+        "train_bytes": len(tr),
+        "val_bytes": len(va),
+        "sha256": hashlib.sha256(tr + va).hexdigest(),
+    }
     return tr, va, desc
 
 
@@ -332,8 +396,11 @@ def _lm_module():
 
         def forward(self, x):
             b, t, d = x.shape
-            q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads) \
+            q, k, v = (
+                self.qkv(self.ln1(x))
+                .view(b, t, 3, self.heads, d // self.heads)
                 .permute(2, 0, 3, 1, 4)
+            )
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
             return x + self.down(F.gelu(self.up(self.ln2(x))))
@@ -356,7 +423,7 @@ def _lm_module():
                     nn.init.zeros_(p)
 
         def forward(self, x):
-            return self.head(self.ln(self.blocks(self.emb(x) + self.pos[:x.shape[1]])))
+            return self.head(self.ln(self.blocks(self.emb(x) + self.pos[: x.shape[1]])))
 
     return ByteLM
 
@@ -370,23 +437,29 @@ def _windows(data, starts, context):
 
 def _lm_run(fmt, seed, cfg, corpus, threads):
     import torch
-    import fastadam.torch as fat
     from torch.nn import functional as F
 
+    import fastadam.torch as fat
+
     _, pdtype, options, _, _ = FORMATS[fmt]
-    train, val, eval_sets = corpus
+    train, _val, eval_sets = corpus
     torch.manual_seed(seed)
     model = _lm_module()(cfg["d_model"], cfg["layers"], cfg["heads"], cfg["context"])
     if pdtype == "bfloat16":
         model = model.to(torch.bfloat16)
-    opt = fat.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                    num_threads=threads, **options)
+    opt = fat.AdamW(
+        model.parameters(),
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        num_threads=threads,
+        **options,
+    )
     gen = torch.Generator().manual_seed(1000 + seed)
     steps, ctx = cfg["steps"], cfg["context"]
     marks = _marks(steps, cfg["evals"])
     curve, diverged = [], False
 
-    def lr_at(step):                 # 1-based: linear warmup, cosine to final_lr * lr
+    def lr_at(step):  # 1-based: linear warmup, cosine to final_lr * lr
         w = max(1, int(cfg["warmup"] * steps))
         if step <= w:
             return cfg["lr"] * step / w
@@ -401,10 +474,11 @@ def _lm_run(fmt, seed, cfg, corpus, threads):
         for name, w in eval_sets.items():
             tot = 0.0
             for i in range(0, len(w), cfg["batch"] * 4):
-                b = w[i:i + cfg["batch"] * 4]
+                b = w[i : i + cfg["batch"] * 4]
                 logits = m(b[:, :-1]).float()
-                tot += F.cross_entropy(logits.reshape(-1, 256), b[:, 1:].reshape(-1),
-                                       reduction="sum").item()
+                tot += F.cross_entropy(
+                    logits.reshape(-1, 256), b[:, 1:].reshape(-1), reduction="sum"
+                ).item()
             out[name] = _float(tot / (len(w) * ctx))
         model.train()
         curve.append(out)
@@ -426,9 +500,15 @@ def _lm_run(fmt, seed, cfg, corpus, threads):
             diverged = True
             break
     last = curve[-1]
-    return {"format": fmt, "seed": seed, "final_train_loss": last["train_loss"],
-            "val_loss": last["val_loss"], "diverged": diverged,
-            "seconds": round(time.perf_counter() - t0, 2), "curve": curve}
+    return {
+        "format": fmt,
+        "seed": seed,
+        "final_train_loss": last["train_loss"],
+        "val_loss": last["val_loss"],
+        "diverged": diverged,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "curve": curve,
+    }
 
 
 def run_lm(cfg, formats, seeds, threads):
@@ -440,22 +520,29 @@ def run_lm(cfg, formats, seeds, threads):
     ctx = cfg["context"]
     g = torch.Generator().manual_seed(12345)  # the same evaluation windows for every run
     eval_sets = {
-        "train_loss": _windows(train, torch.randint(0, len(train) - ctx - 1,
-                                                    (cfg["eval_windows"],), generator=g), ctx),
-        "val_loss": _windows(val, torch.randint(0, len(val) - ctx - 1,
-                                                (cfg["eval_windows"],), generator=g), ctx)}
+        "train_loss": _windows(
+            train, torch.randint(0, len(train) - ctx - 1, (cfg["eval_windows"],), generator=g), ctx
+        ),
+        "val_loss": _windows(
+            val, torch.randint(0, len(val) - ctx - 1, (cfg["eval_windows"],), generator=g), ctx
+        ),
+    }
     model = _lm_module()(cfg["d_model"], cfg["layers"], cfg["heads"], ctx)
-    rec = {"model": f"byte-level transformer LM: d_model {cfg['d_model']}, {cfg['layers']} "
-                    f"layers, {cfg['heads']} heads, context {ctx}, MLP 4x, pre-LN, untied head",
-           "n_params": int(sum(p.numel() for p in model.parameters())),
-           "data": dict(desc, eval_windows=cfg["eval_windows"],
-                        tokens_per_step=cfg["batch"] * ctx),
-           "api": "fastadam.torch.AdamW; bfloat16 runs: model.to(torch.bfloat16), bfloat16 "
-                  "forward/backward/gradients, loss in float32",
-           "steps": cfg["steps"], "batch": cfg["batch"], "lr": cfg["lr"],
-           "schedule": f"linear warmup {cfg['warmup']:g} of the steps, cosine to "
-                       f"{cfg['final_lr']:g} x lr",
-           "weight_decay": cfg["weight_decay"], "runs": []}
+    rec = {
+        "model": f"byte-level transformer LM: d_model {cfg['d_model']}, {cfg['layers']} "
+        f"layers, {cfg['heads']} heads, context {ctx}, MLP 4x, pre-LN, untied head",
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "data": dict(desc, eval_windows=cfg["eval_windows"], tokens_per_step=cfg["batch"] * ctx),
+        "api": "fastadam.torch.AdamW; bfloat16 runs: model.to(torch.bfloat16), bfloat16 "
+        "forward/backward/gradients, loss in float32",
+        "steps": cfg["steps"],
+        "batch": cfg["batch"],
+        "lr": cfg["lr"],
+        "schedule": f"linear warmup {cfg['warmup']:g} of the steps, cosine to "
+        f"{cfg['final_lr']:g} x lr",
+        "weight_decay": cfg["weight_decay"],
+        "runs": [],
+    }
     for fmt, seed in _plan(formats, seeds):
         k = threads.decide()
         torch.set_num_threads(k)
@@ -485,8 +572,10 @@ def _plan(formats, seeds):
 
 def _log_run(name, r):
     acc = f", test accuracy {100 * r['test_accuracy']:.2f}%" if "test_accuracy" in r else ""
-    log(f"{name} {r['format']:<17} seed {r['seed']}: train {_fmt(r['final_train_loss'])}, "
-        f"val {_fmt(r['val_loss'])}{acc}  ({r['seconds']:.1f} s, threads {r['threads']})")
+    log(
+        f"{name} {r['format']:<17} seed {r['seed']}: train {_fmt(r['final_train_loss'])}, "
+        f"val {_fmt(r['val_loss'])}{acc}  ({r['seconds']:.1f} s, threads {r['threads']})"
+    )
 
 
 def _fmt(v, digits=4):
@@ -497,9 +586,13 @@ def _stats(values):
     vals = [v for v in values if v is not None]
     if not vals:
         return None
-    return {"mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": min(vals), "max": max(vals), "values": list(values)}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals),
+        "max": max(vals),
+        "values": list(values),
+    }
 
 
 def _summarise(rec, metrics):
@@ -523,9 +616,13 @@ def _summarise(rec, metrics):
             s[key + "_std"] = st["std"] if st else None
             if rec["baseline"] and rec["baseline"][m] and s[key] is not None:
                 s["delta_" + key.replace("_loss", "")] = s[key] - rec["baseline"][m]["mean"]
-        pairs = [q["val_loss"] - by_seed[q["seed"]]["val_loss"] for q in runs
-                 if q["seed"] in by_seed and q["val_loss"] is not None
-                 and by_seed[q["seed"]]["val_loss"] is not None]
+        pairs = [
+            q["val_loss"] - by_seed[q["seed"]]["val_loss"]
+            for q in runs
+            if q["seed"] in by_seed
+            and q["val_loss"] is not None
+            and by_seed[q["seed"]]["val_loss"] is not None
+        ]
         if r["format"] != BASELINE and pairs:
             s["paired_delta_val"] = _stats(pairs)
         b = rec["baseline"]["val_loss"] if rec["baseline"] else None
@@ -535,8 +632,9 @@ def _summarise(rec, metrics):
             s["within_noise"], s["verdict"] = False, "diverged"
         else:
             s["within_noise"] = abs(s["delta_val"]) <= NOISE_SIGMAS * b["std"]
-            s["verdict"] = ("within noise" if s["within_noise"] else
-                            "better" if s["delta_val"] < 0 else "worse")
+            s["verdict"] = (
+                "within noise" if s["within_noise"] else "better" if s["delta_val"] < 0 else "worse"
+            )
         summ[r["format"]] = s
     rec["summary"] = summ
     near, stoch = summ.get("bf16_nearest"), summ.get("bf16_stochastic")
@@ -544,20 +642,30 @@ def _summarise(rec, metrics):
         rec["stochastic_vs_nearest"] = {
             "delta_train": stoch["train_loss"] - near["train_loss"],
             "delta_val": stoch["val_loss"] - near["val_loss"],
-            "fp32_val_std": b["std"] if b else None}
+            "fp32_val_std": b["std"] if b else None,
+        }
 
 
 def format_table(name, rec):
-    title = {"mlp": "MLP on digits (NumPy API)", "lm": "byte-level transformer LM on the "
-             "Python stdlib (torch)"}[name]
+    title = {
+        "mlp": "MLP on digits (NumPy API)",
+        "lm": "byte-level transformer LM on the Python stdlib (torch)",
+    }[name]
     has_acc = name == "mlp"
-    lines = [f"== {title}: {rec['model']}, {rec['n_params']:,} params, {rec['steps']} steps "
-             f"of {rec['batch']}, lr {rec['lr']:g} ({rec['schedule']}), weight_decay "
-             f"{rec['weight_decay']:g}"]
+    lines = [
+        (
+            f"== {title}: {rec['model']}, {rec['n_params']:,} params, {rec['steps']} steps "
+            f"of {rec['batch']}, lr {rec['lr']:g} ({rec['schedule']}), weight_decay "
+            f"{rec['weight_decay']:g}"
+        )
+    ]
     base = rec["baseline"]
-    head = (f"{'format':<28} {'seeds':>5} {'B/param':>7}  {'train loss':>10} {'vs fp32':>8}  "
-            f"{'val loss':>8} {'± std':>7} {'vs fp32':>8}" + ("  test acc" if has_acc else "")
-            + "  vs noise (in fp32 std)")
+    head = (
+        f"{'format':<28} {'seeds':>5} {'B/param':>7}  {'train loss':>10} {'vs fp32':>8}  "
+        f"{'val loss':>8} {'± std':>7} {'vs fp32':>8}"
+        + ("  test acc" if has_acc else "")
+        + "  vs noise (in fp32 std)"
+    )
     lines += [head, "-" * len(head)]
     sd = base["val_loss"]["std"] if base and base["val_loss"] else 0.0
     for key, s in rec["summary"].items():
@@ -569,28 +677,38 @@ def format_table(name, rec):
         if sd > 0 and vr:
             noise += f" ({s['delta_val'] / sd:+.1f})"
         acc = f"  {100 * s['test_accuracy']:7.2f}%" if has_acc else ""
-        lines.append(f"{label:<28} {len(s['seeds']):>5} {nbytes:>7.2f}  "
-                     f"{_fmt(s['train_loss']):>10} {tr:>8}  {_fmt(s['val_loss']):>8} {vs:>7} "
-                     f"{vr:>8}{acc}  {noise}")
+        lines.append(
+            f"{label:<28} {len(s['seeds']):>5} {nbytes:>7.2f}  "
+            f"{_fmt(s['train_loss']):>10} {tr:>8}  {_fmt(s['val_loss']):>8} {vs:>7} "
+            f"{vr:>8}{acc}  {noise}"
+        )
     if base:
         vals = ", ".join(_fmt(v) for v in base["val_loss"]["values"])
-        lines.append(f"float32 seeds' val losses: {vals}. Every value is the mean over the "
-                     "format's seeds; within noise: |val loss - float32 mean| <= "
-                     f"{NOISE_SIGMAS:g} std of the float32 seeds (better/worse beyond).")
+        lines.append(
+            f"float32 seeds' val losses: {vals}. Every value is the mean over the "
+            "format's seeds; within noise: |val loss - float32 mean| <= "
+            f"{NOISE_SIGMAS:g} std of the float32 seeds (better/worse beyond)."
+        )
     sn = rec.get("stochastic_vs_nearest")
     if sn:
         rel = f" ({sn['delta_val'] / sd:+.1f} fp32 std)" if sd > 0 else ""
-        lines.append(f"bf16 without master, stochastic minus nearest rounding: train loss "
-                     f"{sn['delta_train']:+.4f}, val loss {sn['delta_val']:+.4f}{rel}.")
+        lines.append(
+            f"bf16 without master, stochastic minus nearest rounding: train loss "
+            f"{sn['delta_train']:+.4f}, val loss {sn['delta_val']:+.4f}{rel}."
+        )
     return "\n".join(lines)
 
 
 def _versions():
     import ml_dtypes
 
-    v = {"python": platform.python_version(), "numpy": np.__version__,
-         "ml_dtypes": ml_dtypes.__version__, "fastadam": fastadam.__version__,
-         "fastadam_simd": fastadam.config()["simd"]}
+    v = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "ml_dtypes": ml_dtypes.__version__,
+        "fastadam": fastadam.__version__,
+        "fastadam_simd": fastadam.config()["simd"],
+    }
     for mod in ("torch", "sklearn"):
         m = _optional(mod)
         v[mod] = getattr(m, "__version__", None) if m else None
@@ -601,27 +719,43 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python bench/accuracy_formats.py",
         description="Train an MLP on digits (NumPy API) and a byte-level transformer LM on "
-                    "the Python stdlib (torch) with every storage format of fastadam's "
-                    "AdamW, and compare the final losses with float32 AdamW's run-to-run "
-                    "noise (3 seeds).",
-        epilog="The module docstring documents the setting and the JSON layout.")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run of seconds (tiny models, a few steps)")
+        "the Python stdlib (torch) with every storage format of fastadam's "
+        "AdamW, and compare the final losses with float32 AdamW's run-to-run "
+        "noise (3 seeds).",
+        epilog="The module docstring documents the setting and the JSON layout.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run of seconds (tiny models, a few steps)"
+    )
     p.add_argument("--only", choices=["mlp", "lm"], help="one workload (default: both)")
-    p.add_argument("--steps", type=int, help=f"training steps (default: mlp {MLP['steps']}, "
-                                             f"lm {LM['steps']})")
-    p.add_argument("--lr", type=float, help=f"peak lr (default: mlp {MLP['lr']:g}, "
-                                            f"lm {LM['lr']:g})")
-    p.add_argument("--formats", default="all",
-                   help="comma separated keys of FORMATS, or all (default)")
-    p.add_argument("--seeds", type=int, default=len(SEEDS),
-                   help=f"float32 runs, seeds 0, 1, ... (default {len(SEEDS)})")
-    p.add_argument("--format-seeds", type=int, default=1,
-                   help="runs of every other format, seeds 0, 1, ... (default 1)")
-    p.add_argument("--threads", default="auto",
-                   help=f"threads of each run (BLAS or torch, and fastadam): N, or auto "
-                        f"(default): {MAX_THREADS}, lowered before each run to the CPUs other "
-                        "processes leave idle")
+    p.add_argument(
+        "--steps", type=int, help=f"training steps (default: mlp {MLP['steps']}, lm {LM['steps']})"
+    )
+    p.add_argument(
+        "--lr", type=float, help=f"peak lr (default: mlp {MLP['lr']:g}, lm {LM['lr']:g})"
+    )
+    p.add_argument(
+        "--formats", default="all", help="comma separated keys of FORMATS, or all (default)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=len(SEEDS),
+        help=f"float32 runs, seeds 0, 1, ... (default {len(SEEDS)})",
+    )
+    p.add_argument(
+        "--format-seeds",
+        type=int,
+        default=1,
+        help="runs of every other format, seeds 0, 1, ... (default 1)",
+    )
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help=f"threads of each run (BLAS or torch, and fastadam): N, or auto "
+        f"(default): {MAX_THREADS}, lowered before each run to the CPUs other "
+        "processes leave idle",
+    )
     p.add_argument("--out", metavar="PATH", help="write the results as JSON")
     return p
 
@@ -629,14 +763,23 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    fmts = list(FORMATS) if args.formats == "all" else \
-        [f.strip() for f in args.formats.split(",") if f.strip()]
+    fmts = (
+        list(FORMATS)
+        if args.formats == "all"
+        else [f.strip() for f in args.formats.split(",") if f.strip()]
+    )
     bad = [f for f in fmts if f not in FORMATS]
-    err = (f"unknown format(s) {bad} (choose from {', '.join(FORMATS)})" if bad
-           else "no format" if not fmts
-           else "--steps must be >= 1" if args.steps is not None and args.steps < 1
-           else "--seeds and --format-seeds must be >= 1"
-           if min(args.seeds, args.format_seeds) < 1 else None)
+    err = (
+        f"unknown format(s) {bad} (choose from {', '.join(FORMATS)})"
+        if bad
+        else "no format"
+        if not fmts
+        else "--steps must be >= 1"
+        if args.steps is not None and args.steps < 1
+        else "--seeds and --format-seeds must be >= 1"
+        if min(args.seeds, args.format_seeds) < 1
+        else None
+    )
     if err is None and args.threads != "auto":
         try:
             args.threads = int(args.threads)
@@ -655,15 +798,34 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
-    out = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "elapsed_s": None, "machine": compare._machine(), "versions": _versions(),
-           "settings": {"argv": argv, "quick": args.quick, "only": args.only,
-                        "steps": args.steps, "formats": fmts, "seeds": seeds,
-                        "threads": args.threads},
-           "formats": {k: {"label": v[0], "param_dtype": v[1], "options": v[2],
-                           "state_bytes_per_param": v[3], "traffic_bytes_per_element": v[4]}
-                       for k, v in FORMATS.items() if k in fmts},
-           "workloads": {}}
+    out = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": None,
+        "machine": compare._machine(),
+        "versions": _versions(),
+        "settings": {
+            "argv": argv,
+            "quick": args.quick,
+            "only": args.only,
+            "steps": args.steps,
+            "formats": fmts,
+            "seeds": seeds,
+            "threads": args.threads,
+        },
+        "formats": {
+            k: {
+                "label": v[0],
+                "param_dtype": v[1],
+                "options": v[2],
+                "state_bytes_per_param": v[3],
+                "traffic_bytes_per_element": v[4],
+            }
+            for k, v in FORMATS.items()
+            if k in fmts
+        },
+        "workloads": {},
+    }
     runners = {"mlp": (MLP, run_mlp), "lm": (LM, run_lm)}
     for name in workloads:
         base, fn = runners[name]

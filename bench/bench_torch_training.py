@@ -25,6 +25,7 @@ The optimizer step of Adam is memory bound: per float32 parameter it reads param
 exp_avg and exp_avg_sq and writes param, exp_avg and exp_avg_sq (28 bytes); the table gives
 the resulting effective bandwidth (GB/s) of each optimizer step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ class Block(torch.nn.Module):
 
 def make_model(d, hidden, layers, dtype):
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[Block(d, hidden) for _ in range(layers)],
-                               torch.nn.LayerNorm(d)).to(dtype)
+    return torch.nn.Sequential(
+        *[Block(d, hidden) for _ in range(layers)], torch.nn.LayerNorm(d)
+    ).to(dtype)
 
 
 def quartiles(xs):
@@ -79,11 +81,18 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps-per-round", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads and fastadam's num_threads (default: "
-                         "torch's and OpenMP's defaults)")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads and fastadam's num_threads (default: "
+        "torch's and OpenMP's defaults)",
+    )
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of: " + ", ".join(VARIANTS),
+    )
     ap.add_argument("--json", default=None, help="write the raw timings here")
     args = ap.parse_args(argv)
 
@@ -105,20 +114,29 @@ def main(argv=None):
         kw = dict(lr=1e-4, weight_decay=0.0)
         if n == "fastadam":
             kw["num_threads"] = args.threads
-        runs[n] = dict(model=model, opt=VARIANTS[n](list(model.parameters()), kw),
-                       opt_ms=[], train_ms=[], losses=[])
+        runs[n] = dict(
+            model=model,
+            opt=VARIANTS[n](list(model.parameters()), kw),
+            opt_ms=[],
+            train_ms=[],
+            losses=[],
+        )
     params = list(runs[names[0]]["model"].parameters())
     numel = sum(p.numel() for p in params)
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     cfg = fastadam.config()
-    print(f"model: {args.layers} blocks of LayerNorm + Linear({args.d_model}, {hidden}) + GELU + "
-          f"Linear({hidden}, {args.d_model}), {len(params)} tensors, {numel / 1e6:.1f}M "
-          f"{args.dtype} parameters; batch {args.batch} x {args.d_model}")
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads); fastadam "
-          f"{cfg['version']} (SIMD {cfg['simd']}, OpenMP "
-          f"{'on' if cfg['openmp'] else 'off'}, max_threads {cfg['max_threads']}); "
-          f"{platform.machine()}, Python {platform.python_version()}")
+    print(
+        f"model: {args.layers} blocks of LayerNorm + Linear({args.d_model}, {hidden}) + GELU + "
+        f"Linear({hidden}, {args.d_model}), {len(params)} tensors, {numel / 1e6:.1f}M "
+        f"{args.dtype} parameters; batch {args.batch} x {args.d_model}"
+    )
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); fastadam "
+        f"{cfg['version']} (SIMD {cfg['simd']}, OpenMP "
+        f"{'on' if cfg['openmp'] else 'off'}, max_threads {cfg['max_threads']}); "
+        f"{platform.machine()}, Python {platform.python_version()}"
+    )
     sys.stdout.flush()
 
     def train_step(run, record):
@@ -140,7 +158,7 @@ def main(argv=None):
             train_step(runs[n], False)
     t_start = time.perf_counter()
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             for _ in range(args.steps_per_round):
                 train_step(runs[n], True)
@@ -149,10 +167,14 @@ def main(argv=None):
     base = {n: statistics.median(runs[n]["opt_ms"]) for n in names}
     base_train = {n: statistics.median(runs[n]["train_ms"]) for n in names}
     nbytes = 7 * numel * itemsize
-    print(f"\n{args.rounds} rounds x {args.steps_per_round} steps per optimizer, interleaved "
-          f"({elapsed:.0f} s); medians, IQR in brackets\n")
-    print("| optimizer | optimizer step (ms) | GB/s | training step (ms) | step share "
-          "| fastadam speedup: step | training step |")
+    print(
+        f"\n{args.rounds} rounds x {args.steps_per_round} steps per optimizer, interleaved "
+        f"({elapsed:.0f} s); medians, IQR in brackets\n"
+    )
+    print(
+        "| optimizer | optimizer step (ms) | GB/s | training step (ms) | step share "
+        "| fastadam speedup: step | training step |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n in names:
         o_lo, o_med, o_hi = quartiles(runs[n]["opt_ms"])
@@ -161,8 +183,10 @@ def main(argv=None):
         if "fastadam" in base and n != "fastadam":
             sp = f"{o_med / base['fastadam']:.2f}x"
             sp_t = f"{t_med / base_train['fastadam']:.2f}x"
-        print(f"| {n} | {o_med:.1f} [{o_lo:.1f}-{o_hi:.1f}] | {nbytes / o_med / 1e6:.1f} "
-              f"| {t_med:.1f} [{t_lo:.1f}-{t_hi:.1f}] | {o_med / t_med:.0%} | {sp} | {sp_t} |")
+        print(
+            f"| {n} | {o_med:.1f} [{o_lo:.1f}-{o_hi:.1f}] | {nbytes / o_med / 1e6:.1f} "
+            f"| {t_med:.1f} [{t_lo:.1f}-{t_hi:.1f}] | {o_med / t_med:.0%} | {sp} | {sp_t} |"
+        )
 
     # The optimizers trained identical copies: their parameters should still agree closely
     # (fastadam matches torch.optim.Adam(foreach=False) to about an ulp per step).
@@ -171,15 +195,26 @@ def main(argv=None):
         b = list(runs["torch for-loop"]["model"].parameters())
         steps = args.warmup + args.rounds * args.steps_per_round
         d = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a, b))
-        print(f"\nafter {steps} steps, max |fastadam - torch for-loop| over all parameters: "
-              f"{d:.3g}; losses {runs['fastadam']['losses'][-1]:.6g} vs "
-              f"{runs['torch for-loop']['losses'][-1]:.6g}")
+        print(
+            f"\nafter {steps} steps, max |fastadam - torch for-loop| over all parameters: "
+            f"{d:.3g}; losses {runs['fastadam']['losses'][-1]:.6g} vs "
+            f"{runs['torch for-loop']['losses'][-1]:.6g}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "numel": numel, "torch": torch.__version__,
-                       "fastadam": cfg, "results": {n: {k: runs[n][k] for k in
-                                                        ("opt_ms", "train_ms", "losses")}
-                                                    for n in names}}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "numel": numel,
+                    "torch": torch.__version__,
+                    "fastadam": cfg,
+                    "results": {
+                        n: {k: runs[n][k] for k in ("opt_ms", "train_ms", "losses")} for n in names
+                    },
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

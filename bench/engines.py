@@ -38,6 +38,7 @@ interquartile range over all timed steps.
 
 Not a test: nothing here asserts a speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,11 @@ FSDP_VARIANTS = ("torch fused", "torch foreach", "torch for-loop", "fastadam")
 def _model(args, torch):
     torch.manual_seed(0)
     layer = lambda: torch.nn.TransformerEncoderLayer(  # noqa: E731
-        args.d_model, args.heads, 4 * args.d_model, dropout=0.0, batch_first=True,
-        norm_first=True)
-    return torch.nn.Sequential(*[layer() for _ in range(args.layers)],
-                               torch.nn.LayerNorm(args.d_model))
+        args.d_model, args.heads, 4 * args.d_model, dropout=0.0, batch_first=True, norm_first=True
+    )
+    return torch.nn.Sequential(
+        *[layer() for _ in range(args.layers)], torch.nn.LayerNorm(args.d_model)
+    )
 
 
 def _data(args, torch, rank, dtype):
@@ -79,6 +81,7 @@ def _quiet_deepspeed():
     are gloo's); ask py-cpuinfo once (DeepSpeedCPUAdam's constructor runs it, ~2 s)."""
     import functools
     import logging
+
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed
         import deepspeed.comm.torch
@@ -87,6 +90,7 @@ def _quiet_deepspeed():
     deepspeed.utils.logger.setLevel(logging.WARNING)
     try:
         import cpuinfo
+
         if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
             cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
     except ImportError:
@@ -104,12 +108,14 @@ def _timed(obj, name, sink):
             return inner(*a, **kw)
         finally:
             sink[0] += time.perf_counter() - t0
+
     setattr(obj, name, wrapper)
 
 
 def _deepspeed_runs(args, torch, rank):
     deepspeed = _quiet_deepspeed()
     import fastadam.torch as ft
+
     deepspeed.init_distributed(dist_backend="gloo")
     bf16 = args.dtype == "bf16"
     runs = {}
@@ -120,16 +126,20 @@ def _deepspeed_runs(args, torch, rank):
             opt = ft.AdamW(model.parameters(), num_threads=args.threads, **kw)
         else:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
+
             opt = DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **kw)
-        cfg = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": 10**9,
-               "gradient_clipping": args.clip,
-               "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-               "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
+        cfg = {
+            "train_micro_batch_size_per_gpu": args.batch,
+            "steps_per_print": 10**9,
+            "gradient_clipping": args.clip,
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            "zero_force_ds_cpu_optimizer": False,
+            "zero_allow_untested_optimizer": True,
+        }
         if bf16:
             cfg["bf16"] = {"enabled": True}
         with contextlib.redirect_stdout(sys.stderr):
-            engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                                          config=cfg)
+            engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         opt_s, clip_s = [0.0], [0.0]
         _timed(zero_opt.optimizer, "step", opt_s)  # the client optimizer ZeRO calls
         # ZeRO's gradient passes around it: the global norm, then unscale and clip
@@ -146,6 +156,7 @@ def _deepspeed_runs(args, torch, rank):
             engine.step()
             t2 = time.perf_counter()
             return (opt_s[0], clip_s[0], t2 - t1, t2 - t0), loss.item()
+
         runs[name] = step
     numel = sum(p.numel() for p in _model(args, torch).parameters())
     return runs, numel
@@ -154,11 +165,13 @@ def _deepspeed_runs(args, torch, rank):
 def _fsdp2_runs(args, torch, rank):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
     import fastadam.torch as ft
+
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if args.dtype == "bf16" else None
@@ -173,10 +186,12 @@ def _fsdp2_runs(args, torch, rank):
         if name == "fastadam":
             opt = ft.AdamW(model.parameters(), num_threads=args.threads, **kw)
         else:
-            mode = {"torch fused": "fused", "torch foreach": "foreach",
-                    "torch for-loop": "foreach"}[name]
-            opt = torch.optim.AdamW(model.parameters(), **kw,
-                                    **{mode: name != "torch for-loop"})
+            mode = {
+                "torch fused": "fused",
+                "torch foreach": "foreach",
+                "torch for-loop": "foreach",
+            }[name]
+            opt = torch.optim.AdamW(model.parameters(), **kw, **{mode: name != "torch for-loop"})
         x, y = _data(args, torch, rank, torch.float32)
 
         def step(model=model, opt=opt, x=x, y=y):
@@ -188,9 +203,10 @@ def _fsdp2_runs(args, torch, rank):
             opt.step()
             t2 = time.perf_counter()
             return (t2 - t1, None, None, t2 - t0), loss.item()
+
         try:  # one step: an optimizer that cannot run under FSDP2 is reported, not timed
             step()
-        except Exception as e:  # noqa: BLE001 - any failure is the row's result
+        except Exception as e:
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             continue
         runs[name] = step
@@ -201,6 +217,7 @@ def _fsdp2_runs(args, torch, rank):
 def rank_main(args):
     import torch
     import torch.distributed as dist
+
     torch.set_num_threads(args.threads)
     rank = int(os.environ["RANK"])
     if args.engine == "deepspeed":
@@ -216,7 +233,7 @@ def rank_main(args):
             runs[n]()
     t_start = time.perf_counter()
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
         for n in order:
             for _ in range(args.steps_per_round):
                 t, loss = runs[n]()
@@ -227,12 +244,26 @@ def rank_main(args):
     dist.all_gather_object(gathered, times)
     if rank == 0:
         # a step lasts as long as its slower rank
-        slow = {n: [tuple(None if v[0] is None else max(v) for v in zip(*col))
-                    for col in zip(*(g[n] for g in gathered))] for n in names}
+        slow = {
+            n: [
+                tuple(None if v[0] is None else max(v) for v in zip(*col))
+                for col in zip(*(g[n] for g in gathered))
+            ]
+            for n in names
+        }
         with open(args.out, "w") as f:
-            json.dump({"engine": args.engine, "numel": numel, "elapsed": elapsed,
-                       "times": slow, "losses": losses, "errors": errors,
-                       "threads": args.threads}, f)
+            json.dump(
+                {
+                    "engine": args.engine,
+                    "numel": numel,
+                    "elapsed": elapsed,
+                    "times": slow,
+                    "losses": losses,
+                    "errors": errors,
+                    "threads": args.threads,
+                },
+                f,
+            )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -247,18 +278,39 @@ def _free_port():
 def _launch(args, engine, out, timeout):
     """Run this script's rank mode as 2 processes (own process groups, killed on a timeout
     or a failure); the rank-0 JSON."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE="2", OMP_NUM_THREADS=str(args.threads), DS_ACCELERATOR="cpu")
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE="2",
+        OMP_NUM_THREADS=str(args.threads),
+        DS_ACCELERATOR="cpu",
+    )
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     variants = args.ds_variants if engine == "deepspeed" else args.fsdp_variants
-    cmd = [sys.executable, os.path.abspath(__file__), "--rank-engine", engine,
-           "--out", out, "--variants", ",".join(variants)] + args.passthrough
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--rank-engine",
+        engine,
+        "--out",
+        out,
+        "--variants",
+        ",".join(variants),
+    ] + args.passthrough
     procs = []
     try:
         for r in range(2):
-            procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
         sys.exit(f"{engine}: the ranks did not finish in {timeout} s")
@@ -303,12 +355,18 @@ def _table(res, reference):
         o, meds[n] = _cell(opt)
         row = [n, o]
         if zero:
-            row += [_cell(clip)[0], _cell([a - b - d for a, b, d in zip(eng, opt, clip)])[0],
-                    _cell(eng)[0]]
+            row += [
+                _cell(clip)[0],
+                _cell([a - b - d for a, b, d in zip(eng, opt, clip)])[0],
+                _cell(eng)[0],
+            ]
         w, wmed = _cell(whole)
         ref = meds.get(reference)
-        row += [w, f"{meds[n] / wmed:.0%}",
-                f"{ref / meds[n]:.2f}x" if ref and n != reference else "-"]
+        row += [
+            w,
+            f"{meds[n] / wmed:.0%}",
+            f"{ref / meds[n]:.2f}x" if ref and n != reference else "-",
+        ]
         print("| " + " | ".join(row) + " |")
     for n, err in res["errors"].items():
         print("| " + " | ".join([n, err] + [""] * (len(head) - 2)) + " |")
@@ -323,16 +381,28 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2, help="sequences per rank and step")
     ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                    help="DeepSpeed: the model's dtype (bf16: fp32 masters); FSDP2: bf16 "
-                         "compute via MixedPrecisionPolicy (shards and optimizer stay fp32)")
-    ap.add_argument("--clip", type=float, default=1.0,
-                    help="DeepSpeed's gradient_clipping (its default 1.0; 0: off)")
+    ap.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="DeepSpeed: the model's dtype (bf16: fp32 masters); FSDP2: bf16 "
+        "compute via MixedPrecisionPolicy (shards and optimizer stay fp32)",
+    )
+    ap.add_argument(
+        "--clip",
+        type=float,
+        default=1.0,
+        help="DeepSpeed's gradient_clipping (its default 1.0; 0: off)",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                    help="threads per rank (torch, fastadam, DeepSpeedCPUAdam's OpenMP)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="threads per rank (torch, fastadam, DeepSpeedCPUAdam's OpenMP)",
+    )
     ap.add_argument("--timeout", type=int, default=600, help="seconds per engine")
     ap.add_argument("--json", default=None, help="write the raw per-step timings here")
     # rank mode (internal)
@@ -352,23 +422,36 @@ def main(argv=None):
         if e not in ("deepspeed", "fsdp2"):
             ap.error(f"unknown engine {e!r}")
     args.ds_variants, args.fsdp_variants = DS_VARIANTS, FSDP_VARIANTS
-    args.passthrough = [f"--d-model={args.d_model}", f"--heads={args.heads}",
-                        f"--layers={args.layers}", f"--batch={args.batch}",
-                        f"--seq={args.seq}", f"--dtype={args.dtype}", f"--clip={args.clip}",
-                        f"--rounds={args.rounds}", f"--steps-per-round={args.steps_per_round}",
-                        f"--warmup={args.warmup}", f"--threads={args.threads}"]
+    args.passthrough = [
+        f"--d-model={args.d_model}",
+        f"--heads={args.heads}",
+        f"--layers={args.layers}",
+        f"--batch={args.batch}",
+        f"--seq={args.seq}",
+        f"--dtype={args.dtype}",
+        f"--clip={args.clip}",
+        f"--rounds={args.rounds}",
+        f"--steps-per-round={args.steps_per_round}",
+        f"--warmup={args.warmup}",
+        f"--threads={args.threads}",
+    ]
     import torch
 
     import fastadam
+
     cfg = fastadam.config()
     numel = sum(p.numel() for p in _model(args, torch).parameters())
     ntensors = len(list(_model(args, torch).parameters()))
-    print(f"model: {args.layers} pre-LN TransformerEncoderLayer(d_model {args.d_model}, "
-          f"{args.heads} heads, ff {4 * args.d_model}) + LayerNorm: {ntensors} tensors, "
-          f"{numel / 1e6:.1f}M parameters; per rank {args.batch} x {args.seq} tokens; "
-          f"2 ranks (gloo, 127.0.0.1) x {args.threads} thread(s); {args.dtype}")
-    print(f"torch {torch.__version__}; fastadam {cfg['version']} (SIMD {cfg['simd']}, "
-          f"OpenMP {'on' if cfg['openmp'] else 'off'}); {os.cpu_count()} CPUs")
+    print(
+        f"model: {args.layers} pre-LN TransformerEncoderLayer(d_model {args.d_model}, "
+        f"{args.heads} heads, ff {4 * args.d_model}) + LayerNorm: {ntensors} tensors, "
+        f"{numel / 1e6:.1f}M parameters; per rank {args.batch} x {args.seq} tokens; "
+        f"2 ranks (gloo, 127.0.0.1) x {args.threads} thread(s); {args.dtype}"
+    )
+    print(
+        f"torch {torch.__version__}; fastadam {cfg['version']} (SIMD {cfg['simd']}, "
+        f"OpenMP {'on' if cfg['openmp'] else 'off'}); {os.cpu_count()} CPUs"
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in engines:
@@ -380,6 +463,7 @@ def main(argv=None):
                     continue
                 # build DeepSpeedCPUAdam's op once here, not in both ranks at once
                 from deepspeed.ops.op_builder import CPUAdamBuilder
+
                 t0 = time.perf_counter()
                 with contextlib.redirect_stdout(sys.stderr):
                     CPUAdamBuilder().load()
@@ -388,34 +472,51 @@ def main(argv=None):
             res = _launch(args, engine, os.path.join(tmp, f"{engine}.json"), args.timeout)
             results[engine] = res
             if engine == "deepspeed":
-                title = (f"DeepSpeed {_version('deepspeed')} ZeRO-2, offload_optimizer cpu, "
-                         f"gradient_clipping {args.clip}")
+                title = (
+                    f"DeepSpeed {_version('deepspeed')} ZeRO-2, offload_optimizer cpu, "
+                    f"gradient_clipping {args.clip}"
+                )
                 reference = "DeepSpeedCPUAdam"
             else:
-                title = ("FSDP2 (fully_shard per layer and root), fp32 shards, "
-                         + ("bf16 compute (MixedPrecisionPolicy)" if args.dtype == "bf16"
-                            else "fp32 compute"))
+                title = "FSDP2 (fully_shard per layer and root), fp32 shards, " + (
+                    "bf16 compute (MixedPrecisionPolicy)"
+                    if args.dtype == "bf16"
+                    else "fp32 compute"
+                )
                 fast = [n for n in res["times"] if n.startswith("torch")]
                 med = {n: statistics.median(t[0] for t in res["times"][n]) for n in fast}
                 reference = min(med, key=med.get) if med else "torch fused"
             steps = args.rounds * args.steps_per_round
-            print(f"\n{title}: {steps} timed steps per optimizer, interleaved "
-                  f"({res['elapsed']:.0f} s); medians [IQR], the slower rank's time\n")
+            print(
+                f"\n{title}: {steps} timed steps per optimizer, interleaved "
+                f"({res['elapsed']:.0f} s); medians [IQR], the slower rank's time\n"
+            )
             _table(res, reference)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()
-                                if k not in ("ds_variants", "fsdp_variants")},
-                       "fastadam": cfg, "torch": torch.__version__, "results": results}, f,
-                      indent=1)
+            json.dump(
+                {
+                    "args": {
+                        k: v
+                        for k, v in vars(args).items()
+                        if k not in ("ds_variants", "fsdp_variants")
+                    },
+                    "fastadam": cfg,
+                    "torch": torch.__version__,
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 
 def _version(module):
     try:
         from importlib.metadata import version
+
         return version(module)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "?"
 
 

@@ -6,6 +6,7 @@ Each benchmark times ``fastadam.Adam.step(grads)`` (Python call included) on pre
 64-byte aligned buffers; ``extra_info`` carries the elements and bytes moved per step
 (28 B/element float32, 56 float64) so that GB/s = bytes_per_step / mean.
 """
+
 import os
 
 import numpy as np
@@ -50,9 +51,14 @@ def _setup(wl, dtype, threads, isa=None):
 
 
 def _info(benchmark, wl, dtype, threads, isa):
-    benchmark.extra_info.update(n_elems=wl.n_elems, n_tensors=wl.n_tensors, dtype=dtype,
-                                threads=threads, simd=isa or fastadam.config()["simd"],
-                                bytes_per_step=BYTES_PER_ELEM[dtype] * wl.n_elems)
+    benchmark.extra_info.update(
+        n_elems=wl.n_elems,
+        n_tensors=wl.n_tensors,
+        dtype=dtype,
+        threads=threads,
+        simd=isa or fastadam.config()["simd"],
+        bytes_per_step=BYTES_PER_ELEM[dtype] * wl.n_elems,
+    )
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"{t}T")
@@ -74,7 +80,7 @@ def test_adam_step_offset16(benchmark, n, threads):
     boundary: the alignment NumPy usually gives (the moments stay 64-byte aligned)."""
     benchmark.group = f"float32 n={_fmt(n)}"
     fill_p, fill_g = _Filler("float32", 0.02, 0), _Filler("float32", 1.0, 1)
-    p, g = (fastadam.aligned_zeros((n + 16,), np.float32)[4:4 + n] for _ in range(2))
+    p, g = (fastadam.aligned_zeros((n + 16,), np.float32)[4 : 4 + n] for _ in range(2))
     fill_p.fill(p)
     fill_g.fill(g)
     opt = fastadam.Adam([p], num_threads=threads)
@@ -101,8 +107,9 @@ def test_roofline(benchmark, n, threads):
     benchmark.group = f"float32 n={_fmt(n)}"
     p, g, m, v = (fastadam.aligned_zeros((n,), np.float32) for _ in range(4))
     _core.traffic_f32([p, g, m, v], threads)
-    benchmark.extra_info.update(n_elems=n, dtype="float32", threads=threads,
-                                bytes_per_step=28 * n, roofline=True)
+    benchmark.extra_info.update(
+        n_elems=n, dtype="float32", threads=threads, bytes_per_step=28 * n, roofline=True
+    )
     benchmark(_core.traffic_f32, [p, g, m, v], threads)
 
 
@@ -119,8 +126,9 @@ def test_torch_fused(benchmark, n, threads):
         p.grad = torch.from_numpy(_Filler("float32", 1.0, 1).fill(np.empty(n, np.float32)))
         opt = torch.optim.Adam([p], lr=1e-3, fused=True)
         opt.step()
-        benchmark.extra_info.update(n_elems=n, dtype="float32", threads=threads,
-                                    bytes_per_step=28 * n, peer="torch fused")
+        benchmark.extra_info.update(
+            n_elems=n, dtype="float32", threads=threads, bytes_per_step=28 * n, peer="torch fused"
+        )
         benchmark(opt.step)
     finally:
         torch.set_num_threads(old)

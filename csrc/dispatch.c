@@ -182,7 +182,10 @@ int fa_isa_compiled(fa_isa isa)
     return isa >= 0 && isa < FA_ISA_COUNT && fa_tables[isa] != 0;
 }
 
-int fa_isa_usable(fa_isa isa) { return fa_isa_compiled(isa) && fa_isa_supported(isa); }
+int fa_isa_usable(fa_isa isa)
+{
+    return fa_isa_compiled(isa) && fa_isa_supported(isa);
+}
 
 const char *fa_isa_name(fa_isa isa)
 {

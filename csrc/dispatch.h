@@ -24,8 +24,7 @@ typedef void (*fa_traffic_fn)(float *const *s, int nstreams, size_t n);
 typedef void (*fa_sumsq_fn)(const void *x, size_t n, double *acc16, double *nonfinite);
 /* Storage formats (formats.h): load elements [i0, i0 + n) of a stream into a float32 tile;
  * store a tile back (key: NULL for nearest rounding, else the stream key's two halves). */
-typedef void (*fa_load_fn)(const void *src, size_t i0, size_t n, float *dst,
-                           const float *absmax);
+typedef void (*fa_load_fn)(const void *src, size_t i0, size_t n, float *dst, const float *absmax);
 typedef void (*fa_store_fn)(const float *src, void *dst, size_t i0, size_t n, float *absmax,
                             const uint32_t *key);
 typedef void (*fa_traffic_any_fn)(char *const *s, const size_t *esize, int nstreams, size_t n,
@@ -37,8 +36,8 @@ enum { FA_SUMSQ_F32 = 0, FA_SUMSQ_F64 = 1, FA_SUMSQ_BF16 = 2, FA_SUMSQ_F16 = 3 }
 typedef struct fa_kernel_table {
     fa_kernel_fn rule[FA_RULE_COUNT][FA_K_COUNT]; /* [rule][FA_K_*] */
     fa_traffic_fn traffic;
-    fa_sumsq_fn sumsq[4];               /* FA_SUMSQ_* */
-    fa_load_fn load[FA_FMT_COUNT];      /* [FA_FMT_NATIVE] unused */
+    fa_sumsq_fn sumsq[4];          /* FA_SUMSQ_* */
+    fa_load_fn load[FA_FMT_COUNT]; /* [FA_FMT_NATIVE] unused */
     fa_store_fn store[FA_FMT_COUNT];
     fa_traffic_any_fn traffic_any;
 } fa_kernel_table;
@@ -51,7 +50,7 @@ typedef struct fa_kernel_table {
  * |threshold| <= |q|); the unsigned map's. */
 #define FA_Q8_BUCKET_LO 0x3380u /* 2**-24 >> 16: below every threshold's magnitude */
 #define FA_Q8_BUCKET_HI 0x3f80u /* 1.0 >> 16 */
-#define FA_Q8_NBUCKETS (FA_Q8_BUCKET_HI - FA_Q8_BUCKET_LO + 1u)
+#define FA_Q8_NBUCKETS  (FA_Q8_BUCKET_HI - FA_Q8_BUCKET_LO + 1u)
 extern uint32_t fa_q8_buckets[3 * FA_Q8_NBUCKETS];
 extern uint32_t fa_q8_zero_index; /* the signed map's index of 0.0: its negative codes */
 int fa_q8_init(void);             /* 0, or -1 if the maps break the tables' assumptions */

@@ -123,9 +123,8 @@ static int is_fused_bf16(const fa_block *b)
 static void stream_keys(const fa_block *blk, fa_fused *fx)
 {
     for (int k = 0; k < FA_MAX_STREAMS; k++) {
-        const uint64_t sk = blk->stochastic
-                                ? fa_stream_key(blk->rng_base, (uint64_t)blk->step, (unsigned)k)
-                                : 0;
+        const uint64_t sk =
+            blk->stochastic ? fa_stream_key(blk->rng_base, (uint64_t)blk->step, (unsigned)k) : 0;
         fx->key[k][0] = (uint32_t)sk;
         fx->key[k][1] = (uint32_t)(sk >> 32);
     }
@@ -142,7 +141,8 @@ static void run_fused(fa_kernel_fn kernel, const fa_consts *c, const fa_block *b
         char *s[FA_MAX_STREAMS];
         for (int k = 0; k < FA_MAX_STREAMS; k++)
             s[k] = !blk->stream[k] ? (char *)0
-                   : (char *)blk->stream[k] + t0 * (k == FA_EMA ? sizeof(float) : sizeof(uint16_t));
+                                   : (char *)blk->stream[k] +
+                                         t0 * (k == FA_EMA ? sizeof(float) : sizeof(uint16_t));
         fx.i0 = t0;
         kernel(c, s, t1 - t0, 0, &fx);
         t0 = t1;
@@ -150,9 +150,8 @@ static void run_fused(fa_kernel_fn kernel, const fa_consts *c, const fa_block *b
 }
 
 /* prefetch: 0 none, 1 the next block's first lines, 2 that and within each block. */
-static void run_range(fa_rule rule, const fa_kernel_table *table, fa_kernel_fn kernel,
-                      size_t esize, const fa_block *blocks, size_t nblocks, size_t lo, size_t hi,
-                      int prefetch)
+static void run_range(fa_rule rule, const fa_kernel_table *table, fa_kernel_fn kernel, size_t esize,
+                      const fa_block *blocks, size_t nblocks, size_t lo, size_t hi, int prefetch)
 {
     /* Process elements [lo, hi) of the concatenation of all blocks. */
     consts_cache cache = {0};
@@ -205,8 +204,8 @@ static int want_prefetch(int prefetch, size_t state_bytes)
     return state_bytes > lo && state_bytes <= hi ? 2 : 1;
 }
 
-void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-             int num_threads, size_t chunk, fa_isa isa, int prefetch)
+void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblocks, int num_threads,
+             size_t chunk, fa_isa isa, int prefetch)
 {
     const fa_kernel_table *table = fa_table(isa);
     const fa_kernel_fn kernel = table->rule[rule][dtype == FA_FLOAT64 ? FA_K_F64 : FA_K_F32];
@@ -233,10 +232,12 @@ void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblock
         {
             const size_t k = (size_t)omp_get_thread_num();
             const size_t team = (size_t)omp_get_num_threads();
-            const size_t lo = k == 0 ? 0
-                              : snap(blocks, nblocks, total / team * k + total % team * k / team);
-            const size_t hi = k + 1 == team ? total
-                              : snap(blocks, nblocks, total / team * (k + 1) + total % team * (k + 1) / team);
+            const size_t lo =
+                k == 0 ? 0 : snap(blocks, nblocks, total / team * k + total % team * k / team);
+            const size_t hi =
+                k + 1 == team
+                    ? total
+                    : snap(blocks, nblocks, total / team * (k + 1) + total % team * (k + 1) / team);
             if (lo < hi) run_range(rule, table, kernel, esize, blocks, nblocks, lo, hi, pf);
         }
         return;
@@ -267,9 +268,10 @@ static void stats_range(const fa_sumsq_fn *sumsq, fa_dtype dtype, const fa_block
             const size_t e = s + blocks[bb].n;
             const size_t i0 = lo > s ? lo - s : 0, i1 = (hi < e ? hi : e) - s;
             const int f = blocks[bb].format[FA_GRAD];
-            const int which = f == FA_FMT_BF16 ? FA_SUMSQ_BF16
-                            : f == FA_FMT_F16  ? FA_SUMSQ_F16
-                            : dtype == FA_FLOAT64 ? FA_SUMSQ_F64 : FA_SUMSQ_F32;
+            const int which = f == FA_FMT_BF16      ? FA_SUMSQ_BF16
+                              : f == FA_FMT_F16     ? FA_SUMSQ_F16
+                              : dtype == FA_FLOAT64 ? FA_SUMSQ_F64
+                                                    : FA_SUMSQ_F32;
             const size_t esize = which == FA_SUMSQ_F64 ? 8 : which == FA_SUMSQ_F32 ? 4 : 2;
             if (i1 > i0)
                 sumsq[which]((const char *)blocks[bb].stream[FA_GRAD] + i0 * esize, i1 - i0, acc,
@@ -342,8 +344,7 @@ void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threa
     table->traffic(streams, nstreams, n);
 }
 
-void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t n,
-                int num_threads)
+void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t n, int num_threads)
 {
     const fa_kernel_table *table = fa_table(FA_ISA_AUTO);
     unsigned sink = 0;
@@ -358,7 +359,8 @@ void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t 
         {
             const size_t k = (size_t)omp_get_thread_num();
             const size_t team = (size_t)omp_get_num_threads();
-            const size_t lo = (n * k / team) & ~(size_t)63, hi = k + 1 == team ? n : (n * (k + 1) / team) & ~(size_t)63;
+            const size_t lo = (n * k / team) & ~(size_t)63,
+                         hi = k + 1 == team ? n : (n * (k + 1) / team) & ~(size_t)63;
             char *s[8];
             for (int j = 0; j < nstreams; j++) s[j] = (char *)streams[j] + lo * esize[j];
             if (lo < hi) table->traffic_any(s, esize, nstreams, hi - lo, &sink);

@@ -84,15 +84,15 @@ typedef enum fa_rule {
     FA_RULE_COUNT = 8
 } fa_rule;
 
-#define FA_MAX_HYPER 8   /* rule hyperparameters per group */
-#define FA_MAX_STATE 3   /* state streams per block */
+#define FA_MAX_HYPER  8  /* rule hyperparameters per group */
+#define FA_MAX_STATE  3  /* state streams per block */
 #define FA_MAX_CONSTS 16 /* per-step constants */
 
 /* Stream slots of a block: param, grad, up to FA_MAX_STATE state buffers, the average. */
 enum {
     FA_PARAM = 0,
     FA_GRAD = 1,
-    FA_STATE0 = 2,                   /* the rule's state streams, in its order */
+    FA_STATE0 = 2,                     /* the rule's state streams, in its order */
     FA_EMA = FA_STATE0 + FA_MAX_STATE, /* param_ema: the temporal average (optional) */
     FA_MAX_STREAMS = FA_EMA + 1
 };
@@ -127,8 +127,7 @@ enum { FA_V_EMA = 1u << 1, FA_V_RULE_SHIFT = 2 };
 /* Fill *c for rule at step t (>= 1; a double so that torch's float step counts are used
  * as torch uses them) from *o and the block's scalar state (see fa_rule_has_scalar).
  * Pure function. */
-void fa_consts_init(fa_rule rule, fa_consts *c, const fa_options *o, double step,
-                    double scalar);
+void fa_consts_init(fa_rule rule, fa_consts *c, const fa_options *o, double step, double scalar);
 
 /* The rule's per-block scalar state after a step from `scalar` (NAdam's mu_product);
  * rules without one return scalar unchanged. */
@@ -146,11 +145,11 @@ const char *fa_rule_name(fa_rule rule);
 typedef struct fa_block {
     void *stream[FA_MAX_STREAMS]; /* stream[FA_GRAD] is only read */
     size_t n;
-    const fa_options *options; /* blocks may share one fa_options */
-    double step;               /* t, the step being taken (>= 1) */
-    double scalar;             /* the rule's per-block scalar state before the step */
+    const fa_options *options;            /* blocks may share one fa_options */
+    double step;                          /* t, the step being taken (>= 1) */
+    double scalar;                        /* the rule's per-block scalar state before the step */
     unsigned char format[FA_MAX_STREAMS]; /* fa_format of each stream */
-    float *absmax[FA_MAX_STREAMS]; /* 8-bit streams: ceil(n / FA_Q8_BLOCK) block maxima */
+    float *absmax[FA_MAX_STREAMS];        /* 8-bit streams: ceil(n / FA_Q8_BLOCK) block maxima */
     /* Master weights: stream[FA_PARAM] is the float32 master, and image (format
      * image_format: FA_FMT_BF16 or FA_FMT_F16) is written as its rounded value. */
     void *image;
@@ -195,8 +194,8 @@ void fa_prefetch_window(size_t *lo, size_t *hi);
  * prefetch is an fa_prefetch (FA_PREFETCH_AUTO unless measuring). The result does not
  * depend on num_threads, chunk, isa or prefetch. The blocks' scalar states are not
  * updated here: the caller commits fa_scalar_after() with its step counts. */
-void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-             int num_threads, size_t chunk, fa_isa isa, int prefetch);
+void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblocks, int num_threads,
+             size_t chunk, fa_isa isa, int prefetch);
 
 /* Gradient statistics for loss scaling and global-norm clipping, in one read pass.
  * Returns the sum of the squares of every grad element of every block (in double;
@@ -209,8 +208,8 @@ void fa_step(fa_rule rule, fa_dtype dtype, const fa_block *blocks, size_t nblock
  * Only the grad streams and n of the blocks are read. */
 #define FA_NORM_CHUNK ((size_t)16384)
 size_t fa_grad_stats_workspace(size_t total_elements);
-double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks,
-                     double *workspace, int num_threads, fa_isa isa, int *nonfinite);
+double fa_grad_stats(fa_dtype dtype, const fa_block *blocks, size_t nblocks, double *workspace,
+                     int num_threads, fa_isa isa, int *nonfinite);
 
 /* Dispatch. fa_init picks the best usable path, or `force` if it is usable
  * (force == FA_ISA_AUTO: best). Returns the chosen path, or -1 (nothing
@@ -238,8 +237,7 @@ void fa_traffic_f32(float *const *streams, int nstreams, size_t n, int num_threa
 /* The same for streams of any element size (esize[k] bytes: 1, 2, 4 or 8), as a storage
  * format moves them: streams[1] only read, every other one read and written, element by
  * element, tile by tile across all streams at once. */
-void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t n,
-                int num_threads);
+void fa_traffic(void *const *streams, const size_t *esize, int nstreams, size_t n, int num_threads);
 
 #ifdef __cplusplus
 }

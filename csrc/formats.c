@@ -62,8 +62,10 @@ int fa_q8_init(void)
     for (int j = 0; j + 1 < 256; j++) { /* the thresholds: float32 midpoints */
         const float ts = (fa_q8_maps[0][j] + fa_q8_maps[0][j + 1]) * 0.5f;
         const float tu = (fa_q8_maps[1][j] + fa_q8_maps[1][j + 1]) * 0.5f;
-        if (ts < 0.0f) neg[nneg++] = bits_of(-ts) - 1u; /* |t| <= |q|  <=>  bits(|t|) - 1 < a */
-        else pos[npos++] = bits_of(ts);
+        if (ts < 0.0f)
+            neg[nneg++] = bits_of(-ts) - 1u; /* |t| <= |q|  <=>  bits(|t|) - 1 < a */
+        else
+            pos[npos++] = bits_of(ts);
         uns[nuns++] = bits_of(tu);
     }
     /* neg[] holds the magnitudes in decreasing order: reverse it */

@@ -26,9 +26,9 @@ FA_INLINE uint32_t FA_CAT(fa_mix32, FA_SUFFIX)(uint32_t x)
 #define FA_MIX32 FA_CAT(fa_mix32, FA_SUFFIX)
 /* key[0], key[1]: the low and high halves of the stream key; the tile never crosses a
  * multiple of 2**32, so the element index's high half is one value for the tile. */
-#define FA_RAND(key, i0, j)                                                               \
-    FA_MIX32(FA_MIX32(((uint32_t)(i0) + (uint32_t)(j)) ^ (key)[0])                        \
-             + ((uint32_t)((uint64_t)(i0) >> 32) ^ (key)[1]))
+#define FA_RAND(key, i0, j)                                          \
+    FA_MIX32(FA_MIX32(((uint32_t)(i0) + (uint32_t)(j)) ^ (key)[0]) + \
+             ((uint32_t)((uint64_t)(i0) >> 32) ^ (key)[1]))
 
 /* ---- bfloat16 --------------------------------------------------------------------- */
 FA_INLINE float FA_CAT(fa_bf16_f32, FA_SUFFIX)(uint16_t h)
@@ -75,7 +75,8 @@ static void FA_CAT(fa_store_bf16, FA_SUFFIX)(const float *src, void *dst, size_t
     (void)absmax;
     if (key) {
         const uint32_t k[2] = {key[0], key[1]};
-        for (size_t j = 0; j < n; j++) d[j] = FA_CAT(fa_bf16_sr, FA_SUFFIX)(s[j], FA_RAND(k, i0, j));
+        for (size_t j = 0; j < n; j++)
+            d[j] = FA_CAT(fa_bf16_sr, FA_SUFFIX)(s[j], FA_RAND(k, i0, j));
     } else {
         for (size_t j = 0; j < n; j++) d[j] = FA_CAT(fa_bf16_rne, FA_SUFFIX)(s[j]);
     }
@@ -97,13 +98,12 @@ static void FA_CAT(fa_load_f16, FA_SUFFIX)(const void *src, size_t i0, size_t n,
     uint32_t *FA_RESTRICT d = (uint32_t *)dst;
     (void)absmax;
     for (size_t j = 0; j < n; j++) {
-        const uint32_t h = s[j], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu,
-                       m = h & 0x3ffu;
+        const uint32_t h = s[j], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
         const float sub = (float)(int32_t)m * 0x1p-24f; /* subnormal: exact */
         uint32_t sb;
         memcpy(&sb, &sub, 4);
-        uint32_t bits = sign | ((e + 112u) << 23) | (m << 13);            /* normal */
-        bits = FA_SEL(e == 31u, sign | 0x7f800000u | (m << 13), bits);   /* inf, NaN */
+        uint32_t bits = sign | ((e + 112u) << 23) | (m << 13);         /* normal */
+        bits = FA_SEL(e == 31u, sign | 0x7f800000u | (m << 13), bits); /* inf, NaN */
         bits = FA_SEL(e == 0u, sign | sb, bits);
         d[j] = bits;
     }
@@ -121,8 +121,8 @@ FA_INLINE uint32_t FA_CAT(fa_f16_bits, FA_SUFFIX)(uint32_t u, int stochastic, ui
     const uint32_t e = a >> 23;
     const uint32_t shift = 126u - FA_SEL(e > 112u, 112u, FA_SEL(e < 95u, 95u, e));
     const uint32_t m = (a & 0x7fffffu) | 0x800000u;
-    const uint32_t inc_s = stochastic ? rand >> (32u - shift)
-                                      : (1u << (shift - 1u)) - 1u + ((m >> shift) & 1u);
+    const uint32_t inc_s =
+        stochastic ? rand >> (32u - shift) : (1u << (shift - 1u)) - 1u + ((m >> shift) & 1u);
     const uint32_t sub = FA_SEL(e < 95u, 0u, (m + inc_s) >> shift); /* below 2**-32: 0 */
     uint32_t out = FA_SEL(a >= 0x38800000u, normal, sub);
     out = FA_SEL(a >= 0x47800000u, 0x7c00u, out); /* >= 65536 and inf */
@@ -141,8 +141,7 @@ static void FA_CAT(fa_store_f16, FA_SUFFIX)(const float *src, void *dst, size_t 
         for (size_t j = 0; j < n; j++)
             d[j] = (uint16_t)FA_CAT(fa_f16_bits, FA_SUFFIX)(s[j], 1, FA_RAND(k, i0, j));
     } else {
-        for (size_t j = 0; j < n; j++)
-            d[j] = (uint16_t)FA_CAT(fa_f16_bits, FA_SUFFIX)(s[j], 0, 0);
+        for (size_t j = 0; j < n; j++) d[j] = (uint16_t)FA_CAT(fa_f16_bits, FA_SUFFIX)(s[j], 0, 0);
     }
 }
 
@@ -258,15 +257,15 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
             bk = _mm512_sub_epi32(bk, lo);
             bk = _mm512_mask_add_epi32(bk, negative, bk, vneg_offset);
             const __m512i t = _mm512_i32gather_epi32(bk, (const void *)table, 4);
-            const __mmask16 above = _mm512_cmpgt_epu32_mask(_mm512_and_si512(a, low16),
-                                                            _mm512_and_si512(t, low16));
+            const __mmask16 above =
+                _mm512_cmpgt_epu32_mask(_mm512_and_si512(a, low16), _mm512_and_si512(t, low16));
             __m512i c = _mm512_srli_epi32(t, 16);
             c = _mm512_mask_add_epi32(c, above, c, one);
             const __m512i pos = _mm512_add_epi32(vzero, c);
             const __m512i neg = _mm512_max_epi32(_mm512_sub_epi32(vzero, c), nil);
             __m512i code = _mm512_mask_blend_epi32(negative, pos, neg);
-            code = _mm512_mask_max_epu32(code, _mm512_cmp_ps_mask(q, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                         code, vmin);
+            code = _mm512_mask_max_epu32(
+                code, _mm512_cmp_ps_mask(q, _mm512_setzero_ps(), _CMP_GT_OQ), code, vmin);
             code = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(q, q, _CMP_ORD_Q), code);
             _mm_storeu_si128((__m128i *)(d + j), _mm512_cvtepi32_epi8(code));
         }
@@ -291,15 +290,15 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
             bk = _mm256_add_epi32(bk, _mm256_and_si256(negative, vneg_offset));
             const __m256i t = _mm256_i32gather_epi32((const int *)table, bk, 4);
             /* both sides are below 2**16: the signed compare is the unsigned one */
-            const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(a, low16),
-                                                     _mm256_and_si256(t, low16));
-            const __m256i c = _mm256_add_epi32(_mm256_srli_epi32(t, 16),
-                                               _mm256_and_si256(above, one));
+            const __m256i above =
+                _mm256_cmpgt_epi32(_mm256_and_si256(a, low16), _mm256_and_si256(t, low16));
+            const __m256i c =
+                _mm256_add_epi32(_mm256_srli_epi32(t, 16), _mm256_and_si256(above, one));
             const __m256i pos = _mm256_add_epi32(vzero, c);
             const __m256i neg = _mm256_max_epi32(_mm256_sub_epi32(vzero, c), nil);
             __m256i code = _mm256_blendv_epi8(pos, neg, negative);
-            const __m256i positive = _mm256_castps_si256(_mm256_cmp_ps(q, _mm256_setzero_ps(),
-                                                                       _CMP_GT_OQ));
+            const __m256i positive =
+                _mm256_castps_si256(_mm256_cmp_ps(q, _mm256_setzero_ps(), _CMP_GT_OQ));
             code = _mm256_max_epu32(code, _mm256_and_si256(positive, vmin));
             code = _mm256_and_si256(code, _mm256_castps_si256(_mm256_cmp_ps(q, q, _CMP_ORD_Q)));
             _mm256_storeu_si256((__m256i *)codes, code);
@@ -324,8 +323,8 @@ FA_INLINE void FA_CAT(fa_quantize, FA_SUFFIX)(const uint32_t *FA_RESTRICT table,
     }
 }
 
-static void FA_CAT(fa_store_q8, FA_SUFFIX)(int is_signed, const float *src, void *dst,
-                                           size_t i0, size_t n, float *absmax)
+static void FA_CAT(fa_store_q8, FA_SUFFIX)(int is_signed, const float *src, void *dst, size_t i0,
+                                           size_t n, float *absmax)
 {
     uint8_t *FA_RESTRICT d = (uint8_t *)dst + i0;
     /* signed: positive half at 0, negative half right after; unsigned: a negative q

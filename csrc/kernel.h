@@ -26,16 +26,16 @@
 #endif
 
 #define FA_CAT_(a, b) a##_##b
-#define FA_CAT(a, b) FA_CAT_(a, b)
+#define FA_CAT(a, b)  FA_CAT_(a, b)
 /* fa_<name>_<f32|f64>_<isa> */
-#define FA_FN(name) FA_CAT(FA_CAT(FA_CAT(fa, name), FA_TN), FA_SUFFIX)
+#define FA_FN(name)   FA_CAT(FA_CAT(FA_CAT(fa, name), FA_TN), FA_SUFFIX)
 
 #if defined(_MSC_VER)
 #define FA_RESTRICT __restrict
-#define FA_INLINE static __forceinline
+#define FA_INLINE   static __forceinline
 #else
 #define FA_RESTRICT __restrict__
-#define FA_INLINE static inline __attribute__((always_inline))
+#define FA_INLINE   static inline __attribute__((always_inline))
 #endif
 
 /* Software prefetch: FA_PREFETCH_BYTES ahead on every stream. Hardware prefetchers keep
@@ -58,84 +58,103 @@
  * prefetch bit, whole cache lines (4 x 64 bytes of each stream) are updated per
  * iteration after one prefetch per line of every present stream; the elements and the
  * operations on each are the same either way. s: the block's streams (NULL: absent). */
-#define FA_LOOP(V, s, n, BODY)                                                           \
-    do {                                                                                 \
-        size_t i_ = 0;                                                                   \
-        if ((V) & FA_V_PREFETCH) {                                                       \
-            enum { LINE_ = 64 / sizeof(T), SEG_ = 4 * LINE_,                             \
-                   AHEAD_ = FA_PREFETCH_BYTES / sizeof(T) };                             \
-            for (; i_ + AHEAD_ + SEG_ <= (n); i_ += SEG_) {                              \
-                for (size_t q_ = i_ + AHEAD_; q_ < i_ + AHEAD_ + SEG_; q_ += LINE_)      \
-                    for (int k_ = 0; k_ < FA_MAX_STREAMS; k_++)                          \
+#define FA_LOOP(V, s, n, BODY)                                                            \
+    do {                                                                                  \
+        size_t i_ = 0;                                                                    \
+        if ((V) & FA_V_PREFETCH) {                                                        \
+            enum {                                                                        \
+                LINE_ = 64 / sizeof(T),                                                   \
+                SEG_ = 4 * LINE_,                                                         \
+                AHEAD_ = FA_PREFETCH_BYTES / sizeof(T)                                    \
+            };                                                                            \
+            for (; i_ + AHEAD_ + SEG_ <= (n); i_ += SEG_) {                               \
+                for (size_t q_ = i_ + AHEAD_; q_ < i_ + AHEAD_ + SEG_; q_ += LINE_)       \
+                    for (int k_ = 0; k_ < FA_MAX_STREAMS; k_++)                           \
                         if ((s)[k_]) FA_PREFETCH((const T *)(s)[k_] + q_, k_ != FA_GRAD); \
-                for (size_t j_ = i_; j_ < i_ + SEG_; j_++) BODY(j_)                      \
-            }                                                                            \
-        }                                                                                \
-        for (; i_ < (n); i_++) BODY(i_)                                                  \
+                for (size_t j_ = i_; j_ < i_ + SEG_; j_++) BODY(j_)                       \
+            }                                                                             \
+        }                                                                                 \
+        for (; i_ < (n); i_++) BODY(i_)                                                   \
     } while (0)
 
 /* The temporal average of the parameter (Kingma & Ba, Sec. 7.2), after the rule has
  * computed the new parameter value p: ema <- ema*d + (1-d)*p. Rules end their element
  * update with it. */
-#define FA_EMA_UPDATE(V, i, p)                                                           \
+#define FA_EMA_UPDATE(V, i, p) \
     if ((V) & FA_V_EMA) ema_[i] = ema_[i] * ema_decay_ + one_minus_ema_decay_ * (p);
 
 /* The locals FA_EMA_UPDATE reads; rules declare them once, before their loop. */
-#define FA_EMA_LOCALS(c, s)                                                              \
-    T *FA_RESTRICT ema_ = (T *)(s)[FA_EMA];                                              \
-    const T ema_decay_ = (T)(c)->v[FA_C_EMA_DECAY];                                      \
-    const T one_minus_ema_decay_ = (T)(c)->v[FA_C_ONE_MINUS_EMA_DECAY];                  \
-    (void)ema_; (void)ema_decay_; (void)one_minus_ema_decay_;
+#define FA_EMA_LOCALS(c, s)                                             \
+    T *FA_RESTRICT ema_ = (T *)(s)[FA_EMA];                             \
+    const T ema_decay_ = (T)(c)->v[FA_C_EMA_DECAY];                     \
+    const T one_minus_ema_decay_ = (T)(c)->v[FA_C_ONE_MINUS_EMA_DECAY]; \
+    (void)ema_;                                                         \
+    (void)ema_decay_;                                                   \
+    (void)one_minus_ema_decay_;
 
 /* switch (variant) { case k: body(c, s, n, k); ... } for k < 2^bits: each case is a
  * loop with the variant's branches resolved at compile time. */
-#define FA_CASE_(F, k)                                                                   \
-    case (k): F(c, s, n, (k), fx_); break;
-#define FA_C4_(F, b) FA_CASE_(F, (b) + 0) FA_CASE_(F, (b) + 1) FA_CASE_(F, (b) + 2) FA_CASE_(F, (b) + 3)
+#define FA_CASE_(F, k)        \
+    case (k):                 \
+        F(c, s, n, (k), fx_); \
+        break;
+#define FA_C4_(F, b) \
+    FA_CASE_(F, (b) + 0) FA_CASE_(F, (b) + 1) FA_CASE_(F, (b) + 2) FA_CASE_(F, (b) + 3)
 #define FA_C16_(F, b) FA_C4_(F, b) FA_C4_(F, (b) + 4) FA_C4_(F, (b) + 8) FA_C4_(F, (b) + 12)
 #define FA_C64_(F, b) FA_C16_(F, b) FA_C16_(F, (b) + 16) FA_C16_(F, (b) + 32) FA_C16_(F, (b) + 48)
-#define FA_VARIANTS_8(F, v) switch (v) { FA_C4_(F, 0) FA_C4_(F, 4) default: break; }
-#define FA_VARIANTS_16(F, v) switch (v) { FA_C16_(F, 0) default: break; }
-#define FA_VARIANTS_32(F, v) switch (v) { FA_C16_(F, 0) FA_C16_(F, 16) default: break; }
-#define FA_VARIANTS_64(F, v) switch (v) { FA_C64_(F, 0) default: break; }
+#define FA_VARIANTS_8(F, v)                        \
+    switch (v) {                                   \
+        FA_C4_(F, 0) FA_C4_(F, 4) default : break; \
+    }
+#define FA_VARIANTS_16(F, v)           \
+    switch (v) {                       \
+        FA_C16_(F, 0) default : break; \
+    }
+#define FA_VARIANTS_32(F, v)                          \
+    switch (v) {                                      \
+        FA_C16_(F, 0) FA_C16_(F, 16) default : break; \
+    }
+#define FA_VARIANTS_64(F, v)           \
+    switch (v) {                       \
+        FA_C64_(F, 0) default : break; \
+    }
 
 /* A rule's kernel entry: fa_<rule>_<storage>_<isa>(consts, streams, n, prefetch, fx).
  * Prefetching (FA_LOOP) addresses streams of T; 16-bit storage never asks for it. */
-#define FA_DEFINE_ENTRY(rule, NVARIANTS)                                                 \
-    void FA_FN(rule)(const fa_consts *c, char *const *s, size_t n, int prefetch,         \
-                     const fa_fused *fx_)                                                \
-    {                                                                                    \
-        const unsigned v =                                                               \
-            c->variant | (prefetch && FA_STORAGE_NATIVE ? FA_V_PREFETCH : 0u);           \
-        FA_CAT(FA_VARIANTS, NVARIANTS)(FA_FN(FA_CAT(rule, body)), v)                     \
+#define FA_DEFINE_ENTRY(rule, NVARIANTS)                                                      \
+    void FA_FN(rule)(const fa_consts *c, char *const *s, size_t n, int prefetch,              \
+                     const fa_fused *fx_)                                                     \
+    {                                                                                         \
+        const unsigned v = c->variant | (prefetch && FA_STORAGE_NATIVE ? FA_V_PREFETCH : 0u); \
+        FA_CAT(FA_VARIANTS, NVARIANTS)(FA_FN(FA_CAT(rule, body)), v)                          \
     }
 
 /* How a rule reads and writes its streams (rules/<rule>.h): FA_STREAM declares one,
  * FA_LD(name, i) loads element i as T, FA_ST(name, i, x) stores x (rounded as the
  * storage needs). Native storage: plain T arrays. */
 #define FA_NATIVE_STREAM(name, slot) T *FA_RESTRICT name = (T *)s[slot]
-#define FA_NATIVE_LD(name, i) (name[i])
-#define FA_NATIVE_ST(name, i, x) (name[i] = (x))
+#define FA_NATIVE_LD(name, i)        (name[i])
+#define FA_NATIVE_ST(name, i, x)     (name[i] = (x))
 
 /* ---- every rule: float and double storage ------------------------------------------ */
 #define FA_STORAGE_NATIVE 1
-#define FA_STREAM FA_NATIVE_STREAM
-#define FA_LD FA_NATIVE_LD
-#define FA_ST FA_NATIVE_ST
-#define T float
-#define FA_SQRT sqrtf
-#define FA_FABS fabsf
-#define FA_TN f32
+#define FA_STREAM         FA_NATIVE_STREAM
+#define FA_LD             FA_NATIVE_LD
+#define FA_ST             FA_NATIVE_ST
+#define T                 float
+#define FA_SQRT           sqrtf
+#define FA_FABS           fabsf
+#define FA_TN             f32
 #include "rules/all.h"
 #undef T
 #undef FA_SQRT
 #undef FA_FABS
 #undef FA_TN
 
-#define T double
+#define T       double
 #define FA_SQRT sqrt
 #define FA_FABS fabs
-#define FA_TN f64
+#define FA_TN   f64
 #include "rules/all.h"
 #undef T
 #undef FA_SQRT
@@ -154,21 +173,21 @@
  * operations of formats.h, element by element), computing in float. The average stays
  * float32. Nearest-even and stochastic rounding are two instantiations. */
 #define FA_STORAGE_NATIVE 0
-#define FA_STREAM(name, slot)                                                            \
-    uint16_t *FA_RESTRICT name = (uint16_t *)s[slot];                                    \
-    const uint32_t *name##_key_ = fx_ ? fx_->key[slot] : 0;                              \
+#define FA_STREAM(name, slot)                               \
+    uint16_t *FA_RESTRICT name = (uint16_t *)s[slot];       \
+    const uint32_t *name##_key_ = fx_ ? fx_->key[slot] : 0; \
     (void)name##_key_
-#define FA_LD(name, i) FA_CAT(fa_bf16_f32, FA_SUFFIX)(name[i])
-#define T float
-#define FA_SQRT sqrtf
-#define FA_FABS fabsf
-#define FA_TN bf16
+#define FA_LD(name, i)    FA_CAT(fa_bf16_f32, FA_SUFFIX)(name[i])
+#define T                 float
+#define FA_SQRT           sqrtf
+#define FA_FABS           fabsf
+#define FA_TN             bf16
 #define FA_ST(name, i, x) (name[i] = FA_CAT(fa_bf16_rne, FA_SUFFIX)(x))
 #include "rules/all.h"
 #undef FA_TN
 #undef FA_ST
 #define FA_TN bf16sr
-#define FA_ST(name, i, x)                                                                \
+#define FA_ST(name, i, x) \
     (name[i] = FA_CAT(fa_bf16_sr, FA_SUFFIX)(x, FA_RAND(name##_key_, fx_->i0, i)))
 #include "rules/all.h"
 #undef FA_TN
@@ -185,33 +204,39 @@
  * whose index within the segment is j mod 16, in order. Each lane is one sequential
  * chain, so vectorising across lanes does not change a bit. acc[16] carries on across
  * the segments of one chunk; nonfinite accumulates x*0, which is NaN iff x is inf/NaN. */
-#define FA_DEFINE_SUMSQ(TT, NAME, WIDEN)                                                      \
+#define FA_DEFINE_SUMSQ(TT, NAME, WIDEN)                                                    \
     static void FA_CAT(NAME, FA_SUFFIX)(const void *src, size_t n, double *FA_RESTRICT acc, \
-                                        double *FA_RESTRICT nonfinite)                 \
-    {                                                                                  \
-        const TT *FA_RESTRICT x = (const TT *)src;                                     \
-        double a[16], z[16];                                                           \
-        for (int j = 0; j < 16; j++) { a[j] = acc[j]; z[j] = 0.0; }                    \
-        size_t i = 0;                                                                  \
-        for (; i + 16 <= n; i += 16)                                                   \
-            for (int j = 0; j < 16; j++) {                                             \
-                const double d = WIDEN(x[i + j]);                                     \
-                a[j] = a[j] + d * d;                                                   \
-                z[j] = z[j] + d * 0.0;                                                 \
-            }                                                                          \
-        for (int j = 0; i + (size_t)j < n; j++) {                                      \
-            const double d = WIDEN(x[i + j]);                                         \
-            a[j] = a[j] + d * d;                                                       \
-            z[j] = z[j] + d * 0.0;                                                     \
-        }                                                                              \
-        double zs = 0.0;                                                               \
-        for (int j = 0; j < 16; j++) { acc[j] = a[j]; zs = zs + z[j]; }                \
-        *nonfinite = *nonfinite + zs;                                                  \
+                                        double *FA_RESTRICT nonfinite)                      \
+    {                                                                                       \
+        const TT *FA_RESTRICT x = (const TT *)src;                                          \
+        double a[16], z[16];                                                                \
+        for (int j = 0; j < 16; j++) {                                                      \
+            a[j] = acc[j];                                                                  \
+            z[j] = 0.0;                                                                     \
+        }                                                                                   \
+        size_t i = 0;                                                                       \
+        for (; i + 16 <= n; i += 16)                                                        \
+            for (int j = 0; j < 16; j++) {                                                  \
+                const double d = WIDEN(x[i + j]);                                           \
+                a[j] = a[j] + d * d;                                                        \
+                z[j] = z[j] + d * 0.0;                                                      \
+            }                                                                               \
+        for (int j = 0; i + (size_t)j < n; j++) {                                           \
+            const double d = WIDEN(x[i + j]);                                               \
+            a[j] = a[j] + d * d;                                                            \
+            z[j] = z[j] + d * 0.0;                                                          \
+        }                                                                                   \
+        double zs = 0.0;                                                                    \
+        for (int j = 0; j < 16; j++) {                                                      \
+            acc[j] = a[j];                                                                  \
+            zs = zs + z[j];                                                                 \
+        }                                                                                   \
+        *nonfinite = *nonfinite + zs;                                                       \
     }
 
 #define FA_WIDEN_PLAIN(x) ((double)(x))
-#define FA_WIDEN_BF16(x) FA_CAT(fa_bf16_to_double, FA_SUFFIX)(x)
-#define FA_WIDEN_F16(x) FA_CAT(fa_f16_to_double, FA_SUFFIX)(x)
+#define FA_WIDEN_BF16(x)  FA_CAT(fa_bf16_to_double, FA_SUFFIX)(x)
+#define FA_WIDEN_F16(x)   FA_CAT(fa_f16_to_double, FA_SUFFIX)(x)
 FA_DEFINE_SUMSQ(float, fa_sumsq_f32, FA_WIDEN_PLAIN)
 FA_DEFINE_SUMSQ(double, fa_sumsq_f64, FA_WIDEN_PLAIN)
 FA_DEFINE_SUMSQ(uint16_t, fa_sumsq_bf16, FA_WIDEN_BF16)
@@ -239,11 +264,21 @@ FA_INLINE void FA_CAT(fa_traffic_body, FA_SUFFIX)(float *const *s, size_t n, con
 static void FA_CAT(fa_traffic, FA_SUFFIX)(float *const *s, int nstreams, size_t n)
 {
     switch (nstreams) {
-    case 2: FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 2); break;
-    case 3: FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 3); break;
-    case 4: FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 4); break;
-    case 5: FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 5); break;
-    default: FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 6); break;
+    case 2:
+        FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 2);
+        break;
+    case 3:
+        FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 3);
+        break;
+    case 4:
+        FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 4);
+        break;
+    case 5:
+        FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 5);
+        break;
+    default:
+        FA_CAT(fa_traffic_body, FA_SUFFIX)(s, n, 6);
+        break;
     }
 }
 
@@ -271,10 +306,11 @@ static void FA_CAT(fa_traffic_any, FA_SUFFIX)(char *const *s, const size_t *esiz
 }
 
 /* ---- this path's table (dispatch.c picks one) ------------------------------------- */
-#define FA_RULE_PAIR(rule) {FA_CAT(FA_CAT(FA_CAT(fa, rule), f32), FA_SUFFIX),   \
-                            FA_CAT(FA_CAT(FA_CAT(fa, rule), f64), FA_SUFFIX),   \
-                            FA_CAT(FA_CAT(FA_CAT(fa, rule), bf16), FA_SUFFIX),  \
-                            FA_CAT(FA_CAT(FA_CAT(fa, rule), bf16sr), FA_SUFFIX)}
+#define FA_RULE_PAIR(rule)                              \
+    {FA_CAT(FA_CAT(FA_CAT(fa, rule), f32), FA_SUFFIX),  \
+     FA_CAT(FA_CAT(FA_CAT(fa, rule), f64), FA_SUFFIX),  \
+     FA_CAT(FA_CAT(FA_CAT(fa, rule), bf16), FA_SUFFIX), \
+     FA_CAT(FA_CAT(FA_CAT(fa, rule), bf16sr), FA_SUFFIX)}
 const fa_kernel_table FA_CAT(fa_table, FA_SUFFIX) = {
     {FA_RULE_PAIR(adam), FA_RULE_PAIR(sgd), FA_RULE_PAIR(adagrad), FA_RULE_PAIR(rmsprop),
      FA_RULE_PAIR(adamax), FA_RULE_PAIR(nadam), FA_RULE_PAIR(radam), FA_RULE_PAIR(lion)},

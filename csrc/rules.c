@@ -32,7 +32,10 @@ const fa_rule_host fa_rules[FA_RULE_COUNT] = {
     {"lion", 1, 0, fa_lion_consts, fa_lion_required, 0},
 };
 
-static int valid(fa_rule rule) { return rule >= 0 && rule < FA_RULE_COUNT; }
+static int valid(fa_rule rule)
+{
+    return rule >= 0 && rule < FA_RULE_COUNT;
+}
 
 void fa_consts_init(fa_rule rule, fa_consts *c, const fa_options *o, double step, double scalar)
 {
@@ -46,10 +49,19 @@ double fa_scalar_after(fa_rule rule, const fa_options *o, double step, double sc
                                                       : scalar;
 }
 
-int fa_rule_has_scalar(fa_rule rule) { return valid(rule) && fa_rules[rule].has_scalar; }
+int fa_rule_has_scalar(fa_rule rule)
+{
+    return valid(rule) && fa_rules[rule].has_scalar;
+}
 unsigned fa_rule_required(fa_rule rule, const fa_options *o)
 {
     return valid(rule) ? fa_rules[rule].required(o) : 0u;
 }
-int fa_rule_nstate(fa_rule rule) { return valid(rule) ? fa_rules[rule].nstate : 0; }
-const char *fa_rule_name(fa_rule rule) { return valid(rule) ? fa_rules[rule].name : "?"; }
+int fa_rule_nstate(fa_rule rule)
+{
+    return valid(rule) ? fa_rules[rule].nstate : 0;
+}
+const char *fa_rule_name(fa_rule rule)
+{
+    return valid(rule) ? fa_rules[rule].name : "?";
+}

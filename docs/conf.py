@@ -8,6 +8,7 @@ The API reference is generated from the docstrings of the *installed* fastadam (
 imports it): build the docs after ``pip install .`` (or with an editable install) of this
 checkout, so that the compiled ``fastadam._core`` is there.
 """
+
 import datetime
 
 import fastadam  # the installed package (fastadam.torch, documented too, needs torch)
@@ -18,10 +19,10 @@ copyright = f"{datetime.date.today().year}, {author}"
 version = release = fastadam.__version__
 
 extensions = [
-    "myst_parser",               # the pages are Markdown (MyST), like the README and docs/*.md
-    "sphinx.ext.autodoc",        # the API reference, from the docstrings
-    "sphinx.ext.napoleon",       # their NumPy- and Google-style sections
-    "sphinx.ext.mathjax",        # math: the update rules in the paper's symbols
+    "myst_parser",  # the pages are Markdown (MyST), like the README and docs/*.md
+    "sphinx.ext.autodoc",  # the API reference, from the docstrings
+    "sphinx.ext.napoleon",  # their NumPy- and Google-style sections
+    "sphinx.ext.mathjax",  # math: the update rules in the paper's symbols
     "sphinx.ext.viewcode",
 ]
 
@@ -49,8 +50,10 @@ napoleon_use_rtype = False
 napoleon_custom_sections = [
     # these two hold "name : description" entries (no type): kept as definition lists
     ("Common parameters (after the rule's own hyperparameters)", "notes_style"),
-    ("Storage formats (optimizer-wide, keyword-only; docs/formats.md is the contract)",
-     "notes_style"),
+    (
+        "Storage formats (optimizer-wide, keyword-only; docs/formats.md is the contract)",
+        "notes_style",
+    ),
 ]
 
 # Not nitpicky: type names in annotations that have no documented target here (NumPy's and

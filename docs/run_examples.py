@@ -16,6 +16,7 @@ and pages kept as they were written before the site (whose blocks are fragments 
 multi-process program) are listed in NOT_EXECUTED with the reason. Every block skipped is
 printed with its reason, so skipping stays visible.
 """
+
 import argparse
 import contextlib
 import io
@@ -32,8 +33,8 @@ DOCS = os.path.dirname(os.path.abspath(__file__))
 # page (relative to docs/) -> why none of its python blocks is executed
 NOT_EXECUTED = {
     "engines.md": "fragments of DeepSpeed / FSDP2 programs started by a launcher "
-                  "(deepspeed, torchrun) on several processes; tests/test_deepspeed.py and "
-                  "tests/test_fsdp2.py run these recipes",
+    "(deepspeed, torchrun) on several processes; tests/test_deepspeed.py and "
+    "tests/test_fsdp2.py run these recipes",
 }
 
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^\n`]*)$")
@@ -53,11 +54,13 @@ def blocks(path):
         prev = lines[i - 1] if i else ""
         skip = SKIP.match(prev)
         j = i + 1
-        while j < len(lines) and not (lines[j].strip().startswith(fence)
-                                      and lines[j].strip().strip(fence[0]) == ""):
+        while j < len(lines) and not (
+            lines[j].strip().startswith(fence) and lines[j].strip().strip(fence[0]) == ""
+        ):
             j += 1
-        out.append((i + 2, info, "\n".join(lines[i + 1:j]) + "\n",
-                    skip.group("why") if skip else None))
+        out.append(
+            (i + 2, info, "\n".join(lines[i + 1 : j]) + "\n", skip.group("why") if skip else None)
+        )
         i = j + 1
     return out
 
@@ -68,8 +71,9 @@ def pages(args):
     found = []
     for root, dirs, files in os.walk(DOCS):
         dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
-        found += [os.path.relpath(os.path.join(root, f), DOCS)
-                  for f in sorted(files) if f.endswith(".md")]
+        found += [
+            os.path.relpath(os.path.join(root, f), DOCS) for f in sorted(files) if f.endswith(".md")
+        ]
     return found
 
 
@@ -109,8 +113,10 @@ def main(argv=None):
                             exec(compile(code, name, "exec"), ns)
                     except (Exception, SystemExit):  # any failure of the example, reported
                         failed += 1
-                        print(f"{page}:{line}: FAILED\n{buf.getvalue()}"
-                              f"{traceback.format_exc()}", file=sys.stderr)
+                        print(
+                            f"{page}:{line}: FAILED\n{buf.getvalue()}{traceback.format_exc()}",
+                            file=sys.stderr,
+                        )
                         break  # later blocks of the page depend on this one
                     n_page += 1
                     if a.verbose and buf.getvalue():

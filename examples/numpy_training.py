@@ -8,6 +8,7 @@ torch.optim.Adam's arithmetic, see fastadam.reference):
     python examples/numpy_training.py
     python examples/numpy_training.py --optimizer plain     # the same as editing the line
 """
+
 import argparse
 import time
 
@@ -35,7 +36,7 @@ class PlainAdam:
             m += (1 - b1) * (g - m)
             v *= b2
             v += (1 - b2) * g * g
-            p -= (self.lr / (1 - b1 ** self.t)) * m / (np.sqrt(v / (1 - b2 ** self.t)) + self.eps)
+            p -= (self.lr / (1 - b1**self.t)) * m / (np.sqrt(v / (1 - b2**self.t)) + self.eps)
 
 
 OPTIMIZER = fastadam.Adam  # <- the one line: fastadam.Adam, or PlainAdam to compare
@@ -51,8 +52,12 @@ def make_data(n, dim, classes, rng):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--optimizer", choices=["fastadam", "plain"], default=None,
-                    help="override the OPTIMIZER line")
+    ap.add_argument(
+        "--optimizer",
+        choices=["fastadam", "plain"],
+        default=None,
+        help="override the OPTIMIZER line",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--hidden", type=int, default=512)
     args = ap.parse_args(argv)
@@ -88,15 +93,17 @@ def main(argv=None):
         dh = (dlogits @ w2.T) * (1 - h * h)
         grads = [xb.T @ dh, dh.sum(axis=0), h.T @ dlogits, dlogits.sum(axis=0)]
         ts = time.perf_counter()
-        opt.step(grads)                      # fastadam: one fused C call for all four
+        opt.step(grads)  # fastadam: one fused C call for all four
         t_opt += time.perf_counter() - ts
         if step % 100 == 0 or step == 1:
             print(f"step {step:4d}  loss {loss:.4f}")
     total = time.perf_counter() - t0
     acc = np.mean(np.argmax(np.tanh(x @ w1 + b1) @ w2 + b2, axis=1) == labels)
-    print(f"{Optimizer.__module__}.{Optimizer.__name__}: accuracy {acc:.3f}; "
-          f"{total / args.steps * 1e3:.2f} ms per training step, "
-          f"{t_opt / args.steps * 1e3:.3f} ms of it in the optimizer")
+    print(
+        f"{Optimizer.__module__}.{Optimizer.__name__}: accuracy {acc:.3f}; "
+        f"{total / args.steps * 1e3:.2f} ms per training step, "
+        f"{t_opt / args.steps * 1e3:.3f} ms of it in the optimizer"
+    )
     return float(acc)
 
 

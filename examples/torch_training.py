@@ -11,6 +11,7 @@ state_dict checkpoints (interchangeable with torch.optim.Adam's).
 fastadam extras used here: max_grad_norm (fused global-norm clipping, no pass rewriting the
 gradients) -- torch's equivalent is torch.nn.utils.clip_grad_norm_ before the step.
 """
+
 import argparse
 import time
 
@@ -31,15 +32,24 @@ def make_data(n, rng):
 def make_model():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 4))
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 256),
+        nn.ReLU(),
+        nn.Linear(256, 4),
+    )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--optimizer", choices=["fastadam", "torch"], default=None,
-                    help="override the import line")
+    ap.add_argument(
+        "--optimizer", choices=["fastadam", "torch"], default=None, help="override the import line"
+    )
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--samples", type=int, default=2048)
     args = ap.parse_args(argv)
@@ -50,8 +60,7 @@ def main(argv=None):
     model = make_model()
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    groups = [{"params": decay, "weight_decay": 1e-2},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": 1e-2}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"max_grad_norm": 1.0} if Optimizer is AdamW else {}
     opt = Optimizer(groups, lr=1e-3, **extra)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps)
@@ -76,10 +85,12 @@ def main(argv=None):
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict()}  # torch's layout
-    print(f"{Optimizer.__module__}.{Optimizer.__name__}: accuracy {acc:.3f}; "
-          f"{total / args.steps * 1e3:.1f} ms per training step, "
-          f"{t_opt / args.steps * 1e3:.2f} ms of it in the optimizer; "
-          f"checkpoint state for {len(ckpt['optimizer']['state'])} tensors")
+    print(
+        f"{Optimizer.__module__}.{Optimizer.__name__}: accuracy {acc:.3f}; "
+        f"{total / args.steps * 1e3:.1f} ms per training step, "
+        f"{t_opt / args.steps * 1e3:.2f} ms of it in the optimizer; "
+        f"checkpoint state for {len(ckpt['optimizer']['state'])} tensors"
+    )
     return acc
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: every test that takes `isa` runs once per SIMD path usable here."""
+
 import numpy as np
 import pytest
 
@@ -10,9 +11,11 @@ AVAILABLE = fastadam.config()["simd_available"]
 
 def pytest_report_header(config):
     c = fastadam.config()
-    return (f"fastadam {c['version']}: SIMD path in use {c['simd']} "
-            f"(usable: {', '.join(c['simd_available'])}; compiled: {', '.join(c['simd_compiled'])}); "
-            f"OpenMP {'on' if c['openmp'] else 'off'}, max_threads {c['max_threads']}")
+    return (
+        f"fastadam {c['version']}: SIMD path in use {c['simd']} "
+        f"(usable: {', '.join(c['simd_available'])}; compiled: {', '.join(c['simd_compiled'])}); "
+        f"OpenMP {'on' if c['openmp'] else 'off'}, max_threads {c['max_threads']}"
+    )
 
 
 @pytest.fixture(params=AVAILABLE)

@@ -2,6 +2,7 @@
 `launch` runs a worker script as `world` ranks on a gloo mesh on 127.0.0.1 and fails the
 test if any rank fails or the job runs too long. Not a test module (no test_ prefix).
 """
+
 import os
 import signal
 import socket
@@ -41,8 +42,14 @@ def launch(tmp_path, worker, args, world=2, timeout=180, what="job", env=None):
     binding it gets one more try on another."""
     script = tmp_path / "worker.py"
     script.write_text(worker)
-    base = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-                WORLD_SIZE=str(world), LOCAL_SIZE=str(world), **(env or {}))
+    base = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        WORLD_SIZE=str(world),
+        LOCAL_SIZE=str(world),
+        **(env or {}),
+    )
     loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
     if loopback:  # gloo binds to the host name's interface unless told otherwise
         base.setdefault("GLOO_SOCKET_IFNAME", loopback)
@@ -54,11 +61,23 @@ def launch(tmp_path, worker, args, world=2, timeout=180, what="job", env=None):
         try:
             for r in range(world):
                 with open(logs[r], "w") as log:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, str(script), str(r), str(world), port,
-                         str(tmp_path), *map(str, args)],
-                        env=dict(base, RANK=str(r), LOCAL_RANK=str(r), MASTER_PORT=port),
-                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                    procs.append(
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                str(script),
+                                str(r),
+                                str(world),
+                                port,
+                                str(tmp_path),
+                                *map(str, args),
+                            ],
+                            env=dict(base, RANK=str(r), LOCAL_RANK=str(r), MASTER_PORT=port),
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
             deadline = time.monotonic() + timeout  # for the whole job
             while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
                 if time.monotonic() > deadline:
@@ -67,8 +86,9 @@ def launch(tmp_path, worker, args, world=2, timeout=180, what="job", env=None):
                 time.sleep(0.1)
         finally:
             kill(procs)
-        output = "\n---\n".join(f"rank {r}:\n{log.read_text()[-6000:]}"
-                                for r, log in enumerate(logs))
+        output = "\n---\n".join(
+            f"rank {r}:\n{log.read_text()[-6000:]}" for r, log in enumerate(logs)
+        )
         if not timed_out and all(p.returncode == 0 for p in procs):
             return
         if attempt == 0 and not timed_out and "address already in use" in output.lower():

@@ -1,5 +1,6 @@
 """The benchmark command line (`python -m fastadam bench`): a quick run end to end, its JSON,
 re-printing a saved run, the built-in workloads and the errors it reports."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,12 @@ from fastadam import bench
 def quick_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "quick.json"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fastadam", "bench", "--quick", "--json",
-                           str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastadam", "bench", "--quick", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     with open(path) as f:
@@ -76,23 +81,90 @@ def test_load_reprints_the_table(quick_run, capsys):
 
 # The JSON schema of `python -m fastadam bench`, pinned key by key: a change here is a change
 # of the fastadam-bench/1 schema (bench.SCHEMA), which readers of saved runs depend on.
-QUICK_TOP_KEYS = {"schema", "created", "elapsed_s", "machine", "versions", "settings", "notes",
-                  "results"}
-QUICK_SETTINGS_KEYS = {"sizes", "models", "dtypes", "threads", "simd", "simd_in_use", "impls",
-                       "roofline", "repeats", "batch_time", "max_time", "warm_time",
-                       "slow_limit", "numpy_all_threads", "max_memory", "aligned", "quick",
-                       "seed", "argv", "hyperparameters", "optimizers"}
-MACHINE_KEYS = {"platform", "machine", "logical_cpus", "cpu_model", "physical_cores",
-                "usable_cpus", "caches_per_cpu0", "loadavg_start", "hypervisor", "loadavg_end"}
-MACHINE_OPTIONAL = {"mem_total_bytes", "mem_available_bytes"}       # where /proc/meminfo is
+QUICK_TOP_KEYS = {
+    "schema",
+    "created",
+    "elapsed_s",
+    "machine",
+    "versions",
+    "settings",
+    "notes",
+    "results",
+}
+QUICK_SETTINGS_KEYS = {
+    "sizes",
+    "models",
+    "dtypes",
+    "threads",
+    "simd",
+    "simd_in_use",
+    "impls",
+    "roofline",
+    "repeats",
+    "batch_time",
+    "max_time",
+    "warm_time",
+    "slow_limit",
+    "numpy_all_threads",
+    "max_memory",
+    "aligned",
+    "quick",
+    "seed",
+    "argv",
+    "hyperparameters",
+    "optimizers",
+}
+MACHINE_KEYS = {
+    "platform",
+    "machine",
+    "logical_cpus",
+    "cpu_model",
+    "physical_cores",
+    "usable_cpus",
+    "caches_per_cpu0",
+    "loadavg_start",
+    "hypervisor",
+    "loadavg_end",
+}
+MACHINE_OPTIONAL = {"mem_total_bytes", "mem_available_bytes"}  # where /proc/meminfo is
 VERSIONS_KEYS = {"python", "numpy", "fastadam", "fastadam_config", "torch"}
 VERSIONS_OPTIONAL = {"torch_num_threads_default", "environment"}  # torch; OMP_* variables set
-RECORD_KEYS = {                                          # an "ok" record of fastadam (Adam)
-    "workload", "workload_label", "kind", "n_tensors", "n_elems", "dtype", "threads",
-    "optimizer", "impl", "label", "simd", "group", "groups", "buffer_offsets_mod64", "status",
-    "sec_per_step", "sec_q1", "sec_q3", "sec_min", "sec_max", "iqr_rel", "batches",
-    "steps_per_batch", "warmup_steps", "rewarm", "capped", "samples", "rounds", "elems_per_s",
-    "gbps", "roofline_sec_per_step", "pct_roofline", "cell_seconds", "others_cpu"}
+RECORD_KEYS = {  # an "ok" record of fastadam (Adam)
+    "workload",
+    "workload_label",
+    "kind",
+    "n_tensors",
+    "n_elems",
+    "dtype",
+    "threads",
+    "optimizer",
+    "impl",
+    "label",
+    "simd",
+    "group",
+    "groups",
+    "buffer_offsets_mod64",
+    "status",
+    "sec_per_step",
+    "sec_q1",
+    "sec_q3",
+    "sec_min",
+    "sec_max",
+    "iqr_rel",
+    "batches",
+    "steps_per_batch",
+    "warmup_steps",
+    "rewarm",
+    "capped",
+    "samples",
+    "rounds",
+    "elems_per_s",
+    "gbps",
+    "roofline_sec_per_step",
+    "pct_roofline",
+    "cell_seconds",
+    "others_cpu",
+}
 PEER_RECORD_KEYS = RECORD_KEYS - {"buffer_offsets_mod64"} | {"vs_fastadam"}
 ROOFLINE_RECORD_KEYS = RECORD_KEYS - {"buffer_offsets_mod64"} | {"group_sec_per_step"}
 
@@ -125,8 +197,13 @@ def test_model_workloads_have_the_real_shapes():
 
 
 def test_groups_fit_the_memory_budget():
-    entries = [("roofline", 3), ("fastadam", 3), ("torch_fused", 3), ("torch_foreach", 6),
-               ("numpy", 20)]
+    entries = [
+        ("roofline", 3),
+        ("fastadam", 3),
+        ("torch_fused", 3),
+        ("torch_foreach", 6),
+        ("numpy", 20),
+    ]
     groups, too_big = bench._plan_groups(entries, budget=10, shared_bytes=1)
     assert too_big == ["numpy"]
     assert groups == [["roofline", "fastadam", "torch_fused"], ["roofline", "torch_foreach"]]
@@ -152,15 +229,18 @@ def test_numpy_inplace_is_adam():
         np.testing.assert_allclose(p, q, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--sizes", "1e3,abc"], "--sizes"),
-    (["--models", "bert"], "--models"),
-    (["--dtype", "float16"], "--dtype"),
-    (["--threads", "0"], "--threads"),
-    (["--simd", "nosuchpath"], "--simd"),
-    (["--impls", "jax"], "--impls"),
-    (["--sizes", "none", "--models", "none"], "nothing to measure"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "1e3,abc"], "--sizes"),
+        (["--models", "bert"], "--models"),
+        (["--dtype", "float16"], "--dtype"),
+        (["--threads", "0"], "--threads"),
+        (["--simd", "nosuchpath"], "--simd"),
+        (["--impls", "jax"], "--impls"),
+        (["--sizes", "none", "--models", "none"], "nothing to measure"),
+    ],
+)
 def test_bad_arguments(argv, message, capsys):
     assert bench.main(argv) == 2
     assert message in capsys.readouterr().err
@@ -189,9 +269,22 @@ def test_plot(quick_run, tmp_path):
 def quick_all(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "quick_all.json"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fastadam", "bench", "--quick", "--optimizer",
-                           "all", "--json", str(path)], capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastadam",
+            "bench",
+            "--quick",
+            "--optimizer",
+            "all",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     with open(path) as f:
@@ -204,8 +297,11 @@ def test_quick_all_rules(quick_all):
     assert elapsed < 120  # about 13 s on 2 cores
     assert data["schema"] == bench.SCHEMA
     st = data["settings"]
-    assert st["optimizers"] == bench.RULE_ORDER == ["adam", "sgd", "adagrad", "rmsprop",
-                                                     "adamax", "nadam", "radam", "lion"]
+    assert (
+        st["optimizers"]
+        == bench.RULE_ORDER
+        == ["adam", "sgd", "adagrad", "rmsprop", "adamax", "nadam", "radam", "lion"]
+    )
     assert st["rule_sizes"] == st["sizes"] == [1000, 100000]
     assert st["rules"]["sgd"]["options"]["momentum"] == 0.9
     have_torch = data["versions"]["torch"] is not None
@@ -230,13 +326,14 @@ def test_quick_all_rules(quick_all):
                 assert r["pct_roofline"] > 0
     summ = data["rules_summary"]
     assert {(s["optimizer"], s["workload"]) for s in summ} == {
-        (rule, w) for rule in bench.RULE_ORDER for w in ("n1e3", "n1e5")}
+        (rule, w) for rule in bench.RULE_ORDER for w in ("n1e3", "n1e5")
+    }
     for s in summ:
         assert s["fastadam"] > 0 and s["target"] is None  # no target workload in --quick
         if have_torch:
             assert s["vs_torch_fastest"] > 0
             assert (s["vs_torch_fused"] is not None) == bench.RULE_SPECS[s["optimizer"]].fused
-    assert "== float32, 1 thread" in out                       # Adam's section, as before
+    assert "== float32, 1 thread" in out  # Adam's section, as before
     for title in ("SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion"):
         assert f"== {title}: float32, 1 thread" in out
     assert "== SGD: float32, 1 thread, 3 streams = 20 B/element" in out
@@ -260,23 +357,31 @@ def test_default_run_is_adam_only(quick_run):
 def test_rule_workloads_default_to_the_targets():
     s = bench.resolve(bench.build_parser().parse_args(["--optimizer", "sgd,lion"]))
     assert s.optimizers == ["sgd", "lion"]
-    assert s.rule_sizes == [10 ** 6, 10 ** 8] and s.rule_models == ["many_small"]
-    s = bench.resolve(bench.build_parser().parse_args(["--optimizer", "sgd", "--sizes",
-                                                        "1e4"]))
-    assert s.rule_sizes == s.sizes == [10 ** 4] and s.rule_models == ["many_small"]
-    assert s.models == list(bench.MODELS)                     # Adam's: as without the flag
+    assert s.rule_sizes == [10**6, 10**8] and s.rule_models == ["many_small"]
+    s = bench.resolve(bench.build_parser().parse_args(["--optimizer", "sgd", "--sizes", "1e4"]))
+    assert s.rule_sizes == s.sizes == [10**4] and s.rule_models == ["many_small"]
+    assert s.models == list(bench.MODELS)  # Adam's: as without the flag
 
 
 def test_rule_roofline_streams():
     """The roofline of a rule moves its own streams: param, grad, then its state."""
     wl = bench.Workload.tensor(1000)
     grads = [np.zeros(1000, np.float32)]
-    for rule, n in (("adam", 4), ("sgd", 3), ("adagrad", 3), ("rmsprop", 3), ("adamax", 4),
-                    ("nadam", 4), ("radam", 4), ("lion", 3)):
+    for rule, n in (
+        ("adam", 4),
+        ("sgd", 3),
+        ("adagrad", 3),
+        ("rmsprop", 3),
+        ("adamax", 4),
+        ("nadam", 4),
+        ("radam", 4),
+        ("lion", 3),
+    ):
         spec = bench.RULE_SPECS[rule]
         assert spec.streams == n and spec.bytes_per_elem("float64") == 8 * (2 * n - 1)
-        roof = bench.Roofline(wl, grads, np.float32, 1,
-                              bench._Filler(np.float32, 0.02, 0), rule=spec)
+        roof = bench.Roofline(
+            wl, grads, np.float32, 1, bench._Filler(np.float32, 0.02, 0), rule=spec
+        )
         fn, (streams, threads) = roof.call
         assert len(streams) == n and threads == 1
         fn(streams, threads)
@@ -300,8 +405,7 @@ def test_rule_peers_compute_the_same_update(rule):
     shared = bench.FastAdam.make_shared(wl, grads, dt, 1, filler(), spec)
     fa = bench.FastAdam(shared, None, True)
     ref = bench.Reference(wl, grads, dt, 1, filler(), rule=spec)
-    peers = [bench.TorchForloop, bench.TorchForeach] + ([bench.TorchFused] if spec.fused
-                                                         else [])
+    peers = [bench.TorchForloop, bench.TorchForeach] + ([bench.TorchFused] if spec.fused else [])
     torchs = [c(wl, grads, dt, 1, filler(), rule=spec) for c in peers]
     p0 = [p.copy() for p in shared.params]
     for o in [fa, ref] + torchs:
@@ -309,12 +413,16 @@ def test_rule_peers_compute_the_same_update(rule):
             fn, args = o.call
             fn(*args)
     for i, p in enumerate(shared.params):
-        assert not np.array_equal(p, p0[i])                      # the step moved them
-        np.testing.assert_array_equal(p, ref.views[i][0])        # fastadam == reference
+        assert not np.array_equal(p, p0[i])  # the step moved them
+        np.testing.assert_array_equal(p, ref.views[i][0])  # fastadam == reference
         for t in torchs:
-            np.testing.assert_allclose(t.params[i].detach().numpy(), p, rtol=1e-12,
-                                       atol=1e-9 if rule == "nadam" else 1e-14,
-                                       err_msg=t.key)
+            np.testing.assert_allclose(
+                t.params[i].detach().numpy(),
+                p,
+                rtol=1e-12,
+                atol=1e-9 if rule == "nadam" else 1e-14,
+                err_msg=t.key,
+            )
     if rule == "lion":
         assert torchs[0].label == "torch for-loop (written here)"
     torch.set_num_threads(torch.get_num_threads())
@@ -323,20 +431,33 @@ def test_rule_peers_compute_the_same_update(rule):
 def test_rule_summary_targets():
     """In cache: >= torch fused where torch has one, else >= 3x torch's fastest; 1e8:
     >= 95% of the roofline."""
-    def rec(rule, w, impl, sec, **kw):
-        return dict(status="ok", optimizer=rule, dtype="float32", workload=w,
-                    workload_label=w, threads=1, n_elems=10 ** 6, impl=impl,
-                    sec_per_step=sec, gbps=1.0, **kw)
 
-    recs = [rec("sgd", "n1e6", "fastadam", 1.0, pct_roofline=50.0),
-            rec("sgd", "n1e6", "torch_fused", 0.9, vs_fastadam=0.9),
-            rec("sgd", "n1e6", "torch_foreach", 2.0, vs_fastadam=2.0),
-            rec("rmsprop", "many_small", "fastadam", 1.0),
-            rec("rmsprop", "many_small", "torch_foreach", 3.5, vs_fastadam=3.5),
-            rec("rmsprop", "many_small", "torch_forloop", 3.2, vs_fastadam=3.2),
-            rec("lion", "n1e8", "fastadam", 1.0, pct_roofline=96.0),
-            rec("lion", "n1e8", "roofline", 0.96),
-            rec("adam", "n1e3", "fastadam", 1.0)]
+    def rec(rule, w, impl, sec, **kw):
+        return dict(
+            status="ok",
+            optimizer=rule,
+            dtype="float32",
+            workload=w,
+            workload_label=w,
+            threads=1,
+            n_elems=10**6,
+            impl=impl,
+            sec_per_step=sec,
+            gbps=1.0,
+            **kw,
+        )
+
+    recs = [
+        rec("sgd", "n1e6", "fastadam", 1.0, pct_roofline=50.0),
+        rec("sgd", "n1e6", "torch_fused", 0.9, vs_fastadam=0.9),
+        rec("sgd", "n1e6", "torch_foreach", 2.0, vs_fastadam=2.0),
+        rec("rmsprop", "many_small", "fastadam", 1.0),
+        rec("rmsprop", "many_small", "torch_foreach", 3.5, vs_fastadam=3.5),
+        rec("rmsprop", "many_small", "torch_forloop", 3.2, vs_fastadam=3.2),
+        rec("lion", "n1e8", "fastadam", 1.0, pct_roofline=96.0),
+        rec("lion", "n1e8", "roofline", 0.96),
+        rec("adam", "n1e3", "fastadam", 1.0),
+    ]
     rows = {r["optimizer"]: r for r in bench.rule_summary(recs)}
     assert rows["sgd"]["target"] == ">= torch fused" and rows["sgd"]["target_met"] is False
     assert rows["sgd"]["vs_torch_fastest"] == 0.9 and rows["sgd"]["torch_fastest"] == "torch_fused"
@@ -358,16 +479,33 @@ def test_bad_optimizer(capsys):
 
 from fastadam.bench import formats as bench_formats  # noqa: E402
 
-FORMATS_ARGV = ["--formats", "--sizes", "1e4", "--models", "none", "--threads", "1",
-                "--repeats", "3", "--batch-time", "0.002", "--max-time", "0.1"]
+FORMATS_ARGV = [
+    "--formats",
+    "--sizes",
+    "1e4",
+    "--models",
+    "none",
+    "--threads",
+    "1",
+    "--repeats",
+    "3",
+    "--batch-time",
+    "0.002",
+    "--max-time",
+    "0.1",
+]
 
 
 @pytest.fixture(scope="module")
 def formats_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "formats.json"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fastadam", "bench", *FORMATS_ARGV,
-                           "--json", str(path)], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastadam", "bench", *FORMATS_ARGV, "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     with open(path) as f:
@@ -377,22 +515,40 @@ def formats_run(tmp_path_factory):
 
 def test_formats_json_keys(formats_run):
     data, out, elapsed, _ = formats_run
-    assert elapsed < 120   # about 25 s on 2 cores with DeepSpeed and bitsandbytes
+    assert elapsed < 120  # about 25 s on 2 cores with DeepSpeed and bitsandbytes
     assert data["schema"] == bench_formats.SCHEMA
-    assert set(data) == {"schema", "created", "elapsed_s", "machine", "versions", "settings",
-                         "notes", "rows", "peers", "results", "targets"}
-    assert {"deepspeed", "bitsandbytes", "ml_dtypes", "torch", "fastadam"} <= set(
-        data["versions"])
+    assert set(data) == {
+        "schema",
+        "created",
+        "elapsed_s",
+        "machine",
+        "versions",
+        "settings",
+        "notes",
+        "rows",
+        "peers",
+        "results",
+        "targets",
+    }
+    assert {"deepspeed", "bitsandbytes", "ml_dtypes", "torch", "fastadam"} <= set(data["versions"])
     st = data["settings"]
     assert st["sizes"] == [10_000] and st["models"] == [] and st["threads"] == [1]
-    assert st["hyperparameters"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
-                                     "weight_decay": 1e-2}
+    assert st["hyperparameters"] == {
+        "lr": 1e-3,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+    }
     assert st["rows"] == bench_formats.ROW_ORDER
     rows = data["rows"]
     assert {k: rows[k]["bytes_per_elem"] for k in bench_formats.FORMATS} == {
-        "fastadam_f32": 28, "fastadam_f32_8bit": 16.0625, "fastadam_bf16": 14,
-        "fastadam_bf16_sr": 14, "fastadam_bf16_master": 28,
-        "fastadam_bf16_master_8bit": 16.0625}
+        "fastadam_f32": 28,
+        "fastadam_f32_8bit": 16.0625,
+        "fastadam_bf16": 14,
+        "fastadam_bf16_sr": 14,
+        "fastadam_bf16_master": 28,
+        "fastadam_bf16_master_8bit": 16.0625,
+    }
     assert rows["fastadam_bf16_master"]["roofline_bytes_per_elem"] == 30  # p16 read too
     assert rows["deepspeed_engine"]["bytes_per_elem"] == 40
     # every row is measured or says why not; fastadam's float32 row always runs
@@ -408,19 +564,35 @@ def test_formats_json_keys(formats_run):
             assert r["note"]
             continue
         assert r["sec_per_step"] > 0 and r["sec_q1"] <= r["sec_per_step"] <= r["sec_q3"]
-        assert r["gbps"] == pytest.approx(r["bytes_per_elem"] * r["n_elems"]
-                                          / r["sec_per_step"] / 1e9)
+        assert r["gbps"] == pytest.approx(
+            r["bytes_per_elem"] * r["n_elems"] / r["sec_per_step"] / 1e9
+        )
         if r["impl"] in bench_formats.FORMATS:
-            assert {"resident_bytes_per_param", "resident_declared", "pct_roofline", "vs",
-                    "vs_fp32_best", "fp32_best_of", "roofline_bytes_per_elem"} <= set(r)
+            assert {
+                "resident_bytes_per_param",
+                "resident_declared",
+                "pct_roofline",
+                "vs",
+                "vs_fp32_best",
+                "fp32_best_of",
+                "roofline_bytes_per_elem",
+            } <= set(r)
             assert r["resident_bytes_per_param"] == pytest.approx(r["resident_declared"])
             assert r["pct_roofline"] > 0
             if r["fp32_best_of"]:
                 assert r["vs_fp32_best"] > 0
     assert recs["fastadam_f32"]["resident_bytes_per_param"] == 8
     for t in data["targets"]:
-        assert {"impl", "workload", "threads", "metric", "value", "target", "threshold",
-                "met"} <= set(t)
+        assert {
+            "impl",
+            "workload",
+            "threads",
+            "metric",
+            "value",
+            "target",
+            "threshold",
+            "met",
+        } <= set(t)
     metrics = {(t["impl"], t["metric"]) for t in data["targets"]}
     assert ("fastadam_f32", "pct_roofline") in metrics
     if recs.get("fastadam_bf16_master", {}).get("status") == "ok":
@@ -430,21 +602,89 @@ def test_formats_json_keys(formats_run):
 
 # The JSON schema of `python -m fastadam bench --formats` (fastadam-bench-formats/1), pinned
 # key by key (the top-level keys: test_formats_json_keys).
-FORMATS_SETTINGS_KEYS = {"sizes", "models", "threads", "rows", "roofline", "repeats",
-                         "batch_time", "max_time", "warm_time", "max_memory", "aligned",
-                         "quick", "seed", "argv", "hyperparameters"}
-FORMAT_ROW_KEYS = {"kind", "label", "param", "grad", "master_weights", "state_dtype",
-                   "rounding", "options", "streams", "bytes_per_elem", "roofline_of",
-                   "roofline_streams", "roofline_bytes_per_elem"}
-FORMAT_RECORD_KEYS = {                                  # an "ok" record of a fastadam format
-    "workload", "workload_label", "kind", "n_tensors", "n_elems", "threads", "impl", "label",
-    "row_kind", "bytes_per_elem", "group", "groups", "status", "sec_per_step", "sec_q1",
-    "sec_q3", "sec_min", "sec_max", "iqr_rel", "batches", "steps_per_batch", "warmup_steps",
-    "capped", "samples", "rounds", "elems_per_s", "gbps", "resident_bytes_per_param",
-    "resident_declared", "roofline_bytes_per_elem", "pct_roofline", "vs", "fp32_best_of",
-    "vs_fp32_best", "cell_seconds", "others_cpu"}
-TARGET_KEYS = {"impl", "label", "workload", "workload_label", "threads", "metric", "value",
-               "target", "threshold", "met", "others_cpu"}
+FORMATS_SETTINGS_KEYS = {
+    "sizes",
+    "models",
+    "threads",
+    "rows",
+    "roofline",
+    "repeats",
+    "batch_time",
+    "max_time",
+    "warm_time",
+    "max_memory",
+    "aligned",
+    "quick",
+    "seed",
+    "argv",
+    "hyperparameters",
+}
+FORMAT_ROW_KEYS = {
+    "kind",
+    "label",
+    "param",
+    "grad",
+    "master_weights",
+    "state_dtype",
+    "rounding",
+    "options",
+    "streams",
+    "bytes_per_elem",
+    "roofline_of",
+    "roofline_streams",
+    "roofline_bytes_per_elem",
+}
+FORMAT_RECORD_KEYS = {  # an "ok" record of a fastadam format
+    "workload",
+    "workload_label",
+    "kind",
+    "n_tensors",
+    "n_elems",
+    "threads",
+    "impl",
+    "label",
+    "row_kind",
+    "bytes_per_elem",
+    "group",
+    "groups",
+    "status",
+    "sec_per_step",
+    "sec_q1",
+    "sec_q3",
+    "sec_min",
+    "sec_max",
+    "iqr_rel",
+    "batches",
+    "steps_per_batch",
+    "warmup_steps",
+    "capped",
+    "samples",
+    "rounds",
+    "elems_per_s",
+    "gbps",
+    "resident_bytes_per_param",
+    "resident_declared",
+    "roofline_bytes_per_elem",
+    "pct_roofline",
+    "vs",
+    "fp32_best_of",
+    "vs_fp32_best",
+    "cell_seconds",
+    "others_cpu",
+}
+TARGET_KEYS = {
+    "impl",
+    "label",
+    "workload",
+    "workload_label",
+    "threads",
+    "metric",
+    "value",
+    "target",
+    "threshold",
+    "met",
+    "others_cpu",
+}
 
 
 def test_formats_json_keys_pinned(formats_run):
@@ -465,14 +705,15 @@ def test_formats_load_reprints(formats_run, capsys):
 
 
 def test_formats_groups_fit_and_keep_families():
-    n, gib = 10 ** 8, 2 ** 30
+    n, gib = 10**8, 2**30
     keys = bench_formats.ROW_ORDER
     groups, too_big, anchors = bench_formats.plan_groups(keys, n, 12 * gib, 6 * n)
     assert anchors == ["torch_fused", "deepspeed"] and not too_big
     assert all(with_anchors for _, with_anchors in groups)
     assert sorted(k for g, _ in groups for k in g) == sorted(
-        k for k in keys if k not in bench_formats.ANCHORS)
-    for fam in bench_formats.FAMILIES:                  # each family in one group
+        k for k in keys if k not in bench_formats.ANCHORS
+    )
+    for fam in bench_formats.FAMILIES:  # each family in one group
         assert sum(any(k in g for k in fam) for g, _ in groups) == 1
     # 7 GiB: more groups; the master family (targets against DeepSpeed's bf16 modes) stays
     # whole, without the float32 anchors
@@ -504,12 +745,15 @@ def test_formats_roofline_streams():
     fn(arrays, threads)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--formats", "--optimizer", "sgd"], "--optimizer"),
-    (["--formats", "--dtype", "float64"], "--dtype"),
-    (["--formats", "nosuchformat"], "--formats"),
-    (["--formats", "--sizes", "none", "--models", "none"], "nothing to measure"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--formats", "--optimizer", "sgd"], "--optimizer"),
+        (["--formats", "--dtype", "float64"], "--dtype"),
+        (["--formats", "nosuchformat"], "--formats"),
+        (["--formats", "--sizes", "none", "--models", "none"], "nothing to measure"),
+    ],
+)
 def test_formats_bad_arguments(argv, message, capsys):
     assert bench.main(argv) == 2
     assert message in capsys.readouterr().err
@@ -525,7 +769,7 @@ def _adamw_reference(p0, grads, steps):
             p *= 1 - lr * wd
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
-            p -= lr / (1 - b1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps)
+            p -= lr / (1 - b1**t) * m / (np.sqrt(v) / np.sqrt(1 - b2**t) + eps)
         out.append(p)
     return out
 
@@ -535,8 +779,9 @@ def test_formats_rows_compute_adamw(key):
     """Every row that runs here is AdamW with the same hyperparameters: after 3 steps its
     parameters moved as float64 AdamW moves them (float32 rows to rounding; 16-bit
     parameters and 8-bit moments: the same direction and size, within their rounding)."""
-    torch = pytest.importorskip("torch") if key not in bench_formats.FORMATS else \
-        bench._import_torch()
+    torch = (
+        pytest.importorskip("torch") if key not in bench_formats.FORMATS else bench._import_torch()
+    )
     why = bench_formats.probe(key, torch)
     if why is not None:
         if key == "fastadam_f32":
@@ -547,10 +792,17 @@ def test_formats_rows_compute_adamw(key):
     obj = bench_formats._make(key, wl, data, 1, 0, False)
     p0 = obj.values()
     spec = bench_formats.SPECS[key]
-    grads = [g.astype(np.float64) if spec.grad == "float32"
-             else g.view(np.int16).astype(np.int32).__lshift__(16).astype(np.uint32)
-             .view(np.float32).astype(np.float64) for g in
-             (data.g32 if spec.grad == "float32" else data.g16)]
+    grads = [
+        g.astype(np.float64)
+        if spec.grad == "float32"
+        else g.view(np.int16)
+        .astype(np.int32)
+        .__lshift__(16)
+        .astype(np.uint32)
+        .view(np.float32)
+        .astype(np.float64)
+        for g in (data.g32 if spec.grad == "float32" else data.g16)
+    ]
     fn, args = obj.call
     for _ in range(3):
         fn(*args)

@@ -5,6 +5,7 @@ missing extra, a missing optimizer and bad arguments.
 The comparison needs fastadam.Adagrad, RMSprop, SGD and Adamax. Where this build lacks one,
 the tests here put a minimal pure-NumPy stand-in in its place (torch.optim's algorithm and
 defaults, test-only: see ``standins``), so that the command can be tested on its own."""
+
 import importlib
 import importlib.util
 import json
@@ -101,7 +102,7 @@ class RMSpropStandIn(_StandIn):
             s["sq"] = np.zeros_like(p)
         s["sq"] *= a
         s["sq"] += (1 - a) * g * g
-        avg = np.sqrt(s["sq"]) + self.o["eps"]   # (centered and momentum: not needed here)
+        avg = np.sqrt(s["sq"]) + self.o["eps"]  # (centered and momentum: not needed here)
         p -= lr * g / avg
 
 
@@ -116,11 +117,15 @@ class AdamaxStandIn(_StandIn):
         s["m"] *= b1
         s["m"] += (1 - b1) * g
         np.maximum(b2 * s["u"], np.abs(g) + self.o["eps"], out=s["u"])
-        p -= (lr / (1 - b1 ** self.t)) * s["m"] / s["u"]
+        p -= (lr / (1 - b1**self.t)) * s["m"] / s["u"]
 
 
-STANDINS = {"SGD": SGDStandIn, "Adagrad": AdagradStandIn, "RMSprop": RMSpropStandIn,
-            "Adamax": AdamaxStandIn}
+STANDINS = {
+    "SGD": SGDStandIn,
+    "Adagrad": AdagradStandIn,
+    "RMSprop": RMSpropStandIn,
+    "Adamax": AdamaxStandIn,
+}
 
 
 @pytest.fixture
@@ -134,12 +139,14 @@ def standins(monkeypatch):
     return used
 
 
-needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
-                                   reason="scikit-learn not installed (pip install "
-                                          "'fastadam[compare]')")
-needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                                      reason="matplotlib not installed (pip install "
-                                             "'fastadam[compare]')")
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None,
+    reason="scikit-learn not installed (pip install 'fastadam[compare]')",
+)
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib not installed (pip install 'fastadam[compare]')",
+)
 
 
 # --------------------------------------------------------------------- the quick run
@@ -190,19 +197,18 @@ class _Capture:
 def test_quick_is_quick(quick_run):
     data, _, _, elapsed, _ = quick_run
     assert data["settings"]["quick"] is True and data["settings"]["search"] is False
-    assert elapsed < 30   # a few seconds on 2 cores; generous for a loaded CI machine
+    assert elapsed < 30  # a few seconds on 2 cores; generous for a loaded CI machine
 
 
 def test_json_layout(quick_run):
     data, _, _, _, _ = quick_run
     assert data["schema"] == compare.SCHEMA
-    for key in ("created", "elapsed_s", "machine", "versions", "settings", "data",
-                "experiments"):
+    for key in ("created", "elapsed_s", "machine", "versions", "settings", "data", "experiments"):
         assert key in data
     d = data["data"]
     assert d["n_features"] == 64 and d["n_classes"] == 10
     assert d["n_train"] + d["n_test"] == 1797
-    assert abs(d["n_test"] - 0.2 * 1797) <= 10          # stratified 80/20
+    assert abs(d["n_test"] - 0.2 * 1797) <= 10  # stratified 80/20
     assert data["versions"]["sklearn"]
     st = data["settings"]
     assert st["optimizers"] == ["adam", "adagrad", "rmsprop", "sgd", "adamax"]
@@ -211,7 +217,8 @@ def test_json_layout(quick_run):
     for name, exp in data["experiments"].items():
         epochs = st["epochs"][name]
         assert exp["epochs"] == epochs and exp["iterations_per_epoch"] == math.ceil(
-            d["n_train"] / 128)
+            d["n_train"] / 128
+        )
         assert exp["lr_schedule"] == ("InverseSqrtDecay" if name == "logreg" else "constant")
         assert list(exp["optimizers"]) == st["optimizers"]
         for key, r in exp["optimizers"].items():
@@ -219,8 +226,10 @@ def test_json_layout(quick_run):
             assert r["implementation"].split(".")[-1].startswith(r["class"])
             assert r["lr"] == compare.DEFAULT_LRS[name][key]
             assert r["lr_source"] == "default" and r["search"] == []
-            assert len(r["train_loss"]) == epochs + 1 and len(r["test_accuracy_per_epoch"]) \
-                == epochs + 1
+            assert (
+                len(r["train_loss"]) == epochs + 1
+                and len(r["test_accuracy_per_epoch"]) == epochs + 1
+            )
             assert r["iterations"] == epochs * exp["iterations_per_epoch"]
             assert 0 <= r["test_accuracy"] <= 1 and r["diverged"] is False
             assert r["seconds"] > 0 and 0 < r["optimizer_seconds"] <= r["seconds"]
@@ -232,15 +241,15 @@ def test_losses_decrease_and_accuracy_beats_chance(quick_run):
         for key, r in exp["optimizers"].items():
             loss = r["train_loss"]
             assert all(math.isfinite(x) for x in loss), (name, key)
-            assert loss[0] == pytest.approx(math.log(10), rel=0.15)   # about chance at init
+            assert loss[0] == pytest.approx(math.log(10), rel=0.15)  # about chance at init
             assert loss[-1] < 0.5 * loss[0], (name, key, loss)
             assert min(loss[-3:]) < loss[1], (name, key, loss)
-            floor = 0.8 if name == "logreg" else 0.6     # chance is 0.1
+            floor = 0.8 if name == "logreg" else 0.6  # chance is 0.1
             assert r["test_accuracy"] > floor, (name, key, r["test_accuracy"])
 
 
 def test_table_and_plot(quick_run):
-    data, out, _, _, png = quick_run
+    _data, out, _, _, png = quick_run
     assert "logistic regression" in out and "multilayer perceptron" in out
     for label in ("Adam", "AdaGrad", "RMSProp", "SGDNesterov", "AdaMax"):
         assert label in out
@@ -276,9 +285,12 @@ def test_gradients_match_finite_differences(model, dtype):
     rng = np.random.default_rng(1)
     x = rng.random((7, 5)).astype(dtype)
     y = rng.integers(0, 3, 7)
-    m = (compare.LogReg(5, 3, dtype, 0, weight_decay=1e-2) if model == "logreg"
-         else compare.MLP(5, 3, 4, dtype, 0, weight_decay=1e-2))
-    for p in m.params:                       # logreg starts at zero: move off it
+    m = (
+        compare.LogReg(5, 3, dtype, 0, weight_decay=1e-2)
+        if model == "logreg"
+        else compare.MLP(5, 3, 4, dtype, 0, weight_decay=1e-2)
+    )
+    for p in m.params:  # logreg starts at zero: move off it
         p += rng.standard_normal(p.shape).astype(dtype) * 0.3
     loss, grads = m.loss_and_grads(x, y, None)
     assert loss == pytest.approx(m.objective(x, y), rel=1e-5)
@@ -293,8 +305,9 @@ def test_gradients_match_finite_differences(model, dtype):
             p[idx] = old - h
             down = m.objective(x, y)
             p[idx] = old
-            assert (up - down) / (2 * h) == pytest.approx(g[idx], abs=2e-3 if
-                                                           dtype == np.float32 else 1e-7)
+            assert (up - down) / (2 * h) == pytest.approx(
+                g[idx], abs=2e-3 if dtype == np.float32 else 1e-7
+            )
 
 
 def test_parse_optimizers():
@@ -307,7 +320,7 @@ def test_parse_optimizers():
 def test_lr_grid_search_extends_to_an_interior_best():
     calls = []
 
-    def score(lr):                     # best at 3e-2, two grid points above the start
+    def score(lr):  # best at 3e-2, two grid points above the start
         calls.append(lr)
         return abs(math.log10(lr) - math.log10(3e-2))
 
@@ -318,7 +331,7 @@ def test_lr_grid_search_extends_to_an_interior_best():
 
 
 def test_lr_grid_search_treats_divergence_as_worst():
-    best, tried = compare.search_grid(lambda lr: math.inf if lr > 1e-3 else -lr, start=1e-3)
+    best, _tried = compare.search_grid(lambda lr: math.inf if lr > 1e-3 else -lr, start=1e-3)
     assert best == 1e-3
 
 
@@ -363,9 +376,25 @@ def test_bad_arguments(capsys):
 @needs_sklearn
 def test_subset_of_optimizers_and_one_experiment(standins, tmp_path, capsys):
     js = tmp_path / "c.json"
-    assert compare.main(["--quick", "--quiet", "--optimizers", "adam,sgd", "--experiments",
-                         "logreg", "--epochs-logreg", "3", "--blas-threads", "1",
-                         "--json", str(js)]) == 0
+    assert (
+        compare.main(
+            [
+                "--quick",
+                "--quiet",
+                "--optimizers",
+                "adam,sgd",
+                "--experiments",
+                "logreg",
+                "--epochs-logreg",
+                "3",
+                "--blas-threads",
+                "1",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     data = json.loads(js.read_text())
     assert data["settings"]["blas_threads"] == 1
     if importlib.util.find_spec("threadpoolctl") is not None:

@@ -31,21 +31,22 @@ Checked here:
 
 DeepSpeed's gradient clipping (default 1.0) is off, so that one process can replay the run.
 """
+
 import copy
 import importlib.util
 import textwrap
 
 import pytest
-
 from ranks import launch
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: fastadam.torch is not tested")
+torch = pytest.importorskip("torch", reason="torch is not installed: fastadam.torch is not tested")
 # found, not imported: only the ranks and the consolidation test import DeepSpeed (seconds)
 if importlib.util.find_spec("deepspeed") is None:
-    pytest.skip("DeepSpeed is not installed (pip install --no-deps deepspeed==0.19.8 and its "
-                "dependencies, as .ci/run does): the ZeRO tests are skipped",
-                allow_module_level=True)
+    pytest.skip(
+        "DeepSpeed is not installed (pip install --no-deps deepspeed==0.19.8 and its "
+        "dependencies, as .ci/run does): the ZeRO tests are skipped",
+        allow_module_level=True,
+    )
 dist = pytest.importorskip("torch.distributed", reason="torch.distributed is unavailable")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is unavailable", allow_module_level=True)
@@ -56,8 +57,8 @@ STEPS = 6
 SAVE_AT = 3
 LR = 1e-2
 WD = 1e-2
-BATCH = 4          # per rank
-TIMEOUT = 180      # s per two-process job
+BATCH = 4  # per rank
+TIMEOUT = 180  # s per two-process job
 KEYS = ("exp_avg", "exp_avg_sq")
 
 COMMON = textwrap.dedent(r'''
@@ -235,8 +236,14 @@ WORKER = COMMON + textwrap.dedent(r'''
 def job(request, tmp_path_factory):
     """Run the job of one ZeRO stage; its two ranks' results and its checkpoint folder."""
     out = tmp_path_factory.mktemp(f"zero{request.param}")
-    launch(out, WORKER, (request.param,), timeout=TIMEOUT, env={"DS_ACCELERATOR": "cpu"},
-           what=f"DeepSpeed ZeRO-{request.param} job")
+    launch(
+        out,
+        WORKER,
+        (request.param,),
+        timeout=TIMEOUT,
+        env={"DS_ACCELERATOR": "cpu"},
+        what=f"DeepSpeed ZeRO-{request.param} job",
+    )
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return request.param, out, ranks
 
@@ -247,8 +254,9 @@ def _ns():
     return ns
 
 
-def _single_process(dtype, start=0, stop=STEPS, opt_state=None, params=None, cls=ft.AdamW,
-                    kw=None, width=33):
+def _single_process(
+    dtype, start=0, stop=STEPS, opt_state=None, params=None, cls=ft.AdamW, kw=None, width=33
+):
     """One process, the same model and data, the two ranks' gradients averaged as ZeRO's
     reduction does ((g0 + g1) / 2 in the gradients' dtype): the fp32 parameters (masters
     for bf16), the parameters and the optimizer at `stop`. Starts at `start` from the fp32
@@ -292,7 +300,7 @@ def _equal(a, b):
 
 
 EPS32 = torch.finfo(torch.float32).eps
-K_TRAJ = 4.0     # tests/test_torch_optim.py's bound on |dp| / (t eps (|p| + lr)), float32
+K_TRAJ = 4.0  # tests/test_torch_optim.py's bound on |dp| / (t eps (|p| + lr)), float32
 
 
 def test_zero_offload_fastadam_is_single_process_fastadam(job):
@@ -305,8 +313,9 @@ def test_zero_offload_fastadam_is_single_process_fastadam(job):
         assert _equal(got["master"], master), (stage, name)
         assert _equal(got["param"], param), (stage, name)
         # the ZeRO partitions cover the model once: each rank holds a part
-        held = [sum(s["exp_avg"].numel() for s in rk[name, "fastadam", "saved_local"])
-                for rk in ranks]
+        held = [
+            sum(s["exp_avg"].numel() for s in rk[name, "fastadam", "saved_local"]) for rk in ranks
+        ]
         numel = sum(p.numel() for p in master)
         assert all(0 < h < numel for h in held) and sum(held) >= numel, held
 
@@ -319,15 +328,24 @@ def test_zero_offload_fastadam_matches_torch_adamw(job):
         fa, to = r[name, "fastadam", "final"], r[name, "torch", "final"]
         assert r[name, "torch", "steps"] == [float(STEPS)]
         worst[name] = _worst(fa["master"], to["master"], STEPS, EPS32)
-    print(f"ZeRO-{stage} offload, fastadam vs torch AdamW after {STEPS} steps: max |dp| / "
-          f"(t eps32 (|p| + lr)) = {worst['float32']:.3g} float32, {worst['bfloat16']:.3g} "
-          f"bfloat16 masters")
+    print(
+        f"ZeRO-{stage} offload, fastadam vs torch AdamW after {STEPS} steps: max |dp| / "
+        f"(t eps32 (|p| + lr)) = {worst['float32']:.3g} float32, {worst['bfloat16']:.3g} "
+        f"bfloat16 masters"
+    )
     assert worst["float32"] <= K_TRAJ
     # bf16: the forward pass sees the masters rounded to bf16; a master an ulp apart may
     # round to the other neighbour, so the runs may drift by bf16's rounding, not float32's
     eps16 = torch.finfo(torch.bfloat16).eps
-    assert _worst(r["bfloat16", "fastadam", "final"]["master"],
-                  r["bfloat16", "torch", "final"]["master"], STEPS, eps16) <= K_TRAJ
+    assert (
+        _worst(
+            r["bfloat16", "fastadam", "final"]["master"],
+            r["bfloat16", "torch", "final"]["master"],
+            STEPS,
+            eps16,
+        )
+        <= K_TRAJ
+    )
 
 
 def test_zero_offload_checkpoint_resume(job):
@@ -338,24 +356,30 @@ def test_zero_offload_checkpoint_resume(job):
             # back into a fresh engine (load_zero_state): the uninterrupted run, bit for bit
             for source in ("fastadam", "consolidated"):
                 for k in ("master", "param"):
-                    assert _equal(rk[name, "fastadam", source, "final"][k],
-                                  rk[name, "fastadam", "final"][k]), (stage, name, source, k)
+                    assert _equal(
+                        rk[name, "fastadam", source, "final"][k], rk[name, "fastadam", "final"][k]
+                    ), (stage, name, source, k)
                 assert rk[name, "fastadam", source, "steps"] == [float(STEPS)]
             # the state load_zero_state put in each rank's partitions is what was saved
-            for s, l in zip(rk[name, "fastadam", "saved_local"],
-                            rk[name, "fastadam", "consolidated", "loaded_local"]):
-                assert set(s) == set(l)
-                assert all(torch.equal(s[k], l[k]) for k in s), (stage, name)
-            for client, source in (("fastadam", "fastadam"), ("fastadam", "torch"),
-                                   ("torch", "fastadam")):
+            for s, loc in zip(
+                rk[name, "fastadam", "saved_local"],
+                rk[name, "fastadam", "consolidated", "loaded_local"],
+            ):
+                assert set(s) == set(loc)
+                assert all(torch.equal(s[k], loc[k]) for k in s), (stage, name)
+            for client, source in (
+                ("fastadam", "fastadam"),
+                ("fastadam", "torch"),
+                ("torch", "fastadam"),
+            ):
                 saved = rk[name, source, "saved_local"]
                 loaded = rk[name, client, source, "loaded_local"]
                 assert len(saved) == len(loaded)
-                for s, l in zip(saved, loaded):
+                for s, loc in zip(saved, loaded):
                     # this rank's partition of the other optimizer's state, bit for bit
-                    assert set(s) == set(l), (s.keys(), l.keys())
+                    assert set(s) == set(loc), (s.keys(), loc.keys())
                     for k in s:
-                        assert torch.equal(s[k], l[k]), (stage, name, client, source, k)
+                        assert torch.equal(s[k], loc[k]), (stage, name, client, source, k)
                 assert rk[name, client, source, "steps"] == [float(STEPS)]
         r = ranks[0]
         eps = EPS32 if name == "float32" else torch.finfo(torch.bfloat16).eps
@@ -392,8 +416,7 @@ def test_consolidate_zero_checkpoint(job):
         # loaded back into one process, fastadam carries on the ZeRO run bit for bit (bf16:
         # with fastadam's master weights, given ZeRO's fp32 masters as master_param)
         bf16 = dtype == torch.bfloat16
-        c = consolidate_zero_checkpoint(out / f"ckpt_{name}_fastadam", tag="t",
-                                        master_weights=bf16)
+        c = consolidate_zero_checkpoint(out / f"ckpt_{name}_fastadam", tag="t", master_weights=bf16)
         params = [c["params"][n] for n in names]
         master, param, _ = _single_process(dtype, SAVE_AT, STEPS, c["optimizer"], params)
         assert _equal(master, r[name, "fastadam", "final"]["master"]), (stage, name)
@@ -401,10 +424,10 @@ def test_consolidate_zero_checkpoint(job):
         if not bf16:
             # the same state_dict is torch.optim.AdamW's: it loads, and goes on as the ZeRO
             # run with fastadam within the float32 bound
-            tmaster, _, topt = _single_process(dtype, SAVE_AT, STEPS, c["optimizer"], params,
-                                               cls=torch.optim.AdamW)
-            assert _worst(tmaster, r[name, "fastadam", "final"]["master"], STEPS,
-                          EPS32) <= K_TRAJ
+            tmaster, _, topt = _single_process(
+                dtype, SAVE_AT, STEPS, c["optimizer"], params, cls=torch.optim.AdamW
+            )
+            assert _worst(tmaster, r[name, "fastadam", "final"]["master"], STEPS, EPS32) <= K_TRAJ
             assert {float(s["step"]) for s in topt.state.values()} == {float(STEPS)}
 
 
@@ -427,6 +450,5 @@ def test_zero_offload_other_rules_and_formats(job):
             continue
         if kw.get("state_dtype") == "bfloat16":
             assert state["exp_avg"] == "torch.bfloat16", state
-        master, _, _ = _single_process(torch.float32, cls=getattr(ft, name), kw=kw,
-                                       width=width)
+        master, _, _ = _single_process(torch.float32, cls=getattr(ft, name), kw=kw, width=width)
         assert _equal(ranks[0][client, "final"], master), (stage, client)

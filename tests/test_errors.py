@@ -1,4 +1,5 @@
 """Bad input raises TypeError/ValueError naming the argument, and changes nothing."""
+
 import copy
 
 import numpy as np
@@ -9,14 +10,22 @@ import fastadam
 
 def _arrays(n=33, dtype=np.float32, seed=0):
     rng = np.random.default_rng(seed)
-    return {k: rng.random(n).astype(dtype) for k in
-            ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    return {
+        k: rng.random(n).astype(dtype)
+        for k in ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    }
 
 
 def _call(a, **kw):
     kw.setdefault("step", 1)
-    fastadam.adam_step(a["param"], a["grad"], a["exp_avg"], a["exp_avg_sq"],
-                       max_exp_avg_sq=a.get("max_exp_avg_sq"), **kw)
+    fastadam.adam_step(
+        a["param"],
+        a["grad"],
+        a["exp_avg"],
+        a["exp_avg_sq"],
+        max_exp_avg_sq=a.get("max_exp_avg_sq"),
+        **kw,
+    )
 
 
 def _rejects(exc, match, a, **kw):
@@ -28,30 +37,33 @@ def _rejects(exc, match, a, **kw):
         assert np.array_equal(np.asarray(a[k]), v), f"{k} was modified by a rejected call"
 
 
-@pytest.mark.parametrize("kw, exc, match", [
-    (dict(lr=-1e-3), ValueError, "lr"),
-    (dict(lr=float("nan")), ValueError, "lr"),
-    (dict(lr=float("inf")), ValueError, "lr"),
-    (dict(lr="0.1"), TypeError, "lr"),
-    (dict(eps=-1e-8), ValueError, "eps"),
-    (dict(eps=float("nan")), ValueError, "eps"),
-    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
-    (dict(weight_decay=float("nan")), ValueError, "weight_decay"),
-    (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
-    (dict(betas=(-0.1, 0.999)), ValueError, r"betas\[0\]"),
-    (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
-    (dict(betas=(0.9, float("nan"))), ValueError, r"betas\[1\]"),
-    (dict(betas=0.9), TypeError, "betas"),
-    (dict(step=0), ValueError, "step"),
-    (dict(step=-3), ValueError, "step"),
-    (dict(step=1.0), TypeError, "step"),
-    (dict(step=True), TypeError, "step"),
-    (dict(eps_mode="keras"), ValueError, "eps_mode"),
-    (dict(num_threads=0), ValueError, "num_threads"),
-    (dict(num_threads=1.5), TypeError, "num_threads"),
-    (dict(grad_scale=0.0), ValueError, "grad_scale"),
-    (dict(amsgrad=True, max_exp_avg_sq=None), ValueError, "max_exp_avg_sq"),
-])
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(lr=float("inf")), ValueError, "lr"),
+        (dict(lr="0.1"), TypeError, "lr"),
+        (dict(eps=-1e-8), ValueError, "eps"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        (dict(weight_decay=float("nan")), ValueError, "weight_decay"),
+        (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
+        (dict(betas=(-0.1, 0.999)), ValueError, r"betas\[0\]"),
+        (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+        (dict(betas=(0.9, float("nan"))), ValueError, r"betas\[1\]"),
+        (dict(betas=0.9), TypeError, "betas"),
+        (dict(step=0), ValueError, "step"),
+        (dict(step=-3), ValueError, "step"),
+        (dict(step=1.0), TypeError, "step"),
+        (dict(step=True), TypeError, "step"),
+        (dict(eps_mode="keras"), ValueError, "eps_mode"),
+        (dict(num_threads=0), ValueError, "num_threads"),
+        (dict(num_threads=1.5), TypeError, "num_threads"),
+        (dict(grad_scale=0.0), ValueError, "grad_scale"),
+        (dict(amsgrad=True, max_exp_avg_sq=None), ValueError, "max_exp_avg_sq"),
+    ],
+)
 def test_bad_hyperparameters(kw, exc, match):
     a = _arrays()
     if "max_exp_avg_sq" in kw:
@@ -110,7 +122,6 @@ def test_non_contiguous_and_read_only():
     _rejects(ValueError, "exp_avg_sq .*writable", a)
 
 
-
 def test_overlapping_buffers():
     a = _arrays()
     a["grad"] = a["exp_avg"]
@@ -130,7 +141,9 @@ def test_overlapping_buffers():
 # ----------------------------------------------------------------------- optimizer
 def _opt_setup(n_params=6, dtype=np.float32, **kw):
     rng = np.random.default_rng(1)
-    params = [rng.random(s).astype(dtype) for s in [(3, 4), (5,), (7,), (2, 2), (9,), (1,)][:n_params]]
+    params = [
+        rng.random(s).astype(dtype) for s in [(3, 4), (5,), (7,), (2, 2), (9,), (1,)][:n_params]
+    ]
     return params, fastadam.Adam(params, **kw)
 
 
@@ -231,11 +244,21 @@ def test_load_state_dict_rejects_bad_input_and_changes_nothing():
 
     bad(lambda sd: sd.pop("state"), ValueError, "missing the key 'state'")
     bad(lambda sd: sd.pop("param_groups"), ValueError, "missing the key 'param_groups'")
-    bad(lambda sd: sd["state"][2].pop("exp_avg_sq"), ValueError, r"\[2\] is missing \['exp_avg_sq'\]")
-    bad(lambda sd: sd["state"][0].update(exp_avg=np.zeros((4, 3), np.float32)), ValueError,
-        r"\['state'\]\[0\]\['exp_avg'\] must have shape \(3, 4\)")
-    bad(lambda sd: sd["state"][1].update(exp_avg=np.zeros(5, np.float64)), ValueError,
-        "dtype float32")
+    bad(
+        lambda sd: sd["state"][2].pop("exp_avg_sq"),
+        ValueError,
+        r"\[2\] is missing \['exp_avg_sq'\]",
+    )
+    bad(
+        lambda sd: sd["state"][0].update(exp_avg=np.zeros((4, 3), np.float32)),
+        ValueError,
+        r"\['state'\]\[0\]\['exp_avg'\] must have shape \(3, 4\)",
+    )
+    bad(
+        lambda sd: sd["state"][1].update(exp_avg=np.zeros(5, np.float64)),
+        ValueError,
+        "dtype float32",
+    )
     bad(lambda sd: sd["state"][1].update(step=-1), ValueError, "step")
     bad(lambda sd: sd["param_groups"][0].pop("betas"), ValueError, "missing")
     bad(lambda sd: sd["param_groups"][0].update(lr=-1), ValueError, "lr")
@@ -252,20 +275,29 @@ def test_read_only_grad_and_any_buffer_object_accepted():
     a["grad"].flags.writeable = False  # grads are only read
     ref = {k: v.copy() for k, v in a.items()}
     _call(a)
-    fastadam.reference.adam_step(ref["param"], ref["grad"], ref["exp_avg"], ref["exp_avg_sq"],
-                                 step=1)
+    fastadam.reference.adam_step(
+        ref["param"], ref["grad"], ref["exp_avg"], ref["exp_avg_sq"], step=1
+    )
     assert np.array_equal(a["param"], ref["param"])
     # any buffer-protocol object works: array.array of doubles, memoryviews
     import array
+
     p = array.array("d", [1.0, 2.0])
-    fastadam.adam_step(p, memoryview(array.array("d", [1.0, 1.0])), array.array("d", [0, 0]),
-                       array.array("d", [0, 0]), step=1, lr=0.5)
+    fastadam.adam_step(
+        p,
+        memoryview(array.array("d", [1.0, 1.0])),
+        array.array("d", [0, 0]),
+        array.array("d", [0, 0]),
+        step=1,
+        lr=0.5,
+    )
     assert list(p) == pytest.approx([0.5, 1.5])
 
 
 def test_ndarray_subclasses_and_byte_order():
     """Exact ndarrays take a fast path; subclasses and other buffers the general one, with
     the same checks."""
+
     class Sub(np.ndarray):
         pass
 
@@ -274,8 +306,9 @@ def test_ndarray_subclasses_and_byte_order():
     a["param"] = a["param"].view(Sub)
     a["grad"] = a["grad"].view(Sub)
     _call(a)
-    fastadam.reference.adam_step(ref["param"], ref["grad"], ref["exp_avg"], ref["exp_avg_sq"],
-                                 step=1)
+    fastadam.reference.adam_step(
+        ref["param"], ref["grad"], ref["exp_avg"], ref["exp_avg_sq"], step=1
+    )
     assert np.array_equal(np.asarray(a["param"]), ref["param"])
     a = _arrays()
     a["grad"] = a["grad"].astype(a["grad"].dtype.newbyteorder())  # non-native byte order

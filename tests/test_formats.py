@@ -8,18 +8,23 @@ numpy's / ml_dtypes' rounding, stochastic rounding picks one of the two neighbou
 unbiased, 8-bit round trips stay within the map's resolution, the random bits do not
 depend on how the work is split.
 """
+
 import os
 
 import numpy as np
 import pytest
+from test_rules import CASE_IDS, CASES, RULES, _ref_state, _ref_step
 
 from fastadam import _core, _rules
 from fastadam.reference import formats as F
 
-from test_rules import CASES, CASE_IDS, RULES, _ref_state, _ref_step
-
-FMT = {"f32": _core.FMT_NATIVE, "bf16": _core.FMT_BF16, "f16": _core.FMT_F16,
-       "q8s": _core.FMT_Q8_SIGNED, "q8u": _core.FMT_Q8_UNSIGNED}
+FMT = {
+    "f32": _core.FMT_NATIVE,
+    "bf16": _core.FMT_BF16,
+    "f16": _core.FMT_F16,
+    "q8s": _core.FMT_Q8_SIGNED,
+    "q8u": _core.FMT_Q8_UNSIGNED,
+}
 SIZES = [1, 17, 0, 1153, 4099, 5, 700]
 STEPS = 6
 
@@ -57,7 +62,7 @@ def _setup(rule, kw, layout, seed=3):
             p32 = F.widen(pf, F.round_bits(pf, p32))
         st32 = _ref_state(rule, kw, p32)
         sfmts = []
-        for k, s in enumerate(st32):
+        for k in range(len(st32)):
             sfmts.append(("q8s" if signed[k] else "q8u") if sf == "q8" else sf)
         states, absmax = [], []
         for s, f in zip(st32, sfmts):
@@ -68,10 +73,17 @@ def _setup(rule, kw, layout, seed=3):
                 a, m = _store(f, s)
                 states.append(a)
                 absmax.append(m)
-        blocks.append(dict(
-            param=_store(pf, p32)[0], master=p32.copy() if master else None,
-            states=states, absmax=absmax, sfmts=sfmts, ema=np.zeros(n, np.float32),
-            formats={"param": pf, "grad": gf, "states": sfmts}))
+        blocks.append(
+            dict(
+                param=_store(pf, p32)[0],
+                master=p32.copy() if master else None,
+                states=states,
+                absmax=absmax,
+                sfmts=sfmts,
+                ema=np.zeros(n, np.float32),
+                formats={"param": pf, "grad": gf, "states": sfmts},
+            )
+        )
     grads = []
     for _ in range(STEPS):
         gs = []
@@ -83,11 +95,17 @@ def _setup(rule, kw, layout, seed=3):
 
 
 def _copy(blocks):
-    return [dict(b, param=b["param"].copy(),
-                 master=None if b["master"] is None else b["master"].copy(),
-                 states=[None if s is None else s.copy() for s in b["states"]],
-                 absmax=[None if a is None else a.copy() for a in b["absmax"]],
-                 ema=b["ema"].copy()) for b in blocks]
+    return [
+        dict(
+            b,
+            param=b["param"].copy(),
+            master=None if b["master"] is None else b["master"].copy(),
+            states=[None if s is None else s.copy() for s in b["states"]],
+            absmax=[None if a is None else a.copy() for a in b["absmax"]],
+            ema=b["ema"].copy(),
+        )
+        for b in blocks
+    ]
 
 
 def _plan(rule, kw, blocks, stochastic, seed):
@@ -109,11 +127,22 @@ def _plan(rule, kw, blocks, stochastic, seed):
         formats = [f + (FMT[b["sfmts"][2]],) for f, b in zip(formats, blocks)]
     n = len(blocks)
     scalars = [np.array(1.0) for _ in range(n)] if r.scalar else None
-    plan = _core._Plan(r.index, names, [b["param"] for b in blocks], states,
-                       [b["ema"] for b in blocks], [0] * n, 1, formats=formats,
-                       masters=[b["master"] for b in blocks], absmaxes=absmaxes,
-                       stochastic=stochastic, seed=seed, indices=list(range(10, 10 + n)),
-                       scalar_mirrors=scalars)
+    plan = _core._Plan(
+        r.index,
+        names,
+        [b["param"] for b in blocks],
+        states,
+        [b["ema"] for b in blocks],
+        [0] * n,
+        1,
+        formats=formats,
+        masters=[b["master"] for b in blocks],
+        absmaxes=absmaxes,
+        stochastic=stochastic,
+        seed=seed,
+        indices=list(range(10, 10 + n)),
+        scalar_mirrors=scalars,
+    )
     o = r.check({**r.defaults, **kw})
     plan.set_options(0, o["lr"], o["weight_decay"], o["maximize"], 0.9, r.c_hyper(o))
     return plan, scalars
@@ -124,12 +153,25 @@ def _reference(rule, kw, blocks, grads, stochastic, seed):
     scalars = [1.0] * len(ref)
     for t, gs in enumerate(grads, 1):
         for i, (b, g) in enumerate(zip(ref, gs)):
+
             def update(p, g32, s32, i=i, t=t):
                 return _ref_step(rule, p, g32, s32, t, kw, scalars[i])
+
             scalars[i] = F.formatted_step(
-                update, b["param"], g, b["states"], formats=b["formats"], step=t,
-                master=b["master"], absmax=b["absmax"], stochastic=stochastic, seed=seed,
-                index=10 + i, ema=b["ema"], ema_decay=0.9)
+                update,
+                b["param"],
+                g,
+                b["states"],
+                formats=b["formats"],
+                step=t,
+                master=b["master"],
+                absmax=b["absmax"],
+                stochastic=stochastic,
+                seed=seed,
+                index=10 + i,
+                ema=b["ema"],
+                ema_decay=0.9,
+            )
     return ref, scalars
 
 
@@ -180,7 +222,7 @@ def test_positive_denominator_never_stores_as_zero(isa):
         if b["sfmts"][0] != "q8u":  # tensors below 4096 elements: float32 (not here: _setup)
             continue
         codes = b["states"][0]
-        tiny = (g == np.float32(1e-4)) & (np.repeat(b["absmax"][0], 256)[:g.size] == 1.0)
+        tiny = (g == np.float32(1e-4)) & (np.repeat(b["absmax"][0], 256)[: g.size] == 1.0)
         assert np.all(codes[tiny] == 1) and np.all(codes[g == 0] == 0)
         assert np.searchsorted(F.UNSIGNED_THRESHOLDS, np.float32(1e-8)) == 0  # nearest: 0
     for threads in (1, 2, 3):
@@ -195,7 +237,7 @@ def test_positive_denominator_never_stores_as_zero(isa):
 # ------------------------------------------------------------------ the specification
 def test_nearest_rounding_is_numpy_and_ml_dtypes():
     rng = np.random.default_rng(0)
-    u = rng.integers(0, 2 ** 32, size=2_000_000, dtype=np.uint64).astype(np.uint32)
+    u = rng.integers(0, 2**32, size=2_000_000, dtype=np.uint64).astype(np.uint32)
     edges = np.arange(0x33000000, 0x47900000, 4093, dtype=np.uint32)  # float16's range
     u = np.concatenate([u, edges, edges | 0x80000000, np.arange(0, 1 << 20, 7, dtype=np.uint32)])
     x = u.view(np.float32)
@@ -239,13 +281,14 @@ def test_stochastic_rounding_neighbours_and_unbiased(fmt):
 
 def test_quantize_round_trip_within_resolution():
     rng = np.random.default_rng(2)
-    x = (rng.standard_normal(256 * 40 + 77) * 10.0 ** rng.integers(-5, 2, 256 * 40 + 77)
-         ).astype(np.float32)
+    x = (rng.standard_normal(256 * 40 + 77) * 10.0 ** rng.integers(-5, 2, 256 * 40 + 77)).astype(
+        np.float32
+    )
     for signed, m in ((True, F.SIGNED_MAP), (False, F.UNSIGNED_MAP)):
         v = x if signed else np.abs(x)
         codes, absmax = F.quantize_blockwise(v, signed)
         back = F.dequantize_blockwise(codes, absmax, signed)
-        scale = np.repeat(absmax, 256)[:v.size]
+        scale = np.repeat(absmax, 256)[: v.size]
         q = v / scale
         # unsigned: a positive value below the first threshold stores as code 1, not 0
         floored = (q > 0) & (q < F.UNSIGNED_THRESHOLDS[0]) if not signed else q != q
@@ -259,13 +302,14 @@ def test_quantize_round_trip_within_resolution():
         j = np.clip(np.searchsorted(m, q), 1, 255)
         half_gap = (m[j] - m[j - 1]) / 2
         assert np.all((np.abs(back - v) <= half_gap * scale * (1 + 1e-5) + 1e-30)[~floored])
-    assert np.array_equal(F.dequantize_blockwise(*F.quantize_blockwise(np.zeros(300, np.float32),
-                                                                        True), True),
-                          np.zeros(300, np.float32))
+    assert np.array_equal(
+        F.dequantize_blockwise(*F.quantize_blockwise(np.zeros(300, np.float32), True), True),
+        np.zeros(300, np.float32),
+    )
 
 
 def test_maps_are_bitsandbytes_dynamic_maps():
-    for m, signed in ((F.SIGNED_MAP, True), (F.UNSIGNED_MAP, False)):
+    for m, _signed in ((F.SIGNED_MAP, True), (F.UNSIGNED_MAP, False)):
         assert m.dtype == np.float32 and m.size == 256 and np.all(np.diff(m) > 0)
         assert m[-1] == 1.0 and 0.0 in m
     assert F.SIGNED_MAP[0] < 0 and np.sum(F.SIGNED_MAP < 0) == 127
@@ -281,17 +325,19 @@ def test_c_header_is_generated_from_the_reference():
 
 
 def test_random_key_matches_the_reference():
-    for seed, index, step, stream in ((0, 0, 1, 0), (2 ** 64 - 1, 5, 123456789, 4),
-                                      (42, 2 ** 40, 3, 2)):
+    for seed, index, step, stream in (
+        (0, 0, 1, 0),
+        (2**64 - 1, 5, 123456789, 4),
+        (42, 2**40, 3, 2),
+    ):
         base = _core.rng_base(seed, index)
         assert _core.stream_key(base, step, stream) == F.stream_key(seed, index, step, stream)
 
 
 def test_random_bits_do_not_depend_on_the_split():
     key = F.stream_key(1, 2, 3, 0)
-    whole = F.random_bits(key, 2 ** 32 - 100, 300)
-    parts = np.concatenate([F.random_bits(key, 2 ** 32 - 100, 100),
-                            F.random_bits(key, 2 ** 32, 200)])
+    whole = F.random_bits(key, 2**32 - 100, 300)
+    parts = np.concatenate([F.random_bits(key, 2**32 - 100, 100), F.random_bits(key, 2**32, 200)])
     assert np.array_equal(whole, parts)
     assert len(np.unique(whole)) == 300
 

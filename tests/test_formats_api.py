@@ -2,6 +2,7 @@
 weights, bfloat16 and 8-bit state, stochastic rounding, state_dict round trips and errors,
 for every rule. (Bit-exact kernel-vs-reference tests on every SIMD path: test_formats.py.)
 """
+
 import copy
 import sys
 
@@ -14,11 +15,21 @@ from fastadam._rules import RULES
 
 
 # ------------------------------------------------------------ option normalisation
-@pytest.mark.parametrize("value, want", [
-    (None, None), (np.float32, "float32"), ("float32", "float32"), (np.dtype("f4"), "float32"),
-    ("bfloat16", "bfloat16"), ("8bit", "8bit"), (np.float64, "float64"),
-    ("torch.bfloat16", "bfloat16"), ("f4", "float32"), ("torch.float", "float32"),
-])
+@pytest.mark.parametrize(
+    "value, want",
+    [
+        (None, None),
+        (np.float32, "float32"),
+        ("float32", "float32"),
+        (np.dtype("f4"), "float32"),
+        ("bfloat16", "bfloat16"),
+        ("8bit", "8bit"),
+        (np.float64, "float64"),
+        ("torch.bfloat16", "bfloat16"),
+        ("f4", "float32"),
+        ("torch.float", "float32"),
+    ],
+)
 def test_state_dtype_names(value, want):
     assert F.check_state_dtype(value) == want
 
@@ -42,25 +53,37 @@ def test_state_dtype_recognises_torch_and_ml_dtypes_without_importing_them():
     assert F.check_state_dtype(np.dtype(ml_dtypes.bfloat16)) == "bfloat16"
 
 
-@pytest.mark.parametrize("value, exc", [
-    (np.float16, ValueError), ("float16", ValueError), ("8BIT", ValueError),
-    ("int8", ValueError), (np.int8, ValueError), ("nonsense", ValueError),
-    (3, TypeError), ([1], TypeError), (object(), TypeError),
-])
+@pytest.mark.parametrize(
+    "value, exc",
+    [
+        (np.float16, ValueError),
+        ("float16", ValueError),
+        ("8BIT", ValueError),
+        ("int8", ValueError),
+        (np.int8, ValueError),
+        ("nonsense", ValueError),
+        (3, TypeError),
+        ([1], TypeError),
+        (object(), TypeError),
+    ],
+)
 def test_state_dtype_refused(value, exc):
     with pytest.raises(exc, match="state_dtype"):
         F.check_state_dtype(value)
 
 
-@pytest.mark.parametrize("kw, exc, match", [
-    (dict(rounding="up"), ValueError, "rounding"),
-    (dict(rounding=1), TypeError, "rounding"),
-    (dict(seed=-1), ValueError, "seed"),
-    (dict(seed=2**64), ValueError, "seed"),
-    (dict(seed=1.0), TypeError, "seed"),
-    (dict(seed=True), TypeError, "seed"),
-    (dict(master_weights="yes"), TypeError, "master_weights"),
-])
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(rounding="up"), ValueError, "rounding"),
+        (dict(rounding=1), TypeError, "rounding"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=2**64), ValueError, "seed"),
+        (dict(seed=1.0), TypeError, "seed"),
+        (dict(seed=True), TypeError, "seed"),
+        (dict(master_weights="yes"), TypeError, "master_weights"),
+    ],
+)
 def test_format_options_refused(kw, exc, match):
     with pytest.raises(exc, match=match):
         F.check_formats(**kw)
@@ -69,17 +92,28 @@ def test_format_options_refused(kw, exc, match):
 def test_format_options_normalised():
     f = F.check_formats(True, np.float32, "stochastic", np.uint64(2**64 - 1))
     assert f == F.Formats(True, "float32", "stochastic", 2**64 - 1) and f.stochastic
-    assert f.as_dict() == {"master_weights": True, "state_dtype": "float32",
-                           "rounding": "stochastic", "seed": 2**64 - 1}
+    assert f.as_dict() == {
+        "master_weights": True,
+        "state_dtype": "float32",
+        "rounding": "stochastic",
+        "seed": 2**64 - 1,
+    }
     assert type(f.seed) is int
     assert F.check_formats() == F.Formats(False, None, "nearest", 0)
 
 
 # ------------------------------------------------------------ per-parameter decisions
 def test_rules_declare_signed_streams():
-    want = {"adam": (True, False, False), "sgd": (True,), "adagrad": (False,),
-            "rmsprop": (False, True, True), "adamax": (True, False), "nadam": (True, False),
-            "radam": (True, False), "lion": (True,)}
+    want = {
+        "adam": (True, False, False),
+        "sgd": (True,),
+        "adagrad": (False,),
+        "rmsprop": (False, True, True),
+        "adamax": (True, False),
+        "nadam": (True, False),
+        "radam": (True, False),
+        "lion": (True,),
+    }
     assert {k: r.signed for k, r in RULES.items()} == want
 
 
@@ -94,7 +128,7 @@ def test_param_format_table():
     assert _pf("float32").native and _pf("float64").native
     assert _pf("float64") == (N, (N, N, N), False, "float64")
     assert _pf("float64", state_dtype="float64") == _pf("float64")
-    assert _pf("bfloat16") == (B, (B, B, B), False, "float32")       # as torch: the param's
+    assert _pf("bfloat16") == (B, (B, B, B), False, "float32")  # as torch: the param's
     assert _pf("float16") == (H, (H, H, H), False, "float32")
     assert _pf("float16", master_weights=True) == (H, (N, N, N), True, "float32")
     assert _pf("float32", master_weights=True) == (N, (N, N, N), False, "float32")
@@ -104,15 +138,25 @@ def test_param_format_table():
     assert _pf("float32", 4095, state_dtype="8bit") == (N, (N, N, N), False, "float32")
     assert _pf("bfloat16", 4095, state_dtype="8bit") == (B, (N, N, N), False, "float32")
     assert _pf("bfloat16", 4096, "rmsprop", state_dtype="8bit", master_weights=True) == (
-        B, (U, S, S), True, "float32")
+        B,
+        (U, S, S),
+        True,
+        "float32",
+    )
     assert not _pf("float32", state_dtype="bfloat16").native
 
 
-@pytest.mark.parametrize("dtype, kw", [
-    ("float64", dict(state_dtype="8bit")), ("float64", dict(state_dtype="bfloat16")),
-    ("float64", dict(state_dtype="float32")), ("float32", dict(state_dtype="float64")),
-    ("int64", {}), ("float128", {}),
-])
+@pytest.mark.parametrize(
+    "dtype, kw",
+    [
+        ("float64", dict(state_dtype="8bit")),
+        ("float64", dict(state_dtype="bfloat16")),
+        ("float64", dict(state_dtype="float32")),
+        ("float32", dict(state_dtype="float64")),
+        ("int64", {}),
+        ("float128", {}),
+    ],
+)
 def test_param_format_refused_names_the_parameter(dtype, kw):
     with pytest.raises(TypeError, match=r"params\[0\]"):
         _pf(dtype, **kw)
@@ -129,13 +173,19 @@ def test_master_weights_need_a_16_bit_parameter():
 def test_state_layout():
     pf = _pf("bfloat16", 600, state_dtype="8bit", master_weights=True)  # < 4096: float32
     assert F.state_layout(RULES["adam"], pf, (20, 30), ema=True) == {
-        "exp_avg": ("float32", (20, 30)), "exp_avg_sq": ("float32", (20, 30)),
-        "max_exp_avg_sq": ("float32", (20, 30)), "master_param": ("float32", (20, 30)),
-        "param_ema": ("float32", (20, 30))}
+        "exp_avg": ("float32", (20, 30)),
+        "exp_avg_sq": ("float32", (20, 30)),
+        "max_exp_avg_sq": ("float32", (20, 30)),
+        "master_param": ("float32", (20, 30)),
+        "param_ema": ("float32", (20, 30)),
+    }
     pf = _pf("float32", 4097, state_dtype="8bit")
     assert F.state_layout(RULES["adam"], pf, (4097,), names=("exp_avg", "exp_avg_sq")) == {
-        "exp_avg": ("uint8", (4097,)), "exp_avg_absmax": ("float32", (17,)),
-        "exp_avg_sq": ("uint8", (4097,)), "exp_avg_sq_absmax": ("float32", (17,))}
+        "exp_avg": ("uint8", (4097,)),
+        "exp_avg_absmax": ("float32", (17,)),
+        "exp_avg_sq": ("uint8", (4097,)),
+        "exp_avg_sq_absmax": ("float32", (17,)),
+    }
     pf = _pf("float16", 10, "sgd")
     assert F.state_layout(RULES["sgd"], pf, (10,)) == {"momentum_buffer": ("float16", (10,))}
 
@@ -158,8 +208,9 @@ HALVES = ["float16", "bfloat16"]
 def _dtype(name):
     """The NumPy dtype of a name; bfloat16 tests skip without ml_dtypes."""
     if name == "bfloat16":
-        return np.dtype(pytest.importorskip("ml_dtypes",
-                                            reason="NumPy bfloat16 needs ml_dtypes").bfloat16)
+        return np.dtype(
+            pytest.importorskip("ml_dtypes", reason="NumPy bfloat16 needs ml_dtypes").bfloat16
+        )
     return np.dtype(name)
 
 
@@ -191,13 +242,17 @@ def _quadratic(rng, shapes):
     cs = [rng.uniform(0.5, 2.0, s).astype(np.float32) for s in shapes]
 
     def grads(params):
-        return [(c * (np.asarray(p, np.float32) - t)).astype(np.float32)
-                for p, c, t in zip(params, cs, ts)]
+        return [
+            (c * (np.asarray(p, np.float32) - t)).astype(np.float32)
+            for p, c, t in zip(params, cs, ts)
+        ]
 
     def loss(params):
-        return sum(float(0.5 * np.sum(c.astype(np.float64)
-                                      * (np.asarray(p, np.float64) - t) ** 2))
-                   for p, c, t in zip(params, cs, ts))
+        return sum(
+            float(0.5 * np.sum(c.astype(np.float64) * (np.asarray(p, np.float64) - t) ** 2))
+            for p, c, t in zip(params, cs, ts)
+        )
+
     return grads, loss
 
 
@@ -214,8 +269,11 @@ def _unchanged(opt, params, snap):
     assert now["state"].keys() == sd["state"].keys()
     for i, e in sd["state"].items():
         for k, v in e.items():
-            assert _same(now["state"][i][k], v) if isinstance(v, np.ndarray) else \
-                now["state"][i][k] == v
+            assert (
+                _same(now["state"][i][k], v)
+                if isinstance(v, np.ndarray)
+                else now["state"][i][k] == v
+            )
 
 
 # ------------------------------------------------ (a) master weights = float32 trajectory
@@ -229,7 +287,7 @@ def test_master_follows_the_float32_trajectory(rule, half, rounding):
     shapes = [(33, 7), (4100,), (3,)]
     p16 = [rng.standard_normal(s).astype(np.float32).astype(dt) for s in shapes[:2]]
     p16.append(rng.standard_normal(shapes[2]).astype(np.float32))  # float32: its own master
-    ref = [p.astype(np.float32) for p in p16]                       # the widened copies
+    ref = [p.astype(np.float32) for p in p16]  # the widened copies
     opt = cls(p16, master_weights=True, rounding=rounding, seed=7, **kw)
     opt_ref = cls(ref, **kw)
     not_nearest = 0
@@ -263,15 +321,15 @@ def test_master_starts_from_the_parameter_as_of_its_first_step():
     p = np.zeros(10, dt)
     q = np.zeros(3, dt)
     opt = fastadam.Adam([p, q], master_weights=True, lr=0.1)
-    p[...] = np.arange(10)      # written after the optimizer was made, before any step
+    p[...] = np.arange(10)  # written after the optimizer was made, before any step
     opt.step([np.ones(10, dt), None])
     ref = np.arange(10, dtype=np.float32)
     fastadam.Adam([ref], lr=0.1).step([np.ones(10, np.float32)])
     assert _same(opt.state[0]["master_param"], ref) and _same(p, ref.astype(dt))
-    q[...] = 5                  # q has not stepped: its master follows it still
+    q[...] = 5  # q has not stepped: its master follows it still
     opt.step([None, np.ones(3, dt)])
     assert np.all(opt.state[1]["master_param"] < 5) and np.all(q < 5)
-    p[...] = 100                # after its first step the master is the truth
+    p[...] = 100  # after its first step the master is the truth
     opt.step([np.zeros(10, dt), None])
     assert np.all(p < 10)
 
@@ -280,6 +338,7 @@ def test_master_starts_from_the_parameter_as_of_its_first_step():
 @pytest.mark.parametrize("rule", sorted(RULE_CASES))
 def test_8bit_state_layout_and_training(rule):
     from fastadam.reference import formats as ref
+
     cls, kw = RULE_CASES[rule]
     rng = np.random.default_rng(5)
     shapes = [(64, 80), (4095,), (4096,), (10,)]
@@ -303,8 +362,12 @@ def test_8bit_state_layout_and_training(rule):
                 assert st[k].dtype == np.float32 and st[k].shape == p.shape
                 assert k + "_absmax" not in st
     sd = opt.state_dict()
-    assert sd["formats"] == {"master_weights": False, "state_dtype": "8bit",
-                             "rounding": "nearest", "seed": 0}
+    assert sd["formats"] == {
+        "master_weights": False,
+        "state_dtype": "8bit",
+        "rounding": "nearest",
+        "seed": 0,
+    }
     before = loss(params)
     for _ in range(30):
         opt.step(grads(params))
@@ -330,8 +393,12 @@ def test_bfloat16_state_on_float32_params(rule, rounding):
     grads, loss = _quadratic(rng, shapes)
     opt = cls(params, state_dtype=np.dtype(bf16), rounding=rounding, **kw)
     if "initial_accumulator_value" in kw:  # the initial value is stored rounded (nearest)
-        kw = dict(kw, initial_accumulator_value=float(
-            np.float32(kw["initial_accumulator_value"]).astype(bf16)))
+        kw = dict(
+            kw,
+            initial_accumulator_value=float(
+                np.float32(kw["initial_accumulator_value"]).astype(bf16)
+            ),
+        )
     opt_ref = cls(ref, **kw)
     g = grads(params)
     opt.step(g)
@@ -411,8 +478,9 @@ def test_state_dict_round_trip_continues_bit_for_bit(rule, case):
     rng = np.random.default_rng(9)
     shapes = [(70, 64), (3, 5)]
     params = [rng.standard_normal(s).astype(np.float32).astype(dt) for s in shapes]
-    grads = [[rng.standard_normal(s).astype(np.float32).astype(dt) for s in shapes]
-             for _ in range(7)]
+    grads = [
+        [rng.standard_normal(s).astype(np.float32).astype(dt) for s in shapes] for _ in range(7)
+    ]
     opt = cls(params, **kw)
     for g in grads[:4]:
         opt.step(g)
@@ -421,13 +489,18 @@ def test_state_dict_round_trip_continues_bit_for_bit(rule, case):
     for g in grads[4:]:
         opt.step(g)
     # the saved layout (docs/formats.md): formats, and every key in its dtype
-    assert sd["formats"] == fastadam._formats.check_formats(
-        **{k: v for k, v in fkw.items()}).as_dict()
+    assert (
+        sd["formats"] == fastadam._formats.check_formats(**{k: v for k, v in fkw.items()}).as_dict()
+    )
     pf = fastadam._formats.param_format(RULES[rule], dname, 70 * 64, opt._formats, "p")
     e = sd["state"][0]
-    layout = fastadam._formats.state_layout(RULES[rule], pf, (70, 64), ema=True,
-                                            names=RULES[rule].needs(
-                                                RULES[rule].check(opt.param_groups[0])))
+    layout = fastadam._formats.state_layout(
+        RULES[rule],
+        pf,
+        (70, 64),
+        ema=True,
+        names=RULES[rule].needs(RULES[rule].check(opt.param_groups[0])),
+    )
     for k, (want, shape) in layout.items():
         assert e[k].dtype.name == want and e[k].shape == shape, k
     extra = {"step", "param_ema_step", "mu_product"}
@@ -443,8 +516,9 @@ def test_state_dict_round_trip_continues_bit_for_bit(rule, case):
     s1, s2 = opt.state_dict(), opt2.state_dict()
     for i in s1["state"]:
         for k, v in s1["state"][i].items():
-            assert _same(v, s2["state"][i][k]) if isinstance(v, np.ndarray) else \
-                v == s2["state"][i][k], (i, k)
+            assert (
+                _same(v, s2["state"][i][k]) if isinstance(v, np.ndarray) else v == s2["state"][i][k]
+            ), (i, k)
     for a, b in zip(opt.averaged_params(), opt2.averaged_params()):
         assert _same(a, b)
 
@@ -455,10 +529,12 @@ def test_state_dict_formats_must_match():
     opt = fastadam.Adam([p], master_weights=True, state_dtype="8bit", rounding="stochastic")
     opt.step([np.ones(5000, bf16)])
     sd = opt.state_dict()
-    for other in (dict(master_weights=True, state_dtype="8bit"),
-                  dict(master_weights=True, state_dtype="8bit", rounding="stochastic", seed=1),
-                  dict(state_dtype="8bit", rounding="stochastic"),
-                  dict(master_weights=True, rounding="stochastic")):
+    for other in (
+        dict(master_weights=True, state_dtype="8bit"),
+        dict(master_weights=True, state_dtype="8bit", rounding="stochastic", seed=1),
+        dict(state_dtype="8bit", rounding="stochastic"),
+        dict(master_weights=True, rounding="stochastic"),
+    ):
         q = np.ones(5000, bf16)
         o2 = fastadam.Adam([q], **other)
         o2.step([np.full(5000, 2, bf16)])
@@ -492,13 +568,14 @@ def test_load_state_dict_checks_each_format():
     snap = _snapshot(opt, [p])
     e = sd["state"][0]
     for key, value, match in [
-            ("exp_avg", e["exp_avg"].astype(np.float32), r"\['exp_avg'\] must have .*uint8"),
-            ("exp_avg_absmax", e["exp_avg_absmax"][:-1], r"exp_avg_absmax.*\(20,\)"),
-            ("exp_avg_absmax", None, "missing"),
-            ("master_param", e["master_param"].astype(bf16), "master_param.*float32"),
-            ("master_param", None, "missing"),
-            ("exp_avg_sq", None, "missing"),
-            ("bogus", np.zeros(3), "unknown keys")]:
+        ("exp_avg", e["exp_avg"].astype(np.float32), r"\['exp_avg'\] must have .*uint8"),
+        ("exp_avg_absmax", e["exp_avg_absmax"][:-1], r"exp_avg_absmax.*\(20,\)"),
+        ("exp_avg_absmax", None, "missing"),
+        ("master_param", e["master_param"].astype(bf16), "master_param.*float32"),
+        ("master_param", None, "missing"),
+        ("exp_avg_sq", None, "missing"),
+        ("bogus", np.zeros(3), "unknown keys"),
+    ]:
         bad = copy.deepcopy(sd)
         if value is None:
             del bad["state"][0][key]
@@ -516,21 +593,25 @@ def test_bad_format_options_change_nothing():
     f64 = np.ones(10, np.float64)
     b = np.ones(10, bf16)
     for args, kw, exc, match in [
-            ([f32], dict(master_weights=True), ValueError,
-             "master_weights=True needs float16 or bfloat16"),
-            ([f64], dict(master_weights=True), ValueError, "master_weights=True needs"),
-            ([f32], dict(state_dtype="float16"), ValueError, "state_dtype"),
-            ([f32], dict(state_dtype="fp8"), ValueError, "state_dtype"),
-            ([f32], dict(state_dtype=8), TypeError, "state_dtype"),
-            ([f64], dict(state_dtype="8bit"), TypeError, r"params\[0\]"),
-            ([f64], dict(state_dtype=bf16), TypeError, r"params\[0\]"),
-            ([b], dict(rounding="up"), ValueError, "rounding"),
-            ([b], dict(seed=-1), ValueError, "seed"),
-            ([b], dict(seed=2**64), ValueError, "seed"),
-            ([b], dict(seed=0.5), TypeError, "seed"),
-            ([f32, f64], {}, TypeError, r"params\[1\]"),
-            ([b, f64], {}, TypeError, r"params\[1\]"),
-            ([np.ones(3, ">f2")], {}, TypeError, r"params\[0\]"),
+        (
+            [f32],
+            dict(master_weights=True),
+            ValueError,
+            "master_weights=True needs float16 or bfloat16",
+        ),
+        ([f64], dict(master_weights=True), ValueError, "master_weights=True needs"),
+        ([f32], dict(state_dtype="float16"), ValueError, "state_dtype"),
+        ([f32], dict(state_dtype="fp8"), ValueError, "state_dtype"),
+        ([f32], dict(state_dtype=8), TypeError, "state_dtype"),
+        ([f64], dict(state_dtype="8bit"), TypeError, r"params\[0\]"),
+        ([f64], dict(state_dtype=bf16), TypeError, r"params\[0\]"),
+        ([b], dict(rounding="up"), ValueError, "rounding"),
+        ([b], dict(seed=-1), ValueError, "seed"),
+        ([b], dict(seed=2**64), ValueError, "seed"),
+        ([b], dict(seed=0.5), TypeError, "seed"),
+        ([f32, f64], {}, TypeError, r"params\[1\]"),
+        ([b, f64], {}, TypeError, r"params\[1\]"),
+        ([np.ones(3, ">f2")], {}, TypeError, r"params\[0\]"),
     ]:
         before = [a.tobytes() for a in args]
         for cls in (fastadam.Adam, fastadam.SGD, fastadam.Lion):
@@ -553,9 +634,14 @@ def test_wrong_gradient_dtype_names_the_argument_and_changes_nothing(rule):
         good = [np.ones(300, bf16), np.ones(300, np.float16), np.ones(300, np.float32)]
         opt.step(good)
         snap = _snapshot(opt, params)
-        for i, wrong in [(0, np.ones(300, np.float16)), (1, np.ones(300, bf16)),
-                         (0, np.ones(300, np.float64)), (2, np.ones(300, bf16)),
-                         (2, np.ones(300, np.float16)), (1, np.ones(301, np.float16))]:
+        for i, wrong in [
+            (0, np.ones(300, np.float16)),
+            (1, np.ones(300, bf16)),
+            (0, np.ones(300, np.float64)),
+            (2, np.ones(300, bf16)),
+            (2, np.ones(300, np.float16)),
+            (1, np.ones(301, np.float16)),
+        ]:
             g = list(good)
             g[i] = wrong
             with pytest.raises((TypeError, ValueError), match=rf"grads?\[{i}\]|params\[{i}\]"):
@@ -620,7 +706,7 @@ def test_averaged_params_of_16_bit_params_are_float32(half):
     opt = fastadam.Adam([p], master_weights=True, ema_decay=0.9)
     opt_ref = fastadam.Adam([ref], ema_decay=0.9)
     (avg,) = opt.averaged_params()
-    assert _same(avg, ref)                       # nothing averaged yet: the master
+    assert _same(avg, ref)  # nothing averaged yet: the master
     for _ in range(4):
         g = rng.standard_normal(64).astype(dt)
         opt.step([g])
@@ -628,7 +714,7 @@ def test_averaged_params_of_16_bit_params_are_float32(half):
     assert opt.state[0]["param_ema"].dtype == np.float32
     (avg,), (avg_ref,) = opt.averaged_params(), opt_ref.averaged_params()
     assert avg.dtype == np.float32 and _same(avg, avg_ref)
-    q = rng.standard_normal(64).astype(dt)        # without master weights: float32 too
+    q = rng.standard_normal(64).astype(dt)  # without master weights: float32 too
     o2 = fastadam.Adam([q], ema_decay=0.9)
     assert o2.averaged_params()[0].dtype == np.float32
     o2.step([np.ones(64, dt)])
@@ -638,11 +724,22 @@ def test_averaged_params_of_16_bit_params_are_float32(half):
 def test_format_properties_and_state_view():
     bf16 = _dtype("bfloat16")
     p = np.ones(5000, bf16)
-    opt = fastadam.AdamW([p], master_weights=True, state_dtype="8bit", rounding="stochastic",
-                         seed=12)
+    opt = fastadam.AdamW(
+        [p], master_weights=True, state_dtype="8bit", rounding="stochastic", seed=12
+    )
     assert (opt.master_weights, opt.state_dtype, opt.rounding, opt.seed) == (
-        True, "8bit", "stochastic", 12)
+        True,
+        "8bit",
+        "stochastic",
+        12,
+    )
     st = opt.state[0]
-    assert sorted(st) == ["exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax",
-                          "master_param", "step"]
+    assert sorted(st) == [
+        "exp_avg",
+        "exp_avg_absmax",
+        "exp_avg_sq",
+        "exp_avg_sq_absmax",
+        "master_param",
+        "step",
+    ]
     assert fastadam.Adam([np.ones(3, bf16)]).state[0]["exp_avg"].dtype == bf16

@@ -26,6 +26,7 @@ nearest and stochastic rounding.
 8. ZeroRedundancyOptimizer, 2 ranks, bf16 parameters with master weights == one process;
 9. replaced storage is followed; bad input raises before anything changes.
 """
+
 import copy
 import io
 import json
@@ -34,8 +35,7 @@ import textwrap
 import numpy as np
 import pytest
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: fastadam.torch is not tested")
+torch = pytest.importorskip("torch", reason="torch is not installed: fastadam.torch is not tested")
 
 import fastadam  # noqa: E402
 import fastadam.torch as ft  # noqa: E402
@@ -108,17 +108,24 @@ def _same(a, b):
 
 
 def _snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            [{k: v.clone() if isinstance(v, torch.Tensor) else v
-              for k, v in opt.state[p].items()} if p in opt.state else None for p in params])
+    return (
+        [p.detach().clone() for p in params],
+        [
+            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+            if p in opt.state
+            else None
+            for p in params
+        ],
+    )
 
 
 def _same_snapshot(x, y):
     (pa, sa), (pb, sb) = x, y
-    return (all(_same(a, b) for a, b in zip(pa, pb))
-            and all((a is None) == (b is None) and (a is None or (
-                list(a) == list(b) and all(_same(a[k], b[k]) for k in a)))
-                for a, b in zip(sa, sb)))
+    return all(_same(a, b) for a, b in zip(pa, pb)) and all(
+        (a is None) == (b is None)
+        and (a is None or (list(a) == list(b) and all(_same(a[k], b[k]) for k in a)))
+        for a, b in zip(sa, sb)
+    )
 
 
 # ------------------------------------------------- 1. master == the float32 trajectory
@@ -141,8 +148,7 @@ def test_master_weights_follow_the_float32_trajectory(rule, dtype):
         assert set(s) == set(r) | {"master_param"}
         for k, v in r.items():  # float32 moments, the counts, param_ema, mu_product
             assert _same(s[k], v), k
-    assert opt.formats == dict(master_weights=True, state_dtype=None, rounding="nearest",
-                               seed=0)
+    assert opt.formats == dict(master_weights=True, state_dtype=None, rounding="nearest", seed=0)
     # the averages of 16-bit parameters are float32, those of the master
     for a, b in zip(opt.averaged_params(), f32.averaged_params()):
         assert _same(a, b)
@@ -150,14 +156,13 @@ def test_master_weights_follow_the_float32_trajectory(rule, dtype):
 
 # ---------------------------------------------- 2. every format, step by step, bitwise
 FORMATS = {  # parameter dtype, format options
-    "bf16": (torch.bfloat16, {}),                      # bf16 moments (the parameter's dtype)
-    "f16": (torch.float16, {}),                        # float16 moments
+    "bf16": (torch.bfloat16, {}),  # bf16 moments (the parameter's dtype)
+    "f16": (torch.float16, {}),  # float16 moments
     "bf16-f32state": (torch.bfloat16, dict(state_dtype="float32")),
     "f32-bf16state": (torch.float32, dict(state_dtype=torch.bfloat16)),
     "f32-8bit": (torch.float32, dict(state_dtype="8bit")),
     "bf16-master-8bit": (torch.bfloat16, dict(master_weights=True, state_dtype="8bit")),
-    "f16-master-bf16state": (torch.float16, dict(master_weights=True,
-                                                 state_dtype="bfloat16")),
+    "f16-master-bf16state": (torch.float16, dict(master_weights=True, state_dtype="bfloat16")),
 }
 
 
@@ -194,7 +199,7 @@ def test_every_format_is_the_float32_rule_rounded_once(rule, fmt):
             for p, q in zip(ps, qs):
                 s = opt.state.get(p)
                 q.copy_(s["master_param"] if s and "master_param" in s else p.float())
-                for k in (signed if s else ()):
+                for k in signed if s else ():
                     if k in s:
                         twin.state[q][k].copy_(_widen(s, k, signed))
         for p, q, g in zip(ps, qs, gs):
@@ -224,9 +229,16 @@ def test_every_format_is_the_float32_rule_rounded_once(rule, fmt):
 # fused SGD leaves 16-bit parameters unchanged on its vectorised path (every element of a
 # 64-element tensor, first step), so SGD is compared with foreach, as the rules torch has
 # no fused kernel for. K_ULPS: the bound in bf16 ulps of |p| + t*lr.
-TORCH_BF16 = {"Adam": ("fused", 1), "AdamW": ("fused", 1), "Adagrad": ("fused", 4),
-              "SGD": ("foreach", 10), "RMSprop": ("foreach", 10),
-              "Adamax": ("foreach", 10), "NAdam": ("foreach", 10), "RAdam": ("foreach", 10)}
+TORCH_BF16 = {
+    "Adam": ("fused", 1),
+    "AdamW": ("fused", 1),
+    "Adagrad": ("fused", 4),
+    "SGD": ("foreach", 10),
+    "RMSprop": ("foreach", 10),
+    "Adamax": ("foreach", 10),
+    "NAdam": ("foreach", 10),
+    "RAdam": ("foreach", 10),
+}
 
 
 @pytest.mark.parametrize("rule", TORCH_BF16)
@@ -252,8 +264,9 @@ def test_bf16_without_master_is_close_to_torch(rule):
         a.grad, b.grad = gr.clone(), gr.clone()
         mine.step()
         theirs.step()
-    assert {k: v.dtype for k, v in mine.state[a].items()} == \
-        {k: v.dtype for k, v in theirs.state[b].items()}  # bf16 moments, as torch's
+    assert {k: v.dtype for k, v in mine.state[a].items()} == {
+        k: v.dtype for k, v in theirs.state[b].items()
+    }  # bf16 moments, as torch's
     A, B = a.detach().float(), b.detach().float()
     ulp = 2.0**-7 * (B.abs() + STEPS * kw["lr"])
     worst = float(((A - B).abs() / ulp).max())
@@ -266,6 +279,7 @@ def test_bf16_without_master_is_close_to_torch(rule):
 def _to_numpy(t):
     """A copy of a tensor as a NumPy array (bfloat16: ml_dtypes')."""
     import ml_dtypes
+
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
@@ -277,9 +291,11 @@ def _np_bits(a):
     return a.view({1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[a.itemsize])
 
 
-@pytest.mark.parametrize("kw", [dict(state_dtype="bfloat16"),
-                                dict(master_weights=True, state_dtype="8bit")],
-                         ids=["bf16state", "master-8bit"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(state_dtype="bfloat16"), dict(master_weights=True, state_dtype="8bit")],
+    ids=["bf16state", "master-8bit"],
+)
 @pytest.mark.parametrize("rule", CASES)
 def test_same_bits_as_the_numpy_api_with_stochastic_rounding(rule, kw):
     pytest.importorskip("ml_dtypes", reason="ml_dtypes (NumPy bfloat16) is not installed")
@@ -294,9 +310,9 @@ def test_same_bits_as_the_numpy_api_with_stochastic_rounding(rule, kw):
         opt = _make(rule, ps, **kw)
         opts = dict(CASES[rule])
         lr = opts.pop("lr")
-        nopt = getattr(fastadam, rule)([{"params": arrays[:2]},
-                                        {"params": arrays[2:], "lr": lr / 2}],
-                                       lr=lr, **opts, **kw)
+        nopt = getattr(fastadam, rule)(
+            [{"params": arrays[:2]}, {"params": arrays[2:], "lr": lr / 2}], lr=lr, **opts, **kw
+        )
         for gs in grads:
             for p, g in zip(ps, gs):
                 p.grad = g.clone()
@@ -342,8 +358,9 @@ def test_stochastic_rounding_of_the_master_picks_a_neighbour(dtype):
         up = torch.nextafter(nearest, torch.full_like(nearest, float("inf")))
         down = torch.nextafter(nearest, torch.full_like(nearest, float("-inf")))
         # the neighbours of m: nearest and the one on m's other side
-        other = torch.where(nearest.float() < m, up, torch.where(nearest.float() > m, down,
-                                                                   nearest))
+        other = torch.where(
+            nearest.float() < m, up, torch.where(nearest.float() > m, down, nearest)
+        )
         got = p.detach()
         assert bool(((got == nearest) | (got == other)).all())
     big = ps[0].detach()
@@ -360,19 +377,29 @@ def test_8bit_state_layout():
     for p in (big, small, half):
         p.grad = torch.linspace(-1, 1, p.numel()).reshape(p.shape).to(p.dtype)
     opt.step()
-    layout = {p: {k: (v.dtype, tuple(v.shape)) for k, v in opt.state[p].items()}
-              for p in (big, small, half)}
+    layout = {
+        p: {k: (v.dtype, tuple(v.shape)) for k, v in opt.state[p].items()}
+        for p in (big, small, half)
+    }
     f32, u8 = torch.float32, torch.uint8
-    assert layout[big] == {"step": (f32, ()), "exp_avg": (u8, (4096,)),
-                           "exp_avg_absmax": (f32, (16,)), "exp_avg_sq": (u8, (4096,)),
-                           "exp_avg_sq_absmax": (f32, (16,)),
-                           "max_exp_avg_sq": (u8, (4096,)),
-                           "max_exp_avg_sq_absmax": (f32, (16,))}
+    assert layout[big] == {
+        "step": (f32, ()),
+        "exp_avg": (u8, (4096,)),
+        "exp_avg_absmax": (f32, (16,)),
+        "exp_avg_sq": (u8, (4096,)),
+        "exp_avg_sq_absmax": (f32, (16,)),
+        "max_exp_avg_sq": (u8, (4096,)),
+        "max_exp_avg_sq_absmax": (f32, (16,)),
+    }
     assert list(layout[big]) == list(layout[half])  # torch's key order, absmax after each
     assert layout[half]["exp_avg"] == (u8, (64, 80))
     assert layout[half]["exp_avg_absmax"] == (f32, (20,))  # ceil(5120 / 256)
-    assert layout[small] == {"step": (f32, ()), "exp_avg": (f32, (4095,)),
-                             "exp_avg_sq": (f32, (4095,)), "max_exp_avg_sq": (f32, (4095,))}
+    assert layout[small] == {
+        "step": (f32, ()),
+        "exp_avg": (f32, (4095,)),
+        "exp_avg_sq": (f32, (4095,)),
+        "max_exp_avg_sq": (f32, (4095,)),
+    }
     sd = opt.state_dict()
     assert sd["formats"]["state_dtype"] == "8bit"
     assert sd["state"][0]["exp_avg_absmax"].dtype == f32
@@ -382,9 +409,14 @@ def _mlp_loss(net, x, y):
     return torch.nn.functional.mse_loss(net(x), y)
 
 
-@pytest.mark.parametrize("kw, dtype", [(dict(state_dtype="8bit"), torch.float32),
-                                       (dict(master_weights=True, state_dtype="8bit"),
-                                        torch.bfloat16)], ids=["f32", "bf16-master"])
+@pytest.mark.parametrize(
+    "kw, dtype",
+    [
+        (dict(state_dtype="8bit"), torch.float32),
+        (dict(master_weights=True, state_dtype="8bit"), torch.bfloat16),
+    ],
+    ids=["f32", "bf16-master"],
+)
 def test_8bit_tiny_model_learns(kw, dtype):
     torch.manual_seed(0)
     x = torch.randn(256, 64)
@@ -392,16 +424,18 @@ def test_8bit_tiny_model_learns(kw, dtype):
     losses = {}
     for name, opts in (("8bit", kw), ("f32", {})):
         torch.manual_seed(1)
-        net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(),
-                                  torch.nn.Linear(128, 8))  # 8192 weights: 8-bit moments
+        net = torch.nn.Sequential(
+            torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8)
+        )  # 8192 weights: 8-bit moments
         if name == "8bit":
             net = net.to(dtype)
         opt = ft.AdamW(net.parameters(), lr=3e-3, **opts)
         first = None
         for _ in range(150):
             opt.zero_grad()
-            loss = _mlp_loss(net, x.to(dtype) if name == "8bit" else x,
-                             y.to(dtype) if name == "8bit" else y)
+            loss = _mlp_loss(
+                net, x.to(dtype) if name == "8bit" else x, y.to(dtype) if name == "8bit" else y
+            )
             loss.backward()
             opt.step()
             first = float(loss.detach()) if first is None else first
@@ -421,21 +455,29 @@ def _roundtrip(obj):
 
 
 RESUME = {
-    "bf16-stochastic": (torch.bfloat16, dict(state_dtype="bfloat16", rounding="stochastic",
-                                             seed=5)),
-    "bf16-master-8bit-stochastic": (torch.bfloat16, dict(master_weights=True,
-                                                         state_dtype="8bit",
-                                                         rounding="stochastic")),
+    "bf16-stochastic": (
+        torch.bfloat16,
+        dict(state_dtype="bfloat16", rounding="stochastic", seed=5),
+    ),
+    "bf16-master-8bit-stochastic": (
+        torch.bfloat16,
+        dict(master_weights=True, state_dtype="8bit", rounding="stochastic"),
+    ),
     "f16-master": (torch.float16, dict(master_weights=True)),
     "f32-8bit": (torch.float32, dict(state_dtype="8bit")),
-    "f32-bf16state-stochastic": (torch.float32, dict(state_dtype="bfloat16",
-                                                     rounding="stochastic", seed=3)),
+    "f32-bf16state-stochastic": (
+        torch.float32,
+        dict(state_dtype="bfloat16", rounding="stochastic", seed=3),
+    ),
 }
 
 
-@pytest.mark.parametrize("case, rule", [(c, "Adam") for c in RESUME] + [
-    ("bf16-master-8bit-stochastic", r) for r in CASES if r != "Adam"] + [
-    ("bf16-stochastic", r) for r in ("NAdam", "SGD", "Adagrad")])
+@pytest.mark.parametrize(
+    "case, rule",
+    [(c, "Adam") for c in RESUME]
+    + [("bf16-master-8bit-stochastic", r) for r in CASES if r != "Adam"]
+    + [("bf16-stochastic", r) for r in ("NAdam", "SGD", "Adagrad")],
+)
 def test_resume_from_state_dict_is_bitwise(case, rule):
     dtype, kw = RESUME[case]
     grads = _grads(dtype, 6)
@@ -500,16 +542,19 @@ def test_adagrad_master_is_taken_at_the_first_step():
 
 def test_state_dict_layout_is_torchs_with_default_formats():
     p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
-    mine, theirs = ft.Adam([p]), torch.optim.Adam([p.detach().clone().requires_grad_()],
-                                                  foreach=False)
+    mine, theirs = (
+        ft.Adam([p]),
+        torch.optim.Adam([p.detach().clone().requires_grad_()], foreach=False),
+    )
     for o in (mine, theirs):
         for q in o.param_groups[0]["params"]:
             q.grad = torch.ones(3, dtype=torch.bfloat16)
         o.step()
     sm, st = mine.state_dict(), theirs.state_dict()
     assert list(sm) == list(st) == ["state", "param_groups"]  # no "formats": the defaults
-    assert {k: v.dtype for k, v in sm["state"][0].items()} == \
-        {k: v.dtype for k, v in st["state"][0].items()}
+    assert {k: v.dtype for k, v in sm["state"][0].items()} == {
+        k: v.dtype for k, v in st["state"][0].items()
+    }
     # a torch.optim checkpoint of bf16 parameters loads (the default formats)
     mine.load_state_dict(_roundtrip(st))
 
@@ -534,22 +579,36 @@ def test_load_state_dict_refuses_other_formats_and_bad_entries():
     kw = dict(master_weights=True, state_dtype="8bit", rounding="stochastic", seed=9)
     ps, opt = _stepped(**kw)
     sd = opt.state_dict()
-    for other in (dict(kw, seed=10), dict(kw, rounding="nearest"),
-                  dict(kw, state_dtype="bfloat16"), dict(kw, master_weights=False)):
+    for other in (
+        dict(kw, seed=10),
+        dict(kw, rounding="nearest"),
+        dict(kw, state_dtype="bfloat16"),
+        dict(kw, master_weights=False),
+    ):
         qs, o2 = _stepped(**other)
         _refused(o2, qs, copy.deepcopy(sd), ValueError, "formats")
-    plain_ps, plain = _stepped()  # default formats: its state_dict has no "formats"
+    _plain_ps, plain = _stepped()  # default formats: its state_dict has no "formats"
     _refused(opt, ps, copy.deepcopy(plain.state_dict()), ValueError, "formats")
-    bad = [(lambda e: e.pop("master_param"), ValueError, r"lacks \['master_param'\]"),
-           (lambda e: e.__setitem__("master_param", e["master_param"].bfloat16()),
-            ValueError, "master_param.*float32"),
-           (lambda e: e.pop("exp_avg_absmax"), ValueError, r"lacks \['exp_avg_absmax'\]"),
-           (lambda e: e.__setitem__("exp_avg_absmax", torch.zeros(3)), ValueError,
-            "exp_avg_absmax.*shape"),
-           (lambda e: e.__setitem__("exp_avg", e["exp_avg"].float()), ValueError,
-            "exp_avg.*uint8"),
-           (lambda e: e.__setitem__("exp_avg_sq", e["exp_avg_sq"][:-1]), ValueError,
-            "exp_avg_sq.*shape")]
+    bad = [
+        (lambda e: e.pop("master_param"), ValueError, r"lacks \['master_param'\]"),
+        (
+            lambda e: e.__setitem__("master_param", e["master_param"].bfloat16()),
+            ValueError,
+            "master_param.*float32",
+        ),
+        (lambda e: e.pop("exp_avg_absmax"), ValueError, r"lacks \['exp_avg_absmax'\]"),
+        (
+            lambda e: e.__setitem__("exp_avg_absmax", torch.zeros(3)),
+            ValueError,
+            "exp_avg_absmax.*shape",
+        ),
+        (lambda e: e.__setitem__("exp_avg", e["exp_avg"].float()), ValueError, "exp_avg.*uint8"),
+        (
+            lambda e: e.__setitem__("exp_avg_sq", e["exp_avg_sq"][:-1]),
+            ValueError,
+            "exp_avg_sq.*shape",
+        ),
+    ]
     for edit, exc, match in bad:
         d = copy.deepcopy(sd)
         edit(d["state"][0])
@@ -567,6 +626,7 @@ def test_load_state_dict_refuses_other_formats_and_bad_entries():
 
 def test_pickle_and_deepcopy_keep_the_formats():
     import pickle
+
     ps, opt = _stepped(master_weights=True, rounding="stochastic", seed=4)
     for make in (copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
         clone = make(opt)
@@ -586,8 +646,10 @@ def test_grad_scaler_with_float16_parameters_and_master_weights():
     torch.manual_seed(0)
     x = torch.randn(32, 16)
     y = torch.randn(32, 4)
-    w = [(torch.randn(16, 24) / 4).half().requires_grad_(),
-         (torch.randn(24, 4) / 5).half().requires_grad_()]
+    w = [
+        (torch.randn(16, 24) / 4).half().requires_grad_(),
+        (torch.randn(24, 4) / 5).half().requires_grad_(),
+    ]
     ref = [t.detach().float().requires_grad_() for t in w]
     opt = ft.Adam(w, lr=1e-3, master_weights=True)
     f32 = ft.Adam(ref, lr=1e-3)
@@ -615,17 +677,19 @@ def test_grad_scaler_with_float16_parameters_and_master_weights():
             assert _same_snapshot(_snapshot(opt, w), before)  # nothing moved
             assert scaler.get_scale() == scale / 2
     assert skipped[0] == 0 and 12 in skipped  # 2**16 overflows float16 at first
-    assert scaler.get_scale() == 2.0**16 / 2**len(skipped) and len(skipped) < 10
+    assert scaler.get_scale() == 2.0**16 / 2 ** len(skipped) and len(skipped) < 10
     assert float(opt.state[w[0]]["step"]) == 20 - len(skipped)
     for p, q in zip(w, ref):
         assert _same(opt.state[p]["master_param"], q.detach())
         assert _same(p.detach(), q.detach().half())
-    print(f"GradScaler, float16 + master weights: skipped steps {skipped}, scale "
-          f"{scales[0]:g} -> {scaler.get_scale():g}")
+    print(
+        f"GradScaler, float16 + master weights: skipped steps {skipped}, scale "
+        f"{scales[0]:g} -> {scaler.get_scale():g}"
+    )
 
 
 # ---------------------------------------------------------------------- 8. ZeRO
-ZERO_WORKER = textwrap.dedent(r'''
+ZERO_WORKER = textwrap.dedent(r"""
     import json, sys
     import torch
     import torch.distributed as dist
@@ -667,7 +731,7 @@ ZERO_WORKER = textwrap.dedent(r'''
         json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
-''')
+""")
 
 
 def test_zero_redundancy_optimizer_bf16_master_weights(tmp_path):
@@ -681,11 +745,13 @@ def test_zero_redundancy_optimizer_bf16_master_weights(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is unavailable")
     from ranks import launch
+
     steps = 10
     launch(tmp_path, ZERO_WORKER, (steps,), timeout=120, what="ZeroRedundancyOptimizer job")
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
-                              torch.nn.Linear(32, 4)).to(torch.bfloat16)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(
+        torch.bfloat16
+    )
     initial = [p.detach().clone() for p in net.parameters()]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 16, generator=g).bfloat16()
@@ -700,8 +766,10 @@ def test_zero_redundancy_optimizer_bf16_master_weights(tmp_path):
         assert all(r[view] for r in ranks)  # each rank holds part of the state
         states = ranks[0][view] + ranks[1][view]
         assert len(states) == 4
-        assert all(["exp_avg", "torch.float32"] in s and ["master_param", "torch.float32"]
-                   in s for s in states)
+        assert all(
+            ["exp_avg", "torch.float32"] in s and ["master_param", "torch.float32"] in s
+            for s in states
+        )
     for view in (False, True):
         sharded = torch.load(tmp_path / f"bucket{view}.pt", weights_only=True)
         for a, b, c in zip(sharded, net.parameters(), initial):
@@ -723,7 +791,7 @@ def test_replaced_storage_is_followed():
     p.data = p.data.view(torch.float16)  # same memory, another 16-bit dtype
     p.grad = torch.ones(100, dtype=torch.float16)
     before = _snapshot(opt, [p])
-    with pytest.raises(ValueError, match="exp_avg.*bfloat16.*must be a dense float16"):
+    with pytest.raises(ValueError, match=r"exp_avg.*bfloat16.*must be a dense float16"):
         opt.step()  # (a float16 parameter's state is float16)
     assert _same_snapshot(_snapshot(opt, [p]), before)
     # with state_dtype="bfloat16" the same reinterpretation is a valid float16 parameter
@@ -743,13 +811,19 @@ def test_float32_float64_and_16bit_parameters_in_one_optimizer():
     """One float32-compute plan for float32, float16 and bfloat16, one float64 plan;
     master weights apply to the 16-bit parameters only."""
     g = torch.Generator().manual_seed(0)
-    ps = [torch.randn(50, generator=g).to(d).requires_grad_()
-          for d in (torch.float32, torch.bfloat16, torch.float64, torch.float16)]
-    qs = [p.detach().clone().requires_grad_() if p.dtype in (torch.float32, torch.float64)
-          else p.detach().float().requires_grad_() for p in ps]
+    ps = [
+        torch.randn(50, generator=g).to(d).requires_grad_()
+        for d in (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+    ]
+    qs = [
+        p.detach().clone().requires_grad_()
+        if p.dtype in (torch.float32, torch.float64)
+        else p.detach().float().requires_grad_()
+        for p in ps
+    ]
     opt = ft.NAdam(ps, lr=1e-2, master_weights=True)
     ref = ft.NAdam(qs, lr=1e-2)
-    for t in range(4):
+    for _t in range(4):
         gs = [torch.randn(50, generator=g) for _ in ps]
         for p, q, gr in zip(ps, qs, gs):
             p.grad, q.grad = gr.to(p.dtype), gr.to(p.dtype).to(q.dtype)
@@ -759,8 +833,9 @@ def test_float32_float64_and_16bit_parameters_in_one_optimizer():
     for p, q in zip(ps, qs):
         s = opt.state[p]
         if p.dtype in HALF:
-            assert _same(s["master_param"], q.detach()) and _same(p.detach(),
-                                                                   q.detach().to(p.dtype))
+            assert _same(s["master_param"], q.detach()) and _same(
+                p.detach(), q.detach().to(p.dtype)
+            )
         else:
             assert "master_param" not in s and _same(p.detach(), q.detach())
         assert s["exp_avg"].dtype == q.dtype
@@ -786,30 +861,51 @@ def test_bad_format_options_are_refused(kw, exc, match):
         ft.Adam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], **kw)
 
 
-@pytest.mark.parametrize("params, kw, exc, match", [
-    ([torch.zeros(3)], dict(master_weights=True), ValueError, "needs float16 or bfloat16"),
-    ([torch.zeros(3, dtype=torch.bfloat16)], dict(state_dtype="float64"), TypeError,
-     "float64"),
-    ([torch.zeros(3, dtype=torch.float64)], dict(master_weights=True), ValueError,
-     "needs float16 or bfloat16"),
-    ([torch.zeros(5000, dtype=torch.float64)], dict(state_dtype="8bit"), TypeError,
-     "parameter 0.*float64"),
-    ([torch.zeros(3), torch.zeros(3, dtype=torch.float64)], dict(state_dtype="bfloat16"),
-     TypeError, "parameter 1.*float64"),
-    ([torch.zeros(3)], dict(state_dtype="float64"), TypeError, "float64"),
-    ([torch.zeros(3, dtype=torch.complex64)], dict(state_dtype="bfloat16"), TypeError,
-     "complex"),
-])
+@pytest.mark.parametrize(
+    "params, kw, exc, match",
+    [
+        ([torch.zeros(3)], dict(master_weights=True), ValueError, "needs float16 or bfloat16"),
+        ([torch.zeros(3, dtype=torch.bfloat16)], dict(state_dtype="float64"), TypeError, "float64"),
+        (
+            [torch.zeros(3, dtype=torch.float64)],
+            dict(master_weights=True),
+            ValueError,
+            "needs float16 or bfloat16",
+        ),
+        (
+            [torch.zeros(5000, dtype=torch.float64)],
+            dict(state_dtype="8bit"),
+            TypeError,
+            "parameter 0.*float64",
+        ),
+        (
+            [torch.zeros(3), torch.zeros(3, dtype=torch.float64)],
+            dict(state_dtype="bfloat16"),
+            TypeError,
+            "parameter 1.*float64",
+        ),
+        ([torch.zeros(3)], dict(state_dtype="float64"), TypeError, "float64"),
+        (
+            [torch.zeros(3, dtype=torch.complex64)],
+            dict(state_dtype="bfloat16"),
+            TypeError,
+            "complex",
+        ),
+    ],
+)
 def test_formats_that_do_not_fit_the_parameters_are_refused(params, kw, exc, match):
     with pytest.raises(exc, match=match):
         ft.Adam(params, **kw)
 
 
-@pytest.mark.parametrize("p, kw", [
-    (torch.zeros(5000, dtype=torch.float64), dict(state_dtype="8bit")),
-    (torch.zeros(3, dtype=torch.complex64), dict(state_dtype="bfloat16")),
-    (torch.zeros(5000, dtype=torch.complex64), dict(state_dtype="8bit")),
-])
+@pytest.mark.parametrize(
+    "p, kw",
+    [
+        (torch.zeros(5000, dtype=torch.float64), dict(state_dtype="8bit")),
+        (torch.zeros(3, dtype=torch.complex64), dict(state_dtype="bfloat16")),
+        (torch.zeros(5000, dtype=torch.complex64), dict(state_dtype="8bit")),
+    ],
+)
 def test_add_param_group_refuses_a_parameter_the_formats_do_not_fit(p, kw):
     opt = ft.Adam([torch.zeros(3, dtype=torch.bfloat16)], **kw)
     with pytest.raises(TypeError, match="param group 1, parameter 1"):
@@ -826,7 +922,7 @@ def test_16bit_gradient_of_another_dtype_is_refused_before_anything_moves():
     opt.step()
     before = _snapshot(opt, [q, p])
     p.grad.data = torch.ones(8, dtype=torch.bfloat16)  # (autograd would refuse it)
-    with pytest.raises(TypeError, match="parameter 1.*float16 parameter must be float16"):
+    with pytest.raises(TypeError, match=r"parameter 1.*float16 parameter must be float16"):
         opt.step()
     assert _same_snapshot(_snapshot(opt, [q, p]), before)
     p.grad = torch.ones(8, dtype=torch.float16)
@@ -838,7 +934,10 @@ def test_16bit_gradient_of_another_dtype_is_refused_before_anything_moves():
     opt.step()
     before = _snapshot(opt, [r])
     r.grad.data = torch.ones(8, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="parameter 0 is a .8,. bfloat16.*must have the "
-                                        "parameter's dtype, float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"parameter 0 is a .8,. bfloat16.*must have the "
+        "parameter's dtype, float32",
+    ):
         opt.step()
     assert _same_snapshot(_snapshot(opt, [r]), before)

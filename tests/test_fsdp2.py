@@ -42,16 +42,15 @@ The end-to-end result is also compared with single-process training here (bit fo
 with torch.optim.AdamW under FSDP2 (within the few-ulp-per-step bound of
 tests/test_torch_optim.py).
 """
+
 import json
 import textwrap
 import time
 
 import pytest
-
 from ranks import launch
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: fastadam.torch is not tested")
+torch = pytest.importorskip("torch", reason="torch is not installed: fastadam.torch is not tested")
 dist = pytest.importorskip("torch.distributed", reason="torch.distributed is unavailable")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is unavailable", allow_module_level=True)
@@ -61,7 +60,7 @@ try:
 except ImportError as e:  # pragma: no cover - older torch
     pytest.skip(f"FSDP2 is unavailable: {e}", allow_module_level=True)
 
-STEPS = 4       # per phase; the DCP scenario runs 3 phases
+STEPS = 4  # per phase; the DCP scenario runs 3 phases
 LR = 1e-2
 MAX_NORM = 0.02  # below every step's gradient norm: every step is clipped
 TIMEOUT = 180
@@ -554,11 +553,12 @@ def test_adamw_equals_single_process_bit_for_bit(job):
     # the shards really are uneven and, on rank 1, empty
     assert ranks[0]["adamw"]["local"] == [[17, 16], [17], [1, 33], [1]]
     assert ranks[1]["adamw"]["local"] == [[16, 16], [16], [0, 33], [0]]
-    assert all(r["adamw"]["laid_out"] for r in ranks)   # state: DTensors like the params
+    assert all(r["adamw"]["laid_out"] for r in ranks)  # state: DTensors like the params
     assert all(r["adamw"]["steps"] == [float(STEPS)] for r in ranks)
 
     # end to end: the same as training the unsharded model in one process
     import fastadam.torch as ft
+
     x, y = _data()
     net = _mlp()
     opt = ft.AdamW(net.parameters(), lr=LR, weight_decay=1e-2, amsgrad=True)
@@ -573,8 +573,10 @@ def test_adamw_equals_single_process_bit_for_bit(job):
     # and torch.optim.AdamW under FSDP2 within the few-ulp-per-step bound
     theirs = torch.load(out / "torch_adamw_params.pt", weights_only=True)
     eps = torch.finfo(torch.float32).eps
-    worst = max(float(((a - b).abs() / (STEPS * eps * (b.abs() + LR))).max())
-                for a, b in zip(sharded, theirs))
+    worst = max(
+        float(((a - b).abs() / (STEPS * eps * (b.abs() + LR))).max())
+        for a, b in zip(sharded, theirs)
+    )
     assert worst <= 4.0, worst
     moved = max(float((a - b.detach()).abs().max()) for a, b in zip(sharded, _mlp().parameters()))
     assert moved > 1e-3
@@ -610,13 +612,13 @@ def test_max_grad_norm_clips_by_the_global_norm(job):
     n0, n1 = ranks[0]["clip"]["norms"], ranks[1]["clip"]["norms"]
     assert len(n0) == STEPS and len(ranks[0]["clip"]["equal"]) == STEPS + 1
     for (local0, whole, ours0, fused), (local1, _, ours1, _) in zip(n0, n1):
-        assert ours0 == ours1                       # every rank clips by the same norm
+        assert ours0 == ours1  # every rank clips by the same norm
         assert ours0 == pytest.approx(whole, rel=1e-12)
-        assert ours0 == pytest.approx(fused, rel=1e-12)   # one process's fused norm
-        assert ours0 > MAX_NORM                     # the step was clipped
+        assert ours0 == pytest.approx(fused, rel=1e-12)  # one process's fused norm
+        assert ours0 > MAX_NORM  # the step was clipped
         # the shards' own norms are far from it: clipping by one would fail above
         assert max(local0, local1) < 0.95 * whole
-        assert local0 ** 2 + local1 ** 2 == pytest.approx(whole ** 2, rel=1e-12)
+        assert local0**2 + local1**2 == pytest.approx(whole**2, rel=1e-12)
     # an inf in one rank's shard: every rank sees the norm inf and, as one process,
     # multiplies the gradients by 0 (the inf element becomes NaN, nothing else does)
     for r in ranks:
@@ -629,16 +631,17 @@ def test_dcp_resume_and_reshard_bit_for_bit(job):
     for r in ranks:
         params, state, local = r["dcp_same_mesh"]
         assert params and state
-        assert local[0] != [33, 16]   # sharded over 2 ranks
+        assert local[0] != [33, 16]  # sharded over 2 ranks
         params, state, local = r["dcp_one_rank_mesh"]
         assert params and state
-        assert local[0] == [33, 16]   # resharded: one rank holds all
+        assert local[0] == [33, 16]  # resharded: one rank holds all
 
 
 def test_full_state_dict_consolidates_and_loads_back(job):
     out, ranks = job
     import fastadam.torch as ft
-    assert ranks[1]["adamw"]["full_on_rank1"] is False   # rank0_only
+
+    assert ranks[1]["adamw"]["full_on_rank1"] is False  # rank0_only
     for name in ("adamw", "mixed"):
         full = torch.load(out / f"{name}_full.pt", weights_only=True)
         ref = torch.load(out / f"{name}_ref.pt", weights_only=True)
@@ -651,7 +654,7 @@ def test_full_state_dict_consolidates_and_loads_back(job):
                 f = full["state"][k][key]
                 assert type(f) is torch.Tensor and f.dtype == t.dtype
                 assert torch.equal(f, t), (name, k, key)
-    assert full["formats"]["master_weights"] is True   # mixed
+    assert full["formats"]["master_weights"] is True  # mixed
 
     # the ordinary state_dict loads into fastadam and torch.optim on the unsharded model
     full = torch.load(out / "adamw_full.pt", weights_only=True)
@@ -661,7 +664,7 @@ def test_full_state_dict_consolidates_and_loads_back(job):
         opt.load_state_dict(full)
         assert float(opt.state[net[2].bias]["step"]) == STEPS
         assert torch.equal(opt.state[net[0].weight]["exp_avg"], full["state"][0]["exp_avg"])
-    for r in ranks:   # and back into FSDP2, which continues bit for bit
+    for r in ranks:  # and back into FSDP2, which continues bit for bit
         assert r["full_load_back"] == [True, True]
 
 
@@ -695,14 +698,20 @@ def test_8bit_state_bit_for_bit_per_local_shard(job):
         # a.weight uneven (21 + 20 rows), c bfloat16 with float32 master, d empty on rank 1
         assert res["local"][0] == [[21, 208], [20, 208]][r]
         assert res["local"][5] == [[1, 4096], [0, 4096]][r]
-        assert res["kinds"] == ["8bit", "float32", "float32", "float32", "8bit",
-                                ["8bit", "empty"][r]]   # 8-bit by the GLOBAL size
+        assert res["kinds"] == [
+            "8bit",
+            "float32",
+            "float32",
+            "float32",
+            "8bit",
+            ["8bit", "empty"][r],
+        ]  # 8-bit by the GLOBAL size
         assert res["codes"][0] == res["codes"][4] == "torch.uint8"
         assert res["master"] == "torch.float32"
-        assert res["laid_out"]   # codes: DTensors laid out like their parameter
+        assert res["laid_out"]  # codes: DTensors laid out like their parameter
         # absmax of a.weight: L = 18 blocks per rank (rank 0's 4368 elements), 2 * 18 in all
         # (+ 1: the layout stamp)
-        assert res["absmax"] == [True, [38], [19], ["S(0)"]]   # Shard(0)
+        assert res["absmax"] == [True, [38], [19], ["S(0)"]]  # Shard(0)
         # every absmax's global length is 2 x (L + 1): d 16 (rank 0's 4096 elements; rank 1
         # uses none of its 16), c 17 (4160 on each rank), a 18
         assert res["lengths"] == [34, 36, 38]
@@ -713,8 +722,8 @@ def test_8bit_dcp_resume_on_the_same_mesh_reshard_refused(job):
     for r in ranks:
         assert r["q8_dcp_same_mesh"] is True
         res = r["q8_reshard"]
-        (t0, m0), (t1, m1) = res["errors"]
-        assert "Size mismatch" in m0 and "_absmax" in m0    # DCP's own check (other length)
+        (_t0, m0), (t1, m1) = res["errors"]
+        assert "Size mismatch" in m0 and "_absmax" in m0  # DCP's own check (other length)
         assert t1 == "ValueError" and "cannot be resharded" in m1
         assert "param group 0, parameter 0" in m1 and "exp_avg_absmax" in m1
         assert res["unchanged"]
@@ -725,7 +734,9 @@ def test_8bit_dcp_resume_on_the_same_mesh_reshard_refused(job):
         assert "cannot be resharded" in message and "exp_avg_absmax" in message
         assert res["unchanged"]
         # both streams carry this layout's stamp: one negative integer, the same on each rank
-        assert res["stamps"][0] == res["stamps"][1] < 0 and res["stamps"][0] == int(res["stamps"][0])
+        assert res["stamps"][0] == res["stamps"][1] < 0 and res["stamps"][0] == int(
+            res["stamps"][0]
+        )
     assert ranks[0]["q8_stamp"]["stamps"] == ranks[1]["q8_stamp"]["stamps"]
 
 
@@ -733,8 +744,9 @@ def test_8bit_has_no_full_state_dict(job):
     _, ranks = job
     for r in ranks:
         res = r["q8_full"]
-        for name, (kind, message) in zip(("full_optim_state_dict", "load_full_optim_state_dict"),
-                                         res["errors"]):
+        for name, (kind, message) in zip(
+            ("full_optim_state_dict", "load_full_optim_state_dict"), res["errors"]
+        ):
             assert kind == "ValueError" and message.startswith(name)
             assert "param group 0, parameter 0" in message and "cannot be resharded" in message
         assert res["unchanged"]

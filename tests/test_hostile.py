@@ -9,6 +9,7 @@ points somewhere. The child's output is printed when it fails.
 FASTADAM_HOSTILE_EXAMPLES=<factor> scales the number of examples (default 1);
 FASTADAM_HOSTILE_TIMEOUT=<seconds> the limit per child (default 600).
 """
+
 import os
 import subprocess
 import sys
@@ -26,23 +27,45 @@ def _run(selection):
     # pytest collects a file named on the command line even though hostile_fuzz.py
     # does not match python_files; the child inherits pyproject's settings
     # (filterwarnings = error, strict markers) since it runs from the repository root.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(FUZZ),
-           "-k", selection]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(FUZZ),
+        "-k",
+        selection,
+    ]
     env = dict(os.environ)
     env.setdefault("FASTADAM_HOSTILE_WATCHDOG", str(max(TIMEOUT - 30, 30)))
     try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+        r = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=TIMEOUT,
+        )
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
-        pytest.fail(f"the hostile suite {selection!r} hung (no result after {TIMEOUT:.0f} s)"
-                    f":\n{out or ''}", pytrace=False)
+        pytest.fail(
+            f"the hostile suite {selection!r} hung (no result after {TIMEOUT:.0f} s):\n{out or ''}",
+            pytrace=False,
+        )
     if r.returncode < 0:
-        pytest.fail(f"the hostile suite {selection!r} crashed with signal {-r.returncode}:\n"
-                    f"{r.stdout}", pytrace=False)
+        pytest.fail(
+            f"the hostile suite {selection!r} crashed with signal {-r.returncode}:\n{r.stdout}",
+            pytrace=False,
+        )
     if r.returncode != 0:
-        pytest.fail(f"the hostile suite {selection!r} failed (exit status {r.returncode}):\n"
-                    f"{r.stdout}", pytrace=False)
+        pytest.fail(
+            f"the hostile suite {selection!r} failed (exit status {r.returncode}):\n{r.stdout}",
+            pytrace=False,
+        )
 
 
 def test_hostile_numpy_api():

@@ -1,4 +1,5 @@
 """The optimizer classes, state_dict round trips, schedules, config and SIMD selection."""
+
 import copy
 import math
 import os
@@ -20,12 +21,15 @@ def _grads(rng, params, t):
     return [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
 
 
-@pytest.mark.parametrize("cls, kw", [
-    (fastadam.Adam, {}),
-    (fastadam.Adam, dict(amsgrad=True, weight_decay=0.01)),
-    (fastadam.AdamW, dict(amsgrad=True, maximize=True)),
-    (fastadam.Adam, dict(eps_mode="hat", lr=fastadam.InverseSqrtDecay(0.01))),
-])
+@pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (fastadam.Adam, {}),
+        (fastadam.Adam, dict(amsgrad=True, weight_decay=0.01)),
+        (fastadam.AdamW, dict(amsgrad=True, maximize=True)),
+        (fastadam.Adam, dict(eps_mode="hat", lr=fastadam.InverseSqrtDecay(0.01))),
+    ],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_state_dict_round_trip_continues_bit_for_bit(cls, kw, dtype):
     rng = np.random.default_rng(3)
@@ -52,8 +56,9 @@ def test_state_dict_round_trip_continues_bit_for_bit(cls, kw, dtype):
 def test_state_dict_layout_mirrors_torch():
     rng = np.random.default_rng(0)
     params = _model(rng)
-    opt = fastadam.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.1,
-                                                   "amsgrad": True}])
+    opt = fastadam.Adam(
+        [{"params": params[:2]}, {"params": params[2:], "lr": 0.1, "amsgrad": True}]
+    )
     sd = opt.state_dict()
     assert sd["state"] == {}  # nothing stepped yet, as torch
     opt.step([np.ones_like(p) for p in params[:3]] + [None])
@@ -88,8 +93,10 @@ def test_param_groups_with_their_own_options_match_reference():
     rng = np.random.default_rng(5)
     params = _model(rng)
     ref = [p.copy() for p in params]
-    kws = [dict(lr=0.01, betas=(0.8, 0.9)), dict(weight_decay=0.1, decoupled_weight_decay=True,
-                                               eps=1e-4, amsgrad=True)]
+    kws = [
+        dict(lr=0.01, betas=(0.8, 0.9)),
+        dict(weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4, amsgrad=True),
+    ]
     opt = fastadam.Adam([dict(params=params[:2], **kws[0]), dict(params=params[2:], **kws[1])])
     state = [[np.zeros_like(p) for _ in range(3)] for p in params]
     for t in range(1, 6):
@@ -128,7 +135,9 @@ def test_adamw_defaults_and_decoupled_decay():
     assert g["weight_decay"] == 1e-2 and g["decoupled_weight_decay"] is True
     opt.step([np.zeros_like(p)])  # zero gradient: only the decay acts
     assert np.array_equal(p, np.full(8, np.float32(1.0) * np.float32(1 - 1e-3 * 1e-2)))
-    assert fastadam.Adam([np.ones(2, np.float32)]).param_groups[0]["decoupled_weight_decay"] is False
+    assert (
+        fastadam.Adam([np.ones(2, np.float32)]).param_groups[0]["decoupled_weight_decay"] is False
+    )
 
 
 def test_state_is_64_byte_aligned_and_step_does_not_allocate():
@@ -167,8 +176,9 @@ def test_config_and_info():
     assert isinstance(c["openmp"], bool) and c["max_threads"] >= 1
     lo, hi = c["prefetch_window"]  # (7/16 L3, L3], or (0, 0] = never
     assert lo == hi // 16 * 7 and (hi == 0 or hi >= 1 << 20), c["prefetch_window"]
-    out = subprocess.run([sys.executable, "-m", "fastadam", "info"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fastadam", "info"], capture_output=True, text=True, check=True
+    ).stdout
     assert f"SIMD path in use : {c['simd']}" in out
     assert "prefetch         : " + ("never" if hi == 0 else f"steps with {lo / 2**20:g} MiB") in out
     for name in c["simd_compiled"]:
@@ -189,9 +199,12 @@ def test_prefetch_window_only_on_zen3():
     """Software prefetching is automatic only where it was measured to pay: AMD family
     19h, Zen 3 models (00-0Fh, 20-5Fh). Elsewhere (Zen 4 included) the window is empty."""
     info = _cpuinfo()
-    zen3 = (info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
-            and (int(info["model"]) <= 0x0F or 0x20 <= int(info["model"]) <= 0x5F))
-    lo, hi = fastadam.config()["prefetch_window"]
+    zen3 = (
+        info.get("vendor_id") == "AuthenticAMD"
+        and info.get("cpu family") == "25"
+        and (int(info["model"]) <= 0x0F or 0x20 <= int(info["model"]) <= 0x5F)
+    )
+    _lo, hi = fastadam.config()["prefetch_window"]
     assert (hi > 0) == zen3, (info.get("vendor_id"), info.get("cpu family"), info.get("model"))
 
 
@@ -211,29 +224,36 @@ def test_fastadam_simd_environment_variable():
     results = {}
     for name in c["simd_available"] + ["auto"]:
         env = dict(os.environ, FASTADAM_SIMD=name)
-        out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True
+        ).stdout
         used, bits = out.split()
         # "auto" picks the best usable path (simd_available is in order of preference)
         assert used == (c["simd_available"][-1] if name == "auto" else name)
         results[name] = bits
     assert len(set(results.values())) == 1
-    unusable = [n for n in ("scalar", "sse2", "avx2", "avx512", "neon")
-                if n not in c["simd_available"]] + ["avx9000"]
+    unusable = [
+        n for n in ("scalar", "sse2", "avx2", "avx512", "neon") if n not in c["simd_available"]
+    ] + ["avx9000"]
     for name in unusable:
         env = dict(os.environ, FASTADAM_SIMD=name)
-        r = subprocess.run([sys.executable, "-c", "import fastadam"], env=env,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", "import fastadam"], env=env, capture_output=True, text=True
+        )
         assert r.returncode != 0
         assert f"FASTADAM_SIMD={name!r}" in r.stderr
-        assert ("not compiled" in r.stderr or "does not support" in r.stderr
-                or "unknown SIMD path" in r.stderr)
+        assert (
+            "not compiled" in r.stderr
+            or "does not support" in r.stderr
+            or "unknown SIMD path" in r.stderr
+        )
 
 
 def test_step_allocates_no_buffers():
     """A step over 1e6 parameters allocates no array memory (tracemalloc sees NumPy's
     data allocations): only a few small Python objects."""
     import tracemalloc
+
     params = [np.zeros(500_000, np.float32), np.zeros((500, 1000), np.float32)]
     grads = [np.ones_like(p) for p in params]
     opt = fastadam.Adam(params, amsgrad=True)
@@ -248,8 +268,9 @@ def test_step_allocates_no_buffers():
     # and the reference, by contrast, allocates temporaries of the tensor's size
     tracemalloc.start()
     try:
-        reference.adam_step(params[0], grads[0], opt.state[0]["exp_avg"],
-                            opt.state[0]["exp_avg_sq"], step=3)
+        reference.adam_step(
+            params[0], grads[0], opt.state[0]["exp_avg"], opt.state[0]["exp_avg_sq"], step=3
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

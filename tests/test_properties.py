@@ -16,6 +16,7 @@ NumPy: much faster than drawing every element, and hypothesis still shrinks the 
 Tolerances, where a property holds only up to rounding, are derived in the comments next
 to them and set a factor 3-4 above the largest value measured over ~10000 random examples.
 """
+
 import math
 
 import numpy as np
@@ -32,7 +33,8 @@ from fastadam.functional import _step
 # mypy_extensions.TypedDict on import; with filterwarnings=error that warning would turn
 # the report of the failure into an INTERNALERROR.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+)
 
 ISAS = [(name, _core.isa_index(name)) for name in fastadam.config()["simd_available"]]
 DTYPES = [np.float32, np.float64]
@@ -42,26 +44,44 @@ SPECIALS = [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, -1e-310, 5e-324, 1e30, -3
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 # ------------------------------------------------------------------ strategies
-beta = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.99, 0.999, 0.9999999]),
-                 st.floats(0.0, 1.0, exclude_max=True))
+beta = st.one_of(
+    st.sampled_from([0.0, 0.5, 0.9, 0.99, 0.999, 0.9999999]), st.floats(0.0, 1.0, exclude_max=True)
+)
 lr = st.one_of(st.sampled_from([0.0, 1e-3, 1.0]), st.floats(1e-8, 10.0))
 eps = st.one_of(st.sampled_from([0.0, 1e-8]), st.floats(1e-12, 1e-2))
 weight_decay = st.one_of(st.just(0.0), st.floats(0.0, 1.0))
-grad_scale = st.one_of(st.sampled_from([1.0, 2.0 ** -8, 1024.0, 65536.0]),
-                       st.floats(1e-3, 1e6))
-step = st.one_of(st.integers(1, 20), st.integers(1, 2 ** 62 - 1))
+grad_scale = st.one_of(st.sampled_from([1.0, 2.0**-8, 1024.0, 65536.0]), st.floats(1e-3, 1e6))
+step = st.one_of(st.integers(1, 20), st.integers(1, 2**62 - 1))
 
-options = st.fixed_dictionaries(dict(
-    lr=lr, betas=st.tuples(beta, beta), eps=eps, weight_decay=weight_decay,
-    decoupled_weight_decay=st.booleans(), amsgrad=st.booleans(), maximize=st.booleans(),
-    bias_correction=st.booleans(), eps_mode=st.sampled_from(["paper", "hat"]),
-    grad_scale=grad_scale))
+options = st.fixed_dictionaries(
+    dict(
+        lr=lr,
+        betas=st.tuples(beta, beta),
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=st.booleans(),
+        amsgrad=st.booleans(),
+        maximize=st.booleans(),
+        bias_correction=st.booleans(),
+        eps_mode=st.sampled_from(["paper", "hat"]),
+        grad_scale=grad_scale,
+    )
+)
 
 
 def _check(kw):
-    return check_options(kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"],
-                         kw["decoupled_weight_decay"], kw["amsgrad"], kw["maximize"],
-                         kw["bias_correction"], kw["eps_mode"], kw.get("grad_scale", 1.0))
+    return check_options(
+        kw["lr"],
+        kw["betas"],
+        kw["eps"],
+        kw["weight_decay"],
+        kw["decoupled_weight_decay"],
+        kw["amsgrad"],
+        kw["maximize"],
+        kw["bias_correction"],
+        kw["eps_mode"],
+        kw.get("grad_scale", 1.0),
+    )
 
 
 @st.composite
@@ -69,8 +89,7 @@ def special_values(draw, n):
     """A few (index, value) pairs of non-finite, signed-zero, subnormal or huge values."""
     if n == 0:
         return []
-    return draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(SPECIALS)),
-                         max_size=6))
+    return draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(SPECIALS)), max_size=6))
 
 
 def _cast(a, dtype):
@@ -85,8 +104,9 @@ def _same_bits(a, b):
         return False
     nan_a, nan_b = np.isnan(a), np.isnan(b)
     u = np.uint32 if a.dtype == np.float32 else np.uint64
-    return bool(np.array_equal(nan_a, nan_b)
-                and np.array_equal(a[~nan_a].view(u), b[~nan_b].view(u)))
+    return bool(
+        np.array_equal(nan_a, nan_b) and np.array_equal(a[~nan_a].view(u), b[~nan_b].view(u))
+    )
 
 
 def _bound_S(beta1, beta2, t):
@@ -100,12 +120,15 @@ def _bound_S(beta1, beta2, t):
         return math.inf if (beta1 > 0.0 and t > 1) else 1.0
     r = beta1 * beta1 / beta2
     try:
-        geometric = math.fsum(r ** k for k in range(t)) if t < 10_000 else (
-            1.0 / (1.0 - r) if r < 1.0 else math.inf)
+        geometric = (
+            math.fsum(r**k for k in range(t))
+            if t < 10_000
+            else (1.0 / (1.0 - r) if r < 1.0 else math.inf)
+        )
     except OverflowError:  # b1**2 > b2: the bound grows geometrically with t
         return math.inf
-    scale = (1.0 - beta1) / (1.0 - beta1 ** t)
-    return scale * math.sqrt((1.0 - beta2 ** t) / (1.0 - beta2) * geometric)
+    scale = (1.0 - beta1) / (1.0 - beta1**t)
+    return scale * math.sqrt((1.0 - beta2**t) / (1.0 - beta2) * geometric)
 
 
 # --------------------------------------------- 1. kernels == reference, bit for bit
@@ -114,7 +137,7 @@ def kernel_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     # long enough, sometimes, for the prefetching loop (>= 1088 float32 elements)
     n = draw(st.one_of(st.integers(0, 300), st.integers(1000, 1400)))
-    seed = draw(st.integers(0, 2 ** 32 - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     lo, hi = draw(st.sampled_from([(-3, 1), (-8, 8), (-30, 30)]))
     g = rng.standard_normal(n) * 10.0 ** rng.uniform(lo, hi, n)
@@ -127,8 +150,12 @@ def kernel_cases(draw):
     for arr in (p, m, v, vmax):
         for i, x in draw(special_values(n)):
             arr[i] = abs(x) if arr is v or arr is vmax else x
-    return ([_cast(a, dtype) for a in (p, g, m, v, vmax)], draw(options), draw(step),
-            draw(st.sampled_from([(1, 0, -1), (2, 0, -1), (3, 7, -1), (2, 64, 1), (1, 0, 1)])))
+    return (
+        [_cast(a, dtype) for a in (p, g, m, v, vmax)],
+        draw(options),
+        draw(step),
+        draw(st.sampled_from([(1, 0, -1), (2, 0, -1), (3, 7, -1), (2, 64, 1), (1, 0, 1)])),
+    )
 
 
 @settings(max_examples=250, **SETTINGS)
@@ -144,9 +171,11 @@ def test_kernel_equals_reference_bitwise(case):
         got = [p.copy(), m.copy(), v.copy(), vmax.copy()]
         _step(got[0], g, got[1], got[2], got[3], o, t, threads, isa, chunk, prefetch=prefetch)
         for label, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), got, want):
+            where = np.flatnonzero(~((a == b) | np.isnan(a) & np.isnan(b)))
             assert _same_bits(a, b), (
                 f"{label} differs from the reference on {name} (threads={threads}, "
-                f"chunk={chunk}, prefetch={prefetch}) at {np.flatnonzero(~((a == b) | np.isnan(a) & np.isnan(b)))}")
+                f"chunk={chunk}, prefetch={prefetch}) at {where}"
+            )
     # The public entry point goes the same way (default path and threads).
     got = [p.copy(), m.copy(), v.copy(), vmax.copy()]
     fastadam.adam_step(got[0], g, got[1], got[2], step=t, max_exp_avg_sq=got[3], **kw)
@@ -154,16 +183,24 @@ def test_kernel_equals_reference_bitwise(case):
 
 
 # ------------------------------------------------------ 2. gradient-scale invariance
-invariant_options = st.fixed_dictionaries(dict(
-    lr=st.floats(1e-4, 1.0),
-    # no beta in (0, 1e-3): v * beta2 would be subnormal, and subnormals do not scale exactly
-    betas=st.tuples(st.one_of(st.just(0.0), st.floats(1e-3, 0.999)),
-                    st.one_of(st.just(0.0), st.floats(1e-3, 0.9999))),
-    eps=st.just(0.0), weight_decay=st.one_of(st.just(0.0), st.floats(0.0, 0.5)),
-    decoupled_weight_decay=st.just(True),  # L2 adds lambda*p to g: not scale invariant
-    amsgrad=st.booleans(), maximize=st.booleans(), bias_correction=st.booleans(),
-    eps_mode=st.sampled_from(["paper", "hat"]),
-    grad_scale=st.one_of(st.just(1.0), st.floats(1e-3, 1e3))))
+invariant_options = st.fixed_dictionaries(
+    dict(
+        lr=st.floats(1e-4, 1.0),
+        # no beta in (0, 1e-3): v * beta2 would be subnormal, and subnormals do not scale exactly
+        betas=st.tuples(
+            st.one_of(st.just(0.0), st.floats(1e-3, 0.999)),
+            st.one_of(st.just(0.0), st.floats(1e-3, 0.9999)),
+        ),
+        eps=st.just(0.0),
+        weight_decay=st.one_of(st.just(0.0), st.floats(0.0, 0.5)),
+        decoupled_weight_decay=st.just(True),  # L2 adds lambda*p to g: not scale invariant
+        amsgrad=st.booleans(),
+        maximize=st.booleans(),
+        bias_correction=st.booleans(),
+        eps_mode=st.sampled_from(["paper", "hat"]),
+        grad_scale=st.one_of(st.just(1.0), st.floats(1e-3, 1e3)),
+    )
+)
 
 
 def _trajectory(kw, p0, grads):
@@ -183,15 +220,20 @@ def _gradients(seed, dtype, steps, n):
 
 
 @settings(max_examples=100, **SETTINGS)
-@given(kw=invariant_options, dtype=st.sampled_from(DTYPES), steps=st.integers(1, 25),
-       n=st.integers(1, 40), seed=st.integers(0, 2 ** 32 - 1),
-       k=st.one_of(st.integers(-12, -1), st.integers(1, 12)))
+@given(
+    kw=invariant_options,
+    dtype=st.sampled_from(DTYPES),
+    steps=st.integers(1, 25),
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    k=st.one_of(st.integers(-12, -1), st.integers(1, 12)),
+)
 def test_power_of_two_gradient_scale_leaves_trajectory_unchanged(kw, dtype, steps, n, seed, k):
     """With eps = 0, g -> c*g gives m -> c*m, v -> c**2 v, sqrt(v) -> c sqrt(v) and the
     same m/denominator; for c = 2**k every one of those operations is exact, so the
     parameters agree bit for bit at every step."""
     grads, p0 = _gradients(seed, dtype, steps, n)
-    c = dtype(2.0 ** k)
+    c = dtype(2.0**k)
     base = _trajectory(kw, p0, grads)
     scaled = _trajectory(kw, p0, [g * c for g in grads])
     for t, ((p, m, v, vm), (ps, ms, vs, vms)) in enumerate(zip(base, scaled), start=1):
@@ -229,18 +271,22 @@ def _error_scales(kw, grads):
         E = beta1 * E + mabs_prev + mabs
         v = beta2 * v + (1 - beta2) * g * g
         vmax = np.maximum(vmax, v)
-        bc1, bc2 = (1 - beta1 ** s, 1 - beta2 ** s) if kw["bias_correction"] else (1.0, 1.0)
+        bc1, bc2 = (1 - beta1**s, 1 - beta2**s) if kw["bias_correction"] else (1.0, 1.0)
         denominator = np.sqrt((vmax if kw["amsgrad"] else v) / bc2)
         out.append(kw["lr"] / bc1 * (E + s * mabs) / denominator)
     return out
 
 
 @settings(max_examples=100, **SETTINGS)
-@given(kw=invariant_options, dtype=st.sampled_from(DTYPES), steps=st.integers(1, 25),
-       n=st.integers(1, 40), seed=st.integers(0, 2 ** 32 - 1),
-       c=st.floats(0.01, 100.0).filter(lambda c: math.frexp(c)[0] != 0.5))
-def test_gradient_scale_leaves_trajectory_unchanged_within_rounding(kw, dtype, steps, n,
-                                                                    seed, c):
+@given(
+    kw=invariant_options,
+    dtype=st.sampled_from(DTYPES),
+    steps=st.integers(1, 25),
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    c=st.floats(0.01, 100.0).filter(lambda c: math.frexp(c)[0] != 0.5),
+)
+def test_gradient_scale_leaves_trajectory_unchanged_within_rounding(kw, dtype, steps, n, seed, c):
     grads, p0 = _gradients(seed, dtype, steps, n)
     base = _trajectory(kw, p0, grads)
     scaled = _trajectory(kw, p0, [g * dtype(c) for g in grads])
@@ -255,14 +301,22 @@ def test_gradient_scale_leaves_trajectory_unchanged_within_rounding(kw, dtype, s
 
 
 # ---------------------------------------------------------------- 3. the step bound
-bound_options = st.fixed_dictionaries(dict(
-    lr=st.floats(1e-6, 1.0), betas=st.tuples(beta, st.floats(0.0, 1.0 - 1e-6)), eps=eps,
-    weight_decay=st.just(0.0), decoupled_weight_decay=st.booleans(), amsgrad=st.booleans(),
-    maximize=st.booleans(), bias_correction=st.just(True),
-    eps_mode=st.sampled_from(["paper", "hat"]),
-    # |g| / grad_scale stays in [1e-15, 1e15]: (1 - b2) g**2 neither underflows nor
-    # overflows in float32 (the bound is about exact arithmetic)
-    grad_scale=st.one_of(st.just(1.0), st.floats(1e-3, 1e3))))
+bound_options = st.fixed_dictionaries(
+    dict(
+        lr=st.floats(1e-6, 1.0),
+        betas=st.tuples(beta, st.floats(0.0, 1.0 - 1e-6)),
+        eps=eps,
+        weight_decay=st.just(0.0),
+        decoupled_weight_decay=st.booleans(),
+        amsgrad=st.booleans(),
+        maximize=st.booleans(),
+        bias_correction=st.just(True),
+        eps_mode=st.sampled_from(["paper", "hat"]),
+        # |g| / grad_scale stays in [1e-15, 1e15]: (1 - b2) g**2 neither underflows nor
+        # overflows in float32 (the bound is about exact arithmetic)
+        grad_scale=st.one_of(st.just(1.0), st.floats(1e-3, 1e3)),
+    )
+)
 
 # In floating point the bound needs room for rounding. In the sparse case (m = v = 0
 # before the step) the update is a handful of correctly rounded operations from the exact
@@ -280,10 +334,16 @@ K_ROUND = 2.0
 
 
 @settings(max_examples=150, **SETTINGS)
-@given(kw=bound_options, dtype=st.sampled_from(DTYPES), steps=st.integers(1, 40),
-       n=st.integers(1, 30), seed=st.integers(0, 2 ** 32 - 1),
-       lo=st.sampled_from([-6, -2, 0]), hi=st.sampled_from([0, 2, 6]),
-       trend=st.sampled_from([0.8, 1.0, 1.1, 1.25]))
+@given(
+    kw=bound_options,
+    dtype=st.sampled_from(DTYPES),
+    steps=st.integers(1, 40),
+    n=st.integers(1, 30),
+    seed=st.integers(0, 2**32 - 1),
+    lo=st.sampled_from([-6, -2, 0]),
+    hi=st.sampled_from([0, 2, 6]),
+    trend=st.sampled_from([0.8, 1.0, 1.1, 1.25]),
+)
 def test_step_bound_any_gradient_sequence(kw, dtype, steps, n, seed, lo, hi, trend):
     """|delta p_t| <= lr * S(t) for every (nonzero) gradient sequence, with S(t) the sharp
     Cauchy-Schwarz bound of _bound_S, up to rounding; eps >= 0 and AMSGrad only make the
@@ -302,14 +362,18 @@ def test_step_bound_any_gradient_sequence(kw, dtype, steps, n, seed, lo, hi, tre
         old = p.astype(np.float64)
         fastadam.adam_step(p, g[t - 1], m, v, step=t, max_exp_avg_sq=vmax, **kw)
         new = p.astype(np.float64)
-        bound = (kw["lr"] * _bound_S(beta1, beta2, t) + K_ROUND * e * scales[t - 1]
-                 + e * np.abs(new))
+        bound = kw["lr"] * _bound_S(beta1, beta2, t) + K_ROUND * e * scales[t - 1] + e * np.abs(new)
         assert np.all(np.abs(new - old) <= bound), (t, float(np.max(np.abs(new - old) / bound)))
 
 
 @settings(max_examples=150, **SETTINGS)
-@given(kw=bound_options, dtype=st.sampled_from(DTYPES), t=step,
-       n=st.integers(1, 30), seed=st.integers(0, 2 ** 32 - 1))
+@given(
+    kw=bound_options,
+    dtype=st.sampled_from(DTYPES),
+    t=step,
+    n=st.integers(1, 30),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_step_bound_sparse_case(kw, dtype, t, n, seed):
     """Kingma & Ba, section 2.1: with no gradient before step t (m = v = 0 then),
     |delta p| <= lr * (1-b1)/sqrt(1-b2) if (1-b1) > sqrt(1-b2), else <= lr; at t = 1 with
@@ -329,9 +393,17 @@ def test_step_bound_sparse_case(kw, dtype, t, n, seed):
     assert np.all(np.sign(p) == (np.sign(g) if kw["maximize"] else -np.sign(g)))
 
 
-@pytest.mark.parametrize("betas, t", [((0.9, 0.999), 10), ((0.9, 0.999), 1000),
-                                      ((0.5, 0.9), 50), ((0.0, 0.99), 20),
-                                      ((0.99, 0.9999), 300), ((0.95, 0.9), 30)])
+@pytest.mark.parametrize(
+    "betas, t",
+    [
+        ((0.9, 0.999), 10),
+        ((0.9, 0.999), 1000),
+        ((0.5, 0.9), 50),
+        ((0.0, 0.99), 20),
+        ((0.99, 0.9999), 300),
+        ((0.95, 0.9), 30),
+    ],
+)
 def test_step_bound_is_attained(betas, t):
     """The bound of test_step_bound_any_gradient_sequence is sharp: g_i = (b1/b2)**(t-i)
     reaches it (to rounding), so an implementation taking larger steps fails that test.
@@ -341,8 +413,9 @@ def test_step_bound_is_attained(betas, t):
     p, m, v = np.zeros(1), np.zeros(1), np.zeros(1)
     for i in range(1, t + 1):
         p[0] = 0.0  # (with beta1 = 0 earlier steps are 0/0: only the last step counts)
-        fastadam.adam_step(p, np.array([(beta1 / beta2) ** (t - i)]), m, v, step=i,
-                           lr=1.0, betas=betas, eps=0.0)
+        fastadam.adam_step(
+            p, np.array([(beta1 / beta2) ** (t - i)]), m, v, step=i, lr=1.0, betas=betas, eps=0.0
+        )
     S = _bound_S(beta1, beta2, t)
     assert abs(abs(p[0]) / S - 1.0) < 1e-12
     if betas == (0.9, 0.999) and t == 1000:
@@ -351,33 +424,62 @@ def test_step_bound_is_attained(betas, t):
 
 # ------------------------------------------------- 4. the optimizer == the reference
 group_options = st.fixed_dictionaries(
-    {}, optional=dict(
+    {},
+    optional=dict(
         lr=st.one_of(lr, st.builds(fastadam.InverseSqrtDecay, st.floats(1e-4, 1.0))),
-        betas=st.tuples(beta, beta), eps=eps, weight_decay=weight_decay,
-        decoupled_weight_decay=st.booleans(), amsgrad=st.booleans(), maximize=st.booleans(),
-        bias_correction=st.booleans(), eps_mode=st.sampled_from(["paper", "hat"])))
+        betas=st.tuples(beta, beta),
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=st.booleans(),
+        amsgrad=st.booleans(),
+        maximize=st.booleans(),
+        bias_correction=st.booleans(),
+        eps_mode=st.sampled_from(["paper", "hat"]),
+    ),
+)
 SHAPES = [(0,), (1,), (5,), (3, 4), (17,), (2, 33)]
 
 
 @st.composite
 def optimizer_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
-    groups = draw(st.lists(st.tuples(group_options,
-                                     st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3)),
-                           min_size=1, max_size=3))
+    groups = draw(
+        st.lists(
+            st.tuples(group_options, st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3)),
+            min_size=1,
+            max_size=3,
+        )
+    )
     nparams = sum(len(shapes) for _, shapes in groups)
     steps = draw(st.integers(1, 8))
-    present = draw(st.lists(st.lists(st.booleans(), min_size=nparams,
-                                     max_size=nparams), min_size=steps, max_size=steps))
-    change = draw(st.one_of(st.none(), st.tuples(st.integers(1, steps),
-                                                 st.integers(0, len(groups) - 1),
-                                                 st.sampled_from(["lr", "weight_decay",
-                                                                  "betas", "amsgrad"]))))
-    return dict(dtype=dtype, groups=groups, steps=steps, present=present, change=change,
-                cls=draw(st.sampled_from(["Adam", "AdamW"])),
-                defaults=draw(st.fixed_dictionaries({}, optional=dict(lr=lr, eps=eps))),
-                seed=draw(st.integers(0, 2 ** 32 - 1)),
-                split=draw(st.sampled_from([(None, 0), (1, 0), (2, 3), (3, 0)])))
+    present = draw(
+        st.lists(
+            st.lists(st.booleans(), min_size=nparams, max_size=nparams),
+            min_size=steps,
+            max_size=steps,
+        )
+    )
+    change = draw(
+        st.one_of(
+            st.none(),
+            st.tuples(
+                st.integers(1, steps),
+                st.integers(0, len(groups) - 1),
+                st.sampled_from(["lr", "weight_decay", "betas", "amsgrad"]),
+            ),
+        )
+    )
+    return dict(
+        dtype=dtype,
+        groups=groups,
+        steps=steps,
+        present=present,
+        change=change,
+        cls=draw(st.sampled_from(["Adam", "AdamW"])),
+        defaults=draw(st.fixed_dictionaries({}, optional=dict(lr=lr, eps=eps))),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        split=draw(st.sampled_from([(None, 0), (1, 0), (2, 3), (3, 0)])),
+    )
 
 
 @settings(max_examples=60, **SETTINGS)
@@ -389,14 +491,19 @@ def test_optimizer_equals_repeated_reference_steps(case):
     rng = np.random.default_rng(case["seed"])
     dtype = case["dtype"]
     init = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _, shapes in case["groups"]]
-    grads = [[rng.standard_normal(s).astype(dtype) for _, shapes in case["groups"]
-              for s in shapes] for _ in range(case["steps"])]
+    grads = [
+        [rng.standard_normal(s).astype(dtype) for _, shapes in case["groups"] for s in shapes]
+        for _ in range(case["steps"])
+    ]
     cls = getattr(fastadam, case["cls"])
     threads, chunk = case["split"]
     for name, isa in ISAS:
         params = [[p.copy() for p in ps] for ps in init]
-        opt = cls([dict(params=ps, **kw) for ps, (kw, _) in zip(params, case["groups"])],
-                  num_threads=threads, **case["defaults"])
+        opt = cls(
+            [dict(params=ps, **kw) for ps, (kw, _) in zip(params, case["groups"])],
+            num_threads=threads,
+            **case["defaults"],
+        )
         opt._isa, opt._chunk = isa, chunk
         # The reference: its own copies, state and per-parameter step counts.
         ref = [p.copy() for ps in init for p in ps]
@@ -407,25 +514,39 @@ def test_optimizer_equals_repeated_reference_steps(case):
             if case["change"] is not None and case["change"][0] == t:
                 _, gi, key = case["change"]
                 group = opt.param_groups[gi]
-                group[key] = {"lr": 0.5 * (group["lr"](t) if callable(group["lr"])
-                                           else group["lr"]),
-                              "weight_decay": 0.125, "betas": (0.25, 0.75),
-                              "amsgrad": not group["amsgrad"]}[key]
+                group[key] = {
+                    "lr": 0.5 * (group["lr"](t) if callable(group["lr"]) else group["lr"]),
+                    "weight_decay": 0.125,
+                    "betas": (0.25, 0.75),
+                    "amsgrad": not group["amsgrad"],
+                }[key]
             gs = [g if keep else None for g, keep in zip(grads[t - 1], case["present"][t - 1])]
             opt.step(gs)
             i = 0
             for group in opt.param_groups:
-                kw = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay",
-                                            "decoupled_weight_decay", "amsgrad", "maximize",
-                                            "bias_correction", "eps_mode")}
+                kw = {
+                    k: group[k]
+                    for k in (
+                        "lr",
+                        "betas",
+                        "eps",
+                        "weight_decay",
+                        "decoupled_weight_decay",
+                        "amsgrad",
+                        "maximize",
+                        "bias_correction",
+                        "eps_mode",
+                    )
+                }
                 if callable(kw["lr"]):
                     kw["lr"] = kw["lr"](t)
                 for _ in group["params"]:
                     if gs[i] is not None:
                         counts[i] += 1
                         m, v, vmax = state[i]
-                        reference.adam_step(ref[i], gs[i], m, v, step=counts[i],
-                                            max_exp_avg_sq=vmax, **kw)
+                        reference.adam_step(
+                            ref[i], gs[i], m, v, step=counts[i], max_exp_avg_sq=vmax, **kw
+                        )
                     i += 1
             opt_state = opt.state
             assert [s["step"] for s in opt_state] == counts

@@ -73,6 +73,7 @@ any ulp bound). So written, every operation is the reference's (and an exactly r
 IEEE operation on any platform) and the two agree bit for bit. Two of the Lion cases use
 an lr that reaches the optimum, so that sign(c) keeps changing and depends on both betas.
 """
+
 import contextlib
 import functools
 import math
@@ -103,26 +104,41 @@ CASES = {
     "sgd_nesterov_l2": ("SGD", 1e-2, dict(momentum=0.9, nesterov=True, weight_decay=1e-2)),
     "sgd_maximize_l2": ("SGD", 1e-2, dict(momentum=0.5, weight_decay=0.1, maximize=True)),
     "adagrad": ("Adagrad", 1e-2, {}),
-    "adagrad_decay_init_l2": ("Adagrad", 1e-2, dict(lr_decay=1e-2, initial_accumulator_value=0.1,
-                                                    weight_decay=1e-2)),
+    "adagrad_decay_init_l2": (
+        "Adagrad",
+        1e-2,
+        dict(lr_decay=1e-2, initial_accumulator_value=0.1, weight_decay=1e-2),
+    ),
     "adagrad_maximize": ("Adagrad", 1e-2, dict(eps=1e-6, maximize=True)),
     "rmsprop": ("RMSprop", 1e-3, {}),
     "rmsprop_momentum": ("RMSprop", 1e-4, dict(alpha=0.9, momentum=0.9)),
     "rmsprop_centered_l2": ("RMSprop", 1e-3, dict(centered=True, weight_decay=1e-2)),
-    "rmsprop_all_maximize": ("RMSprop", 1e-4, dict(eps=1e-6, centered=True, momentum=0.5,
-                                                   weight_decay=1e-3, maximize=True)),
+    "rmsprop_all_maximize": (
+        "RMSprop",
+        1e-4,
+        dict(eps=1e-6, centered=True, momentum=0.5, weight_decay=1e-3, maximize=True),
+    ),
     "adamax": ("Adamax", 2e-3, {}),
-    "adamax_l2_maximize": ("Adamax", 2e-3, dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2,
-                                                maximize=True)),
+    "adamax_l2_maximize": (
+        "Adamax",
+        2e-3,
+        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2, maximize=True),
+    ),
     "nadam": ("NAdam", 2e-3, {}),
     "nadam_l2": ("NAdam", 2e-3, dict(weight_decay=1e-2)),
-    "nadam_decoupled_maximize": ("NAdam", 2e-3, dict(weight_decay=0.1, decoupled_weight_decay=True,
-                                                     maximize=True)),
+    "nadam_decoupled_maximize": (
+        "NAdam",
+        2e-3,
+        dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    ),
     "nadam_schedule": ("NAdam", 2e-3, dict(betas=(0.8, 0.99), momentum_decay=1e-2, eps=1e-6)),
     "radam": ("RAdam", 1e-3, {}),
     "radam_l2": ("RAdam", 1e-3, dict(weight_decay=1e-2)),
-    "radam_decoupled_maximize": ("RAdam", 1e-3, dict(weight_decay=0.1, decoupled_weight_decay=True,
-                                                     maximize=True)),
+    "radam_decoupled_maximize": (
+        "RAdam",
+        1e-3,
+        dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    ),
     "radam_betas": ("RAdam", 1e-3, dict(betas=(0.8, 0.99), eps=1e-6)),
     "lion": ("Lion", 1e-3, {}),
     # Lion at an lr that reaches the optimum (and then oscillates around it, so that
@@ -145,7 +161,7 @@ STATES = {
 
 
 # ------------------------------------------------------------------ the closed-loop problem
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(dtype, seed=0):
     """Initial parameters, curvatures h and targets c (read-only arrays of dtype)."""
     rng = np.random.default_rng(seed)
@@ -154,8 +170,7 @@ def _problem(dtype, seed=0):
     h = [10.0 ** rng.uniform(-8, 1, s) * (rng.random(s) >= 0.05) for s in SHAPES]
     c = [p - sg * rng.uniform(1, 2, sg.shape) for p, sg in zip(p0, sign)]
     out = tuple([a.astype(dtype) for a in x] for x in (p0, h, c))
-    noise = [[(0.5 * rng.standard_normal(s)).astype(dtype) for s in SHAPES]
-             for _ in range(STEPS)]
+    noise = [[(0.5 * rng.standard_normal(s)).astype(dtype) for s in SHAPES] for _ in range(STEPS)]
     for a in [a for x in out for a in x] + [a for x in noise for a in x]:
         a.setflags(write=False)
     return out + (noise,)
@@ -200,13 +215,13 @@ def _ref_step(rule, p, g, st, t, lr, options):
         kw.pop("initial_accumulator_value", None)  # state initialisation, not a step option
         R.adagrad_step(p, g, st["sum"], **kw)
     elif rule == "RMSprop":
-        R.rmsprop_step(p, g, st["square_avg"], st.get("momentum_buffer"), st.get("grad_avg"),
-                       **kw)
+        R.rmsprop_step(p, g, st["square_avg"], st.get("momentum_buffer"), st.get("grad_avg"), **kw)
     elif rule == "Adamax":
         R.adamax_step(p, g, st["exp_avg"], st["exp_inf"], **kw)
     elif rule == "NAdam":
-        st["mu_product"] = R.nadam_step(p, g, st["exp_avg"], st["exp_avg_sq"],
-                                        mu_product=st["mu_product"], **kw)
+        st["mu_product"] = R.nadam_step(
+            p, g, st["exp_avg"], st["exp_avg_sq"], mu_product=st["mu_product"], **kw
+        )
     elif rule == "RAdam":
         R.radam_step(p, g, st["exp_avg"], st["exp_avg_sq"], **kw)
     elif rule == "Lion":
@@ -307,12 +322,19 @@ def _run(dtype, name, ref_options=None, torch_side=True):
                 for k, m in S[i].items():
                     if k in opt.state[tp[i]]:
                         np.maximum(m, np.abs(opt.state[tp[i]][k].numpy()), out=m)
-    out.update(torch_p=[a.detach().numpy() for a in tp],
-               torch_state=[opt.state[a] for a in tp], P=P, U=U, G=G, S=S, mu_ratio=mu_ratio)
+    out.update(
+        torch_p=[a.detach().numpy() for a in tp],
+        torch_state=[opt.state[a] for a in tp],
+        P=P,
+        U=U,
+        G=G,
+        S=S,
+        mu_ratio=mu_ratio,
+    )
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _result(dtype, name):
     return _run(dtype, name)
 
@@ -366,8 +388,9 @@ def measure():
 def _torch():
     """Skip without torch; one torch thread (small tensors: threads only add contention)."""
     t = pytest.importorskip(
-        "torch", reason="torch is not installed: the reference rules are not compared with "
-                        "torch.optim")
+        "torch",
+        reason="torch is not installed: the reference rules are not compared with torch.optim",
+    )
     n = t.get_num_threads()
     t.set_num_threads(1)
     yield t
@@ -382,8 +405,10 @@ def test_matches_torch(_torch, dtype, name):
         bound = {"p": K_P, "mu_product": 1.0}.get(k, K_S)
         if STATES[CASES[name][0]].get(k, 0) is None:
             bound = K_B
-        assert ratio <= bound, (f"{name} ({np.dtype(dtype).name}): {k} differs from torch's "
-                                f"by {ratio:.3g} * t * eps * scale; bound {bound}")
+        assert ratio <= bound, (
+            f"{name} ({np.dtype(dtype).name}): {k} differs from torch's "
+            f"by {ratio:.3g} * t * eps * scale; bound {bound}"
+        )
     for a in r["ref_p"]:
         assert a.dtype == dtype and np.all(np.isfinite(a))
     # Not vacuous: the parameters moved far more than the tolerance allows.
@@ -414,8 +439,11 @@ def test_lion_is_bit_identical(_torch):
 WRONG = [
     ("step off by one", "sgd_dampening", dict(momentum=0.9, dampening=0.5, step_offset=1)),
     ("dampening ignored", "sgd_dampening", dict(momentum=0.9)),
-    ("step off by one", "adagrad_decay_init_l2",
-     dict(lr_decay=1e-2, initial_accumulator_value=0.1, weight_decay=1e-2, step_offset=1)),
+    (
+        "step off by one",
+        "adagrad_decay_init_l2",
+        dict(lr_decay=1e-2, initial_accumulator_value=0.1, weight_decay=1e-2, step_offset=1),
+    ),
     ("not centered", "rmsprop_centered_l2", dict(weight_decay=1e-2)),
     ("step off by one", "adamax", dict(step_offset=1)),
     ("step off by one", "nadam", dict(step_offset=1)),
@@ -472,10 +500,17 @@ def test_grad_scale_and_maximize_fold_exactly(rule, dtype):
     for scale, sign, maximize in ((1.0, 1.0, False), (8.0, 1.0, False), (1.0, -1.0, True)):
         p, g, st = _arrays(rule, dtype=dtype)
         for t in (1, 2, 7):  # RAdam: un-rectified, then rectified
-            _call(rule, p, (g * dtype(scale * sign)).astype(dtype), st, step=t,
-                  grad_scale=scale, maximize=maximize, **RULE_OPTIONS[rule])
-        assert p.dtype == dtype and all(getattr(a, "dtype", dtype) == dtype
-                                        for a in st.values())
+            _call(
+                rule,
+                p,
+                (g * dtype(scale * sign)).astype(dtype),
+                st,
+                step=t,
+                grad_scale=scale,
+                maximize=maximize,
+                **RULE_OPTIONS[rule],
+            )
+        assert p.dtype == dtype and all(getattr(a, "dtype", dtype) == dtype for a in st.values())
         results.append((p, st))
     for p, st in results[1:]:
         assert np.array_equal(p, results[0][0]) and np.all(np.isfinite(p))
@@ -532,10 +567,14 @@ def test_bad_arrays(rule):
     opts = RULE_OPTIONS[rule]
     p, g, st = _arrays(rule)
     with pytest.raises(TypeError, match="param must have dtype"):
-        _call(rule, p.astype(np.float16), g.astype(np.float16),
-              {k: (a.astype(np.float16) if isinstance(a, np.ndarray) else a)
-               for k, a in st.items()}, **opts)
-    with pytest.raises(TypeError, match="param must be a numpy.ndarray"):
+        _call(
+            rule,
+            p.astype(np.float16),
+            g.astype(np.float16),
+            {k: (a.astype(np.float16) if isinstance(a, np.ndarray) else a) for k, a in st.items()},
+            **opts,
+        )
+    with pytest.raises(TypeError, match=r"param must be a numpy\.ndarray"):
         _call(rule, list(p), g, st, **opts)
     with pytest.raises(ValueError, match="grad must match"):
         _call(rule, p, g[:-1], st, **opts)
@@ -614,8 +653,14 @@ def test_non_finite_semantics():
 
 def test_constants_are_plain_doubles_and_bools():
     """The NamedTuples hold Python floats and bools only (transcribed into C structs)."""
-    for c in (R.sgd_constants(2, momentum=0.9, nesterov=True), R.adagrad_constants(2),
-              R.rmsprop_constants(2, centered=True, momentum=0.1), R.adamax_constants(2),
-              R.nadam_constants(2, mu_product=0.5), R.radam_constants(9), R.lion_constants(2)):
+    for c in (
+        R.sgd_constants(2, momentum=0.9, nesterov=True),
+        R.adagrad_constants(2),
+        R.rmsprop_constants(2, centered=True, momentum=0.1),
+        R.adamax_constants(2),
+        R.nadam_constants(2, mu_product=0.5),
+        R.radam_constants(9),
+        R.lion_constants(2),
+    ):
         for field, value in c._asdict().items():
             assert type(value) in (float, bool), (type(c).__name__, field, type(value))

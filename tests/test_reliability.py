@@ -5,6 +5,7 @@ Scenarios that could crash, hang or need signals run in their own interpreter
 (tests/workers.py) under a timeout, so that a regression fails a test instead of
 killing the run.
 """
+
 import copy
 import os
 import pathlib
@@ -25,8 +26,13 @@ def _isolated(name, timeout=120):
     """Run tests/workers.py NAME in a fresh interpreter (its own process group); fail on a
     crash, a hang or an assertion, showing its output. On a hang the whole group is
     killed, forked children included."""
-    proc = subprocess.Popen([sys.executable, str(WORKERS), name], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKERS), name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -39,8 +45,11 @@ def _isolated(name, timeout=120):
         except (ProcessLookupError, PermissionError):
             pass
     if proc.returncode != 0 or not out.rstrip().endswith("ok"):
-        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
-               else f"exited with {proc.returncode}")
+        how = (
+            f"was killed by signal {-proc.returncode}"
+            if proc.returncode < 0
+            else f"exited with {proc.returncode}"
+        )
         pytest.fail(f"{name} {how}\n--- stdout\n{out}\n--- stderr\n{err}")
 
 
@@ -82,11 +91,17 @@ def test_new_shape_with_the_same_elements_is_followed():
     assert opt.state_dict()["state"][0]["step"] == 2
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda p: setattr(p, "dtype", np.float64), r"param group 0, params\[0\] is a \(32,\) float64"),
-    (lambda p: setattr(p.flags, "writeable", False), r"params\[0\] .*must be writable"),
-    (lambda p: setattr(p, "dtype", np.dtype(">f4")), "float32 or float64|native"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            lambda p: setattr(p, "dtype", np.float64),
+            r"param group 0, params\[0\] is a \(32,\) float64",
+        ),
+        (lambda p: setattr(p.flags, "writeable", False), r"params\[0\] .*must be writable"),
+        (lambda p: setattr(p, "dtype", np.dtype(">f4")), "float32 or float64|native"),
+    ],
+)
 def test_changed_parameter_is_refused_and_nothing_moves(change, match):
     p, opt, g = _adam(64)
     opt.step(g)
@@ -95,8 +110,9 @@ def test_changed_parameter_is_refused_and_nothing_moves(change, match):
     with pytest.raises((TypeError, ValueError), match=match):
         opt.step([np.ones(p.shape, p.dtype)])
     p.dtype = np.float32 if p.dtype.itemsize == 4 or p.dtype.kind != "f" else p.dtype
-    assert _bytes([p.view(np.uint8)] + [opt.state[0][k] for k in ("exp_avg", "exp_avg_sq")]) \
-        == before
+    assert (
+        _bytes([p.view(np.uint8)] + [opt.state[0][k] for k in ("exp_avg", "exp_avg_sq")]) == before
+    )
     assert opt.state_dict()["step_count"] == 1
 
 
@@ -125,10 +141,10 @@ def test_parameter_replaced_in_param_groups_is_picked_up_with_fresh_state():
 
 
 def test_state_array_changed_is_refused():
-    p, opt, g = _adam(64)
+    _p, opt, g = _adam(64)
     opt.step(g)
     opt._states[0]["exp_avg_sq"].flags.writeable = False
-    with pytest.raises(ValueError, match="exp_avg_sqs.*writable"):
+    with pytest.raises(ValueError, match=r"exp_avg_sqs.*writable"):
         opt.step(g)
     assert opt.state_dict()["step_count"] == 1
 
@@ -140,6 +156,7 @@ def test_resized_parameter_or_state_is_refused():
 def test_torch_replaced_storage_is_picked_up_never_written_stale():
     torch = _torch()
     import fastadam.torch as ft
+
     p = torch.nn.Parameter(torch.ones(100))
     q = torch.nn.Parameter(torch.ones(100))
     opt, ref = ft.Adam([p]), torch.optim.Adam([q], foreach=False)
@@ -165,6 +182,7 @@ def test_torch_replaced_storage_is_picked_up_never_written_stale():
 def test_torch_state_replaced_by_a_wrong_shape_is_refused_and_nothing_moves():
     torch = _torch()
     import fastadam.torch as ft
+
     p = torch.nn.Parameter(torch.ones(10))
     opt = ft.Adam([p])
     p.grad = torch.ones(10)
@@ -177,8 +195,10 @@ def test_torch_state_replaced_by_a_wrong_shape_is_refused_and_nothing_moves():
 
 
 # -------------------------------------------------------------------- 3. threads
-@pytest.mark.parametrize("name", ["one_optimizer_many_threads", "two_optimizers_share_a_buffer",
-                                  "functional_many_threads"])
+@pytest.mark.parametrize(
+    "name",
+    ["one_optimizer_many_threads", "two_optimizers_share_a_buffer", "functional_many_threads"],
+)
 def test_concurrent_steps_never_interleave(name):
     _isolated(name)
 
@@ -235,6 +255,7 @@ def test_torch_interrupts_keep_the_counts_with_the_buffers():
 
 def _two_dtype_model(torch):
     import fastadam.torch as ft
+
     a = torch.nn.Parameter(torch.ones(8))
     b = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
     opt = ft.Adam([{"params": [a]}, {"params": [b]}])
@@ -243,14 +264,23 @@ def _two_dtype_model(torch):
     return a, b, opt
 
 
-@pytest.mark.parametrize("spoil, match", [
-    (lambda a, b, opt: setattr(b, "grad", opt.state[b]["exp_avg"]),
-     r"grad of param group 1, parameter 0 shares memory with exp_avg of param group 1"),
-    (lambda a, b, opt: opt.state[b]["step"].fill_(-3),
-     r"state\['step'\] of param group 1, parameter 0 must be >= 0"),
-    (lambda a, b, opt: opt.state[b]["step"].fill_(float("nan")),
-     r"state\['step'\] of param group 1, parameter 0 must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "spoil, match",
+    [
+        (
+            lambda a, b, opt: setattr(b, "grad", opt.state[b]["exp_avg"]),
+            r"grad of param group 1, parameter 0 shares memory with exp_avg of param group 1",
+        ),
+        (
+            lambda a, b, opt: opt.state[b]["step"].fill_(-3),
+            r"state\['step'\] of param group 1, parameter 0 must be >= 0",
+        ),
+        (
+            lambda a, b, opt: opt.state[b]["step"].fill_(float("nan")),
+            r"state\['step'\] of param group 1, parameter 0 must be >= 0",
+        ),
+    ],
+)
 def test_torch_step_checks_every_dtype_before_any_moves(spoil, match):
     torch = _torch()
     a, b, opt = _two_dtype_model(torch)
@@ -259,13 +289,15 @@ def test_torch_step_checks_every_dtype_before_any_moves(spoil, match):
     with pytest.raises(ValueError, match=match):
         opt.step()
     after = [t.detach() for t in (a, b, opt.state[a]["exp_avg"], opt.state[a]["step"])]
-    assert all(torch.equal(x, y) or (x.isnan().all() and y.isnan().all())
-               for x, y in zip(before, after))
+    assert all(
+        torch.equal(x, y) or (x.isnan().all() and y.isnan().all()) for x, y in zip(before, after)
+    )
 
 
 def test_torch_refused_first_step_leaves_no_state():
     torch = _torch()
     import fastadam.torch as ft
+
     a = torch.nn.Parameter(torch.ones(8))
     b = torch.nn.Parameter(torch.ones(8))
     opt = ft.Adam([{"params": [a]}, {"params": [b], "amsgrad": True}])
@@ -278,8 +310,10 @@ def test_torch_refused_first_step_leaves_no_state():
 
 def _np_state(opt):
     sd = opt.state_dict()
-    return sd["step_count"], {k: {kk: (vv.tobytes() if isinstance(vv, np.ndarray) else vv)
-                                  for kk, vv in e.items()} for k, e in sd["state"].items()}
+    return sd["step_count"], {
+        k: {kk: (vv.tobytes() if isinstance(vv, np.ndarray) else vv) for kk, vv in e.items()}
+        for k, e in sd["state"].items()
+    }
 
 
 def _bad_state_dicts(sd):
@@ -294,6 +328,7 @@ def _bad_state_dicts(sd):
             for k in path[:-1]:
                 x = x[k]
             x[path[-1]] = value
+
         return fn
 
     def drop(path):
@@ -302,39 +337,82 @@ def _bad_state_dicts(sd):
             for k in path[:-1]:
                 x = x[k]
             del x[path[-1]]
+
         return fn
 
     cases = []
-    for step, exc in ((2**62, ValueError), (2**63, ValueError), (-1, ValueError),
-                      (1.5, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
-                      ("3", TypeError), (True, TypeError), (None, TypeError),
-                      (np.array([1, 2]), TypeError)):
-        cases.append((f"step={step!r}", edit(put(("state", 0, "step"), step)), exc,
-                      r"state_dict\['state'\]\[0\]\['step'\]"))
+    for step, exc in (
+        (2**62, ValueError),
+        (2**63, ValueError),
+        (-1, ValueError),
+        (1.5, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("3", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+        (np.array([1, 2]), TypeError),
+    ):
+        cases.append(
+            (
+                f"step={step!r}",
+                edit(put(("state", 0, "step"), step)),
+                exc,
+                r"state_dict\['state'\]\[0\]\['step'\]",
+            )
+        )
     cases += [
         ("step_count too large", edit(put(("step_count",), 2**62)), ValueError, "step_count"),
         ("step_count negative", edit(put(("step_count",), -1)), ValueError, "step_count"),
         ("missing state", edit(drop(("state",))), ValueError, "'state'"),
-        ("missing exp_avg_sq", edit(drop(("state", 1, "exp_avg_sq"))), ValueError,
-         r"\[1\] is missing \['exp_avg_sq'\]"),
-        ("extra entry key", edit(put(("state", 0, "momentum_buffer"), np.zeros(3))),
-         ValueError, "unknown keys"),
-        ("extra group key", edit(put(("param_groups", 0, "momentum"), 0.9)), ValueError,
-         "unknown keys"),
+        (
+            "missing exp_avg_sq",
+            edit(drop(("state", 1, "exp_avg_sq"))),
+            ValueError,
+            r"\[1\] is missing \['exp_avg_sq'\]",
+        ),
+        (
+            "extra entry key",
+            edit(put(("state", 0, "momentum_buffer"), np.zeros(3))),
+            ValueError,
+            "unknown keys",
+        ),
+        (
+            "extra group key",
+            edit(put(("param_groups", 0, "momentum"), 0.9)),
+            ValueError,
+            "unknown keys",
+        ),
         ("extra top-level key", edit(put(("extra",), 1)), ValueError, "unknown keys"),
         ("unknown parameter id", edit(put(("state", 7), {})), ValueError, "unknown parameters"),
-        ("wrong shape", edit(put(("state", 1, "exp_avg"), np.zeros(4, np.float32))),
-         ValueError, r"\[1\]\['exp_avg'\] must have shape"),
-        ("wrong dtype", edit(put(("state", 0, "exp_avg"), np.zeros(3))), ValueError,
-         "dtype float32"),
+        (
+            "wrong shape",
+            edit(put(("state", 1, "exp_avg"), np.zeros(4, np.float32))),
+            ValueError,
+            r"\[1\]\['exp_avg'\] must have shape",
+        ),
+        (
+            "wrong dtype",
+            edit(put(("state", 0, "exp_avg"), np.zeros(3))),
+            ValueError,
+            "dtype float32",
+        ),
         ("not an array", edit(put(("state", 0, "exp_avg"), object())), ValueError, "shape"),
         ("entry not a dict", edit(put(("state", 0), [1, 2])), TypeError, "must be a dict"),
         ("bad lr", edit(put(("param_groups", 0, "lr"), -1.0)), ValueError, "lr"),
-        ("bad eps_mode", edit(put(("param_groups", 0, "eps_mode"), ["paper"])), ValueError,
-         "eps_mode"),
+        (
+            "bad eps_mode",
+            edit(put(("param_groups", 0, "eps_mode"), ["paper"])),
+            ValueError,
+            "eps_mode",
+        ),
         ("groups not a list", edit(put(("param_groups",), 3)), TypeError, "param_groups"),
-        ("param ids not ints", edit(put(("param_groups", 0, "params"), ["a", "b"])),
-         TypeError, "int id"),
+        (
+            "param ids not ints",
+            edit(put(("param_groups", 0, "params"), ["a", "b"])),
+            TypeError,
+            "int id",
+        ),
     ]
     return cases
 
@@ -372,6 +450,7 @@ def test_numpy_step_count_limits():
 def test_torch_load_state_dict_refuses_bad_entries_and_changes_nothing():
     torch = _torch()
     import fastadam.torch as ft
+
     ps = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
     opt = ft.Adam([{"params": [ps[0]]}, {"params": [ps[1]], "amsgrad": True}])
     for p in ps:
@@ -385,27 +464,44 @@ def test_torch_load_state_dict_refuses_bad_entries_and_changes_nothing():
         return d
 
     cases = [
-        (lambda d: d["state"][0].__setitem__("step", torch.tensor(-1.0)), ValueError,
-         r"state\['step'\] of param group 0, parameter 0 must be >= 0"),
+        (
+            lambda d: d["state"][0].__setitem__("step", torch.tensor(-1.0)),
+            ValueError,
+            r"state\['step'\] of param group 0, parameter 0 must be >= 0",
+        ),
         (lambda d: d["state"][0].__setitem__("step", float("nan")), ValueError, ">= 0"),
         (lambda d: d["state"][0].__setitem__("step", "3"), TypeError, "step"),
         (lambda d: d["state"][0].__setitem__("step", torch.ones(2)), ValueError, "1-element"),
-        (lambda d: d["state"][1].pop("exp_avg_sq"), ValueError,
-         r"param group 1, parameter 0 lacks \['exp_avg_sq'\]"),
-        (lambda d: d["state"][1].__setitem__("momentum_buffer", torch.zeros(2, 2)),
-         ValueError, "unknown keys"),
-        (lambda d: d["state"][1].__setitem__("exp_avg", torch.zeros(4)), ValueError,
-         r"state\['exp_avg'\] of param group 1, parameter 0 .* shape"),
+        (
+            lambda d: d["state"][1].pop("exp_avg_sq"),
+            ValueError,
+            r"param group 1, parameter 0 lacks \['exp_avg_sq'\]",
+        ),
+        (
+            lambda d: d["state"][1].__setitem__("momentum_buffer", torch.zeros(2, 2)),
+            ValueError,
+            "unknown keys",
+        ),
+        (
+            lambda d: d["state"][1].__setitem__("exp_avg", torch.zeros(4)),
+            ValueError,
+            r"state\['exp_avg'\] of param group 1, parameter 0 .* shape",
+        ),
         (lambda d: d["state"][0].__setitem__("exp_avg", [0.0, 0.0, 0.0]), TypeError, "tensor"),
-        (lambda d: d["param_groups"][0].__setitem__("lr", -1.0), ValueError,
-         "Invalid learning rate: -1.0"),
+        (
+            lambda d: d["param_groups"][0].__setitem__("lr", -1.0),
+            ValueError,
+            "Invalid learning rate: -1.0",
+        ),
         (lambda d: d.pop("state"), ValueError, "missing"),
         (lambda d: d.__setitem__("extra", 1), ValueError, "unknown keys"),
         (lambda d: d.__setitem__("param_groups", 5), TypeError, "param_groups"),
     ]
     for fn, exc, match in cases:
-        before = ({id(k): {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state.items()},
-                  [dict(g) for g in opt.param_groups])
+        before = (
+            {id(k): {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state.items()},
+            [dict(g) for g in opt.param_groups],
+        )
         state_obj = opt.state
         with pytest.raises(exc, match=match):
             opt.load_state_dict(edited(fn))
@@ -420,8 +516,16 @@ def test_torch_load_state_dict_refuses_bad_entries_and_changes_nothing():
 def test_torch_accepts_every_step_count_torch_accepts():
     torch = _torch()
     import fastadam.torch as ft
-    for step in (2.0**40, 1.5, float("inf"), 2**53 + 1, torch.tensor(7, dtype=torch.int64),
-                 torch.tensor(3.0, dtype=torch.float64), 0):
+
+    for step in (
+        2.0**40,
+        1.5,
+        float("inf"),
+        2**53 + 1,
+        torch.tensor(7, dtype=torch.int64),
+        torch.tensor(3.0, dtype=torch.float64),
+        0,
+    ):
         ours, theirs = torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.ones(6))
         o, t = ft.Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1, foreach=False)
         for opt, p in ((o, ours), (t, theirs)):
@@ -436,11 +540,15 @@ def test_torch_accepts_every_step_count_torch_accepts():
 
 
 # ---------------------------------------------------------------- 6. aliasing
-@pytest.mark.parametrize("make", [
-    lambda a: [a, a],
-    lambda a: [a[:600], a[400:]],
-    lambda a: [a.reshape(10, 100), a[100:200]],
-], ids=["same array twice", "overlapping views", "view inside another"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: [a, a],
+        lambda a: [a[:600], a[400:]],
+        lambda a: [a.reshape(10, 100), a[100:200]],
+    ],
+    ids=["same array twice", "overlapping views", "view inside another"],
+)
 def test_clip_grad_norm_refuses_shared_memory(make):
     a = np.full(1000, 3.0, np.float32)
     with pytest.raises(ValueError, match=r"grads\[0\] and grads\[1\] share memory"):
@@ -466,7 +574,9 @@ def test_unaligned_buffers_are_refused(dtype):
         bufs = dict(ok)
         bufs[which] = _unaligned(n, dtype)
         assert bufs[which].flags.writeable
-        with pytest.raises(ValueError, match=f"{which if which != 'm' else 'exp_avg'} is not aligned"):
+        with pytest.raises(
+            ValueError, match=f"{which if which != 'm' else 'exp_avg'} is not aligned"
+        ):
             fastadam.adam_step(bufs["param"], bufs["grad"], bufs["m"], bufs["v"], step=1)
     with pytest.raises(ValueError, match=r"grads\[0\] is not aligned"):
         fastadam.clip_grad_norm_([_unaligned(n, dtype)], 1.0)
@@ -484,8 +594,9 @@ def test_writable_unaligned_parameter_is_refused():
     with pytest.raises(ValueError, match=r"params\[0\] is not aligned"):
         fastadam.Adam([p])
     with pytest.raises(ValueError, match="param is not aligned"):
-        fastadam.adam_step(p, np.zeros(33, np.float32), np.zeros(33, np.float32),
-                           np.zeros(33, np.float32), step=1)
+        fastadam.adam_step(
+            p, np.zeros(33, np.float32), np.zeros(33, np.float32), np.zeros(33, np.float32), step=1
+        )
 
 
 def test_no_integer_overflow_from_accepted_input():
@@ -501,8 +612,7 @@ def test_no_integer_overflow_from_accepted_input():
         with pytest.raises(ValueError, match="num_threads"):
             fastadam.Adam([p], num_threads=bad)
         with pytest.raises(ValueError, match="num_threads"):
-            fastadam.adam_step(p, g[0], np.zeros_like(p), np.zeros_like(p), step=1,
-                               num_threads=bad)
+            fastadam.adam_step(p, g[0], np.zeros_like(p), np.zeros_like(p), step=1, num_threads=bad)
     with pytest.raises(ValueError, match="step"):
         fastadam.adam_step(p, g[0], np.zeros_like(p), np.zeros_like(p), step=2**62)
 
@@ -510,30 +620,58 @@ def test_no_integer_overflow_from_accepted_input():
 # ---------------------------------------------------------------- 8. clear errors
 def test_numpy_scalars_are_accepted_as_python_scalars():
     p = np.zeros(10, np.float32)
-    kw = dict(lr=np.float32(1e-3), betas=(np.float32(0.9), np.float64(0.999)),
-              eps=np.float16(1e-4), weight_decay=np.int64(0), amsgrad=np.True_,
-              maximize=np.False_, bias_correction=np.True_, eps_mode=np.str_("hat"),
-              num_threads=np.int32(1), max_grad_norm=np.float32(1.0), skip_nonfinite=np.True_)
+    kw = dict(
+        lr=np.float32(1e-3),
+        betas=(np.float32(0.9), np.float64(0.999)),
+        eps=np.float16(1e-4),
+        weight_decay=np.int64(0),
+        amsgrad=np.True_,
+        maximize=np.False_,
+        bias_correction=np.True_,
+        eps_mode=np.str_("hat"),
+        num_threads=np.int32(1),
+        max_grad_norm=np.float32(1.0),
+        skip_nonfinite=np.True_,
+    )
     opt = fastadam.Adam([p], **kw)
     opt.step([np.ones(10, np.float32)], grad_scale=np.float64(2.0))
-    ref = fastadam.Adam([q := np.zeros(10, np.float32)],
-                        **{k: (v.item() if isinstance(v, np.generic) else
-                               tuple(x.item() for x in v) if isinstance(v, tuple) else v)
-                           for k, v in kw.items()})
+    ref = fastadam.Adam(
+        [q := np.zeros(10, np.float32)],
+        **{
+            k: (
+                v.item()
+                if isinstance(v, np.generic)
+                else tuple(x.item() for x in v)
+                if isinstance(v, tuple)
+                else v
+            )
+            for k, v in kw.items()
+        },
+    )
     ref.step([np.ones(10, np.float32)], grad_scale=2.0)
     assert np.array_equal(p, q)
-    fastadam.adam_step(p, np.ones(10, np.float32), np.zeros(10, np.float32),
-                       np.zeros(10, np.float32), step=np.int64(3), lr=np.float32(0.1),
-                       amsgrad=np.False_, maximize=np.True_, skip_nonfinite=np.False_)
+    fastadam.adam_step(
+        p,
+        np.ones(10, np.float32),
+        np.zeros(10, np.float32),
+        np.zeros(10, np.float32),
+        step=np.int64(3),
+        lr=np.float32(0.1),
+        amsgrad=np.False_,
+        maximize=np.True_,
+        skip_nonfinite=np.False_,
+    )
     fastadam.clip_grad_norm_([np.ones(4, np.float32)], np.float32(1.0), num_threads=np.int8(1))
 
 
 def test_torch_accepts_numpy_scalars():
     torch = _torch()
     import fastadam.torch as ft
+
     p = torch.nn.Parameter(torch.ones(4))
-    opt = ft.Adam([p], lr=np.float64(1e-2), amsgrad=np.True_, maximize=np.False_,
-                  num_threads=np.int64(1))
+    opt = ft.Adam(
+        [p], lr=np.float64(1e-2), amsgrad=np.True_, maximize=np.False_, num_threads=np.int64(1)
+    )
     p.grad = torch.ones(4)
     opt.step(grad_scale=np.float32(2.0))
     assert float(opt.state[p]["step"]) == 1
@@ -549,8 +687,13 @@ def test_bad_eps_mode_lists_the_choices(mode):
 
 def test_clip_grad_norm_names_max_norm():
     g = [np.ones(3, np.float32)]
-    for bad, exc in ((-1.0, ValueError), (float("nan"), ValueError), (None, TypeError),
-                     ("1", TypeError), (np.array([1.0, 2.0]), TypeError)):
+    for bad, exc in (
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (None, TypeError),
+        ("1", TypeError),
+        (np.array([1.0, 2.0]), TypeError),
+    ):
         with pytest.raises(exc, match="max_norm"):
             fastadam.clip_grad_norm_(g, bad)
     assert np.all(g[0] == 1)
@@ -563,14 +706,21 @@ def test_non_scalar_grad_scale_is_a_clear_type_error():
         with pytest.raises(TypeError, match="grad_scale must be a real number"):
             opt.step([np.ones(3, np.float32)], grad_scale=bad)
         with pytest.raises(TypeError, match="grad_scale must be a real number"):
-            fastadam.adam_step(p, np.ones(3, np.float32), np.zeros(3, np.float32),
-                               np.zeros(3, np.float32), step=1, grad_scale=bad)
+            fastadam.adam_step(
+                p,
+                np.ones(3, np.float32),
+                np.zeros(3, np.float32),
+                np.zeros(3, np.float32),
+                step=1,
+                grad_scale=bad,
+            )
     assert not p.any() and opt.state_dict()["step_count"] == 0
 
 
 def test_torch_non_scalar_grad_scale_and_found_inf():
     torch = _torch()
     import fastadam.torch as ft
+
     p = torch.nn.Parameter(torch.ones(4))
     opt = ft.Adam([p])
     p.grad = torch.ones(4)
@@ -583,13 +733,20 @@ def test_torch_non_scalar_grad_scale_and_found_inf():
 
 def test_num_threads_checked_at_construction():
     p = np.zeros(3, np.float32)
-    for bad, exc in ((0, ValueError), (2**31, ValueError), (1.5, TypeError), (True, TypeError),
-                     ("2", TypeError), (np.float64(2), TypeError)):
+    for bad, exc in (
+        (0, ValueError),
+        (2**31, ValueError),
+        (1.5, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+        (np.float64(2), TypeError),
+    ):
         with pytest.raises(exc, match="num_threads"):
             fastadam.Adam([p], num_threads=bad)
     assert fastadam.Adam([p], num_threads=np.int16(2)).num_threads == 2
     torch = pytest.importorskip("torch", reason="torch is not installed")
     import fastadam.torch as ft
+
     for bad, exc in ((0, ValueError), (2**31, ValueError), (1.5, TypeError)):
         with pytest.raises(exc, match="num_threads"):
             ft.Adam([torch.nn.Parameter(torch.ones(2))], num_threads=bad)
@@ -598,6 +755,7 @@ def test_num_threads_checked_at_construction():
 def test_torch_errors_name_the_users_parameter():
     torch = _torch()
     import fastadam.torch as ft
+
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
     c = torch.nn.Parameter(torch.ones(2))
@@ -607,5 +765,7 @@ def test_torch_errors_name_the_users_parameter():
     with pytest.raises(ValueError) as e:
         opt.step()
     # c is block 1 of the float32 plan; the message names it as the user knows it
-    assert "grad of param group 1, parameter 1 shares memory with param group 0, parameter 0" \
-        in str(e.value), e.value
+    assert (
+        "grad of param group 1, parameter 1 shares memory with param group 0, parameter 0"
+        in str(e.value)
+    ), e.value

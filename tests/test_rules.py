@@ -11,6 +11,7 @@ the trajectory. Plus: state_dict round trips, refused bad input for every new
 hyperparameter, and the options every optimizer shares (clipping, loss scaling,
 skip_nonfinite, schedules) for every rule.
 """
+
 import copy
 import math
 
@@ -25,8 +26,11 @@ RULES = {
     "adam": (fastadam.Adam, reference.adam_step, ("exp_avg", "exp_avg_sq")),
     "sgd": (fastadam.SGD, reference.sgd_step, ("momentum_buffer",)),
     "adagrad": (fastadam.Adagrad, reference.adagrad_step, ("sum",)),
-    "rmsprop": (fastadam.RMSprop, reference.rmsprop_step,
-                ("square_avg", "momentum_buffer", "grad_avg")),
+    "rmsprop": (
+        fastadam.RMSprop,
+        reference.rmsprop_step,
+        ("square_avg", "momentum_buffer", "grad_avg"),
+    ),
     "adamax": (fastadam.Adamax, reference.adamax_step, ("exp_avg", "exp_inf")),
     "nadam": (fastadam.NAdam, reference.nadam_step, ("exp_avg", "exp_avg_sq")),
     "radam": (fastadam.RAdam, reference.radam_step, ("exp_avg", "exp_avg_sq")),
@@ -37,21 +41,38 @@ RULES = {
 CASES = [
     ("adam", dict(lr=0.01)),
     ("adam", dict(lr=0.01, eps_root=1e-6, weight_decay=0.1, maximize=True)),
-    ("adam", dict(lr=0.01, eps_root=1e-3, eps_mode="hat", amsgrad=True,
-                  decoupled_weight_decay=True, weight_decay=0.1)),
+    (
+        "adam",
+        dict(
+            lr=0.01,
+            eps_root=1e-3,
+            eps_mode="hat",
+            amsgrad=True,
+            decoupled_weight_decay=True,
+            weight_decay=0.1,
+        ),
+    ),
     ("sgd", dict(lr=0.1)),
     ("sgd", dict(lr=0.1, weight_decay=0.05, maximize=True)),
     ("sgd", dict(lr=0.1, momentum=0.9)),
     ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01)),
     ("sgd", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
     ("adagrad", dict()),
-    ("adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1,
-                     initial_accumulator_value=0.5, eps=1e-6, maximize=True)),
+    (
+        "adagrad",
+        dict(
+            lr=0.1,
+            lr_decay=0.05,
+            weight_decay=0.1,
+            initial_accumulator_value=0.5,
+            eps=1e-6,
+            maximize=True,
+        ),
+    ),
     ("rmsprop", dict()),
     ("rmsprop", dict(alpha=0.9, weight_decay=0.1, momentum=0.5)),
     ("rmsprop", dict(alpha=0.9, centered=True)),
-    ("rmsprop", dict(alpha=0.95, centered=True, momentum=0.9, weight_decay=0.01,
-                     maximize=True)),
+    ("rmsprop", dict(alpha=0.95, centered=True, momentum=0.9, weight_decay=0.01, maximize=True)),
     ("adamax", dict()),
     ("adamax", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, maximize=True)),
     ("nadam", dict()),
@@ -65,7 +86,7 @@ CASES = [
 ]
 CASE_IDS = [f"{r}-{i}" for i, (r, _) in enumerate(CASES)]
 SIZES = [1, 17, 0, 1153, 4099, 5]  # odd sizes, an empty one, one past the prefetch loop
-STEPS = 8                          # RAdam's rectification starts at step 6 with beta2 0.999
+STEPS = 8  # RAdam's rectification starts at step 6 with beta2 0.999
 
 
 def _ref_kwargs(rule, kw):
@@ -144,7 +165,7 @@ def test_rule_equals_reference_on_every_path_and_thread_count(isa, rule, kw, dty
             assert np.array_equal(p, r, equal_nan=True), (rule, kw, threads, i)
             st = opt.state[i]
             names = [k for k in RULES[rule][2] if st.get(k) is not None]
-            refs = [a for a in ref_state[i][:len(RULES[rule][2])] if a is not None]
+            refs = [a for a in ref_state[i][: len(RULES[rule][2])] if a is not None]
             for k, a in zip(names, refs):
                 assert np.array_equal(st[k], a), (rule, kw, threads, i, k)
             if rule == "adam" and kw.get("amsgrad"):
@@ -172,7 +193,7 @@ def test_ema_never_changes_the_trajectory(rule):
     ema = [s["param_ema"] for s in opt_b.state]
     for x, e, p in zip(avg, ema, b):
         assert x is not e and x.dtype == p.dtype
-        assert np.array_equal(x, e / np.float32(1 - 0.99 ** STEPS))
+        assert np.array_equal(x, e / np.float32(1 - 0.99**STEPS))
     with pytest.raises(ValueError, match="ema_decay"):
         opt_a.averaged_params()
 
@@ -187,7 +208,7 @@ def test_averaged_params_is_the_papers_bias_corrected_average():
     for _ in range(t):
         opt.step([np.ones(3)])
     xs = [-lr * i for i in range(1, t + 1)]
-    want = sum(d ** (t - i) * (1 - d) * x for i, x in zip(range(1, t + 1), xs)) / (1 - d ** t)
+    want = sum(d ** (t - i) * (1 - d) * x for i, x in zip(range(1, t + 1), xs)) / (1 - d**t)
     assert np.allclose(opt.averaged_params()[0], want, rtol=1e-15, atol=0)
     # not stepped yet: a copy of the parameter
     q = np.ones(2)
@@ -216,15 +237,29 @@ def test_c_constants_equal_the_references():
     cases = [
         ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01), ()),
         ("adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, eps=1e-9), ()),
-        ("rmsprop", dict(lr=0.1, alpha=0.9, eps=1e-7, weight_decay=0.1, momentum=0.3,
-                         centered=True), ()),
+        (
+            "rmsprop",
+            dict(lr=0.1, alpha=0.9, eps=1e-7, weight_decay=0.1, momentum=0.3, centered=True),
+            (),
+        ),
         ("adamax", dict(lr=0.1, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1), ()),
-        ("nadam", dict(lr=0.1, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1,
-                       momentum_decay=0.01, decoupled_weight_decay=True), ("mu_product",)),
+        (
+            "nadam",
+            dict(
+                lr=0.1,
+                betas=(0.8, 0.95),
+                eps=1e-7,
+                weight_decay=0.1,
+                momentum_decay=0.01,
+                decoupled_weight_decay=True,
+            ),
+            ("mu_product",),
+        ),
         ("radam", dict(lr=0.1, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1), ()),
         ("lion", dict(lr=0.1, betas=(0.8, 0.95), weight_decay=0.1), ()),
     ]
     from fastadam._rules import RULES as SPECS
+
     for name, kw, extra in cases:
         spec = SPECS[name]
         o = spec.check(dict(spec.defaults, **kw))
@@ -232,19 +267,24 @@ def test_c_constants_equal_the_references():
             scalar = 0.7 if extra else 1.0
             rkw = dict(kw, mu_product=scalar) if extra else kw
             r = getattr(reference, f"{name}_constants")(t, **rkw)
-            c, variant = _core.rule_consts(spec.index, o["lr"], o["weight_decay"], False,
-                                           None, spec.c_hyper(o), t, scalar)
+            c, _variant = _core.rule_consts(
+                spec.index, o["lr"], o["weight_decay"], False, None, spec.c_hyper(o), t, scalar
+            )
             floats = [v for v in r if type(v) is float]
             assert c[0] == r.grad_mul, (name, t)
-            assert c[3:3 + len(floats) - 1] == floats[1:], (name, t)
+            assert c[3 : 3 + len(floats) - 1] == floats[1:], (name, t)
             if extra:
-                after = _core.scalar_after(spec.index, o["lr"], o["weight_decay"],
-                                           spec.c_hyper(o), t, scalar)
+                after = _core.scalar_after(
+                    spec.index, o["lr"], o["weight_decay"], spec.c_hyper(o), t, scalar
+                )
                 assert after == r.mu_product
 
 
-@pytest.mark.parametrize("rule, kw", [c for c in CASES if c[0] != "adam"],
-                         ids=[i for i, c in zip(CASE_IDS, CASES) if c[0] != "adam"])
+@pytest.mark.parametrize(
+    "rule, kw",
+    [c for c in CASES if c[0] != "adam"],
+    ids=[i for i, c in zip(CASE_IDS, CASES) if c[0] != "adam"],
+)
 def test_state_dict_round_trip_continues_bit_for_bit(rule, kw):
     cls = RULES[rule][0]
     params0, grads = _data(np.float64, seed=5)
@@ -284,8 +324,12 @@ def test_sgd_first_step_copies_the_gradient_as_torch():
     assert np.array_equal(opt.state[0]["momentum_buffer"], np.full(4, 2.0))
     q = np.zeros(4)
     opt2 = fastadam.SGD([q], lr=1.0, momentum=0.5, dampening=0.5)
-    opt2.load_state_dict({"state": {0: {"momentum_buffer": np.full(4, 4.0)}},
-                          "param_groups": opt.state_dict()["param_groups"]})
+    opt2.load_state_dict(
+        {
+            "state": {0: {"momentum_buffer": np.full(4, 4.0)}},
+            "param_groups": opt.state_dict()["param_groups"],
+        }
+    )
     opt2.step([np.full(4, 2.0)])  # continues: 0.5*4 + 0.5*2
     assert np.array_equal(opt2.state[0]["momentum_buffer"], np.full(4, 3.0))
 
@@ -344,8 +388,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("rule, kw, exc, name", BAD,
-                         ids=[f"{r}-{'-'.join(k)}" for r, k, _, _ in BAD])
+@pytest.mark.parametrize(
+    "rule, kw, exc, name", BAD, ids=[f"{r}-{'-'.join(k)}" for r, k, _, _ in BAD]
+)
 def test_bad_hyperparameters_are_refused_naming_them(rule, kw, exc, name):
     p = np.ones(3)
     with pytest.raises(exc, match=name):
@@ -415,8 +460,16 @@ def test_required_state_missing_is_refused_before_anything_moves():
     hand) is refused with a ValueError naming it; nothing is written."""
     spec_index = _core.RULE_NAMES.index("rmsprop")
     p, sq = np.ones(4), np.zeros(4)
-    plan = _core._Plan(spec_index, ("square_avg", "momentum_buffer", "grad_avg"), [p],
-                       [(sq, None, None)], None, [0], 1, True)
+    plan = _core._Plan(
+        spec_index,
+        ("square_avg", "momentum_buffer", "grad_avg"),
+        [p],
+        [(sq, None, None)],
+        None,
+        [0],
+        1,
+        True,
+    )
     plan.set_options(0, 0.1, 0.0, False, None, (0.99, 1e-8, 0.9, 0.0))  # momentum 0.9
     with pytest.raises(ValueError, match="momentum_buffer"):
         plan.step([np.ones(4)])
@@ -427,8 +480,10 @@ def test_required_state_missing_is_refused_before_anything_moves():
     assert np.array_equal(p, np.ones(4))
 
 
-SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 1e30, -3e38, 1.0,
-                     -1.0, 5e-324], dtype=np.float64)
+SPECIALS = np.array(
+    [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 1e30, -3e38, 1.0, -1.0, 5e-324],
+    dtype=np.float64,
+)
 
 
 @pytest.mark.parametrize("rule, kw", CASES, ids=CASE_IDS)
@@ -442,8 +497,10 @@ def test_special_values_follow_the_reference(isa, rule, kw, dtype):
         vals = SPECIALS.astype(dtype)
     n = len(vals)
     params0 = np.concatenate([np.zeros(n), np.ones(n), vals]).astype(dtype)
-    grads = [np.concatenate([vals, vals, np.zeros(n)]).astype(dtype),
-             np.concatenate([np.zeros(n), vals[::-1], vals]).astype(dtype)]
+    grads = [
+        np.concatenate([vals, vals, np.zeros(n)]).astype(dtype),
+        np.concatenate([np.zeros(n), vals[::-1], vals]).astype(dtype),
+    ]
     ref = params0.copy()
     state = _ref_state(rule, kw, ref)
     scalar = 1.0
@@ -472,8 +529,12 @@ def test_a_step_of_every_rule_allocates_no_buffers(rule):
     """With every stream the rule can have (and the average), a step over 1e6 parameters
     allocates no array memory: only a few small Python objects."""
     import tracemalloc
-    kw = {"sgd": dict(momentum=0.9, nesterov=True), "rmsprop": dict(momentum=0.9, centered=True),
-          "adam": dict(amsgrad=True, eps_root=1e-8)}.get(rule, {})
+
+    kw = {
+        "sgd": dict(momentum=0.9, nesterov=True),
+        "rmsprop": dict(momentum=0.9, centered=True),
+        "adam": dict(amsgrad=True, eps_root=1e-8),
+    }.get(rule, {})
     params = [np.zeros(500_000, np.float32), np.zeros((500, 1000), np.float32)]
     grads = [np.ones_like(p) for p in params]
     opt = RULES[rule][0](params, ema_decay=0.9, max_grad_norm=1.0, **kw)

@@ -1,4 +1,5 @@
 """Loss scaling, skipping non-finite steps and fused global-norm clipping."""
+
 import math
 
 import numpy as np
@@ -16,9 +17,11 @@ def _emulated_sumsq(x):
     x = x.astype(np.float64).ravel()
     total = 0.0
     for c in range(0, x.size, CHUNK):
-        chunk = x[c:c + CHUNK]
-        lanes = [np.cumsum(chunk[j::16] * chunk[j::16])[-1] if chunk[j::16].size else 0.0
-                 for j in range(16)]
+        chunk = x[c : c + CHUNK]
+        lanes = [
+            np.cumsum(chunk[j::16] * chunk[j::16])[-1] if chunk[j::16].size else 0.0
+            for j in range(16)
+        ]
         s = lanes[0]
         for v in lanes[1:]:
             s = s + v
@@ -28,7 +31,9 @@ def _emulated_sumsq(x):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grad_norm_exact_order_and_deterministic(isa, dtype, rng):
-    x = (rng.standard_normal(3 * CHUNK + 77) * 10.0 ** rng.integers(-5, 5, 3 * CHUNK + 77)).astype(dtype)
+    x = (rng.standard_normal(3 * CHUNK + 77) * 10.0 ** rng.integers(-5, 5, 3 * CHUNK + 77)).astype(
+        dtype
+    )
     expected = _emulated_sumsq(x)
     for threads in (1, 2, 3):
         s, bad = _core.grad_stats([x], threads, isa)
@@ -76,8 +81,7 @@ def test_skip_nonfinite_changes_nothing():
     assert fastadam.adam_step(p, g, m, v, step=1, skip_nonfinite=True) is False
     assert np.array_equal(p, params[0]) and not m.any() and not v.any()
     assert reference.adam_step(p, g, m, v, step=1, skip_nonfinite=True) is False
-    assert fastadam.adam_step(p, np.ones(10, np.float32), m, v, step=1,
-                              skip_nonfinite=True) is True
+    assert fastadam.adam_step(p, np.ones(10, np.float32), m, v, step=1, skip_nonfinite=True) is True
 
 
 def test_grad_scale_in_optimizer_equals_reference():
@@ -127,7 +131,9 @@ def test_clip_grad_norm_numpy():
     coef = np.float32(1.0 / (norm + 1e-6))
     for g, r in zip(grads, raw):
         assert np.array_equal(g, r * coef)
-    assert math.sqrt(sum(math.fsum(g.astype(np.float64) ** 2) for g in grads)) == pytest.approx(1.0, rel=1e-6)
+    assert math.sqrt(sum(math.fsum(g.astype(np.float64) ** 2) for g in grads)) == pytest.approx(
+        1.0, rel=1e-6
+    )
     small = [np.full(4, 0.1, np.float32)]
     assert fastadam.clip_grad_norm_(small, 1.0) == pytest.approx(0.2, rel=1e-7)
     assert np.all(small[0] == np.float32(0.1))  # below max_norm: untouched

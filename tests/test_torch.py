@@ -31,6 +31,7 @@ bias correction, lr off by 1e-4 relative, L2 decay applied as decoupled, amsgrad
 maximize ignored (in the cases that use them). The gradients span 10**-6 .. 10 so that eps
 matters for some elements.
 """
+
 import functools
 
 import numpy as np
@@ -39,7 +40,8 @@ import pytest
 import fastadam
 
 torch = pytest.importorskip(
-    "torch", reason="torch is not installed: agreement with torch.optim is not checked")
+    "torch", reason="torch is not installed: agreement with torch.optim is not checked"
+)
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (65,)]
 STEPS = 300
@@ -54,14 +56,16 @@ CASES = {
     "adamw_defaults": ("AdamW", {}),  # both default to weight_decay=1e-2
     "amsgrad": ("Adam", dict(amsgrad=True)),
     "maximize": ("Adam", dict(maximize=True)),
-    "combo": ("AdamW", dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, amsgrad=True,
-                            maximize=True)),
+    "combo": (
+        "AdamW",
+        dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, amsgrad=True, maximize=True),
+    ),
     "combo_l2": ("Adam", dict(betas=(0.6, 0.9), eps=1e-7, weight_decay=0.02, amsgrad=True)),
 }
 DTYPES = [np.float32, np.float64]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(dtype, seed=0):
     """Initial parameters and STEPS fixed gradients per parameter, generated once.
 
@@ -73,8 +77,12 @@ def _problem(dtype, seed=0):
     scales = [10.0 ** rng.uniform(-6, 1, size=s) for s in SHAPES]
     grads = []
     for _ in range(STEPS):
-        grads.append([(rng.standard_normal(s) * sc * (rng.random(s) >= 0.05)).astype(dtype)
-                      for s, sc in zip(SHAPES, scales)])
+        grads.append(
+            [
+                (rng.standard_normal(s) * sc * (rng.random(s) >= 0.05)).astype(dtype)
+                for s, sc in zip(SHAPES, scales)
+            ]
+        )
     for a in params + [g for gs in grads for g in gs]:
         a.setflags(write=False)
     return params, grads
@@ -89,8 +97,11 @@ def _torch_run(dtype, cls, options, seed=0):
             p.grad = torch.tensor(g)
         opt.step()
     state = [opt.state[p] for p in params]
-    return ([p.detach().numpy() for p in params], [s["exp_avg"].numpy() for s in state],
-            [s["exp_avg_sq"].numpy() for s in state])
+    return (
+        [p.detach().numpy() for p in params],
+        [s["exp_avg"].numpy() for s in state],
+        [s["exp_avg_sq"].numpy() for s in state],
+    )
 
 
 def _fastadam_optim_run(dtype, cls, options, seed=0):
@@ -132,9 +143,9 @@ def _bounds(dtype, cls, options, tp, tm, tv):
         p, m, v = (np.abs(np.asarray(x[i], dtype=np.float64)) for x in (tp, tm, tv))
         G = np.max(np.abs(np.stack([gs[i] for gs in grads])), axis=0).astype(np.float64)
         drift = K_P * STEPS * e * (p + LR)  # the bound on |dp|
-        out.append((drift,
-                    K_M * e * (m + G) + wd * drift,
-                    K_V * e * v + 2.0 * wd * drift * np.sqrt(v)))
+        out.append(
+            (drift, K_M * e * (m + G) + wd * drift, K_V * e * v + 2.0 * wd * drift * np.sqrt(v))
+        )
     return out
 
 
@@ -150,12 +161,14 @@ def _compare(dtype, cls, options, got, want):
             assert np.all(diff[bound == 0] == 0)  # v = 0: nothing was ever added to it
             frac = float(np.max(diff[bound > 0] / bound[bound > 0], initial=0.0))
             used[key] = max(used[key], frac)
-            assert frac <= 1.0, (f"{key} of parameter {i} (shape {SHAPES[i]}) differs from "
-                                 f"torch's by {frac:.3g} times the tolerance")
+            assert frac <= 1.0, (
+                f"{key} of parameter {i} (shape {SHAPES[i]}) differs from "
+                f"torch's by {frac:.3g} times the tolerance"
+            )
     return used
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_result(dtype, name):
     cls, options = CASES[name]
     return _torch_run(dtype, cls, options)
@@ -194,6 +207,7 @@ def test_state_dict_matches_torch_layout():
     for i in tsd["state"]:
         assert set(fsd["state"][i]) == set(tsd["state"][i])
         assert fsd["state"][i]["step"] == int(tsd["state"][i]["step"]) == 3
-        np.testing.assert_allclose(fsd["state"][i]["max_exp_avg_sq"],
-                                   tsd["state"][i]["max_exp_avg_sq"].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(
+            fsd["state"][i]["max_exp_avg_sq"], tsd["state"][i]["max_exp_avg_sq"].numpy(), rtol=1e-6
+        )
     assert [g["params"] for g in fsd["param_groups"]] == [g["params"] for g in tsd["param_groups"]]

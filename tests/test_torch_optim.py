@@ -35,6 +35,7 @@ All 13 option combinations (weight decay none / L2 / decoupled x amsgrad x maxim
 other betas and eps) run at once: one independent copy of the network per combination, each
 in its own param group with its own options, evaluated as one batched model.
 """
+
 import copy
 import io
 import itertools
@@ -47,8 +48,7 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: fastadam.torch is not tested")
+torch = pytest.importorskip("torch", reason="torch is not installed: fastadam.torch is not tested")
 import torch.nn.functional as F  # noqa: E402
 
 import fastadam.torch  # noqa: E402
@@ -59,13 +59,18 @@ STEPS = 300
 K_STEP, K_TRAJ = 2.0, 4.0
 DTYPES = [torch.float32, torch.float64]
 
-COMBOS = [dict(weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams, maximize=mx)
-          for (wd, dec), ams, mx in itertools.product(
-              [(0.0, False), (1e-2, False), (0.1, True)], [False, True], [False, True])]
+COMBOS = [
+    dict(weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams, maximize=mx)
+    for (wd, dec), ams, mx in itertools.product(
+        [(0.0, False), (1e-2, False), (0.1, True)], [False, True], [False, True]
+    )
+]
 COMBOS.append(dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-3))
 C = len(COMBOS)
-SHAPES = {"mlp": [(16, 32), (32,), (32, 32), (32,), (32, 4), (4,)],
-          "cnn": [(6, 3, 3, 3), (6,), (8, 6, 3, 3), (8,), (72, 4), (4,)]}
+SHAPES = {
+    "mlp": [(16, 32), (32,), (32, 32), (32,), (32, 4), (4,)],
+    "cnn": [(6, 3, 3, 3), (6,), (8, 6, 3, 3), (8,), (72, 4), (4,)],
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,8 +85,13 @@ def _one_torch_thread():
 # ----------------------------------------------------------------------------- models
 def _params(kind, dtype, copies=C, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [[(0.3 * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
-             for s in SHAPES[kind]] for _ in range(copies)]
+    return [
+        [
+            (0.3 * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+            for s in SHAPES[kind]
+        ]
+        for _ in range(copies)
+    ]
 
 
 def _data(kind, dtype, seed=1):
@@ -106,10 +116,20 @@ def _loss(kind, ps, x, y, signs=None):
         h = F.gelu(torch.baddbmm(st(3)[:, None], h, st(2)))
     else:
         b = x.shape[0]
-        h = torch.tanh(F.conv2d(x.repeat(1, n, 1, 1), torch.cat([p[0] for p in ps]),
-                                torch.cat([p[1] for p in ps]), padding=1, groups=n))
-        h = F.gelu(F.conv2d(h, torch.cat([p[2] for p in ps]), torch.cat([p[3] for p in ps]),
-                            stride=2, groups=n))
+        h = torch.tanh(
+            F.conv2d(
+                x.repeat(1, n, 1, 1),
+                torch.cat([p[0] for p in ps]),
+                torch.cat([p[1] for p in ps]),
+                padding=1,
+                groups=n,
+            )
+        )
+        h = F.gelu(
+            F.conv2d(
+                h, torch.cat([p[2] for p in ps]), torch.cat([p[3] for p in ps]), stride=2, groups=n
+            )
+        )
         h = h.reshape(b, n, 72).transpose(0, 1)
     out = torch.baddbmm(st(5)[:, None], h, st(4))
     per_copy = ((out - y) ** 2).mean(dim=(1, 2))
@@ -131,8 +151,10 @@ def _backward(kind, ps, x, y, signs=None):
 def _ratio(got, want, dtype, lr, t=1):
     """max |got - want| / (t * eps_T * (|want| + lr)) over all elements."""
     eps = torch.finfo(dtype).eps
-    return max(float(((a.detach() - b.detach()).abs()
-                      / (t * eps * (b.detach().abs() + lr))).max()) for a, b in zip(got, want))
+    return max(
+        float(((a.detach() - b.detach()).abs() / (t * eps * (b.detach().abs() + lr))).max())
+        for a, b in zip(got, want)
+    )
 
 
 def _flat(ps):
@@ -158,8 +180,7 @@ def _trajectories(kind, dtype):
     p0 = [p.detach().clone() for p in _flat(pt)]
     x, y = _data(kind, dtype)
     signs = _signs(COMBOS)
-    ot = torch.optim.Adam([dict(params=p, **c) for p, c in zip(pt, COMBOS)], lr=LR,
-                          foreach=False)
+    ot = torch.optim.Adam([dict(params=p, **c) for p, c in zip(pt, COMBOS)], lr=LR, foreach=False)
     of = Adam([dict(params=p, **c) for p, c in zip(pf, COMBOS)], lr=LR)
     for _ in range(STEPS):
         for ps, opt in ((pt, ot), (pf, of)):
@@ -174,8 +195,9 @@ def measure_trajectories():
     for kind, dtype in itertools.product(SHAPES, DTYPES):
         pt, pf, _, _, _ = _trajectories(kind, dtype)
         ratios = [_ratio(f, t, dtype, LR, STEPS) for t, f in zip(pt, pf)]
-        dmax = max(float((a.detach() - b.detach()).abs().max())
-                   for a, b in zip(_flat(pt), _flat(pf)))
+        dmax = max(
+            float((a.detach() - b.detach()).abs().max()) for a, b in zip(_flat(pt), _flat(pf))
+        )
         out[(kind, str(dtype))] = (ratios, dmax)
     return out
 
@@ -186,14 +208,16 @@ def test_trajectory_matches_torch(kind, dtype):
     pt, pf, p0, ot, of = _trajectories(kind, dtype)
     for c, (tc, fc) in enumerate(zip(pt, pf)):
         r = _ratio(fc, tc, dtype, LR, STEPS)
-        assert r <= K_TRAJ, (f"{COMBOS[c]}: parameters differ from torch's by {r:.3g} "
-                             f"* t * eps * (|p| + lr); bound {K_TRAJ}")
+        assert r <= K_TRAJ, (
+            f"{COMBOS[c]}: parameters differ from torch's by {r:.3g} "
+            f"* t * eps * (|p| + lr); bound {K_TRAJ}"
+        )
         for a in fc:
             assert a.dtype == dtype and torch.isfinite(a).all()
     # Not vacuous: every copy moved far more than the tolerance.
     eps = torch.finfo(dtype).eps
     for c in range(C):
-        moved = max(float((a.detach() - b).abs().max()) for a, b in zip(pt[c], p0[c * 6:]))
+        moved = max(float((a.detach() - b).abs().max()) for a, b in zip(pt[c], p0[c * 6 :]))
         assert moved > 100 * K_TRAJ * STEPS * eps * 2, COMBOS[c]
     # The same state as torch: keys, step counts, dtypes.
     for a, b in zip(_flat(pt), _flat(pf)):
@@ -210,8 +234,7 @@ def test_one_step_from_the_same_state(dtype):
     pt, pf = _params("mlp", dtype), _params("mlp", dtype)
     x, y = _data("mlp", dtype)
     signs = _signs(COMBOS)
-    ot = torch.optim.Adam([dict(params=p, **c) for p, c in zip(pt, COMBOS)], lr=LR,
-                          foreach=False)
+    ot = torch.optim.Adam([dict(params=p, **c) for p, c in zip(pt, COMBOS)], lr=LR, foreach=False)
     for _ in range(50):
         _backward("mlp", pt, x, y, signs)
         ot.step()
@@ -257,7 +280,7 @@ def test_constructor_matches_torch_signature():
             assert name in a, name
             assert a[name].default == p.default, name
             assert a[name].kind == p.kind, name
-        assert list(a)[:len(b)] == list(b)
+        assert list(a)[: len(b)] == list(b)
         assert a["max_grad_norm"].default is None and a["num_threads"].default is None
 
 
@@ -278,8 +301,14 @@ def test_none_grads_are_skipped_as_torch():
         m[5] = True  # parameter 5 never gets a gradient
 
     for ps, opt in ((pt, ot), (pf, of)):
-        _train(ps, opt, x, y, 60, lambda t, ps=ps: [setattr(p, "grad", None)
-                                                    for p, off in zip(ps, masks[t]) if off])
+        _train(
+            ps,
+            opt,
+            x,
+            y,
+            60,
+            lambda t, ps=ps: [setattr(p, "grad", None) for p, off in zip(ps, masks[t]) if off],
+        )
     for a, b in zip(pt, pf):
         assert set(ot.state[a]) == set(of.state[b])
         if ot.state[a]:
@@ -355,16 +384,23 @@ def test_updates_in_place_with_one_call_into_c_per_step():
 
 def test_mixed_dtypes_and_complex_match_torch():
     """float32, float64 and complex64 parameters in one optimizer, against torch."""
+
     def make():
         g = torch.Generator().manual_seed(5)
-        return [torch.randn(7, 3, generator=g).requires_grad_(),
-                torch.randn(11, generator=g, dtype=torch.float64).requires_grad_(),
-                torch.randn(4, 5, generator=g, dtype=torch.complex64).requires_grad_()]
+        return [
+            torch.randn(7, 3, generator=g).requires_grad_(),
+            torch.randn(11, generator=g, dtype=torch.float64).requires_grad_(),
+            torch.randn(4, 5, generator=g, dtype=torch.complex64).requires_grad_(),
+        ]
 
     def loss(ps, t):
         a, b, z = ps
-        return ((a - t) ** 2).sum() + (b.sin() * t).sum() + (z * z.conj()).real.sum() * 0.1 \
+        return (
+            ((a - t) ** 2).sum()
+            + (b.sin() * t).sum()
+            + (z * z.conj()).real.sum() * 0.1
             + (z.abs() - t).pow(2).sum()
+        )
 
     pt, pf = make(), make()
     ot = torch.optim.Adam(pt, lr=LR, foreach=False, amsgrad=True, weight_decay=0.01)
@@ -453,15 +489,28 @@ def test_foreach_and_fused_are_accepted():
         assert opt.param_groups[0]["foreach"] == kw.get("foreach")
 
 
-@pytest.mark.parametrize("bad", [
-    dict(lr=-1.0), dict(lr=-1), dict(lr=float("nan")), dict(lr=torch.tensor(-0.5)),
-    dict(lr=torch.tensor([1e-3, 1e-3])),
-    dict(betas=(1.0, 0.999)), dict(betas=(-0.1, 0.999)), dict(betas=(0.9, 1.0)),
-    dict(betas=(0.9, float("nan"))), dict(betas=(0.9, torch.tensor(0.999))),
-    dict(betas=(torch.tensor([0.9, 0.9]), torch.tensor(0.999))),
-    dict(eps=-1e-8), dict(eps=float("nan")), dict(weight_decay=-1), dict(weight_decay=-0.1),
-    dict(lr="0.1"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lr=-1.0),
+        dict(lr=-1),
+        dict(lr=float("nan")),
+        dict(lr=torch.tensor(-0.5)),
+        dict(lr=torch.tensor([1e-3, 1e-3])),
+        dict(betas=(1.0, 0.999)),
+        dict(betas=(-0.1, 0.999)),
+        dict(betas=(0.9, 1.0)),
+        dict(betas=(0.9, float("nan"))),
+        dict(betas=(0.9, torch.tensor(0.999))),
+        dict(betas=(torch.tensor([0.9, 0.9]), torch.tensor(0.999))),
+        dict(eps=-1e-8),
+        dict(eps=float("nan")),
+        dict(weight_decay=-1),
+        dict(weight_decay=-0.1),
+        dict(lr="0.1"),
+    ],
+    ids=repr,
+)
 @pytest.mark.parametrize("cls", ["Adam", "AdamW"])
 def test_bad_hyperparameters_raise_as_torch(bad, cls):
     """The hyperparameters torch checks are refused with torch's exception type and
@@ -474,13 +523,16 @@ def test_bad_hyperparameters_raise_as_torch(bad, cls):
         assert str(got.value) == str(want.value)
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (dict(lr=float("inf")), ValueError, "lr must be a finite number"),
-    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
-    (dict(num_threads=0), ValueError, "num_threads"),
-    (dict(num_threads=2**31), ValueError, "num_threads"),
-    (dict(num_threads=1.0), TypeError, "num_threads"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (dict(lr=float("inf")), ValueError, "lr must be a finite number"),
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+        (dict(num_threads=0), ValueError, "num_threads"),
+        (dict(num_threads=2**31), ValueError, "num_threads"),
+        (dict(num_threads=1.0), TypeError, "num_threads"),
+    ],
+)
 def test_bad_fastadam_options(bad, exc, match):
     with pytest.raises(exc, match=match):
         Adam(_mlp()[0], **bad)
@@ -491,10 +543,12 @@ def test_hyperparameters_changed_in_a_group_raise_as_torch_at_step_time():
     opt = Adam(ps)
     _backward("mlp", [ps], x, y)
     before = [p.detach().clone() for p in ps]
-    for key, value, message in (("lr", -1.0, "Invalid learning rate: -1.0"),
-                                ("eps", -1, "Invalid epsilon value: -1"),
-                                ("weight_decay", -2, "Invalid weight_decay value: -2"),
-                                ("betas", (0.9, 1.0), "Invalid beta parameter at index 1: 1.0")):
+    for key, value, message in (
+        ("lr", -1.0, "Invalid learning rate: -1.0"),
+        ("eps", -1, "Invalid epsilon value: -1"),
+        ("weight_decay", -2, "Invalid weight_decay value: -2"),
+        ("betas", (0.9, 1.0), "Invalid beta parameter at index 1: 1.0"),
+    ):
         saved = opt.param_groups[0][key]
         opt.param_groups[0][key] = value
         with pytest.raises(ValueError) as e:
@@ -505,14 +559,20 @@ def test_hyperparameters_changed_in_a_group_raise_as_torch_at_step_time():
     assert all(torch.equal(p, b) for p, b in zip(ps, before))
 
 
-@pytest.mark.parametrize("make, exc, match", [
-    (lambda: torch.zeros(3, device="meta", requires_grad=True), ValueError, "CPU"),
-    (lambda: torch.zeros(3, dtype=torch.float8_e4m3fn).requires_grad_(), TypeError,
-     "float8_e4m3fn"),
-    (lambda: torch.zeros(3, dtype=torch.int32), TypeError, "int32"),
-    (lambda: torch.zeros(4, 5).t().requires_grad_(), ValueError, "not contiguous"),
-    (lambda: torch.zeros(3, 3).to_sparse().requires_grad_(), ValueError, "sparse"),
-])
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: torch.zeros(3, device="meta", requires_grad=True), ValueError, "CPU"),
+        (
+            lambda: torch.zeros(3, dtype=torch.float8_e4m3fn).requires_grad_(),
+            TypeError,
+            "float8_e4m3fn",
+        ),
+        (lambda: torch.zeros(3, dtype=torch.int32), TypeError, "int32"),
+        (lambda: torch.zeros(4, 5).t().requires_grad_(), ValueError, "not contiguous"),
+        (lambda: torch.zeros(3, 3).to_sparse().requires_grad_(), ValueError, "sparse"),
+    ],
+)
 def test_unsupported_parameters_are_rejected(make, exc, match):
     with pytest.raises(exc, match=match):
         Adam([make()])
@@ -533,7 +593,7 @@ def test_bad_input_at_step_time():
     p.data = torch.zeros(3, 3, dtype=torch.float16)  # changed dtype under the optimizer
     p.grad = None
     p.grad = torch.ones(3, 3, dtype=torch.float16)
-    with pytest.raises(ValueError, match="exp_avg.*float32.*must be a dense float16"):
+    with pytest.raises(ValueError, match=r"exp_avg.*float32.*must be a dense float16"):
         opt.step()  # (a float16 parameter is supported; its float32 state is not its own)
     q = torch.zeros(2, requires_grad=True)
     q.grad = torch.ones(2)
@@ -619,8 +679,8 @@ SCHEDULERS = {
     "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=60),
     "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + e / 10)),
     "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(
-        o, max_lr=1e-2, total_steps=60, cycle_momentum=True, base_momentum=0.8,
-        max_momentum=0.95),
+        o, max_lr=1e-2, total_steps=60, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95
+    ),
 }
 
 
@@ -650,8 +710,13 @@ def test_one_cycle_betas_are_used():
     ot, of = torch.optim.Adam(pt, lr=LR, foreach=False), Adam(pf, lr=LR)
     for ps, opt, cycle in ((pt, ot, True), (pf, of, False)):
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=1e-2, total_steps=60, cycle_momentum=cycle, base_momentum=0.8,
-            max_momentum=0.95)
+            opt,
+            max_lr=1e-2,
+            total_steps=60,
+            cycle_momentum=cycle,
+            base_momentum=0.8,
+            max_momentum=0.95,
+        )
         for _ in range(60):
             _backward("mlp", [ps], x, y)
             opt.step()
@@ -665,7 +730,7 @@ def test_grad_scale_and_found_inf_arguments():
     found_inf != 0 changes nothing at all."""
     (pa, (x, y)), (pb, _) = _mlp(), _mlp()
     oa, ob = Adam(pa, lr=LR, amsgrad=True), Adam(pb, lr=LR, amsgrad=True)
-    for t in range(10):
+    for _t in range(10):
         _backward("mlp", [pa], x, y)
         _backward("mlp", [pb], x, y)
         for p in pb:
@@ -720,7 +785,8 @@ def _amp_run(make_opt, fused, inject, scaler_kw, steps=120, clip=None, manual=No
         if t in inject:
             same = all(torch.equal(p.detach(), p0) for p, p0 in zip(ps, snap[1])) and all(
                 all(torch.equal(s[k], s0[k]) for k in s)
-                for s, s0 in zip(opt.state.values(), snap[0]))
+                for s, s0 in zip(opt.state.values(), snap[0])
+            )
             skipped_unchanged.append(same)
         elif fused and not manual:
             # the fused protocol leaves the gradients scaled: no unscale pass over them
@@ -735,13 +801,15 @@ def test_grad_scaler(clip):
     inf/NaN injected at some steps; with clip, fastadam's max_grad_norm vs torch's
     unscale_ + clip_grad_norm_."""
     inject = {5, 40, 41, 77}
-    kw = dict(init_scale=2.0 ** 12, growth_interval=10)
+    kw = dict(init_scale=2.0**12, growth_interval=10)
     t_ps, t_opt, t_scales, t_same, _ = _amp_run(
-        lambda p: torch.optim.Adam(p, lr=LR, foreach=False), False, inject, kw, clip=clip)
+        lambda p: torch.optim.Adam(p, lr=LR, foreach=False), False, inject, kw, clip=clip
+    )
     f_ps, f_opt, f_scales, f_same, f_scaled = _amp_run(
-        lambda p: Adam(p, lr=LR, max_grad_norm=clip), True, inject, kw, clip=clip)
+        lambda p: Adam(p, lr=LR, max_grad_norm=clip), True, inject, kw, clip=clip
+    )
     assert f_scales == t_scales and len(set(f_scales)) > 3  # the scale grew and backed off
-    assert f_same == t_same == [True] * len(inject)         # skipped steps changed nothing
+    assert f_same == t_same == [True] * len(inject)  # skipped steps changed nothing
     assert f_scaled and all(f_scaled)
     steps = 120 - len(inject)
     for a, b in zip(f_ps, t_ps):
@@ -753,12 +821,13 @@ def test_grad_scaler_after_manual_unscale():
     """torch's recipe unchanged (scaler.unscale_, clip_grad_norm_, scaler.step): GradScaler
     then hands fastadam grad_scale=None (already unscaled) and found_inf."""
     inject = {7, 30}
-    kw = dict(init_scale=2.0 ** 12, growth_interval=10)
-    t_ps, t_opt, t_scales, t_same, _ = _amp_run(
-        lambda p: torch.optim.Adam(p, lr=LR, foreach=False), False, inject, kw, steps=60,
-        clip=0.5)
+    kw = dict(init_scale=2.0**12, growth_interval=10)
+    t_ps, _t_opt, t_scales, t_same, _ = _amp_run(
+        lambda p: torch.optim.Adam(p, lr=LR, foreach=False), False, inject, kw, steps=60, clip=0.5
+    )
     f_ps, f_opt, f_scales, f_same, _ = _amp_run(
-        lambda p: Adam(p, lr=LR), True, inject, kw, steps=60, clip=0.5, manual=True)
+        lambda p: Adam(p, lr=LR), True, inject, kw, steps=60, clip=0.5, manual=True
+    )
     assert f_scales == t_scales and f_same == t_same == [True, True]
     assert float(f_opt.state[f_ps[0]]["step"]) == 58
     assert _ratio(f_ps, t_ps, torch.float32, LR, 58) <= K_TRAJ
@@ -773,7 +842,7 @@ def test_max_grad_norm_matches_clip_grad_norm(dtype):
     ot = torch.optim.Adam(pt, lr=LR, foreach=False, weight_decay=0.01)
     of = Adam(pf, lr=LR, weight_decay=0.01, max_grad_norm=max_norm)
     clipped, rel = 0, 0.0
-    for t in range(STEPS):
+    for _t in range(STEPS):
         _backward("mlp", [pt], x, y)
         _backward("mlp", [pf], x, y)
         norm = float(torch.nn.utils.clip_grad_norm_(pt, max_norm))
@@ -782,8 +851,9 @@ def test_max_grad_norm_matches_clip_grad_norm(dtype):
         raw = [p.grad.clone() for p in pf]
         of.step()
         assert all(torch.equal(p.grad, r) for p, r in zip(pf, raw))  # grads not rewritten
-        fnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(r.double())
-                                                      for r in raw])).item()
+        fnorm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(r.double()) for r in raw])
+        ).item()
         rel = max(rel, abs(of.last_grad_norm - fnorm) / fnorm)
     assert clipped > STEPS // 2
     assert rel < 1e-13  # fastadam's norm is computed in double whatever the dtype
@@ -806,8 +876,7 @@ def _clip_in_double(params, max_norm):
 def test_max_grad_norm_across_dtypes():
     """One global norm over float32 and float64 parameters (two plans)."""
     (a, (x, y)), (b, _) = _mlp(), _mlp()
-    a64, b64 = ([p.detach().double().requires_grad_() for p in _mlp(seed=3)[0]]
-                for _ in range(2))
+    a64, b64 = ([p.detach().double().requires_grad_() for p in _mlp(seed=3)[0]] for _ in range(2))
     ot = torch.optim.Adam(a + a64, lr=LR, foreach=False)
     of = Adam(b + b64, lr=LR, max_grad_norm=0.2)
     for _ in range(50):
@@ -821,7 +890,8 @@ def test_max_grad_norm_across_dtypes():
         exact = float(torch.stack([g.double().pow(2).sum() for g in mine]).sum().sqrt())
         assert of.last_grad_norm == pytest.approx(exact, rel=1e-14)
         assert of.last_grad_norm == pytest.approx(
-            float(torch.nn.utils.get_total_norm(mine)), rel=1e-6)
+            float(torch.nn.utils.get_total_norm(mine)), rel=1e-6
+        )
     assert len(of._cache.plans) == 2
     assert _ratio(b, a, torch.float32, LR, 50) <= K_TRAJ
     # The float32 parameters drift by float32 ulps, so do their gradients and the global
@@ -833,8 +903,10 @@ def test_max_grad_norm_across_dtypes():
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("script, choices", [("numpy_training.py", ("fastadam", "plain")),
-                                             ("torch_training.py", ("fastadam", "torch"))])
+@pytest.mark.parametrize(
+    "script, choices",
+    [("numpy_training.py", ("fastadam", "plain")), ("torch_training.py", ("fastadam", "torch"))],
+)
 def test_examples_run_and_switch(script, choices, capsys):
     """Both examples run with either optimizer. The NumPy one lands on the same accuracy
     both ways; the conv net (ReLU, max-pooling, early in training) is too sensitive for
@@ -856,5 +928,7 @@ def test_examples_run_and_switch(script, choices, capsys):
 if __name__ == "__main__":  # print the measured trajectory differences
     torch.set_num_threads(1)
     for (kind, dtype), (ratios, dmax) in measure_trajectories().items():
-        print(f"{kind} {dtype}: max |dp| = {dmax:.3g}; |dp|/(t eps (|p|+lr)) per combination: "
-              + " ".join(f"{r:.2f}" for r in ratios))
+        print(
+            f"{kind} {dtype}: max |dp| = {dmax:.3g}; |dp|/(t eps (|p|+lr)) per combination: "
+            + " ".join(f"{r:.2f}" for r in ratios)
+        )

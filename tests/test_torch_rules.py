@@ -31,6 +31,7 @@ double), which brings float32 runs a little closer to torch.
    checked bit for bit against its recurrence computed in NumPy;
 plus ZeroRedundancyOptimizer (two ranks) with SGD and NAdam, and refused state dicts.
 """
+
 import copy
 import inspect
 import io
@@ -40,13 +41,13 @@ import textwrap
 import numpy as np
 import pytest
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: fastadam.torch is not tested")
+torch = pytest.importorskip("torch", reason="torch is not installed: fastadam.torch is not tested")
+
+import test_reference_rules as ref  # noqa: E402  (the closed-loop problem and its bounds)
+from ranks import launch  # noqa: E402  (the 2-process gloo launcher)
 
 import fastadam  # noqa: E402
 import fastadam.torch as ft  # noqa: E402
-import test_reference_rules as ref  # noqa: E402  (the closed-loop problem and its bounds)
-from ranks import launch  # noqa: E402  (the 2-process gloo launcher)
 
 RULES = ["SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion"]
 CLIP = 30.0  # max_grad_norm: the problem's gradient norms run from about 10 to 40
@@ -68,8 +69,9 @@ class TorchLion(torch.optim.Optimizer):
     reference's), so that it is bit-identical to the reference there."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,8 +85,10 @@ class TorchLion(torch.optim.Optimizer):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                 grad = -p.grad if group["maximize"] else p.grad
-                p_, g, m = (torch.view_as_real(x) if x.is_complex() else x
-                            for x in (p, grad, state["exp_avg"]))
+                p_, g, m = (
+                    torch.view_as_real(x) if x.is_complex() else x
+                    for x in (p, grad, state["exp_avg"])
+                )
                 p_.mul_(1.0 - lr * wd)
                 update = (m * beta1 + g * (1.0 - beta1)).sign_()
                 p_.add_(update, alpha=-lr)
@@ -107,8 +111,10 @@ def _sign(options):
 
 def _numpy_state(opt, params):
     """Each parameter's state as {key: ndarray} (the tensors of the rule's streams)."""
-    return [{k: v.numpy() for k, v in opt.state[p].items()
-             if isinstance(v, torch.Tensor) and v.dim()} for p in params]
+    return [
+        {k: v.numpy() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.dim()}
+        for p in params
+    ]
 
 
 def _real(p):
@@ -118,14 +124,15 @@ def _real(p):
 def _run(opt, ps, name, dtype, start, stop):
     """Steps start..stop (1-based, inclusive) of the closed loop of test_reference_rules
     (a complex parameter is the pairs of reals of its view_as_real)."""
-    _, lr, options = ref.CASES[name]
+    _, _lr, options = ref.CASES[name]
     _, h, c, noise = ref._problem(dtype)
     sign = _sign(options)
     for t in range(start, stop + 1):
         for i, p in enumerate(ps):
             a = _real(p).detach().numpy()
-            g = torch.from_numpy(ref._grad(a.reshape(h[i].shape), h[i], c[i], noise[t - 1][i],
-                                           sign).reshape(a.shape))
+            g = torch.from_numpy(
+                ref._grad(a.reshape(h[i].shape), h[i], c[i], noise[t - 1][i], sign).reshape(a.shape)
+            )
             p.grad = torch.view_as_complex(g) if p.is_complex() else g
         opt.step()
 
@@ -133,10 +140,13 @@ def _run(opt, ps, name, dtype, start, stop):
 def _check_ratios(dtype, name, ratios):
     rule = ref.CASES[name][0]
     for k, ratio in ratios.items():
-        bound = ref.K_P if k == "p" else (ref.K_B if ref.STATES[rule].get(k, 0) is None
-                                          else ref.K_S)
-        assert ratio <= bound, (f"{name} ({np.dtype(dtype).name}): {k} differs from torch's "
-                                f"by {ratio:.3g} * t * eps * scale; bound {bound}")
+        bound = (
+            ref.K_P if k == "p" else (ref.K_B if ref.STATES[rule].get(k, 0) is None else ref.K_S)
+        )
+        assert ratio <= bound, (
+            f"{name} ({np.dtype(dtype).name}): {k} differs from torch's "
+            f"by {ratio:.3g} * t * eps * scale; bound {bound}"
+        )
 
 
 # ------------------------------------------------------------- 1. agreement with torch
@@ -170,10 +180,22 @@ def test_matches_torch(dtype, name):
 
 
 # --------------------------------------------------- 2. the same bits as the NumPy API
-BITWISE = ["sgd", "sgd_dampening", "sgd_nesterov_l2", "sgd_maximize_l2",
-           "adagrad_decay_init_l2", "rmsprop_momentum", "rmsprop_all_maximize",
-           "adamax_l2_maximize", "nadam", "nadam_decoupled_maximize", "radam_l2",
-           "radam_decoupled_maximize", "lion", "lion_decay_maximize"]
+BITWISE = [
+    "sgd",
+    "sgd_dampening",
+    "sgd_nesterov_l2",
+    "sgd_maximize_l2",
+    "adagrad_decay_init_l2",
+    "rmsprop_momentum",
+    "rmsprop_all_maximize",
+    "adamax_l2_maximize",
+    "nadam",
+    "nadam_decoupled_maximize",
+    "radam_l2",
+    "radam_decoupled_maximize",
+    "lion",
+    "lion_decay_maximize",
+]
 
 
 @pytest.mark.parametrize("name", BITWISE)
@@ -197,8 +219,9 @@ def test_same_bits_as_the_numpy_api(name):
         for t in range(1, ref.STEPS + 1):
             scale = 4.0 if t % 2 else 1.0  # exact either way
             gs = [ref._grad(a, h[i], c[i], noise[t - 1][i], sign) for i, a in enumerate(npp)]
-            gt = [ref._grad(p.numpy(), h[i], c[i], noise[t - 1][i], sign)
-                  for i, p in enumerate(tps)]
+            gt = [
+                ref._grad(p.numpy(), h[i], c[i], noise[t - 1][i], sign) for i, p in enumerate(tps)
+            ]
             nopt.step([g * dtype(scale) for g in gs], grad_scale=scale)
             for p, g in zip(tps, gt):
                 p.grad = torch.from_numpy(g * dtype(scale))
@@ -246,9 +269,16 @@ def test_adam_extras_same_bits_as_the_numpy_api():
 
 
 # ---------------------------------------------- 3. state_dict interchange with torch
-INTERCHANGE = ["sgd_dampening", "sgd_nesterov_l2", "adagrad_decay_init_l2",
-               "rmsprop_all_maximize", "adamax_l2_maximize", "nadam_decoupled_maximize",
-               "radam_l2", "lion_decay_maximize"]
+INTERCHANGE = [
+    "sgd_dampening",
+    "sgd_nesterov_l2",
+    "adagrad_decay_init_l2",
+    "rmsprop_all_maximize",
+    "adamax_l2_maximize",
+    "nadam_decoupled_maximize",
+    "radam_l2",
+    "lion_decay_maximize",
+]
 SWITCH = 100
 
 
@@ -328,8 +358,12 @@ def test_sgd_first_step_semantics_match_torch():
         # buf = g, or not restarted, would be off by half of g)
         torch.testing.assert_close(pf, pt, rtol=1e-6, atol=1e-6, msg=f"step {t}")
         if t >= 4:
-            torch.testing.assert_close(of.state[pf]["momentum_buffer"],
-                                       ot.state[pt]["momentum_buffer"], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                of.state[pf]["momentum_buffer"],
+                ot.state[pt]["momentum_buffer"],
+                rtol=1e-6,
+                atol=1e-6,
+            )
     assert of.state_dict()["state"].keys() == ot.state_dict()["state"].keys()
 
 
@@ -374,28 +408,66 @@ def test_state_of_replaced_params_is_left_out_of_state_dict():
 
 # ------------------------------------------------------------------ 4. torch's errors
 BAD = {
-    "SGD": [dict(lr=-1.0), dict(lr=torch.tensor([1e-3, 1e-3])), dict(lr=torch.tensor(-0.5)),
-            dict(momentum=-0.1), dict(weight_decay=-1e-2), dict(nesterov=True),
-            dict(momentum=0.9, dampening=0.1, nesterov=True),
-            dict(lr=-1.0, momentum=-1.0)],
-    "Adagrad": [dict(lr=-1), dict(lr_decay=-0.1), dict(weight_decay=-1.0),
-                dict(initial_accumulator_value=-0.5), dict(eps=-1e-10),
-                dict(lr_decay=-1.0, eps=-1.0)],
-    "RMSprop": [dict(lr=-1e-2), dict(eps=-1.0), dict(momentum=-0.5), dict(weight_decay=-2),
-                dict(alpha=-0.9), dict(alpha=-1.0, momentum=-1.0)],
-    "Adamax": [dict(lr=-2e-3), dict(eps=-1e-8), dict(betas=(1.0, 0.999)),
-               dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0),
-               dict(betas=(1.5, 0.5), weight_decay=-1.0), dict(eps=-1.0, betas=(1.5, 0.5))],
-    "NAdam": [dict(lr=-1.0), dict(eps=-1.0), dict(betas=(-0.1, 0.999)), dict(betas=(0.9, 1.0)),
-              dict(weight_decay=-0.1), dict(momentum_decay=-4e-3),
-              dict(betas=(1.5, 0.5), weight_decay=-1.0)],
-    "RAdam": [dict(lr=-1.0), dict(eps=-1.0), dict(betas=(2.0, 0.999)), dict(betas=(0.9, 1.5)),
-              dict(weight_decay=-1e-2), dict(betas=(1.5, 0.5), weight_decay=-1.0)],
+    "SGD": [
+        dict(lr=-1.0),
+        dict(lr=torch.tensor([1e-3, 1e-3])),
+        dict(lr=torch.tensor(-0.5)),
+        dict(momentum=-0.1),
+        dict(weight_decay=-1e-2),
+        dict(nesterov=True),
+        dict(momentum=0.9, dampening=0.1, nesterov=True),
+        dict(lr=-1.0, momentum=-1.0),
+    ],
+    "Adagrad": [
+        dict(lr=-1),
+        dict(lr_decay=-0.1),
+        dict(weight_decay=-1.0),
+        dict(initial_accumulator_value=-0.5),
+        dict(eps=-1e-10),
+        dict(lr_decay=-1.0, eps=-1.0),
+    ],
+    "RMSprop": [
+        dict(lr=-1e-2),
+        dict(eps=-1.0),
+        dict(momentum=-0.5),
+        dict(weight_decay=-2),
+        dict(alpha=-0.9),
+        dict(alpha=-1.0, momentum=-1.0),
+    ],
+    "Adamax": [
+        dict(lr=-2e-3),
+        dict(eps=-1e-8),
+        dict(betas=(1.0, 0.999)),
+        dict(betas=(0.9, -0.1)),
+        dict(weight_decay=-1.0),
+        dict(betas=(1.5, 0.5), weight_decay=-1.0),
+        dict(eps=-1.0, betas=(1.5, 0.5)),
+    ],
+    "NAdam": [
+        dict(lr=-1.0),
+        dict(eps=-1.0),
+        dict(betas=(-0.1, 0.999)),
+        dict(betas=(0.9, 1.0)),
+        dict(weight_decay=-0.1),
+        dict(momentum_decay=-4e-3),
+        dict(betas=(1.5, 0.5), weight_decay=-1.0),
+    ],
+    "RAdam": [
+        dict(lr=-1.0),
+        dict(eps=-1.0),
+        dict(betas=(2.0, 0.999)),
+        dict(betas=(0.9, 1.5)),
+        dict(weight_decay=-1e-2),
+        dict(betas=(1.5, 0.5), weight_decay=-1.0),
+    ],
 }
 
 
-@pytest.mark.parametrize("rule, bad", [(r, b) for r, bs in BAD.items() for b in bs],
-                         ids=lambda x: x if isinstance(x, str) else repr(x))
+@pytest.mark.parametrize(
+    "rule, bad",
+    [(r, b) for r, bs in BAD.items() for b in bs],
+    ids=lambda x: x if isinstance(x, str) else repr(x),
+)
 def test_bad_hyperparameters_raise_as_torch(rule, bad):
     with pytest.raises(Exception) as want:
         getattr(torch.optim, rule)([torch.zeros(3, requires_grad=True)], **bad)
@@ -411,9 +483,11 @@ def test_bad_options_at_step_time_raise_as_torch_and_change_nothing(rule):
     p = torch.ones(4, requires_grad=True)
     opt = getattr(ft, rule)([p], momentum=0.9) if rule == "SGD" else getattr(ft, rule)([p])
     p.grad = torch.ones(4)
-    for key, value, message in (("lr", -1.0, "Invalid learning rate: -1.0"),
-                                ("weight_decay", -2, "Invalid weight_decay value: -2"),
-                                ("lr", torch.tensor([1.0, 2.0]), "Tensor lr must be 1-element")):
+    for key, value, message in (
+        ("lr", -1.0, "Invalid learning rate: -1.0"),
+        ("weight_decay", -2, "Invalid weight_decay value: -2"),
+        ("lr", torch.tensor([1.0, 2.0]), "Tensor lr must be 1-element"),
+    ):
         saved = opt.param_groups[0][key]
         opt.param_groups[0][key] = value
         with pytest.raises(ValueError) as e:
@@ -454,10 +528,12 @@ def test_fastadam_refuses_what_torch_lets_through(rule):
 
 def test_lion_messages_in_torch_style():
     ps = [torch.zeros(3, requires_grad=True)]
-    for bad, message in ((dict(lr=-1.0), "Invalid learning rate: -1.0"),
-                         (dict(weight_decay=-1), "Invalid weight_decay value: -1"),
-                         (dict(betas=(1.5, 0.9)), "Invalid beta parameter at index 0: 1.5"),
-                         (dict(betas=(0.9, -0.5)), "Invalid beta parameter at index 1: -0.5")):
+    for bad, message in (
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(weight_decay=-1), "Invalid weight_decay value: -1"),
+        (dict(betas=(1.5, 0.9)), "Invalid beta parameter at index 0: 1.5"),
+        (dict(betas=(0.9, -0.5)), "Invalid beta parameter at index 1: -0.5"),
+    ):
         with pytest.raises(ValueError) as e:
             ft.Lion(ps, **bad)
         assert str(e.value) == message
@@ -468,11 +544,18 @@ def test_lion_messages_in_torch_style():
 def test_constructor_matches_torch_signature(rule):
     mine = inspect.signature(getattr(ft, rule).__init__).parameters
     theirs = inspect.signature(getattr(torch.optim, rule).__init__).parameters
-    assert list(mine)[:len(theirs)] == list(theirs)
+    assert list(mine)[: len(theirs)] == list(theirs)
     for name, p in theirs.items():
         assert mine[name].default == p.default and mine[name].kind == p.kind, name
-    extras = {"max_grad_norm": None, "num_threads": None, "ema_decay": None,
-              "master_weights": False, "state_dtype": None, "rounding": "nearest", "seed": 0}
+    extras = {
+        "max_grad_norm": None,
+        "num_threads": None,
+        "ema_decay": None,
+        "master_weights": False,
+        "state_dtype": None,
+        "rounding": "nearest",
+        "seed": 0,
+    }
     if rule in ("Adam", "AdamW"):
         extras["eps_root"] = 0.0
     assert {k: p.default for k, p in mine.items() if k not in theirs} == extras
@@ -482,29 +565,48 @@ def test_constructor_matches_torch_signature(rule):
 def test_lion_signature():
     mine = inspect.signature(ft.Lion.__init__).parameters
     assert [(k, p.default) for k, p in mine.items()][1:] == [
-        ("params", inspect.Parameter.empty), ("lr", 1e-4), ("betas", (0.9, 0.99)),
-        ("weight_decay", 0.0), ("maximize", False), ("max_grad_norm", None),
-        ("num_threads", None), ("ema_decay", None), ("master_weights", False),
-        ("state_dtype", None), ("rounding", "nearest"), ("seed", 0)]
+        ("params", inspect.Parameter.empty),
+        ("lr", 1e-4),
+        ("betas", (0.9, 0.99)),
+        ("weight_decay", 0.0),
+        ("maximize", False),
+        ("max_grad_norm", None),
+        ("num_threads", None),
+        ("ema_decay", None),
+        ("master_weights", False),
+        ("state_dtype", None),
+        ("rounding", "nearest"),
+        ("seed", 0),
+    ]
 
 
 # ------------------------------------------- 5. groups, schedulers, AMP, clipping, EMA
-FEATURES = {"SGD": "sgd_nesterov_l2", "Adagrad": "adagrad_decay_init_l2",
-            "RMSprop": "rmsprop_all_maximize", "Adamax": "adamax_l2_maximize",
-            "NAdam": "nadam_decoupled_maximize", "RAdam": "radam_decoupled_maximize",
-            "Lion": "lion"}
-ADAM_CASES = {"Adam": ("Adam", 1e-3, dict(weight_decay=1e-2, amsgrad=True)),
-              "AdamW": ("AdamW", 1e-3, dict(weight_decay=0.1, maximize=True))}
+FEATURES = {
+    "SGD": "sgd_nesterov_l2",
+    "Adagrad": "adagrad_decay_init_l2",
+    "RMSprop": "rmsprop_all_maximize",
+    "Adamax": "adamax_l2_maximize",
+    "NAdam": "nadam_decoupled_maximize",
+    "RAdam": "radam_decoupled_maximize",
+    "Lion": "lion",
+}
+ADAM_CASES = {
+    "Adam": ("Adam", 1e-3, dict(weight_decay=1e-2, amsgrad=True)),
+    "AdamW": ("AdamW", 1e-3, dict(weight_decay=0.1, maximize=True)),
+}
 ADAM_STATES = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
 FEATURE_STEPS = 120
 INJECT = {17, 50, 51, 90}  # inf/NaN in a gradient: GradScaler skips these steps
-EMA = (0.9, 0.99)          # the two groups' ema_decay
+EMA = (0.9, 0.99)  # the two groups' ema_decay
 
 
 def _clip_in_double(params, max_norm):
     """clip_grad_norm_ with the norm in double (as fastadam computes it)."""
-    grads = [torch.view_as_real(p.grad) if p.is_complex() else p.grad
-             for p in params if p.grad is not None]
+    grads = [
+        torch.view_as_real(p.grad) if p.is_complex() else p.grad
+        for p in params
+        if p.grad is not None
+    ]
     norm = float(torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
@@ -533,8 +635,10 @@ def test_groups_scheduler_amp_clipping_none_grads_and_ema(rule):
 
     def groups(ps, tensor_lr):
         lr0 = torch.tensor(lr) if tensor_lr else float(torch.tensor(lr))  # the same value
-        return [{"params": ps[:3], "lr": lr0, "ema_decay": EMA[0]},
-                {"params": ps[3:], "lr": float(torch.tensor(lr)) / 2, "ema_decay": EMA[1]}]
+        return [
+            {"params": ps[:3], "lr": lr0, "ema_decay": EMA[0]},
+            {"params": ps[3:], "lr": float(torch.tensor(lr)) / 2, "ema_decay": EMA[1]},
+        ]
 
     sides = {}
     for side in ("torch", "fastadam"):
@@ -545,8 +649,9 @@ def test_groups_scheduler_amp_clipping_none_grads_and_ema(rule):
                 del g["ema_decay"]
             opt = _torch_opt(rule_, gs, lr=lr, **options)
         else:
-            opt = getattr(ft, rule_)(groups(ps, True), lr=lr, max_grad_norm=CLIP,
-                                     num_threads=2, **options)
+            opt = getattr(ft, rule_)(
+                groups(ps, True), lr=lr, max_grad_norm=CLIP, num_threads=2, **options
+            )
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=40, gamma=0.5)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=20)
         sides[side] = (ps, opt, sched, scaler)
@@ -657,12 +762,19 @@ def test_complex_parameters_are_pairs_of_reals(rule):
             ps = [torch.tensor(a) for a in p0]
             if kind != "real":  # (2, 3, 4) as complex (2, 3, 2)
                 ps[2] = torch.view_as_complex(ps[2].reshape(2, 3, 2, 2))
-            opt = (_torch_opt(rule_, ps, lr=lr, **options) if kind == "torch"
-                   else getattr(ft, rule_)(ps, lr=lr, **options))
+            opt = (
+                _torch_opt(rule_, ps, lr=lr, **options)
+                if kind == "torch"
+                else getattr(ft, rule_)(ps, lr=lr, **options)
+            )
             _run(opt, ps, name, dtype, 1, ref.STEPS)
-            runs[kind] = ([_real(p).numpy().reshape(a.shape) for p, a in zip(ps, p0)],
-                          [{k: _real(v).reshape(a.shape) for k, v in opt.state[p].items()
-                            if v.dim()} for p, a in zip(ps, p0)])
+            runs[kind] = (
+                [_real(p).numpy().reshape(a.shape) for p, a in zip(ps, p0)],
+                [
+                    {k: _real(v).reshape(a.shape) for k, v in opt.state[p].items() if v.dim()}
+                    for p, a in zip(ps, p0)
+                ],
+            )
     assert ps[2].dtype == torch.complex64
     (rp, rs), (cp, cs), (tp, ts) = runs["real"], runs["complex"], runs["torch"]
     for a, b in zip(rp, cp):
@@ -670,8 +782,11 @@ def test_complex_parameters_are_pairs_of_reals(rule):
     for a, b in zip(rs, cs):
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = dict(ref._result(dtype, name), torch_p=tp, torch_state=ts)  # P, U, G, S: real run's
-    _check_ratios(dtype, name, ref._ratios(dtype, name, r, ref=(
-        cp, [{k: v.numpy() for k, v in s.items()} for s in cs])))
+    _check_ratios(
+        dtype,
+        name,
+        ref._ratios(dtype, name, r, ref=(cp, [{k: v.numpy() for k, v in s.items()} for s in cs])),
+    )
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -722,8 +837,9 @@ def test_pickle_and_deepcopy_keep_everything(rule):
 
     p = torch.ones(4, requires_grad=True)
     kw = dict(momentum=0.9) if rule == "SGD" else {}
-    opt = getattr(ft, rule)([p], lr=torch.tensor(1e-2), max_grad_norm=1.5, num_threads=1,
-                            ema_decay=0.9, **kw)
+    opt = getattr(ft, rule)(
+        [p], lr=torch.tensor(1e-2), max_grad_norm=1.5, num_threads=1, ema_decay=0.9, **kw
+    )
     for _ in range(3):
         p.grad = torch.linspace(-1, 1, 4)
         opt.step()
@@ -739,20 +855,27 @@ def test_pickle_and_deepcopy_keep_everything(rule):
 # ------------------------------------------------------------ refused state dicts
 def _bad_entries(rule):
     """(edit of a state entry, exception, message) for a state_dict of `rule`."""
-    key = {"SGD": "momentum_buffer", "Adagrad": "sum", "RMSprop": "square_avg",
-           "Adamax": "exp_inf", "NAdam": "exp_avg_sq", "RAdam": "exp_avg",
-           "Lion": "exp_avg"}[rule]
-    out = [(lambda e: e.__setitem__(key, torch.zeros(7)), ValueError, "shape"),
-           (lambda e: e.__setitem__(key, [0.0] * 6), TypeError, "tensor"),
-           (lambda e: e.__setitem__("bogus", torch.zeros(6)), ValueError, "unknown keys"),
-           (lambda e: e.__setitem__("param_ema_step", -1), ValueError, "param_ema_step")]
+    key = {
+        "SGD": "momentum_buffer",
+        "Adagrad": "sum",
+        "RMSprop": "square_avg",
+        "Adamax": "exp_inf",
+        "NAdam": "exp_avg_sq",
+        "RAdam": "exp_avg",
+        "Lion": "exp_avg",
+    }[rule]
+    out = [
+        (lambda e: e.__setitem__(key, torch.zeros(7)), ValueError, "shape"),
+        (lambda e: e.__setitem__(key, [0.0] * 6), TypeError, "tensor"),
+        (lambda e: e.__setitem__("bogus", torch.zeros(6)), ValueError, "unknown keys"),
+        (lambda e: e.__setitem__("param_ema_step", -1), ValueError, "param_ema_step"),
+    ]
     if rule not in ("SGD",):
         out.append((lambda e: e.pop(key), ValueError, f"lacks \\['{key}'\\]"))
     if rule not in ("SGD", "Lion"):
         out.append((lambda e: e.__setitem__("step", torch.tensor(-1.0)), ValueError, ">= 0"))
     else:
-        out.append((lambda e: e.__setitem__("step", torch.tensor(1.0)), ValueError,
-                    "unknown keys"))
+        out.append((lambda e: e.__setitem__("step", torch.tensor(1.0)), ValueError, "unknown keys"))
     if rule == "NAdam":
         out.append((lambda e: e.__setitem__("mu_product", 1.5), ValueError, "mu_product"))
     return out
@@ -781,14 +904,16 @@ def test_load_state_dict_refuses_bad_entries_and_changes_nothing(rule):
 
 # ------------------------------------------------------------------------- ZeRO
 ZERO_STEPS = 30
-ZERO_CASES = {"SGD": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-2),
-              "Adagrad": dict(lr=1e-2, lr_decay=1e-3, initial_accumulator_value=0.1),
-              "RMSprop": dict(lr=1e-3, momentum=0.5, centered=True),
-              "Adamax": dict(lr=2e-3, weight_decay=1e-2),
-              "NAdam": dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
-              "RAdam": dict(lr=1e-3, weight_decay=1e-2),
-              "Lion": dict(lr=1e-4, weight_decay=1e-1, ema_decay=0.9)}
-ZERO_WORKER = textwrap.dedent(r'''
+ZERO_CASES = {
+    "SGD": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+    "Adagrad": dict(lr=1e-2, lr_decay=1e-3, initial_accumulator_value=0.1),
+    "RMSprop": dict(lr=1e-3, momentum=0.5, centered=True),
+    "Adamax": dict(lr=2e-3, weight_decay=1e-2),
+    "NAdam": dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
+    "RAdam": dict(lr=1e-3, weight_decay=1e-2),
+    "Lion": dict(lr=1e-4, weight_decay=1e-1, ema_decay=0.9),
+}
+ZERO_WORKER = textwrap.dedent(r"""
     import json, sys
     import torch
     import torch.distributed as dist
@@ -827,7 +952,7 @@ ZERO_WORKER = textwrap.dedent(r'''
         json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
-''')
+""")
 
 
 def test_zero_redundancy_optimizer_with_every_rule(tmp_path):
@@ -836,15 +961,19 @@ def test_zero_redundancy_optimizer_with_every_rule(tmp_path):
     dist = pytest.importorskip("torch.distributed", reason="torch.distributed is unavailable")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is unavailable")
-    launch(tmp_path, ZERO_WORKER, (ZERO_STEPS, json.dumps(ZERO_CASES)), timeout=120,
-           what="ZeroRedundancyOptimizer job")
+    launch(
+        tmp_path,
+        ZERO_WORKER,
+        (ZERO_STEPS, json.dumps(ZERO_CASES)),
+        timeout=120,
+        what="ZeroRedundancyOptimizer job",
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
     for cls, kw in ZERO_CASES.items():
         torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
-                                  torch.nn.Linear(32, 4))
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
         opt = getattr(ft, cls)(net.parameters(), **kw)
         for _ in range(ZERO_STEPS):
             opt.zero_grad()

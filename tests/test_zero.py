@@ -17,15 +17,14 @@ parameters are compared with a single-process fastadam.torch.Adam run on the sam
 Each rank also reports how many parameter elements its local optimizer holds state for:
 together they cover the model once (the point of ZeRO).
 """
+
 import json
 import textwrap
 
 import pytest
-
 from ranks import launch
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: fastadam.torch is not tested")
+torch = pytest.importorskip("torch", reason="torch is not installed: fastadam.torch is not tested")
 dist = pytest.importorskip("torch.distributed", reason="torch.distributed is unavailable")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is unavailable", allow_module_level=True)
@@ -34,7 +33,7 @@ STEPS = 60
 LR = 1e-3
 K_TRAJ = 4.0
 
-WORKER = textwrap.dedent(r'''
+WORKER = textwrap.dedent(r"""
     import json, sys
     import torch
     import torch.distributed as dist
@@ -90,15 +89,20 @@ WORKER = textwrap.dedent(r'''
         json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
-''')
+""")
 
 
 def _single_process(x, y):
     import fastadam.torch
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
-                              torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.GELU(),
+        torch.nn.Linear(32, 4),
+    )
     opt = fastadam.torch.Adam(net.parameters(), lr=LR, weight_decay=1e-2, amsgrad=True)
     for _ in range(STEPS):
         opt.zero_grad()
@@ -108,8 +112,7 @@ def _single_process(x, y):
 
 
 def _launch(tmp_path, world=2):
-    launch(tmp_path, WORKER, (STEPS, LR), world, timeout=120,
-           what="ZeroRedundancyOptimizer job")
+    launch(tmp_path, WORKER, (STEPS, LR), world, timeout=120, what="ZeroRedundancyOptimizer job")
 
 
 def test_zero_redundancy_optimizer_with_fastadam(tmp_path):
@@ -133,11 +136,15 @@ def test_zero_redundancy_optimizer_with_fastadam(tmp_path):
 
     sharded = torch.load(tmp_path / "split.pt", weights_only=True)
     eps = torch.finfo(torch.float32).eps
-    worst = max(float(((a - b).abs() / (STEPS * eps * (b.abs() + LR))).max())
-                for a, b in zip(sharded, single))
-    print(f"ZeRO, 2 ranks: state elements per rank {[r['split']['held'] for r in ranks]} of "
-          f"{numel}; same batch: bitwise equal to one process; split batch: "
-          f"max |dp| / (t eps (|p| + lr)) = {worst:.3g} (bound {K_TRAJ})")
+    worst = max(
+        float(((a - b).abs() / (STEPS * eps * (b.abs() + LR))).max())
+        for a, b in zip(sharded, single)
+    )
+    print(
+        f"ZeRO, 2 ranks: state elements per rank {[r['split']['held'] for r in ranks]} of "
+        f"{numel}; same batch: bitwise equal to one process; split batch: "
+        f"max |dp| / (t eps (|p| + lr)) = {worst:.3g} (bound {K_TRAJ})"
+    )
     assert worst <= K_TRAJ
     moved = max(float((a - b).abs().max()) for a, b in zip(sharded, _initial()))
     assert moved > 1e-2
@@ -145,6 +152,11 @@ def test_zero_redundancy_optimizer_with_fastadam(tmp_path):
 
 def _initial():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
-                              torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.GELU(),
+        torch.nn.Linear(32, 4),
+    )
     return [p.detach() for p in net.parameters()]

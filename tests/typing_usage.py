@@ -2,6 +2,7 @@
 pyproject.toml) against fastadam's annotations, py.typed and the _core stub. Not a test
 module (pytest collects test_*.py only); tests/test_typing.py runs it once, in well under a
 second, so that it cannot rot into code that does not run either."""
+
 from __future__ import annotations
 
 import io

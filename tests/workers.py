@@ -3,6 +3,7 @@ in its own interpreter (``python tests/workers.py NAME``) under a timeout, so th
 regression fails one test instead of killing the test run. Each prints "ok" last and
 exits 0 when everything held; an assertion error exits non-zero with its message.
 """
+
 import os
 import signal
 import sys
@@ -19,8 +20,9 @@ def _exact(params, **kw):
     """An Adam whose every step moves each element by exactly -lr: beta1 = beta2 = 0 and no
     bias correction make m/sqrt(v) = g/|g| = 1, and lr = 2**-10 keeps every sum exact, so
     that a lost or doubled update shows as a wrong value whatever the order of steps."""
-    return fastadam.Adam(params, lr=2.0**-10, betas=(0.0, 0.0), eps=0.0,
-                         bias_correction=False, **kw)
+    return fastadam.Adam(
+        params, lr=2.0**-10, betas=(0.0, 0.0), eps=0.0, bias_correction=False, **kw
+    )
 
 
 def grads_dropped_during_step():
@@ -34,7 +36,7 @@ def grads_dropped_during_step():
         grads = [np.ones(N_BIG, np.float32)]
         started = threading.Event()
 
-        def run():
+        def run(started=started, grads=grads):
             started.set()
             opt.step(grads)
 
@@ -59,10 +61,15 @@ def torch_grads_dropped_during_step():
     itself crashes when one thread reads p.grad while another assigns it (torch 2.13,
     without fastadam), so a free-running race would test torch, not fastadam."""
     import gc
+
     import torch
+
     import fastadam.torch as ft
-    ps = [torch.zeros(N_BIG, requires_grad=True), torch.zeros(N_BIG, dtype=torch.float64,
-                                                             requires_grad=True)]
+
+    ps = [
+        torch.zeros(N_BIG, requires_grad=True),
+        torch.zeros(N_BIG, dtype=torch.float64, requires_grad=True),
+    ]
     opt = ft.Adam(ps, lr=2.0**-10, betas=(0.0, 0.0), eps=0.0, num_threads=2)
     real = fastadam._core.step_plans
 
@@ -71,6 +78,7 @@ def torch_grads_dropped_during_step():
             for p in ps:
                 p.grad = None
             gc.collect()
+
         t = threading.Thread(target=drop)
         t.start()
         t.join()
@@ -121,8 +129,7 @@ def two_optimizers_share_a_buffer():
     p = np.zeros(N_BIG, np.float32)
     a, b = _exact([p], num_threads=2), _exact([p], num_threads=2)
     g = [np.ones_like(p)]
-    threads = [threading.Thread(target=lambda o=o: [o.step(g) for _ in range(40)])
-               for o in (a, b)]
+    threads = [threading.Thread(target=lambda o=o: [o.step(g) for _ in range(40)]) for o in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
@@ -197,6 +204,7 @@ def multiprocessing_fork_start_method():
     """multiprocessing's 'fork' start method after a threaded step, and a fork while
     another thread is in the middle of steps (the child must not inherit a held lock)."""
     import multiprocessing as mp
+
     ctx = mp.get_context("fork")
     p = np.zeros(N_BIG, np.float32)
     opt = _exact([p], num_threads=2)
@@ -239,6 +247,7 @@ def _interrupt_storm(make, step, state_of, steps=3000):
     is, about once per step; a step that it cut short is retried. Returns the optimizer
     and the number of interrupts."""
     import time
+
     probe = make()
     t0 = time.perf_counter()
     for _ in range(50):
@@ -290,8 +299,9 @@ def interrupts_keep_counts_consistent():
     g = [g[0], g[0][:7].copy()]
 
     def make():
-        return fastadam.Adam([np.zeros(300, np.float32), np.zeros(7, np.float32)],
-                             lr=lambda t: 1e-3 / t ** 0.5)
+        return fastadam.Adam(
+            [np.zeros(300, np.float32), np.zeros(7, np.float32)], lr=lambda t: 1e-3 / t**0.5
+        )
 
     def counts(o):
         sd = o.state_dict()
@@ -313,16 +323,20 @@ def family_interrupts_keep_counts_consistent():
     step differs (buf = g): everything an interrupt could leave behind is compared."""
     rng = np.random.default_rng(1)
     g = [rng.standard_normal(300).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
-    for cls, kw in ((fastadam.NAdam, dict(lr=1e-3, ema_decay=0.9)),
-                    (fastadam.SGD, dict(lr=1e-3, momentum=0.9, dampening=0.5, ema_decay=0.5))):
-        def make():
+    for cls, kw in (
+        (fastadam.NAdam, dict(lr=1e-3, ema_decay=0.9)),
+        (fastadam.SGD, dict(lr=1e-3, momentum=0.9, dampening=0.5, ema_decay=0.5)),
+    ):
+
+        def make(cls=cls, kw=kw):
             return cls([np.zeros(300, np.float32), np.zeros(7, np.float32)], **kw)
 
         def counts(o):
             sd = o.state_dict()
             return sd["step_count"], [
                 (e.get("step"), e.get("mu_product"), e["param_ema_step"])
-                for e in sd["state"].values()]
+                for e in sd["state"].values()
+            ]
 
         opt, interrupts = _interrupt_storm(make, lambda o: o.step(g), counts, steps=1500)
         clean = make()
@@ -339,6 +353,7 @@ def family_interrupts_keep_counts_consistent():
 
 def torch_interrupts_keep_counts_consistent():
     import torch
+
     import fastadam.torch as ft
 
     def make():
@@ -351,8 +366,11 @@ def torch_interrupts_keep_counts_consistent():
         o.step()
 
     def counts(o):
-        return [float(o.state[p]["step"]) if o.state else 0.0
-                for g in o.param_groups for p in g["params"]]
+        return [
+            float(o.state[p]["step"]) if o.state else 0.0
+            for g in o.param_groups
+            for p in g["params"]
+        ]
 
     opt, interrupts = _interrupt_storm(make, step, counts, steps=2000)
     clean = make()

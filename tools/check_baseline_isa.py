@@ -39,37 +39,188 @@ ALLOWED = {"dispatch.c.o": {"xgetbv"}}
 # l/q/w are stripped before comparing where noted).
 BEYOND_BASELINE = {
     # SSE3
-    "addsubps", "addsubpd", "haddps", "haddpd", "hsubps", "hsubpd", "lddqu", "movddup",
-    "movshdup", "movsldup", "fisttp", "fisttps", "fisttpl", "fisttpll", "monitor", "mwait",
+    "addsubps",
+    "addsubpd",
+    "haddps",
+    "haddpd",
+    "hsubps",
+    "hsubpd",
+    "lddqu",
+    "movddup",
+    "movshdup",
+    "movsldup",
+    "fisttp",
+    "fisttps",
+    "fisttpl",
+    "fisttpll",
+    "monitor",
+    "mwait",
     # SSSE3
-    "pabsb", "pabsw", "pabsd", "palignr", "phaddw", "phaddd", "phaddsw", "phsubw", "phsubd",
-    "phsubsw", "pmaddubsw", "pmulhrsw", "pshufb", "psignb", "psignw", "psignd",
+    "pabsb",
+    "pabsw",
+    "pabsd",
+    "palignr",
+    "phaddw",
+    "phaddd",
+    "phaddsw",
+    "phsubw",
+    "phsubd",
+    "phsubsw",
+    "pmaddubsw",
+    "pmulhrsw",
+    "pshufb",
+    "psignb",
+    "psignw",
+    "psignd",
     # SSE4.1
-    "blendps", "blendpd", "blendvps", "blendvpd", "dpps", "dppd", "extractps", "insertps",
-    "movntdqa", "mpsadbw", "packusdw", "pblendvb", "pblendw", "pcmpeqq", "pextrb", "pextrd",
-    "pextrq", "phminposuw", "pinsrb", "pinsrd", "pinsrq", "pmaxsb", "pmaxsd", "pmaxud",
-    "pmaxuw", "pminsb", "pminsd", "pminud", "pminuw", "pmovsxbw", "pmovsxbd", "pmovsxbq",
-    "pmovsxwd", "pmovsxwq", "pmovsxdq", "pmovzxbw", "pmovzxbd", "pmovzxbq", "pmovzxwd",
-    "pmovzxwq", "pmovzxdq", "pmuldq", "pmulld", "ptest", "roundps", "roundpd", "roundss",
+    "blendps",
+    "blendpd",
+    "blendvps",
+    "blendvpd",
+    "dpps",
+    "dppd",
+    "extractps",
+    "insertps",
+    "movntdqa",
+    "mpsadbw",
+    "packusdw",
+    "pblendvb",
+    "pblendw",
+    "pcmpeqq",
+    "pextrb",
+    "pextrd",
+    "pextrq",
+    "phminposuw",
+    "pinsrb",
+    "pinsrd",
+    "pinsrq",
+    "pmaxsb",
+    "pmaxsd",
+    "pmaxud",
+    "pmaxuw",
+    "pminsb",
+    "pminsd",
+    "pminud",
+    "pminuw",
+    "pmovsxbw",
+    "pmovsxbd",
+    "pmovsxbq",
+    "pmovsxwd",
+    "pmovsxwq",
+    "pmovsxdq",
+    "pmovzxbw",
+    "pmovzxbd",
+    "pmovzxbq",
+    "pmovzxwd",
+    "pmovzxwq",
+    "pmovzxdq",
+    "pmuldq",
+    "pmulld",
+    "ptest",
+    "roundps",
+    "roundpd",
+    "roundss",
     "roundsd",
     # SSE4.2, POPCNT, LZCNT/ABM, SSE4a
-    "pcmpestri", "pcmpestrm", "pcmpistri", "pcmpistrm", "pcmpgtq", "crc32", "crc32b",
-    "crc32w", "crc32l", "crc32q", "popcnt", "lzcnt", "extrq", "insertq", "movntss", "movntsd",
+    "pcmpestri",
+    "pcmpestrm",
+    "pcmpistri",
+    "pcmpistrm",
+    "pcmpgtq",
+    "crc32",
+    "crc32b",
+    "crc32w",
+    "crc32l",
+    "crc32q",
+    "popcnt",
+    "lzcnt",
+    "extrq",
+    "insertq",
+    "movntss",
+    "movntsd",
     # BMI1/BMI2 (tzcnt: executes as bsf on older CPUs but differs for 0; flagged anyway)
-    "andn", "bextr", "blsi", "blsmsk", "blsr", "tzcnt", "bzhi", "mulx", "pdep", "pext",
-    "rorx", "sarx", "shlx", "shrx",
+    "andn",
+    "bextr",
+    "blsi",
+    "blsmsk",
+    "blsr",
+    "tzcnt",
+    "bzhi",
+    "mulx",
+    "pdep",
+    "pext",
+    "rorx",
+    "sarx",
+    "shlx",
+    "shrx",
     # MOVBE, ADX, AES, PCLMUL, SHA, RDRAND/RDSEED, XSAVE family, misc
-    "movbe", "adcx", "adox", "aesenc", "aesenclast", "aesdec", "aesdeclast", "aesimc",
-    "aeskeygenassist", "pclmulqdq", "sha1rnds4", "sha1nexte", "sha1msg1", "sha1msg2",
-    "sha256rnds2", "sha256msg1", "sha256msg2", "rdrand", "rdseed", "xgetbv", "xsave",
-    "xrstor", "xsaveopt", "clflushopt", "clwb", "prefetchw", "prefetchwt1",
+    "movbe",
+    "adcx",
+    "adox",
+    "aesenc",
+    "aesenclast",
+    "aesdec",
+    "aesdeclast",
+    "aesimc",
+    "aeskeygenassist",
+    "pclmulqdq",
+    "sha1rnds4",
+    "sha1nexte",
+    "sha1msg1",
+    "sha1msg2",
+    "sha256rnds2",
+    "sha256msg1",
+    "sha256msg2",
+    "rdrand",
+    "rdseed",
+    "xgetbv",
+    "xsave",
+    "xrstor",
+    "xsaveopt",
+    "clflushopt",
+    "clwb",
+    "prefetchw",
+    "prefetchwt1",
 }
 REG_RE = re.compile(r"%(?:[yz]mm\d+|k[0-7])\b")
 FUNC_RE = re.compile(r"^[0-9a-f]+ <(.+)>:$")
-PREFIXES = {"lock", "rep", "repz", "repnz", "repe", "repne", "data16", "addr32", "notrack",
-            "bnd", "cs", "ds", "es", "fs", "gs", "ss", "rex", "rex.w", "rex.b", "rex.x",
-            "rex.r", "rex.wb", "rex.wr", "rex.wx", "rex.rb", "rex.rx", "rex.xb", "rex.wrb",
-            "rex.wrx", "rex.wxb", "rex.rxb", "rex.wrxb", "{vex}", "{vex3}", "{evex}"}
+PREFIXES = {
+    "lock",
+    "rep",
+    "repz",
+    "repnz",
+    "repe",
+    "repne",
+    "data16",
+    "addr32",
+    "notrack",
+    "bnd",
+    "cs",
+    "ds",
+    "es",
+    "fs",
+    "gs",
+    "ss",
+    "rex",
+    "rex.w",
+    "rex.b",
+    "rex.x",
+    "rex.r",
+    "rex.wb",
+    "rex.wr",
+    "rex.wx",
+    "rex.rb",
+    "rex.rx",
+    "rex.xb",
+    "rex.wrb",
+    "rex.wrx",
+    "rex.wxb",
+    "rex.rxb",
+    "rex.wrxb",
+    "{vex}",
+    "{vex3}",
+    "{evex}",
+}
 
 
 def mnemonic(text: str) -> str:
@@ -93,8 +244,12 @@ def beyond_baseline(mn: str, text: str) -> str | None:
 def check_object(path: str, objdump: str) -> list[str]:
     name = os.path.basename(path)
     allowed = ALLOWED.get(name, set())
-    out = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-w", path],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", "-w", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     leaks = []
     func = "?"
     for line in out.splitlines():
@@ -104,8 +259,11 @@ def check_object(path: str, objdump: str) -> list[str]:
             continue
         # with --no-show-raw-insn: "  12:\tmov    %rsp,%rbp"
         parts = line.split(":\t", 1)
-        if len(parts) != 2 or not parts[0].strip() or not all(
-                c in "0123456789abcdef" for c in parts[0].strip()):
+        if (
+            len(parts) != 2
+            or not parts[0].strip()
+            or not all(c in "0123456789abcdef" for c in parts[0].strip())
+        ):
             continue
         text = parts[1].split("#")[0].strip()
         if not text or text.startswith("(bad)"):
@@ -154,8 +312,9 @@ def main(argv: list[str]) -> int:
         print(f"  {'LEAK' if obj_leaks else 'ok  '} {os.path.relpath(obj)}")
         leaks += obj_leaks
     if leaks:
-        print(f"\n{len(leaks)} instruction(s) beyond the x86-64 baseline outside the per-ISA "
-              "kernels:")
+        print(
+            f"\n{len(leaks)} instruction(s) beyond the x86-64 baseline outside the per-ISA kernels:"
+        )
         for line in leaks[:50]:
             print("   ", line)
         if len(leaks) > 50:

@@ -36,12 +36,21 @@ def main(argv: list[str]) -> int:
     env.pop("PYTHONPATH", None)
 
     info = subprocess.run(
-        [sys.executable, "-c",
-         "import fastadam, sysconfig; c = fastadam.config(); "
-         "print(fastadam.__file__); print(sysconfig.get_paths()['purelib']); "
-         "print(sysconfig.get_paths()['platlib']); print(' '.join(c['simd_available'])); "
-         "print(c['openmp'], c['simd'], c['simd_compiled'])"],
-        env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fastadam, sysconfig; c = fastadam.config(); "
+                "print(fastadam.__file__); print(sysconfig.get_paths()['purelib']); "
+                "print(sysconfig.get_paths()['platlib']); print(' '.join(c['simd_available'])); "
+                "print(c['openmp'], c['simd'], c['simd_compiled'])"
+            ),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     where, purelib, platlib, simds = info[0], info[1], info[2], info[3].split()
     print(f"fastadam from {where}\n  openmp, default path, compiled in: {info[4]}")
     site = [os.path.normcase(os.path.realpath(p)) for p in (purelib, platlib)]
@@ -51,15 +60,18 @@ def main(argv: list[str]) -> int:
 
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     runs = [] if quick else [("auto", [tests])]
-    runs += [(s, [os.path.join(tests, "test_optim.py"), os.path.join(tests, "test_errors.py")])
-             for s in simds]
+    runs += [
+        (s, [os.path.join(tests, "test_optim.py"), os.path.join(tests, "test_errors.py")])
+        for s in simds
+    ]
     failed = []
     for simd, paths in runs:
         run_env = dict(env)
         if simd != "auto":
             run_env["FASTADAM_SIMD"] = simd
-        print(f"== FASTADAM_SIMD={simd}: {' '.join(os.path.basename(p) for p in paths)}",
-              flush=True)
+        print(
+            f"== FASTADAM_SIMD={simd}: {' '.join(os.path.basename(p) for p in paths)}", flush=True
+        )
         t0 = time.perf_counter()
         rc = subprocess.call(pytest + paths, env=run_env)
         print(f"   exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)

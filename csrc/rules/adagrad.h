@@ -10,8 +10,8 @@
  */
 #ifndef FA_RULE_ADAGRAD_H
 #define FA_RULE_ADAGRAD_H
-enum { FA_ADAGRAD_LR_DECAY, FA_ADAGRAD_EPS };                           /* hyper */
-enum { FA_ADAGRAD_SUM = FA_STATE0 };                                     /* streams */
+enum { FA_ADAGRAD_LR_DECAY, FA_ADAGRAD_EPS }; /* hyper */
+enum { FA_ADAGRAD_SUM = FA_STATE0 };          /* streams */
 enum { ADAGRAD_L2_WEIGHT_DECAY = FA_C_RULE, ADAGRAD_EPS, ADAGRAD_CLR };
 #define ADAGRAD_V_L2 (1u << FA_V_RULE_SHIFT)
 #endif
@@ -33,8 +33,8 @@ static unsigned fa_adagrad_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(adagrad_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(adagrad_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                                   const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -46,17 +46,17 @@ FA_INLINE void FA_FN(adagrad_body)(const fa_consts *c, char *const *s, size_t n,
     const T eps = (T)c->v[ADAGRAD_EPS];
     const T clr = (T)c->v[ADAGRAD_CLR];
     (void)l2_weight_decay;
-#define FA_ADAGRAD_ELEMENT(i)                                                            \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        T g = FA_LD(grad, i) * grad_mul;                                                 \
-        if (V & ADAGRAD_V_L2) g = g + l2_weight_decay * p;                               \
-        const T sq = FA_LD(sum, i) + g * g;                                              \
-        const T d = FA_SQRT(sq) + eps;                                                   \
-        FA_ST(sum, i, sq);                                                               \
-        p = p - (clr * g) / d;                                                           \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+#define FA_ADAGRAD_ELEMENT(i)                              \
+    {                                                      \
+        T p = FA_LD(param, i);                             \
+        T g = FA_LD(grad, i) * grad_mul;                   \
+        if (V & ADAGRAD_V_L2) g = g + l2_weight_decay * p; \
+        const T sq = FA_LD(sum, i) + g * g;                \
+        const T d = FA_SQRT(sq) + eps;                     \
+        FA_ST(sum, i, sq);                                 \
+        p = p - (clr * g) / d;                             \
+        FA_EMA_UPDATE(V, i, p)                             \
+        FA_ST(param, i, p);                                \
     }
     FA_LOOP(V, s, n, FA_ADAGRAD_ELEMENT);
 #undef FA_ADAGRAD_ELEMENT

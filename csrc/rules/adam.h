@@ -16,16 +16,33 @@
 #ifndef FA_RULE_ADAM_H
 #define FA_RULE_ADAM_H
 /* fa_options.hyper */
-enum { FA_ADAM_BETA1, FA_ADAM_BETA2, FA_ADAM_EPS, FA_ADAM_DECOUPLED, FA_ADAM_AMSGRAD,
-       FA_ADAM_BIAS_CORRECTION, FA_ADAM_EPS_MODE /* 0 paper, 1 hat */, FA_ADAM_EPS_ROOT };
+enum {
+    FA_ADAM_BETA1,
+    FA_ADAM_BETA2,
+    FA_ADAM_EPS,
+    FA_ADAM_DECOUPLED,
+    FA_ADAM_AMSGRAD,
+    FA_ADAM_BIAS_CORRECTION,
+    FA_ADAM_EPS_MODE /* 0 paper, 1 hat */,
+    FA_ADAM_EPS_ROOT
+};
 /* state streams */
 enum { FA_ADAM_EXP_AVG = FA_STATE0, FA_ADAM_EXP_AVG_SQ, FA_ADAM_MAX_EXP_AVG_SQ };
 /* fa_consts.v */
-enum { ADAM_L2_WEIGHT_DECAY = FA_C_RULE, ADAM_PARAM_DECAY, ADAM_ONE_MINUS_BETA1, ADAM_BETA2,
-       ADAM_ONE_MINUS_BETA2, ADAM_INV_SQRT_BIAS_CORRECTION2, ADAM_EPS, ADAM_STEP_SIZE,
-       ADAM_INV_BIAS_CORRECTION2, ADAM_EPS_ROOT };
-#define ADAM_V_L2 (1u << FA_V_RULE_SHIFT)
-#define ADAM_V_AMSGRAD (2u << FA_V_RULE_SHIFT)
+enum {
+    ADAM_L2_WEIGHT_DECAY = FA_C_RULE,
+    ADAM_PARAM_DECAY,
+    ADAM_ONE_MINUS_BETA1,
+    ADAM_BETA2,
+    ADAM_ONE_MINUS_BETA2,
+    ADAM_INV_SQRT_BIAS_CORRECTION2,
+    ADAM_EPS,
+    ADAM_STEP_SIZE,
+    ADAM_INV_BIAS_CORRECTION2,
+    ADAM_EPS_ROOT
+};
+#define ADAM_V_L2       (1u << FA_V_RULE_SHIFT)
+#define ADAM_V_AMSGRAD  (2u << FA_V_RULE_SHIFT)
 #define ADAM_V_EPS_ROOT (4u << FA_V_RULE_SHIFT)
 #endif
 
@@ -43,8 +60,8 @@ static void fa_adam_consts(fa_consts *c, const fa_options *o, double t, double s
     const int l2 = !decoupled && o->weight_decay != 0.0;
     (void)scalar;
     c->v[ADAM_L2_WEIGHT_DECAY] = l2 ? o->weight_decay : 0.0;
-    c->v[ADAM_PARAM_DECAY] = decoupled && o->weight_decay != 0.0 ? 1.0 - o->lr * o->weight_decay
-                                                                 : 1.0;
+    c->v[ADAM_PARAM_DECAY] =
+        decoupled && o->weight_decay != 0.0 ? 1.0 - o->lr * o->weight_decay : 1.0;
     c->v[ADAM_ONE_MINUS_BETA1] = 1.0 - beta1;
     c->v[ADAM_BETA2] = beta2;
     c->v[ADAM_ONE_MINUS_BETA2] = 1.0 - beta2;
@@ -69,8 +86,8 @@ static unsigned fa_adam_required(const fa_options *o)
 }
 
 #else /* the kernel, in the element type T */
-FA_INLINE void FA_FN(adam_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(adam_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                                const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -90,31 +107,35 @@ FA_INLINE void FA_FN(adam_body)(const fa_consts *c, char *const *s, size_t n,
     const T eps = (T)c->v[ADAM_EPS];
     const T eps_root = (T)c->v[ADAM_EPS_ROOT];
     const T step_size = (T)c->v[ADAM_STEP_SIZE];
-    (void)max_exp_avg_sq; (void)inv_bc2; (void)eps_root;
-#define FA_ADAM_ELEMENT(i)                                                               \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        T g = FA_LD(grad, i) * grad_mul;                                                 \
-        if (V & ADAM_V_L2) g = g + l2_weight_decay * p;                                  \
-        p = p * param_decay;                                                             \
-        T m = FA_LD(exp_avg, i);                                                         \
-        m = m + one_minus_beta1 * (g - m);                                               \
-        T v = FA_LD(exp_avg_sq, i);                                                      \
-        v = v * beta2 + (one_minus_beta2 * g) * g;                                       \
-        FA_ST(exp_avg, i, m);                                                            \
-        FA_ST(exp_avg_sq, i, v);                                                         \
-        if (V & ADAM_V_AMSGRAD) {                                                        \
-            T vm = FA_LD(max_exp_avg_sq, i);                                             \
-            vm = vm >= v ? vm : v;                                                       \
-            FA_ST(max_exp_avg_sq, i, vm);                                                \
-            v = vm;                                                                      \
-        }                                                                                \
-        T d;                                                                             \
-        if (V & ADAM_V_EPS_ROOT) d = FA_SQRT(v * inv_bc2 + eps_root) + eps;              \
-        else d = FA_SQRT(v) * inv_sqrt_bc2 + eps;                                        \
-        p = p - step_size * (m / d);                                                     \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+    (void)max_exp_avg_sq;
+    (void)inv_bc2;
+    (void)eps_root;
+#define FA_ADAM_ELEMENT(i)                              \
+    {                                                   \
+        T p = FA_LD(param, i);                          \
+        T g = FA_LD(grad, i) * grad_mul;                \
+        if (V & ADAM_V_L2) g = g + l2_weight_decay * p; \
+        p = p * param_decay;                            \
+        T m = FA_LD(exp_avg, i);                        \
+        m = m + one_minus_beta1 * (g - m);              \
+        T v = FA_LD(exp_avg_sq, i);                     \
+        v = v * beta2 + (one_minus_beta2 * g) * g;      \
+        FA_ST(exp_avg, i, m);                           \
+        FA_ST(exp_avg_sq, i, v);                        \
+        if (V & ADAM_V_AMSGRAD) {                       \
+            T vm = FA_LD(max_exp_avg_sq, i);            \
+            vm = vm >= v ? vm : v;                      \
+            FA_ST(max_exp_avg_sq, i, vm);               \
+            v = vm;                                     \
+        }                                               \
+        T d;                                            \
+        if (V & ADAM_V_EPS_ROOT)                        \
+            d = FA_SQRT(v * inv_bc2 + eps_root) + eps;  \
+        else                                            \
+            d = FA_SQRT(v) * inv_sqrt_bc2 + eps;        \
+        p = p - step_size * (m / d);                    \
+        FA_EMA_UPDATE(V, i, p)                          \
+        FA_ST(param, i, p);                             \
     }
     FA_LOOP(V, s, n, FA_ADAM_ELEMENT);
 #undef FA_ADAM_ELEMENT

@@ -11,10 +11,15 @@
  */
 #ifndef FA_RULE_ADAMAX_H
 #define FA_RULE_ADAMAX_H
-enum { FA_ADAMAX_BETA1, FA_ADAMAX_BETA2, FA_ADAMAX_EPS };               /* hyper */
-enum { FA_ADAMAX_EXP_AVG = FA_STATE0, FA_ADAMAX_EXP_INF };               /* streams */
-enum { ADAMAX_L2_WEIGHT_DECAY = FA_C_RULE, ADAMAX_ONE_MINUS_BETA1, ADAMAX_BETA2, ADAMAX_EPS,
-       ADAMAX_CLR };
+enum { FA_ADAMAX_BETA1, FA_ADAMAX_BETA2, FA_ADAMAX_EPS };  /* hyper */
+enum { FA_ADAMAX_EXP_AVG = FA_STATE0, FA_ADAMAX_EXP_INF }; /* streams */
+enum {
+    ADAMAX_L2_WEIGHT_DECAY = FA_C_RULE,
+    ADAMAX_ONE_MINUS_BETA1,
+    ADAMAX_BETA2,
+    ADAMAX_EPS,
+    ADAMAX_CLR
+};
 #define ADAMAX_V_L2 (1u << FA_V_RULE_SHIFT)
 #endif
 
@@ -38,8 +43,8 @@ static unsigned fa_adamax_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(adamax_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(adamax_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                                  const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -54,21 +59,21 @@ FA_INLINE void FA_FN(adamax_body)(const fa_consts *c, char *const *s, size_t n,
     const T eps = (T)c->v[ADAMAX_EPS];
     const T clr = (T)c->v[ADAMAX_CLR];
     (void)l2_weight_decay;
-#define FA_ADAMAX_ELEMENT(i)                                                             \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        T g = FA_LD(grad, i) * grad_mul;                                                 \
-        if (V & ADAMAX_V_L2) g = g + l2_weight_decay * p;                                \
-        T m = FA_LD(exp_avg, i);                                                         \
-        m = m + one_minus_beta1 * (g - m);                                               \
-        const T x = FA_LD(exp_inf, i) * beta2;                                           \
-        const T y = FA_FABS(g) + eps;                                                    \
-        const T u = x >= y ? x : y;                                                      \
-        FA_ST(exp_avg, i, m);                                                            \
-        FA_ST(exp_inf, i, u);                                                            \
-        p = p - (clr * m) / u;                                                           \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+#define FA_ADAMAX_ELEMENT(i)                              \
+    {                                                     \
+        T p = FA_LD(param, i);                            \
+        T g = FA_LD(grad, i) * grad_mul;                  \
+        if (V & ADAMAX_V_L2) g = g + l2_weight_decay * p; \
+        T m = FA_LD(exp_avg, i);                          \
+        m = m + one_minus_beta1 * (g - m);                \
+        const T x = FA_LD(exp_inf, i) * beta2;            \
+        const T y = FA_FABS(g) + eps;                     \
+        const T u = x >= y ? x : y;                       \
+        FA_ST(exp_avg, i, m);                             \
+        FA_ST(exp_inf, i, u);                             \
+        p = p - (clr * m) / u;                            \
+        FA_EMA_UPDATE(V, i, p)                            \
+        FA_ST(param, i, p);                               \
     }
     FA_LOOP(V, s, n, FA_ADAMAX_ELEMENT);
 #undef FA_ADAMAX_ELEMENT

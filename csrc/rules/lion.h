@@ -11,10 +11,16 @@
  */
 #ifndef FA_RULE_LION_H
 #define FA_RULE_LION_H
-enum { FA_LION_BETA1, FA_LION_BETA2 };                                   /* hyper */
-enum { FA_LION_EXP_AVG = FA_STATE0 };                                    /* streams */
-enum { LION_PARAM_DECAY = FA_C_RULE, LION_BETA1, LION_ONE_MINUS_BETA1, LION_BETA2,
-       LION_ONE_MINUS_BETA2, LION_LR };
+enum { FA_LION_BETA1, FA_LION_BETA2 }; /* hyper */
+enum { FA_LION_EXP_AVG = FA_STATE0 };  /* streams */
+enum {
+    LION_PARAM_DECAY = FA_C_RULE,
+    LION_BETA1,
+    LION_ONE_MINUS_BETA1,
+    LION_BETA2,
+    LION_ONE_MINUS_BETA2,
+    LION_LR
+};
 #define LION_V_DECOUPLED (1u << FA_V_RULE_SHIFT)
 #endif
 
@@ -41,8 +47,8 @@ static unsigned fa_lion_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(lion_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(lion_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                                const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -58,18 +64,18 @@ FA_INLINE void FA_FN(lion_body)(const fa_consts *c, char *const *s, size_t n,
     const T lr = (T)c->v[LION_LR];
     const T one = (T)1, minus_one = (T)-1;
     (void)param_decay;
-#define FA_LION_ELEMENT(i)                                                               \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        const T g = FA_LD(grad, i) * grad_mul;                                           \
-        if (V & LION_V_DECOUPLED) p = p * param_decay;                                   \
-        const T m = FA_LD(exp_avg, i);                                                   \
-        const T u = m * beta1 + one_minus_beta1 * g;                                     \
-        const T sgn = u > 0 ? one : (u < 0 ? minus_one : u);                             \
-        p = p - lr * sgn;                                                                \
-        FA_ST(exp_avg, i, m * beta2 + one_minus_beta2 * g);                              \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+#define FA_LION_ELEMENT(i)                                   \
+    {                                                        \
+        T p = FA_LD(param, i);                               \
+        const T g = FA_LD(grad, i) * grad_mul;               \
+        if (V & LION_V_DECOUPLED) p = p * param_decay;       \
+        const T m = FA_LD(exp_avg, i);                       \
+        const T u = m * beta1 + one_minus_beta1 * g;         \
+        const T sgn = u > 0 ? one : (u < 0 ? minus_one : u); \
+        p = p - lr * sgn;                                    \
+        FA_ST(exp_avg, i, m * beta2 + one_minus_beta2 * g);  \
+        FA_EMA_UPDATE(V, i, p)                               \
+        FA_ST(param, i, p);                                  \
     }
     FA_LOOP(V, s, n, FA_LION_ELEMENT);
 #undef FA_LION_ELEMENT

@@ -21,13 +21,29 @@
  */
 #ifndef FA_RULE_NADAM_H
 #define FA_RULE_NADAM_H
-enum { FA_NADAM_BETA1, FA_NADAM_BETA2, FA_NADAM_EPS, FA_NADAM_MOMENTUM_DECAY,
-       FA_NADAM_DECOUPLED };                                             /* hyper */
-enum { FA_NADAM_EXP_AVG = FA_STATE0, FA_NADAM_EXP_AVG_SQ };              /* streams */
-enum { NADAM_L2_WEIGHT_DECAY = FA_C_RULE, NADAM_PARAM_DECAY, NADAM_ONE_MINUS_BETA1,
-       NADAM_BETA2, NADAM_ONE_MINUS_BETA2, NADAM_INV_BIAS_CORRECTION2, NADAM_EPS, NADAM_MU,
-       NADAM_MU_NEXT, NADAM_MU_PRODUCT, NADAM_GRAD_STEP, NADAM_AVG_STEP };
-#define NADAM_V_L2 (1u << FA_V_RULE_SHIFT)
+enum {
+    FA_NADAM_BETA1,
+    FA_NADAM_BETA2,
+    FA_NADAM_EPS,
+    FA_NADAM_MOMENTUM_DECAY,
+    FA_NADAM_DECOUPLED
+}; /* hyper */
+enum { FA_NADAM_EXP_AVG = FA_STATE0, FA_NADAM_EXP_AVG_SQ }; /* streams */
+enum {
+    NADAM_L2_WEIGHT_DECAY = FA_C_RULE,
+    NADAM_PARAM_DECAY,
+    NADAM_ONE_MINUS_BETA1,
+    NADAM_BETA2,
+    NADAM_ONE_MINUS_BETA2,
+    NADAM_INV_BIAS_CORRECTION2,
+    NADAM_EPS,
+    NADAM_MU,
+    NADAM_MU_NEXT,
+    NADAM_MU_PRODUCT,
+    NADAM_GRAD_STEP,
+    NADAM_AVG_STEP
+};
+#define NADAM_V_L2        (1u << FA_V_RULE_SHIFT)
 #define NADAM_V_DECOUPLED (2u << FA_V_RULE_SHIFT)
 #endif
 
@@ -75,8 +91,8 @@ static unsigned fa_nadam_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(nadam_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(nadam_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                                 const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -94,24 +110,25 @@ FA_INLINE void FA_FN(nadam_body)(const fa_consts *c, char *const *s, size_t n,
     const T eps = (T)c->v[NADAM_EPS];
     const T grad_step = (T)c->v[NADAM_GRAD_STEP];
     const T avg_step = (T)c->v[NADAM_AVG_STEP];
-    (void)l2_weight_decay; (void)param_decay;
-#define FA_NADAM_ELEMENT(i)                                                              \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        T g = FA_LD(grad, i) * grad_mul;                                                 \
-        if (V & NADAM_V_L2) g = g + l2_weight_decay * p;                                 \
-        if (V & NADAM_V_DECOUPLED) p = p * param_decay;                                  \
-        T m = FA_LD(exp_avg, i);                                                         \
-        m = m + one_minus_beta1 * (g - m);                                               \
-        T v = FA_LD(exp_avg_sq, i);                                                      \
-        v = v * beta2 + (one_minus_beta2 * g) * g;                                       \
-        FA_ST(exp_avg, i, m);                                                            \
-        FA_ST(exp_avg_sq, i, v);                                                         \
-        const T d = FA_SQRT(v * inv_bc2) + eps;                                          \
-        p = p - (grad_step * g) / d;                                                     \
-        p = p - (avg_step * m) / d;                                                      \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+    (void)l2_weight_decay;
+    (void)param_decay;
+#define FA_NADAM_ELEMENT(i)                              \
+    {                                                    \
+        T p = FA_LD(param, i);                           \
+        T g = FA_LD(grad, i) * grad_mul;                 \
+        if (V & NADAM_V_L2) g = g + l2_weight_decay * p; \
+        if (V & NADAM_V_DECOUPLED) p = p * param_decay;  \
+        T m = FA_LD(exp_avg, i);                         \
+        m = m + one_minus_beta1 * (g - m);               \
+        T v = FA_LD(exp_avg_sq, i);                      \
+        v = v * beta2 + (one_minus_beta2 * g) * g;       \
+        FA_ST(exp_avg, i, m);                            \
+        FA_ST(exp_avg_sq, i, v);                         \
+        const T d = FA_SQRT(v * inv_bc2) + eps;          \
+        p = p - (grad_step * g) / d;                     \
+        p = p - (avg_step * m) / d;                      \
+        FA_EMA_UPDATE(V, i, p)                           \
+        FA_ST(param, i, p);                              \
     }
     FA_LOOP(V, s, n, FA_NADAM_ELEMENT);
 #undef FA_NADAM_ELEMENT

@@ -17,11 +17,20 @@
  */
 #ifndef FA_RULE_RADAM_H
 #define FA_RULE_RADAM_H
-enum { FA_RADAM_BETA1, FA_RADAM_BETA2, FA_RADAM_EPS, FA_RADAM_DECOUPLED };   /* hyper */
-enum { FA_RADAM_EXP_AVG = FA_STATE0, FA_RADAM_EXP_AVG_SQ };                 /* streams */
-enum { RADAM_L2_WEIGHT_DECAY = FA_C_RULE, RADAM_PARAM_DECAY, RADAM_ONE_MINUS_BETA1,
-       RADAM_BETA2, RADAM_ONE_MINUS_BETA2, RADAM_EPS, RADAM_RHO_T, RADAM_RECT, RADAM_STEP_SIZE };
-#define RADAM_V_L2 (1u << FA_V_RULE_SHIFT)
+enum { FA_RADAM_BETA1, FA_RADAM_BETA2, FA_RADAM_EPS, FA_RADAM_DECOUPLED }; /* hyper */
+enum { FA_RADAM_EXP_AVG = FA_STATE0, FA_RADAM_EXP_AVG_SQ };                /* streams */
+enum {
+    RADAM_L2_WEIGHT_DECAY = FA_C_RULE,
+    RADAM_PARAM_DECAY,
+    RADAM_ONE_MINUS_BETA1,
+    RADAM_BETA2,
+    RADAM_ONE_MINUS_BETA2,
+    RADAM_EPS,
+    RADAM_RHO_T,
+    RADAM_RECT,
+    RADAM_STEP_SIZE
+};
+#define RADAM_V_L2        (1u << FA_V_RULE_SHIFT)
 #define RADAM_V_DECOUPLED (2u << FA_V_RULE_SHIFT)
 #define RADAM_V_RECTIFIED (4u << FA_V_RULE_SHIFT)
 #endif
@@ -65,8 +74,8 @@ static unsigned fa_radam_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(radam_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(radam_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                                 const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -82,23 +91,27 @@ FA_INLINE void FA_FN(radam_body)(const fa_consts *c, char *const *s, size_t n,
     const T one_minus_beta2 = (T)c->v[RADAM_ONE_MINUS_BETA2];
     const T eps = (T)c->v[RADAM_EPS];
     const T step_size = (T)c->v[RADAM_STEP_SIZE];
-    (void)l2_weight_decay; (void)param_decay; (void)eps;
-#define FA_RADAM_ELEMENT(i)                                                              \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        T g = FA_LD(grad, i) * grad_mul;                                                 \
-        if (V & RADAM_V_L2) g = g + l2_weight_decay * p;                                 \
-        if (V & RADAM_V_DECOUPLED) p = p * param_decay;                                  \
-        T m = FA_LD(exp_avg, i);                                                         \
-        m = m + one_minus_beta1 * (g - m);                                               \
-        T v = FA_LD(exp_avg_sq, i);                                                      \
-        v = v * beta2 + (one_minus_beta2 * g) * g;                                       \
-        FA_ST(exp_avg, i, m);                                                            \
-        FA_ST(exp_avg_sq, i, v);                                                         \
-        if (V & RADAM_V_RECTIFIED) p = p - step_size * (m / (FA_SQRT(v) + eps));         \
-        else p = p - step_size * m;                                                      \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+    (void)l2_weight_decay;
+    (void)param_decay;
+    (void)eps;
+#define FA_RADAM_ELEMENT(i)                               \
+    {                                                     \
+        T p = FA_LD(param, i);                            \
+        T g = FA_LD(grad, i) * grad_mul;                  \
+        if (V & RADAM_V_L2) g = g + l2_weight_decay * p;  \
+        if (V & RADAM_V_DECOUPLED) p = p * param_decay;   \
+        T m = FA_LD(exp_avg, i);                          \
+        m = m + one_minus_beta1 * (g - m);                \
+        T v = FA_LD(exp_avg_sq, i);                       \
+        v = v * beta2 + (one_minus_beta2 * g) * g;        \
+        FA_ST(exp_avg, i, m);                             \
+        FA_ST(exp_avg_sq, i, v);                          \
+        if (V & RADAM_V_RECTIFIED)                        \
+            p = p - step_size * (m / (FA_SQRT(v) + eps)); \
+        else                                              \
+            p = p - step_size * m;                        \
+        FA_EMA_UPDATE(V, i, p)                            \
+        FA_ST(param, i, p);                               \
     }
     FA_LOOP(V, s, n, FA_RADAM_ELEMENT);
 #undef FA_RADAM_ELEMENT

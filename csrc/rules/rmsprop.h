@@ -14,9 +14,15 @@
 #define FA_RULE_RMSPROP_H
 enum { FA_RMSPROP_ALPHA, FA_RMSPROP_EPS, FA_RMSPROP_MOMENTUM, FA_RMSPROP_CENTERED }; /* hyper */
 enum { FA_RMSPROP_SQUARE_AVG = FA_STATE0, FA_RMSPROP_MOMENTUM_BUFFER, FA_RMSPROP_GRAD_AVG };
-enum { RMSPROP_L2_WEIGHT_DECAY = FA_C_RULE, RMSPROP_ALPHA, RMSPROP_ONE_MINUS_ALPHA, RMSPROP_EPS,
-       RMSPROP_MOMENTUM, RMSPROP_LR };
-#define RMSPROP_V_L2 (1u << FA_V_RULE_SHIFT)
+enum {
+    RMSPROP_L2_WEIGHT_DECAY = FA_C_RULE,
+    RMSPROP_ALPHA,
+    RMSPROP_ONE_MINUS_ALPHA,
+    RMSPROP_EPS,
+    RMSPROP_MOMENTUM,
+    RMSPROP_LR
+};
+#define RMSPROP_V_L2       (1u << FA_V_RULE_SHIFT)
 #define RMSPROP_V_CENTERED (2u << FA_V_RULE_SHIFT)
 #define RMSPROP_V_MOMENTUM (4u << FA_V_RULE_SHIFT)
 #endif
@@ -45,8 +51,8 @@ static unsigned fa_rmsprop_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(rmsprop_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(rmsprop_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                                   const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -62,32 +68,35 @@ FA_INLINE void FA_FN(rmsprop_body)(const fa_consts *c, char *const *s, size_t n,
     const T eps = (T)c->v[RMSPROP_EPS];
     const T momentum = (T)c->v[RMSPROP_MOMENTUM];
     const T lr = (T)c->v[RMSPROP_LR];
-    (void)buf; (void)grad_avg; (void)momentum; (void)l2_weight_decay;
-#define FA_RMSPROP_ELEMENT(i)                                                            \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        T g = FA_LD(grad, i) * grad_mul;                                                 \
-        if (V & RMSPROP_V_L2) g = g + l2_weight_decay * p;                               \
-        const T v = FA_LD(square_avg, i) * alpha + (one_minus_alpha * g) * g;            \
-        FA_ST(square_avg, i, v);                                                         \
-        T d;                                                                             \
-        if (V & RMSPROP_V_CENTERED) {                                                    \
-            T a = FA_LD(grad_avg, i);                                                    \
-            a = a + one_minus_alpha * (g - a);                                           \
-            FA_ST(grad_avg, i, a);                                                       \
-            d = FA_SQRT(v - a * a) + eps;                                                \
-        } else {                                                                         \
-            d = FA_SQRT(v) + eps;                                                        \
-        }                                                                                \
-        if (V & RMSPROP_V_MOMENTUM) {                                                    \
-            const T b = FA_LD(buf, i) * momentum + g / d;                                \
-            FA_ST(buf, i, b);                                                            \
-            p = p - lr * b;                                                              \
-        } else {                                                                         \
-            p = p - (lr * g) / d;                                                        \
-        }                                                                                \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+    (void)buf;
+    (void)grad_avg;
+    (void)momentum;
+    (void)l2_weight_decay;
+#define FA_RMSPROP_ELEMENT(i)                                                 \
+    {                                                                         \
+        T p = FA_LD(param, i);                                                \
+        T g = FA_LD(grad, i) * grad_mul;                                      \
+        if (V & RMSPROP_V_L2) g = g + l2_weight_decay * p;                    \
+        const T v = FA_LD(square_avg, i) * alpha + (one_minus_alpha * g) * g; \
+        FA_ST(square_avg, i, v);                                              \
+        T d;                                                                  \
+        if (V & RMSPROP_V_CENTERED) {                                         \
+            T a = FA_LD(grad_avg, i);                                         \
+            a = a + one_minus_alpha * (g - a);                                \
+            FA_ST(grad_avg, i, a);                                            \
+            d = FA_SQRT(v - a * a) + eps;                                     \
+        } else {                                                              \
+            d = FA_SQRT(v) + eps;                                             \
+        }                                                                     \
+        if (V & RMSPROP_V_MOMENTUM) {                                         \
+            const T b = FA_LD(buf, i) * momentum + g / d;                     \
+            FA_ST(buf, i, b);                                                 \
+            p = p - lr * b;                                                   \
+        } else {                                                              \
+            p = p - (lr * g) / d;                                             \
+        }                                                                     \
+        FA_EMA_UPDATE(V, i, p)                                                \
+        FA_ST(param, i, p);                                                   \
     }
     FA_LOOP(V, s, n, FA_RMSPROP_ELEMENT);
 #undef FA_RMSPROP_ELEMENT

@@ -12,12 +12,12 @@
  */
 #ifndef FA_RULE_SGD_H
 #define FA_RULE_SGD_H
-enum { FA_SGD_MOMENTUM, FA_SGD_DAMPENING, FA_SGD_NESTEROV };           /* hyper */
-enum { FA_SGD_MOMENTUM_BUFFER = FA_STATE0 };                             /* streams */
+enum { FA_SGD_MOMENTUM, FA_SGD_DAMPENING, FA_SGD_NESTEROV }; /* hyper */
+enum { FA_SGD_MOMENTUM_BUFFER = FA_STATE0 };                 /* streams */
 enum { SGD_L2_WEIGHT_DECAY = FA_C_RULE, SGD_MOMENTUM, SGD_ONE_MINUS_DAMPENING, SGD_LR };
-#define SGD_V_L2 (1u << FA_V_RULE_SHIFT)
+#define SGD_V_L2       (1u << FA_V_RULE_SHIFT)
 #define SGD_V_MOMENTUM (2u << FA_V_RULE_SHIFT)
-#define SGD_V_FIRST (4u << FA_V_RULE_SHIFT)
+#define SGD_V_FIRST    (4u << FA_V_RULE_SHIFT)
 #define SGD_V_NESTEROV (8u << FA_V_RULE_SHIFT)
 #endif
 
@@ -42,8 +42,8 @@ static unsigned fa_sgd_required(const fa_options *o)
 }
 
 #else
-FA_INLINE void FA_FN(sgd_body)(const fa_consts *c, char *const *s, size_t n,
-                     const unsigned V, const fa_fused *fx_)
+FA_INLINE void FA_FN(sgd_body)(const fa_consts *c, char *const *s, size_t n, const unsigned V,
+                               const fa_fused *fx_)
 {
     (void)fx_;
     FA_STREAM(param, FA_PARAM);
@@ -55,24 +55,31 @@ FA_INLINE void FA_FN(sgd_body)(const fa_consts *c, char *const *s, size_t n,
     const T momentum = (T)c->v[SGD_MOMENTUM];
     const T one_minus_dampening = (T)c->v[SGD_ONE_MINUS_DAMPENING];
     const T lr = (T)c->v[SGD_LR];
-    (void)buf; (void)momentum; (void)one_minus_dampening; (void)l2_weight_decay;
-#define FA_SGD_ELEMENT(i)                                                                \
-    {                                                                                    \
-        T p = FA_LD(param, i);                                                           \
-        T g = FA_LD(grad, i) * grad_mul;                                                 \
-        if (V & SGD_V_L2) g = g + l2_weight_decay * p;                                   \
-        T u = g;                                                                         \
-        if (V & SGD_V_MOMENTUM) {                                                        \
-            T b;                                                                         \
-            if (V & SGD_V_FIRST) b = g;                                                  \
-            else b = FA_LD(buf, i) * momentum + one_minus_dampening * g;                 \
-            FA_ST(buf, i, b);                                                            \
-            if (V & SGD_V_NESTEROV) u = g + momentum * b;                                \
-            else u = b;                                                                  \
-        }                                                                                \
-        p = p - lr * u;                                                                  \
-        FA_EMA_UPDATE(V, i, p)                                                           \
-        FA_ST(param, i, p);                                                              \
+    (void)buf;
+    (void)momentum;
+    (void)one_minus_dampening;
+    (void)l2_weight_decay;
+#define FA_SGD_ELEMENT(i)                                               \
+    {                                                                   \
+        T p = FA_LD(param, i);                                          \
+        T g = FA_LD(grad, i) * grad_mul;                                \
+        if (V & SGD_V_L2) g = g + l2_weight_decay * p;                  \
+        T u = g;                                                        \
+        if (V & SGD_V_MOMENTUM) {                                       \
+            T b;                                                        \
+            if (V & SGD_V_FIRST)                                        \
+                b = g;                                                  \
+            else                                                        \
+                b = FA_LD(buf, i) * momentum + one_minus_dampening * g; \
+            FA_ST(buf, i, b);                                           \
+            if (V & SGD_V_NESTEROV)                                     \
+                u = g + momentum * b;                                   \
+            else                                                        \
+                u = b;                                                  \
+        }                                                               \
+        p = p - lr * u;                                                 \
+        FA_EMA_UPDATE(V, i, p)                                          \
+        FA_ST(param, i, p);                                             \
     }
     FA_LOOP(V, s, n, FA_SGD_ELEMENT);
 #undef FA_SGD_ELEMENT

@@ -12,23 +12,52 @@ specification the C kernels reproduce bit for bit, ``fastadam.config()`` tells w
 path and how many threads are in use. Set ``FASTADAM_SIMD`` (scalar, sse2, avx2, avx512,
 neon or auto) before import to force a path.
 """
+
 import os as _os
 from typing import Any as _Any
 
 from . import _core
 from .functional import adam_step
-from .optim import (SGD, Adagrad, Adam, Adamax, AdamW, InverseSqrtDecay, Lion, NAdam, RAdam,
-                    RMSprop, aligned_zeros, clip_grad_norm_)
+from .optim import (
+    SGD,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    InverseSqrtDecay,
+    Lion,
+    NAdam,
+    RAdam,
+    RMSprop,
+    aligned_zeros,
+    clip_grad_norm_,
+)
 
 __version__ = _core.VERSION
-__all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion",
-           "InverseSqrtDecay", "adam_step", "aligned_zeros", "clip_grad_norm_", "config",
-           "reference", "__version__"]
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "InverseSqrtDecay",
+    "Lion",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "__version__",
+    "adam_step",
+    "aligned_zeros",
+    "clip_grad_norm_",
+    "config",
+    "reference",
+]
 
 
 def _available():
-    return [n for i, n in enumerate(_core.ISA_NAMES)
-            if _core.isa_compiled(i) and _core.isa_supported(i)]
+    return [
+        n for i, n in enumerate(_core.ISA_NAMES) if _core.isa_compiled(i) and _core.isa_supported(i)
+    ]
 
 
 def _select_from_env():
@@ -41,11 +70,15 @@ def _select_from_env():
     except ValueError as e:
         raise RuntimeError(f"FASTADAM_SIMD={name!r}: {e}") from None
     if not _core.isa_compiled(i):
-        raise RuntimeError(f"FASTADAM_SIMD={name!r}: that path is not compiled into this build; "
-                           f"usable here: {', '.join(_available())}")
+        raise RuntimeError(
+            f"FASTADAM_SIMD={name!r}: that path is not compiled into this build; "
+            f"usable here: {', '.join(_available())}"
+        )
     if not _core.isa_supported(i):
-        raise RuntimeError(f"FASTADAM_SIMD={name!r}: this CPU (or OS) does not support it; "
-                           f"usable here: {', '.join(_available())}")
+        raise RuntimeError(
+            f"FASTADAM_SIMD={name!r}: this CPU (or OS) does not support it; "
+            f"usable here: {', '.join(_available())}"
+        )
     return _core.select_isa(i)
 
 

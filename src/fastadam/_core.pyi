@@ -5,6 +5,7 @@ typed loosely (Any): the binding accepts any object with a buffer of a supported
 and checks each at run time. tests/test_typing.py keeps this file in step with the
 compiled module's names.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -115,11 +115,14 @@ def isa_index(str name):
         raise ValueError(f"unknown SIMD path {name!r}; expected one of "
                          f"{', '.join(ISA_NAMES)} or 'auto'") from None
 
+
 def isa_compiled(int isa):
     return bool(fa_isa_compiled(<fa_isa>isa))
 
+
 def isa_supported(int isa):
     return bool(fa_isa_supported(<fa_isa>isa))
+
 
 def select_isa(int isa):
     """Choose the path used by default (-1: the best usable). Returns its index."""
@@ -128,14 +131,18 @@ def select_isa(int isa):
         raise RuntimeError("SIMD path not usable")  # callers check first
     return r
 
+
 def current_isa():
     return <int>fa_isa_current()
+
 
 def openmp():
     return bool(fa_openmp())
 
+
 def max_threads():
     return fa_max_threads()
+
 
 def thread_cap():
     return fa_thread_cap()
@@ -577,7 +584,9 @@ cdef class _Plan:
         self.present = <unsigned *>calloc(n + 1, sizeof(unsigned))
         self.grad16 = <int *>calloc(n + 1, sizeof(int))
         self.param_typenum = <int *>calloc(n + 1, sizeof(int))
-        if (self.grad16 == NULL or self.param_typenum == NULL or self.required == NULL or self.present == NULL or self.out == NULL or self.held == NULL or self.sigs == NULL or self.ndims == NULL
+        if (self.grad16 == NULL or self.param_typenum == NULL or self.required == NULL
+                or self.present == NULL or self.out == NULL or self.held == NULL
+                or self.sigs == NULL or self.ndims == NULL
                 or self.param_objs == NULL
                 or self.shape_at == NULL or self.group_sizes == NULL
                 or self.grad_views == NULL or self.blocks == NULL or self.active == NULL
@@ -752,13 +761,30 @@ cdef class _Plan:
             for i in range(_W * self.n):
                 if self.held[i]:
                     PyBuffer_Release(&self.out[i])
-        free(self.out); free(self.held); free(self.sigs); free(self.param_objs)
-        free(self.ndims); free(self.shapes)
-        free(self.shape_at); free(self.group_sizes); free(self.grad_views); free(self.blocks)
-        free(self.active); free(self.active_index); free(self.options); free(self.intervals)
-        free(self.workspace); free(self.steps); free(self.ema_steps); free(self.step_mirrors)
-        free(self.ema_mirrors); free(self.scalars); free(self.required); free(self.present)
-        free(self.grad16); free(self.param_typenum)
+        free(self.out)
+        free(self.held)
+        free(self.sigs)
+        free(self.param_objs)
+        free(self.ndims)
+        free(self.shapes)
+        free(self.shape_at)
+        free(self.group_sizes)
+        free(self.grad_views)
+        free(self.blocks)
+        free(self.active)
+        free(self.active_index)
+        free(self.options)
+        free(self.intervals)
+        free(self.workspace)
+        free(self.steps)
+        free(self.ema_steps)
+        free(self.step_mirrors)
+        free(self.ema_mirrors)
+        free(self.scalars)
+        free(self.required)
+        free(self.present)
+        free(self.grad16)
+        free(self.param_typenum)
 
     @property
     def dtype(self):
@@ -812,8 +838,12 @@ cdef class _Plan:
             h[k] = float(hyper[k]) if k < len(hyper) else 0.0
         cdef double d = 0.0 if ema_decay is None else float(ema_decay)
         cdef fa_options *o = &self.options[group]
-        o.lr = lr; o.weight_decay = weight_decay; o.maximize = maximize; o.grad_scale = 1.0
-        o.ema = ema_decay is not None; o.ema_decay = d
+        o.lr = lr
+        o.weight_decay = weight_decay
+        o.maximize = maximize
+        o.grad_scale = 1.0
+        o.ema = ema_decay is not None
+        o.ema_decay = d
         for k in range(FA_MAX_HYPER):
             o.hyper[k] = h[k]
 
@@ -1203,7 +1233,8 @@ def grad_stats(grads, int num_threads=0, int isa=-1, formats=None):
     views = <Py_buffer *>calloc(n + 1, sizeof(Py_buffer))
     blocks = <fa_block *>calloc(n + 1, sizeof(fa_block))
     if views == NULL or blocks == NULL:
-        free(views); free(blocks)
+        free(views)
+        free(blocks)
         raise MemoryError()
     try:
         if formats is not None and len(formats) != n:
@@ -1222,7 +1253,8 @@ def grad_stats(grads, int num_threads=0, int isa=-1, formats=None):
             if f != 0:
                 raise ValueError(f"formats[{i}] must be FMT_NATIVE, FMT_BF16 or FMT_F16, "
                                  f"got {f!r}")
-            code = _fill_from_ndarray(&views[i], <cnp.ndarray>g) if cnp.PyArray_CheckExact(g) else -1
+            code = (_fill_from_ndarray(&views[i], <cnp.ndarray>g) if cnp.PyArray_CheckExact(g)
+                    else -1)
             if code < 0 or (dtype >= 0 and code != dtype):
                 code = _acquire(&views[i], g, _label("grad", i, False), False, dtype, -1, NULL)
             dtype = code
@@ -1239,7 +1271,9 @@ def grad_stats(grads, int num_threads=0, int isa=-1, formats=None):
     finally:
         for i in range(held):
             PyBuffer_Release(&views[i])
-        free(views); free(blocks); free(ws)
+        free(views)
+        free(blocks)
+        free(ws)
     return sumsq, bool(nonfinite)
 
 
@@ -1252,8 +1286,12 @@ def rule_consts(int rule, double lr, double weight_decay, bint maximize, ema_dec
     cdef int k
     if not (0 <= rule < FA_RULE_COUNT):
         raise ValueError(f"rule must be in [0, {FA_RULE_COUNT})")
-    o.lr = lr; o.weight_decay = weight_decay; o.maximize = maximize; o.grad_scale = grad_scale
-    o.ema = ema_decay is not None; o.ema_decay = 0.0 if ema_decay is None else ema_decay
+    o.lr = lr
+    o.weight_decay = weight_decay
+    o.maximize = maximize
+    o.grad_scale = grad_scale
+    o.ema = ema_decay is not None
+    o.ema_decay = 0.0 if ema_decay is None else ema_decay
     for k in range(FA_MAX_HYPER):
         o.hyper[k] = float(hyper[k]) if k < len(hyper) else 0.0
     fa_consts_init(<fa_rule>rule, &c, &o, step, scalar)
@@ -1266,8 +1304,12 @@ def scalar_after(int rule, double lr, double weight_decay, hyper, double step, d
     cdef int k
     if not (0 <= rule < FA_RULE_COUNT):
         raise ValueError(f"rule must be in [0, {FA_RULE_COUNT})")
-    o.lr = lr; o.weight_decay = weight_decay; o.maximize = 0; o.grad_scale = 1.0
-    o.ema = 0; o.ema_decay = 0.0
+    o.lr = lr
+    o.weight_decay = weight_decay
+    o.maximize = 0
+    o.grad_scale = 1.0
+    o.ema = 0
+    o.ema_decay = 0.0
     for k in range(FA_MAX_HYPER):
         o.hyper[k] = float(hyper[k]) if k < len(hyper) else 0.0
     return fa_scalar_after(<fa_rule>rule, &o, step, scalar)

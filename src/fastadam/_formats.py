@@ -20,6 +20,7 @@ A dtype is named by a string ("float32", "float64", "float16", "bfloat16"): use
 or ValueError (a value out of range) naming the argument or the parameter, before any
 buffer is touched.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -30,19 +31,40 @@ import numpy as np
 from . import _core
 from ._options import _flag
 
-__all__ = ["FMT_NATIVE", "FMT_BF16", "FMT_F16", "FMT_Q8_SIGNED", "FMT_Q8_UNSIGNED",
-           "Q8_BLOCK", "Q8_MIN_NUMEL", "FLOAT_DTYPES", "Formats", "ParamFormat",
-           "check_formats", "check_master_weights", "check_state_dtype", "check_rounding",
-           "check_seed", "dtype_name", "param_format", "check_master_needed",
-           "state_layout", "fmt_dtype", "is_q8", "grad_format", "STATE_DTYPES", "ROUNDINGS"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "FMT_BF16",
+    "FMT_F16",
+    "FMT_NATIVE",
+    "FMT_Q8_SIGNED",
+    "FMT_Q8_UNSIGNED",
+    "Q8_BLOCK",
+    "Q8_MIN_NUMEL",
+    "ROUNDINGS",
+    "STATE_DTYPES",
+    "Formats",
+    "ParamFormat",
+    "check_formats",
+    "check_master_needed",
+    "check_master_weights",
+    "check_rounding",
+    "check_seed",
+    "check_state_dtype",
+    "dtype_name",
+    "fmt_dtype",
+    "grad_format",
+    "is_q8",
+    "param_format",
+    "state_layout",
+]
 
 # The C core's storage formats (_core.pyx)
-FMT_NATIVE = _core.FMT_NATIVE            # the plan's compute dtype
-FMT_BF16 = _core.FMT_BF16                # bfloat16 bits in a 2-byte buffer
-FMT_F16 = _core.FMT_F16                  # IEEE float16
-FMT_Q8_SIGNED = _core.FMT_Q8_SIGNED      # uint8 codes, signed dynamic map, absmax per block
+FMT_NATIVE = _core.FMT_NATIVE  # the plan's compute dtype
+FMT_BF16 = _core.FMT_BF16  # bfloat16 bits in a 2-byte buffer
+FMT_F16 = _core.FMT_F16  # IEEE float16
+FMT_Q8_SIGNED = _core.FMT_Q8_SIGNED  # uint8 codes, signed dynamic map, absmax per block
 FMT_Q8_UNSIGNED = _core.FMT_Q8_UNSIGNED  # uint8 codes, unsigned map
-Q8_BLOCK = _core.Q8_BLOCK                # elements per float32 absmax
+Q8_BLOCK = _core.Q8_BLOCK  # elements per float32 absmax
 Q8_MIN_NUMEL = 4096  # smaller tensors keep float32 state under "8bit" (bitsandbytes' rule)
 
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")  # parameter dtypes
@@ -51,8 +73,12 @@ STATE_DTYPES = (None, "float32", "float64", "bfloat16", "8bit")
 ROUNDINGS = ("nearest", "stochastic")
 
 _HALF_FMT = {"float16": FMT_F16, "bfloat16": FMT_BF16}
-_FMT_DTYPE = {FMT_BF16: "bfloat16", FMT_F16: "float16", FMT_Q8_SIGNED: "uint8",
-              FMT_Q8_UNSIGNED: "uint8"}
+_FMT_DTYPE = {
+    FMT_BF16: "bfloat16",
+    FMT_F16: "float16",
+    FMT_Q8_SIGNED: "uint8",
+    FMT_Q8_UNSIGNED: "uint8",
+}
 _TORCH_NAMES = {"float": "float32", "double": "float64", "half": "float16"}
 
 
@@ -60,7 +86,7 @@ class Formats(NamedTuple):
     """The optimizer-wide format options, checked (see :func:`check_formats`)."""
 
     master_weights: bool = False
-    state_dtype: str | None = None   # None, "float32", "float64", "bfloat16" or "8bit"
+    state_dtype: str | None = None  # None, "float32", "float64", "bfloat16" or "8bit"
     rounding: str = "nearest"
     seed: int = 0
 
@@ -70,23 +96,30 @@ class Formats(NamedTuple):
 
     def as_dict(self) -> dict:
         """The ``state_dict()["formats"]`` entry: plain Python values."""
-        return {"master_weights": self.master_weights, "state_dtype": self.state_dtype,
-                "rounding": self.rounding, "seed": self.seed}
+        return {
+            "master_weights": self.master_weights,
+            "state_dtype": self.state_dtype,
+            "rounding": self.rounding,
+            "seed": self.seed,
+        }
 
 
 class ParamFormat(NamedTuple):
     """How one parameter is stored and updated (see :func:`param_format`)."""
 
-    param: int         # FMT_NATIVE, FMT_BF16 or FMT_F16
-    states: tuple      # one FMT_* per state stream of the rule (Rule.state order)
-    master: bool       # a float32 master_param is kept
-    compute: str       # "float32" or "float64": the plan's compute dtype
+    param: int  # FMT_NATIVE, FMT_BF16 or FMT_F16
+    states: tuple  # one FMT_* per state stream of the rule (Rule.state order)
+    master: bool  # a float32 master_param is kept
+    compute: str  # "float32" or "float64": the plan's compute dtype
 
     @property
     def native(self) -> bool:
         """Every stream in the compute dtype and no master: today's plan (formats=None)."""
-        return (not self.master and self.param == FMT_NATIVE
-                and all(f == FMT_NATIVE for f in self.states))
+        return (
+            not self.master
+            and self.param == FMT_NATIVE
+            and all(f == FMT_NATIVE for f in self.states)
+        )
 
     def plan_tuple(self) -> tuple:
         """The entry of _core._Plan's ``formats`` list: (param format, state formats...)."""
@@ -139,10 +172,15 @@ def check_state_dtype(value):
         return name
     allowed = "None, float32, bfloat16 or '8bit'"
     if name is None and not isinstance(value, str):
-        raise TypeError(f"state_dtype must be {allowed} (a NumPy or torch dtype, or its "
-                        f"name), got {_kind(value)} {value!r}")
-    hint = (" (state_dtype=None keeps a float16 parameter's state in float16)"
-            if name == "float16" else "")
+        raise TypeError(
+            f"state_dtype must be {allowed} (a NumPy or torch dtype, or its "
+            f"name), got {_kind(value)} {value!r}"
+        )
+    hint = (
+        " (state_dtype=None keeps a float16 parameter's state in float16)"
+        if name == "float16"
+        else ""
+    )
     raise ValueError(f"state_dtype must be {allowed}, got {value!r}{hint}")
 
 
@@ -163,11 +201,14 @@ def check_seed(value) -> int:
     return value
 
 
-def check_formats(master_weights=False, state_dtype=None, rounding="nearest",
-                  seed=0) -> Formats:
+def check_formats(master_weights=False, state_dtype=None, rounding="nearest", seed=0) -> Formats:
     """The four options checked and normalised (in this order: the first bad one raises)."""
-    return Formats(check_master_weights(master_weights), check_state_dtype(state_dtype),
-                   check_rounding(rounding), check_seed(seed))
+    return Formats(
+        check_master_weights(master_weights),
+        check_state_dtype(state_dtype),
+        check_rounding(rounding),
+        check_seed(seed),
+    )
 
 
 def param_format(rule, dtype, numel, formats, where) -> ParamFormat:
@@ -180,19 +221,25 @@ def param_format(rule, dtype, numel, formats, where) -> ParamFormat:
     A float64 parameter with a state_dtype other than None/"float64", or a float32/16-bit
     one with state_dtype "float64", is a TypeError naming ``where``."""
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where}: params must have dtype float32 or float64 (or float16 or "
-                        f"bfloat16), got {dtype}")
+        raise TypeError(
+            f"{where}: params must have dtype float32 or float64 (or float16 or "
+            f"bfloat16), got {dtype}"
+        )
     sd = formats.state_dtype
     n = len(rule.state)
     if dtype == "float64":
         if sd not in (None, "float64"):
-            raise TypeError(f"{where} is float64: its state is float64 (state_dtype=None); "
-                            f"state_dtype={sd!r} is for float32, float16 and bfloat16 "
-                            f"parameters")
+            raise TypeError(
+                f"{where} is float64: its state is float64 (state_dtype=None); "
+                f"state_dtype={sd!r} is for float32, float16 and bfloat16 "
+                f"parameters"
+            )
         return ParamFormat(FMT_NATIVE, (FMT_NATIVE,) * n, False, "float64")
     if sd == "float64":
-        raise TypeError(f"{where} is {dtype}: state_dtype='float64' is only for float64 "
-                        f"parameters (use None or 'float32')")
+        raise TypeError(
+            f"{where} is {dtype}: state_dtype='float64' is only for float64 "
+            f"parameters (use None or 'float32')"
+        )
     half = dtype in HALF_DTYPES
     pfmt = _HALF_FMT[dtype] if half else FMT_NATIVE
     master = bool(formats.master_weights and half)
@@ -212,9 +259,11 @@ def param_format(rule, dtype, numel, formats, where) -> ParamFormat:
 def check_master_needed(formats, dtypes):
     """master_weights=True needs at least one 16-bit parameter (dtypes: their names)."""
     if formats.master_weights and not any(d in HALF_DTYPES for d in dtypes):
-        raise ValueError("master_weights=True needs float16 or bfloat16 parameters (float32 "
-                         "and float64 parameters are their own master); this optimizer has "
-                         "none")
+        raise ValueError(
+            "master_weights=True needs float16 or bfloat16 parameters (float32 "
+            "and float64 parameters are their own master); this optimizer has "
+            "none"
+        )
 
 
 def fmt_dtype(fmt, compute) -> str:

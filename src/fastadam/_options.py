@@ -3,6 +3,7 @@
 Every function raises TypeError (wrong kind of value) or ValueError (value out of
 range) naming the argument, and is called before any buffer is touched.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def _real(name, value):
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError, ArithmeticError) as e:
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} "
-                        f"that float() refuses ({e})") from None
+        raise TypeError(
+            f"{name} must be a real number, got {type(value).__name__} that float() refuses ({e})"
+        ) from None
 
 
 def _flag(name, value):
@@ -68,12 +70,21 @@ def check_eps_mode(eps_mode) -> int:
     """'paper' or 'hat' (a ValueError lists them for anything else, hashable or not)."""
     if isinstance(eps_mode, str) and eps_mode in EPS_MODES:
         return EPS_MODES[eps_mode]
-    raise ValueError(f"eps_mode must be one of {', '.join(map(repr, EPS_MODES))}; "
-                     f"got {eps_mode!r}")
+    raise ValueError(f"eps_mode must be one of {', '.join(map(repr, EPS_MODES))}; got {eps_mode!r}")
 
 
-def check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-                  bias_correction, eps_mode, grad_scale=1.0) -> Options:
+def check_options(
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    bias_correction,
+    eps_mode,
+    grad_scale=1.0,
+) -> Options:
     lr = _real("lr", lr)
     if not (lr >= 0.0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number >= 0, got {lr}")
@@ -94,10 +105,19 @@ def check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     grad_scale = check_grad_scale(grad_scale)
     mode = check_eps_mode(eps_mode)
-    return Options(lr, beta1, beta2, eps, weight_decay,
-                   _flag("decoupled_weight_decay", decoupled_weight_decay),
-                   _flag("amsgrad", amsgrad), _flag("maximize", maximize),
-                   _flag("bias_correction", bias_correction), mode, grad_scale)
+    return Options(
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        _flag("decoupled_weight_decay", decoupled_weight_decay),
+        _flag("amsgrad", amsgrad),
+        _flag("maximize", maximize),
+        _flag("bias_correction", bias_correction),
+        mode,
+        grad_scale,
+    )
 
 
 def check_eps_root(eps_root) -> float:
@@ -132,8 +152,9 @@ def check_max_norm(max_norm, name="max_grad_norm", allow_none=True):
         return None
     max_norm = _real(name, max_norm)
     if not (max_norm > 0.0 and math.isfinite(max_norm)):
-        raise ValueError(f"{name} must be a finite number > 0{' or None' * allow_none}, "
-                         f"got {max_norm}")
+        raise ValueError(
+            f"{name} must be a finite number > 0{' or None' * allow_none}, got {max_norm}"
+        )
     return max_norm
 
 
@@ -182,15 +203,13 @@ def check_threads(num_threads) -> int:
     if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):
         raise TypeError(f"num_threads must be an int >= 1 or None, got {_kind(num_threads)}")
     if not 1 <= num_threads <= MAX_THREADS:  # type: ignore[operator]  # Integral: no __ge__
-        raise ValueError(f"num_threads must be None or an int in [1, 2**31 - 1], "
-                         f"got {num_threads}")
+        raise ValueError(f"num_threads must be None or an int in [1, 2**31 - 1], got {num_threads}")
     return int(num_threads)
 
 
 def _types(values):
     """The classes of values, and of the elements of tuples among them (betas)."""
-    return tuple(v.__class__ if v.__class__ is not tuple else tuple(map(type, v))
-                 for v in values)
+    return tuple(v.__class__ if v.__class__ is not tuple else tuple(map(type, v)) for v in values)
 
 
 def changed(keys, applied) -> bool:

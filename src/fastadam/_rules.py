@@ -13,6 +13,7 @@ checks torch makes (so code written against torch.optim sees the same errors); `
 then applies fastadam's stricter ones (finite values, flags that are bools) and returns
 the normalised options.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,11 @@ _TORCH_LABEL = {"lr": "learning rate", "eps": "epsilon"}
 def _torch_nonneg(name, value):
     if not 0.0 <= value:
         label = _TORCH_LABEL.get(name)
-        raise ValueError(f"Invalid {label}: {value}" if name == "lr" else
-                         f"Invalid {label or name} value: {value}")
+        raise ValueError(
+            f"Invalid {label}: {value}"
+            if name == "lr"
+            else f"Invalid {label or name} value: {value}"
+        )
 
 
 def _nonneg(name, value):
@@ -51,8 +55,9 @@ def _betas(value, closed=False):
     for i, b in enumerate((b1, b2)):
         b = _real(f"betas[{i}]", b)
         if not (0.0 <= b <= 1.0 if closed else 0.0 <= b < 1.0):
-            raise ValueError(f"betas[{i}] (beta{i + 1}) must be in "
-                             f"[0, 1{']' if closed else ')'}, got {b}")
+            raise ValueError(
+                f"betas[{i}] (beta{i + 1}) must be in [0, 1{']' if closed else ')'}, got {b}"
+            )
         out.append(b)
     return tuple(out)
 
@@ -60,13 +65,13 @@ def _betas(value, closed=False):
 class Rule:
     """One update rule. Subclasses set the class attributes and may override the hooks."""
 
-    name: str = ""                  # fa_rule_name
-    title: str = ""                 # for docs and errors
-    hyper: tuple[str, ...] = ()     # group keys in the C core's hyperparameter order
-    defaults: dict[str, Any] = {}   # every group option with torch 2.13's default (lr first)
-    state: tuple[str, ...] = ()     # the state streams, in the C core's order
-    signed: tuple[bool, ...] = ()   # per state stream: can it be negative? (8-bit: signed map)
-    step: bool = True               # torch keeps state['step']
+    name: str = ""  # fa_rule_name
+    title: str = ""  # for docs and errors
+    hyper: tuple[str, ...] = ()  # group keys in the C core's hyperparameter order
+    defaults: dict[str, Any] = {}  # every group option with torch 2.13's default (lr first)
+    state: tuple[str, ...] = ()  # the state streams, in the C core's order
+    signed: tuple[bool, ...] = ()  # per state stream: can it be negative? (8-bit: signed map)
+    step: bool = True  # torch keeps state['step']
     scalar: tuple[str, float] | None = None  # (key, initial value) of a per-parameter scalar
     nonneg: tuple[str, ...] = ("lr", "eps", "weight_decay")  # torch checks >= 0 (its order)
     flags: tuple[str, ...] = ("maximize",)
@@ -136,11 +141,28 @@ class Rule:
 
 class Adam(Rule):
     name, title = "adam", "Adam"
-    hyper = ("beta1", "beta2", "eps", "decoupled_weight_decay", "amsgrad", "bias_correction",
-             "eps_mode", "eps_root")
-    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                    maximize=False, decoupled_weight_decay=False, bias_correction=True,
-                    eps_mode="paper", eps_root=0.0)
+    hyper = (
+        "beta1",
+        "beta2",
+        "eps",
+        "decoupled_weight_decay",
+        "amsgrad",
+        "bias_correction",
+        "eps_mode",
+        "eps_root",
+    )
+    defaults = dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        maximize=False,
+        decoupled_weight_decay=False,
+        bias_correction=True,
+        eps_mode="paper",
+        eps_root=0.0,
+    )
     state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     signed = (True, False, False)
     flags = ("maximize", "amsgrad", "decoupled_weight_decay", "bias_correction")
@@ -152,8 +174,9 @@ class Adam(Rule):
 class SGD(Rule):
     name, title = "sgd", "SGD"
     hyper = ("momentum", "dampening", "nesterov")
-    defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                    maximize=False)
+    defaults = dict(
+        lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
+    )
     state = ("momentum_buffer",)
     signed = (True,)
     step = False
@@ -172,8 +195,10 @@ class SGD(Rule):
         o = super().check(dict(g, dampening=0.0))
         o["dampening"] = d
         if o["nesterov"] and (o["momentum"] <= 0 or d != 0):
-            raise ValueError("nesterov=True needs momentum > 0 and dampening == 0, got "
-                             f"momentum={o['momentum']}, dampening={d}")
+            raise ValueError(
+                "nesterov=True needs momentum > 0 and dampening == 0, got "
+                f"momentum={o['momentum']}, dampening={d}"
+            )
         return o
 
     def needs(self, o):
@@ -183,8 +208,14 @@ class SGD(Rule):
 class Adagrad(Rule):
     name, title = "adagrad", "Adagrad"
     hyper = ("lr_decay", "eps")
-    defaults = dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                    eps=1e-10, maximize=False)
+    defaults = dict(
+        lr=1e-2,
+        lr_decay=0.0,
+        weight_decay=0.0,
+        initial_accumulator_value=0.0,
+        eps=1e-10,
+        maximize=False,
+    )
     state = ("sum",)
     signed = (False,)
     nonneg = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
@@ -196,16 +227,26 @@ class Adagrad(Rule):
 class RMSprop(Rule):
     name, title = "rmsprop", "RMSprop"
     hyper = ("alpha", "eps", "momentum", "centered")
-    defaults = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                    centered=False, maximize=False)
+    defaults = dict(
+        lr=1e-2,
+        alpha=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.0,
+        centered=False,
+        maximize=False,
+    )
     state = ("square_avg", "momentum_buffer", "grad_avg")
     signed = (False, True, True)
     nonneg = ("lr", "eps", "momentum", "weight_decay", "alpha")
     flags = ("maximize", "centered")
 
     def needs(self, o):
-        return (("square_avg",) + (("momentum_buffer",) if o["momentum"] > 0 else ())
-                + (("grad_avg",) if o["centered"] else ()))
+        return (
+            ("square_avg",)
+            + (("momentum_buffer",) if o["momentum"] > 0 else ())
+            + (("grad_avg",) if o["centered"] else ())
+        )
 
 
 class Adamax(Rule):
@@ -219,8 +260,15 @@ class Adamax(Rule):
 class NAdam(Rule):
     name, title = "nadam", "NAdam"
     hyper = ("beta1", "beta2", "eps", "momentum_decay", "decoupled_weight_decay")
-    defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                    momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False)
+    defaults = dict(
+        lr=2e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum_decay=4e-3,
+        decoupled_weight_decay=False,
+        maximize=False,
+    )
     state = ("exp_avg", "exp_avg_sq")
     signed = (True, False)
     scalar = ("mu_product", 1.0)
@@ -231,8 +279,14 @@ class NAdam(Rule):
 class RAdam(Rule):
     name, title = "radam", "RAdam"
     hyper = ("beta1", "beta2", "eps", "decoupled_weight_decay")
-    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                    decoupled_weight_decay=False, maximize=False)
+    defaults = dict(
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        maximize=False,
+    )
     state = ("exp_avg", "exp_avg_sq")
     signed = (True, False)
     flags = ("maximize", "decoupled_weight_decay")
@@ -261,8 +315,9 @@ class Lion(Rule):
         return o
 
 
-RULES = {r.name: r for r in (Adam(), SGD(), Adagrad(), RMSprop(), Adamax(), NAdam(), RAdam(),
-                             Lion())}
+RULES = {
+    r.name: r for r in (Adam(), SGD(), Adagrad(), RMSprop(), Adamax(), NAdam(), RAdam(), Lion())
+}
 assert set(RULES) == set(_core.RULE_NAMES)
 assert all(len(r.signed) == len(r.state) for r in RULES.values())
 assert EPS_MODES == {"paper": 0, "hat": 1}

@@ -9,6 +9,7 @@ never starts with an optimizer half-way through a step), and released on both si
 The order (every optimizer lock, then _core's step lock, whose fork handler was
 registered earlier and so runs later) is the order a step takes them in.
 """
+
 import os
 import threading
 import weakref
@@ -44,5 +45,6 @@ def _after_fork_in_child():
         _held.pop().release()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)

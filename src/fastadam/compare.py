@@ -106,6 +106,7 @@ Exit status: 0; 2 for bad arguments or a missing extra (scikit-learn, or matplot
 ``--plot``: ``pip install "fastadam[compare]"``) or a missing optimizer class; 1 if the
 plot could not be written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -149,8 +150,17 @@ DEFAULT_LRS = {
     "mlp": {"adam": 3e-3, "adagrad": 1e-2, "rmsprop": 1e-3, "sgd": 0.1, "adamax": 3e-3},
 }
 
-DEFAULTS = dict(epochs_logreg=45, epochs_mlp=20, hidden=1000, batch_size=128,
-                l2_logreg=1e-4, l2_mlp=0.0, dropout=0.0, seed=0, dtype="float32")
+DEFAULTS = dict(
+    epochs_logreg=45,
+    epochs_mlp=20,
+    hidden=1000,
+    batch_size=128,
+    l2_logreg=1e-4,
+    l2_mlp=0.0,
+    dropout=0.0,
+    seed=0,
+    dtype="float32",
+)
 QUICK = dict(epochs_logreg=10, epochs_mlp=3)
 
 
@@ -165,9 +175,11 @@ def _require_sklearn():
     try:
         import sklearn.datasets  # noqa: F401
     except ImportError:
-        raise CompareError("python -m fastadam compare needs scikit-learn (its handwritten "
-                           "digits data set ships inside the package: nothing is "
-                           f"downloaded): {EXTRA}") from None
+        raise CompareError(
+            "python -m fastadam compare needs scikit-learn (its handwritten "
+            "digits data set ships inside the package: nothing is "
+            f"downloaded): {EXTRA}"
+        ) from None
     return sys.modules["sklearn.datasets"]
 
 
@@ -179,7 +191,7 @@ def stratified_split(y, frac, seed):
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
-        k = int(round(frac * len(idx)))
+        k = round(frac * len(idx))
         b.append(idx[:k])
         a.append(idx[k:])
     return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
@@ -195,8 +207,12 @@ def load_digits_split(seed=0, dtype=np.float32):
     tr, te = stratified_split(y, 0.2, [seed, 0])
     s_tr, s_va = stratified_split(y[tr], 0.2, [seed, 1])
     d = {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]}
-    d.update(x_search=d["x_train"][s_tr], y_search=d["y_train"][s_tr],
-             x_val=d["x_train"][s_va], y_val=d["y_train"][s_va])
+    d.update(
+        x_search=d["x_train"][s_tr],
+        y_search=d["y_train"][s_tr],
+        x_val=d["x_train"][s_va],
+        y_val=d["y_train"][s_va],
+    )
     return {k: np.ascontiguousarray(v) for k, v in d.items()}
 
 
@@ -229,12 +245,14 @@ class LogReg:
         self.b = np.zeros(n_out, self.dtype)
         self.params = [self.W, self.b]
         self.wd = float(weight_decay)
-        self.description = (f"softmax regression {n_in} x {n_out} + {n_out}"
-                            + (f", L2 {self.wd:g}" if self.wd else ""))
+        self.description = f"softmax regression {n_in} x {n_out} + {n_out}" + (
+            f", L2 {self.wd:g}" if self.wd else ""
+        )
 
     def _l2(self):
-        return 0.5 * self.wd * float(np.sum(np.square(self.W, dtype=np.float64))) if self.wd \
-            else 0.0
+        return (
+            0.5 * self.wd * float(np.sum(np.square(self.W, dtype=np.float64))) if self.wd else 0.0
+        )
 
     def logits(self, x):
         return x @ self.W + self.b
@@ -260,8 +278,9 @@ class MLP:
 
     kind = "mlp"
 
-    def __init__(self, n_in, n_out, hidden=1000, dtype=np.float32, seed=0, weight_decay=0.0,
-                 dropout=0.0):
+    def __init__(
+        self, n_in, n_out, hidden=1000, dtype=np.float32, seed=0, weight_decay=0.0, dropout=0.0
+    ):
         self.dtype = np.dtype(dtype)
         rng = np.random.default_rng([seed, 7])
         sizes = [n_in, hidden, hidden, n_out]
@@ -273,15 +292,16 @@ class MLP:
         self.params = [p for wb in zip(self.Ws, self.bs) for p in wb]
         self.wd = float(weight_decay)
         self.dropout = float(dropout)
-        self.description = (f"MLP {n_in}-{hidden}-{hidden}-{n_out}, ReLU"
-                            + (f", L2 {self.wd:g}" if self.wd else "")
-                            + (f", dropout {self.dropout:g}" if self.dropout else ""))
+        self.description = (
+            f"MLP {n_in}-{hidden}-{hidden}-{n_out}, ReLU"
+            + (f", L2 {self.wd:g}" if self.wd else "")
+            + (f", dropout {self.dropout:g}" if self.dropout else "")
+        )
 
     def _l2(self):
         if not self.wd:
             return 0.0
-        return 0.5 * self.wd * sum(float(np.sum(np.square(W, dtype=np.float64)))
-                                   for W in self.Ws)
+        return 0.5 * self.wd * sum(float(np.sum(np.square(W, dtype=np.float64))) for W in self.Ws)
 
     def _forward(self, x, rng=None):
         acts, masks = [x], []
@@ -313,7 +333,7 @@ class MLP:
             grads[2 * i], grads[2 * i + 1] = gW, d.sum(axis=0)
             if i:
                 d = d @ self.Ws[i].T
-                d *= acts[i] > 0          # ReLU (and a dropped unit) passes no gradient
+                d *= acts[i] > 0  # ReLU (and a dropped unit) passes no gradient
                 if masks:
                     d *= masks[i - 1]
         return loss + self._l2(), grads
@@ -337,8 +357,15 @@ def _make_model(name, data, settings):
     dtype = np.dtype(settings["dtype"])
     if name == "logreg":
         return LogReg(n_in, n_out, dtype, settings["seed"], settings["l2"]["logreg"])
-    return MLP(n_in, n_out, settings["hidden"], dtype, settings["seed"],
-               settings["l2"]["mlp"], settings["dropout"])
+    return MLP(
+        n_in,
+        n_out,
+        settings["hidden"],
+        dtype,
+        settings["seed"],
+        settings["l2"]["mlp"],
+        settings["dropout"],
+    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -351,15 +378,18 @@ def optimizer_class(key):
     cls = getattr(fastadam, name, None)
     if cls is None:
         here = [k for k, v in OPTIMIZERS.items() if hasattr(fastadam, v[0])]
-        raise CompareError(f"fastadam.{name} is not available in this build of fastadam "
-                           f"(fastadam {getattr(fastadam, '__version__', '?')}); choose "
-                           f"others with --optimizers (available here: "
-                           f"{', '.join(here) or 'none'})")
+        raise CompareError(
+            f"fastadam.{name} is not available in this build of fastadam "
+            f"(fastadam {getattr(fastadam, '__version__', '?')}); choose "
+            f"others with --optimizers (available here: "
+            f"{', '.join(here) or 'none'})"
+        )
     return cls
 
 
-def train(exp, key, lr, data, settings, x, y, epochs, eval_sets=(), track_train=True,
-          final_sets=()):
+def train(
+    exp, key, lr, data, settings, x, y, epochs, eval_sets=(), track_train=True, final_sets=()
+):
     """Train a fresh model of experiment `exp` with optimizer `key` at step size `lr` on
     (x, y). Returns a dict: train_loss per epoch (if track_train); for each (name, xs, ys)
     in eval_sets name_loss and name_accuracy per epoch; for those and final_sets
@@ -373,12 +403,14 @@ def train(exp, key, lr, data, settings, x, y, epochs, eval_sets=(), track_train=
     try:
         opt = cls(model.params, lr=lr_arg, **OPTIMIZERS[key][2])
     except (TypeError, ValueError) as e:
-        raise CompareError(f"fastadam.{cls.__name__}(params, lr={lr_arg!r}, "
-                           f"{', '.join(f'{k}={v!r}' for k, v in OPTIMIZERS[key][2].items())})"
-                           f" failed: {type(e).__name__}: {e}") from None
+        raise CompareError(
+            f"fastadam.{cls.__name__}(params, lr={lr_arg!r}, "
+            f"{', '.join(f'{k}={v!r}' for k, v in OPTIMIZERS[key][2].items())})"
+            f" failed: {type(e).__name__}: {e}"
+        ) from None
     seed, bs = settings["seed"], settings["batch_size"]
-    order = np.random.default_rng([seed, 2])   # the same minibatches for every optimizer
-    noise = np.random.default_rng([seed, 3])   # dropout masks
+    order = np.random.default_rng([seed, 2])  # the same minibatches for every optimizer
+    noise = np.random.default_rng([seed, 3])  # dropout masks
     res: dict[str, Any] = {"train_loss": [], "diverged": False}
     for name, _, _ in eval_sets:
         res[name + "_loss"], res[name + "_accuracy"] = [], []
@@ -400,12 +432,12 @@ def train(exp, key, lr, data, settings, x, y, epochs, eval_sets=(), track_train=
     n = len(x)
     t_opt = 0.0
     t0 = time.perf_counter()
-    with np.errstate(all="ignore"):                # a diverging run is recorded, not warned
-        for epoch in range(epochs):
+    with np.errstate(all="ignore"):  # a diverging run is recorded, not warned
+        for _epoch in range(epochs):
             perm = order.permutation(n)
             finite = True
             for i in range(0, n, bs):
-                idx = perm[i:i + bs]
+                idx = perm[i : i + bs]
                 loss, grads = model.loss_and_grads(x[idx], y[idx], noise)
                 finite = finite and math.isfinite(loss)
                 ts = time.perf_counter()
@@ -413,7 +445,7 @@ def train(exp, key, lr, data, settings, x, y, epochs, eval_sets=(), track_train=
                 t_opt += time.perf_counter() - ts
             if not record() or not finite:
                 res["diverged"] = True
-                for k, v in res.items():      # pad the curves: null after a divergence
+                for _k, v in res.items():  # pad the curves: null after a divergence
                     if isinstance(v, list):
                         v.extend([None] * (epochs + 1 - len(v)))
                 break
@@ -421,7 +453,7 @@ def train(exp, key, lr, data, settings, x, y, epochs, eval_sets=(), track_train=
     res["optimizer_seconds"] = t_opt
     res["iterations"] = epochs * math.ceil(n / bs)
     with np.errstate(all="ignore"):
-        for name, xs, ys in [*eval_sets, *final_sets]:   # the final model (diverged or not)
+        for name, xs, ys in [*eval_sets, *final_sets]:  # the final model (diverged or not)
             v, acc = model.evaluate(xs, ys)
             res[name + "_final_loss"] = v if math.isfinite(v) else None
             res[name + "_final_accuracy"] = acc
@@ -466,14 +498,31 @@ def _search(exp, key, data, settings, epochs, log, before_run=None):
     def score(lr):
         if before_run:
             before_run()
-        r = train(exp, key, lr, data, settings, data["x_search"], data["y_search"], epochs,
-                  track_train=False, final_sets=[("val", data["x_val"], data["y_val"])])
+        r = train(
+            exp,
+            key,
+            lr,
+            data,
+            settings,
+            data["x_search"],
+            data["y_search"],
+            epochs,
+            track_train=False,
+            final_sets=[("val", data["x_val"], data["y_val"])],
+        )
         val = r["val_final_loss"]
-        runs[lr] = {"lr": lr, "val_loss": val, "val_accuracy": r["val_final_accuracy"],
-                    "diverged": r["diverged"], "seconds": round(r["seconds"], 3)}
-        log(f"  search {exp} {OPTIMIZERS[key][1]:<12} lr {lr:<6g} val loss "
+        runs[lr] = {
+            "lr": lr,
+            "val_loss": val,
+            "val_accuracy": r["val_final_accuracy"],
+            "diverged": r["diverged"],
+            "seconds": round(r["seconds"], 3),
+        }
+        log(
+            f"  search {exp} {OPTIMIZERS[key][1]:<12} lr {lr:<6g} val loss "
             + (f"{val:.4f}" if val is not None else "diverged")
-            + f"  ({r['seconds']:.1f} s)")
+            + f"  ({r['seconds']:.1f} s)"
+        )
         return math.inf if val is None else val
 
     best, _ = search_grid(score, SEARCH_START[key])
@@ -491,55 +540,80 @@ def format_tables(data):
     lines = []
     st = data["settings"]
     d = data["data"]
-    lines.append(f"fastadam compare: {d['name']} ({d['n_train']} train / {d['n_test']} test "
-                 f"images, {d['n_features']} features, {d['n_classes']} classes), "
-                 f"{st['dtype']}, minibatch {st['batch_size']}")
+    lines.append(
+        f"fastadam compare: {d['name']} ({d['n_train']} train / {d['n_test']} test "
+        f"images, {d['n_features']} features, {d['n_classes']} classes), "
+        f"{st['dtype']}, minibatch {st['batch_size']}"
+    )
     for name, exp in data["experiments"].items():
         opts = exp["optimizers"]
         labels = [o["label"] for o in opts.values()]
         w = max(12, *(len(s) for s in labels))
         lines.append("")
-        lines.append(f"== {EXPERIMENTS[name]}: {exp['model']}, lr "
-                     + ("alpha/sqrt(t)" if exp["lr_schedule"] == "InverseSqrtDecay"
-                        else "constant")
-                     + f"; {exp['epochs']} epochs x {exp['iterations_per_epoch']} iterations")
+        lines.append(
+            f"== {EXPERIMENTS[name]}: {exp['model']}, lr "
+            + ("alpha/sqrt(t)" if exp["lr_schedule"] == "InverseSqrtDecay" else "constant")
+            + f"; {exp['epochs']} epochs x {exp['iterations_per_epoch']} iterations"
+        )
         l2 = st["l2"][name]
-        lines.append("training cost (" + (f"cross-entropy + L2 {l2:g}" if l2 else
-                                          "cross-entropy") + ", whole training set, "
-                     "no dropout) after each epoch")
+        lines.append(
+            "training cost ("
+            + (f"cross-entropy + L2 {l2:g}" if l2 else "cross-entropy")
+            + ", whole training set, "
+            "no dropout) after each epoch"
+        )
         lines.append("epoch  " + "  ".join(s.rjust(w) for s in labels))
         lines.append("-----  " + "  ".join("-" * w for _ in labels))
         for e in range(exp["epochs"] + 1):
-            lines.append(f"{e:5d}  " + "  ".join(_fmt_loss(o["train_loss"][e]).rjust(w)
-                                                 for o in opts.values()))
+            lines.append(
+                f"{e:5d}  "
+                + "  ".join(_fmt_loss(o["train_loss"][e]).rjust(w) for o in opts.values())
+            )
         lines.append("-----  " + "  ".join("-" * w for _ in labels))
         lines.append("lr     " + "  ".join(f"{o['lr']:g}".rjust(w) for o in opts.values()))
-        lines.append("test   " + "  ".join(
-            f"{100 * o['test_accuracy']:.2f}%".rjust(w) for o in opts.values())
-            + "   <- test accuracy")
-        lines.append("time   " + "  ".join(
-            f"{o['seconds']:.2f} s".rjust(w) for o in opts.values()))
-    others = sorted({f"{o['label']} ({o['implementation']})"
-                     for exp in data["experiments"].values() for o in exp["optimizers"].values()
-                     if not o["implementation"].startswith("fastadam.")})
+        lines.append(
+            "test   "
+            + "  ".join(f"{100 * o['test_accuracy']:.2f}%".rjust(w) for o in opts.values())
+            + "   <- test accuracy"
+        )
+        lines.append("time   " + "  ".join(f"{o['seconds']:.2f} s".rjust(w) for o in opts.values()))
+    others = sorted(
+        {
+            f"{o['label']} ({o['implementation']})"
+            for exp in data["experiments"].values()
+            for o in exp["optimizers"].values()
+            if not o["implementation"].startswith("fastadam.")
+        }
+    )
     if others:
         lines.append("")
         lines.append("note: not fastadam's own classes: " + ", ".join(others))
     lines.append("")
-    lines.append("learning rates: " + ("searched per optimizer on a validation split (grid "
-                                       f"{LR_GRID[0]:g} ... {LR_GRID[-1]:g}, 1-3-10 steps; "
-                                       f"criterion: {st['criterion']})" if st["search"] else
-                                       "the documented defaults found by the default run's "
-                                       "search (fastadam.compare.DEFAULT_LRS); run without "
-                                       "--quick/--no-search to search again"))
+    lines.append(
+        "learning rates: "
+        + (
+            "searched per optimizer on a validation split (grid "
+            f"{LR_GRID[0]:g} ... {LR_GRID[-1]:g}, 1-3-10 steps; "
+            f"criterion: {st['criterion']})"
+            if st["search"]
+            else "the documented defaults found by the default run's "
+            "search (fastadam.compare.DEFAULT_LRS); run without "
+            "--quick/--no-search to search again"
+        )
+    )
     for name, exp in data["experiments"].items():
-        for key, o in exp["optimizers"].items():
+        for _key, o in exp["optimizers"].items():
             line = f"  {name:<6} {o['label']:<12} lr {o['lr']:<6g} {o['lr_reason']}"
             lines.append(line)
             if o["search"]:
-                lines.append("         " + ", ".join(
-                    f"{r['lr']:g}: " + ("diverged" if r["val_loss"] is None
-                                        else f"{r['val_loss']:.4f}") for r in o["search"]))
+                lines.append(
+                    "         "
+                    + ", ".join(
+                        f"{r['lr']:g}: "
+                        + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
+                        for r in o["search"]
+                    )
+                )
     return "\n".join(lines)
 
 
@@ -563,31 +637,49 @@ def write_plot(data, path):
 
     exps = data["experiments"]
     fig, axes = plt.subplots(1, len(exps), figsize=(5.6 * len(exps), 4.4), squeeze=False)
-    colors = {"adam": "#d62728", "adagrad": "#1f77b4", "rmsprop": "#2ca02c",
-              "sgd": "#9467bd", "adamax": "#ff7f0e"}
+    colors = {
+        "adam": "#d62728",
+        "adagrad": "#1f77b4",
+        "rmsprop": "#2ca02c",
+        "sgd": "#9467bd",
+        "adamax": "#ff7f0e",
+    }
     stand_ins = False
     for ax, (name, exp) in zip(axes[0], exps.items()):
         for key, o in exp["optimizers"].items():
             ys = [np.nan if v is None else v for v in o["train_loss"]]
             star = "" if o.get("implementation", "fastadam.").startswith("fastadam.") else "*"
             stand_ins = stand_ins or bool(star)
-            ax.plot(range(len(ys)), ys, color=colors.get(key), lw=2.2 if key == "adam" else 1.5,
-                    label=f"{o['label']}{star} (lr {o['lr']:g}): test "
-                          f"{100 * o['test_accuracy']:.1f}%")
+            ax.plot(
+                range(len(ys)),
+                ys,
+                color=colors.get(key),
+                lw=2.2 if key == "adam" else 1.5,
+                label=f"{o['label']}{star} (lr {o['lr']:g}): test {100 * o['test_accuracy']:.1f}%",
+            )
         sched = "lr α/√t" if exp["lr_schedule"] == "InverseSqrtDecay" else "constant lr"
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(yscale="log", xlabel="iterations over entire dataset (epochs)",
-               ylabel="training cost", title=f"{EXPERIMENTS[name].capitalize()}\n"
-                                              f"{exp['model']}, {sched}")
+        ax.set(
+            yscale="log",
+            xlabel="iterations over entire dataset (epochs)",
+            ylabel="training cost",
+            title=f"{EXPERIMENTS[name].capitalize()}\n{exp['model']}, {sched}",
+        )
         ax.title.set_fontsize(10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     d, v, m = data["data"], data["versions"], data["machine"]
-    fig.suptitle(f"{d['name']}, {d['n_train']} training images, minibatch "
-                 f"{data['settings']['batch_size']} - fastadam {v['fastadam']}, "
-                 f"{m['usable_cpus']} CPUs ({m['cpu_model']})"
-                 + ("\n* not fastadam's class: a NumPy stand-in with torch.optim's update rule"
-                    if stand_ins else ""), fontsize=9)
+    fig.suptitle(
+        f"{d['name']}, {d['n_train']} training images, minibatch "
+        f"{data['settings']['batch_size']} - fastadam {v['fastadam']}, "
+        f"{m['usable_cpus']} CPUs ({m['cpu_model']})"
+        + (
+            "\n* not fastadam's class: a NumPy stand-in with torch.optim's update rule"
+            if stand_ins
+            else ""
+        ),
+        fontsize=9,
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -621,8 +713,12 @@ def _machine():
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count()
-    return {"platform": platform.platform(), "cpu_model": cpu, "usable_cpus": cpus,
-            "loadavg_start": _loadavg()}
+    return {
+        "platform": platform.platform(),
+        "cpu_model": cpu,
+        "usable_cpus": cpus,
+        "loadavg_start": _loadavg(),
+    }
 
 
 def _loadavg():
@@ -635,8 +731,12 @@ def _loadavg():
 def _versions():
     import fastadam
 
-    v = {"python": platform.python_version(), "numpy": np.__version__,
-         "fastadam": fastadam.__version__, "fastadam_simd": fastadam.config()["simd"]}
+    v = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "fastadam": fastadam.__version__,
+        "fastadam_simd": fastadam.config()["simd"],
+    }
     try:
         import sklearn
 
@@ -675,8 +775,9 @@ class BlasThreads:
             from threadpoolctl import threadpool_info, threadpool_limits
         except ImportError:
             if self.n != "auto":
-                raise CompareError("--blas-threads needs threadpoolctl (it comes with "
-                                   f"scikit-learn): {EXTRA}") from None
+                raise CompareError(
+                    f"--blas-threads needs threadpoolctl (it comes with scikit-learn): {EXTRA}"
+                ) from None
             return self
         counts = [i.get("num_threads") for i in threadpool_info() if i.get("user_api") == "blas"]
         if not counts:
@@ -709,10 +810,12 @@ class BlasThreads:
         if others is None:
             return
         cpus = _machine()["usable_cpus"] or 1
-        k = min(self.default, max(1, int(round(cpus - others))))
+        k = min(self.default, max(1, round(cpus - others)))
         if k != self.current:
-            self.log(f"note: other processes use {others:.1f} of {cpus} CPUs: BLAS threads "
-                     f"{self.current} -> {k} (--blas-threads N fixes the count)")
+            self.log(
+                f"note: other processes use {others:.1f} of {cpus} CPUs: BLAS threads "
+                f"{self.current} -> {k} (--blas-threads N fixes the count)"
+            )
             self._set(k)
 
     def _set(self, k):
@@ -783,8 +886,10 @@ def parse_optimizers(s):
     for t in toks:
         k = t if t in OPTIMIZERS else by_class.get(t) or by_label.get(t)
         if k is None:
-            raise ValueError(f"--optimizers: unknown optimizer {t!r} (choose from "
-                             f"{', '.join(OPTIMIZERS)} or all)")
+            raise ValueError(
+                f"--optimizers: unknown optimizer {t!r} (choose from "
+                f"{', '.join(OPTIMIZERS)} or all)"
+            )
         if k not in out:
             out.append(k)
     if not out:
@@ -803,53 +908,97 @@ def build_parser(prog=None):
     p = argparse.ArgumentParser(
         prog=prog or "python -m fastadam compare",
         description="The Adam paper's Section 6 comparison on this machine: logistic\n"
-                    "regression (lr alpha/sqrt(t)) and an MLP on scikit-learn's handwritten\n"
-                    "digits, trained with Adam, AdaGrad, RMSProp, SGD with Nesterov momentum\n"
-                    "and AdaMax (learning rates searched on a validation split). Needs\n"
-                    f"scikit-learn (and matplotlib for --plot): {EXTRA}",
+        "regression (lr alpha/sqrt(t)) and an MLP on scikit-learn's handwritten\n"
+        "digits, trained with Adam, AdaGrad, RMSProp, SGD with Nesterov momentum\n"
+        "and AdaMax (learning rates searched on a validation split). Needs\n"
+        f"scikit-learn (and matplotlib for --plot): {EXTRA}",
         epilog="examples:\n"
-               "  %(prog)s                        # about a minute on 2 cores\n"
-               "  %(prog)s --quick                # a few seconds, documented lrs\n"
-               "  %(prog)s --json out.json --plot out.png\n"
-               "  %(prog)s --optimizers adam,sgd --experiments mlp\n"
-               "\nThe module docstring (python -c 'import fastadam.compare as c; "
-               "help(c)') documents the setting and the JSON layout.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help=f"a few seconds: {QUICK['epochs_logreg']} + {QUICK['epochs_mlp']} "
-                        "epochs, no lr search (the documented lrs)")
-    p.add_argument("--no-search", action="store_true",
-                   help="use the documented lrs (DEFAULT_LRS) instead of searching")
-    p.add_argument("--optimizers", default="all",
-                   help="comma separated: adam, adagrad, rmsprop, sgd (Nesterov), adamax or "
-                        "all (default)")
-    p.add_argument("--experiments", default="logreg,mlp",
-                   help="logreg, mlp or both (default logreg,mlp)")
-    p.add_argument("--epochs-logreg", type=_positive_int, default=None,
-                   help=f"epochs of logistic regression (default {DEFAULTS['epochs_logreg']}; "
-                        f"--quick {QUICK['epochs_logreg']})")
-    p.add_argument("--epochs-mlp", type=_positive_int, default=None,
-                   help=f"epochs of the MLP (default {DEFAULTS['epochs_mlp']}; "
-                        f"--quick {QUICK['epochs_mlp']})")
-    p.add_argument("--hidden", type=_positive_int, default=DEFAULTS["hidden"],
-                   help="units per hidden layer of the MLP (default 1000, as the paper)")
-    p.add_argument("--dropout", type=float, default=DEFAULTS["dropout"],
-                   help="dropout probability on the MLP's hidden layers (default 0)")
-    p.add_argument("--l2-logreg", type=float, default=DEFAULTS["l2_logreg"],
-                   help="L2 coefficient of logistic regression's objective (default 1e-4)")
-    p.add_argument("--l2-mlp", type=float, default=DEFAULTS["l2_mlp"],
-                   help="L2 coefficient of the MLP's objective, on its weight matrices "
-                        "(default 0)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=DEFAULTS["dtype"],
-                   help="model and optimizer precision (default float32)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                   help="seed of the split, the initial weights and the minibatch order")
-    p.add_argument("--blas-threads", type=_blas_arg, default="auto",
-                   help="threads of NumPy's BLAS, or 'auto' (default): BLAS's own count "
-                        "(usually one per CPU), lowered before each training run to the CPUs "
-                        "that other processes leave idle, since OpenBLAS's spinning threads "
-                        "make the MLP 5-10x slower on a busy machine (uses threadpoolctl, "
-                        "which comes with scikit-learn)")
+        "  %(prog)s                        # about a minute on 2 cores\n"
+        "  %(prog)s --quick                # a few seconds, documented lrs\n"
+        "  %(prog)s --json out.json --plot out.png\n"
+        "  %(prog)s --optimizers adam,sgd --experiments mlp\n"
+        "\nThe module docstring (python -c 'import fastadam.compare as c; "
+        "help(c)') documents the setting and the JSON layout.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a few seconds: {QUICK['epochs_logreg']} + {QUICK['epochs_mlp']} "
+        "epochs, no lr search (the documented lrs)",
+    )
+    p.add_argument(
+        "--no-search",
+        action="store_true",
+        help="use the documented lrs (DEFAULT_LRS) instead of searching",
+    )
+    p.add_argument(
+        "--optimizers",
+        default="all",
+        help="comma separated: adam, adagrad, rmsprop, sgd (Nesterov), adamax or all (default)",
+    )
+    p.add_argument(
+        "--experiments", default="logreg,mlp", help="logreg, mlp or both (default logreg,mlp)"
+    )
+    p.add_argument(
+        "--epochs-logreg",
+        type=_positive_int,
+        default=None,
+        help=f"epochs of logistic regression (default {DEFAULTS['epochs_logreg']}; "
+        f"--quick {QUICK['epochs_logreg']})",
+    )
+    p.add_argument(
+        "--epochs-mlp",
+        type=_positive_int,
+        default=None,
+        help=f"epochs of the MLP (default {DEFAULTS['epochs_mlp']}; --quick {QUICK['epochs_mlp']})",
+    )
+    p.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=DEFAULTS["hidden"],
+        help="units per hidden layer of the MLP (default 1000, as the paper)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=DEFAULTS["dropout"],
+        help="dropout probability on the MLP's hidden layers (default 0)",
+    )
+    p.add_argument(
+        "--l2-logreg",
+        type=float,
+        default=DEFAULTS["l2_logreg"],
+        help="L2 coefficient of logistic regression's objective (default 1e-4)",
+    )
+    p.add_argument(
+        "--l2-mlp",
+        type=float,
+        default=DEFAULTS["l2_mlp"],
+        help="L2 coefficient of the MLP's objective, on its weight matrices (default 0)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default=DEFAULTS["dtype"],
+        help="model and optimizer precision (default float32)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS["seed"],
+        help="seed of the split, the initial weights and the minibatch order",
+    )
+    p.add_argument(
+        "--blas-threads",
+        type=_blas_arg,
+        default="auto",
+        help="threads of NumPy's BLAS, or 'auto' (default): BLAS's own count "
+        "(usually one per CPU), lowered before each training run to the CPUs "
+        "that other processes leave idle, since OpenBLAS's spinning threads "
+        "make the MLP 5-10x slower on a busy machine (uses threadpoolctl, "
+        "which comes with scikit-learn)",
+    )
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -860,60 +1009,94 @@ def run(settings, log, before_run=None):
     """The comparison; returns the JSON-ready dict (see the module docstring)."""
     data = load_digits_split(settings["seed"], np.dtype(settings["dtype"]))
     for key in settings["optimizers"]:
-        optimizer_class(key)                  # every class named before anything runs
+        optimizer_class(key)  # every class named before anything runs
     t0 = time.time()
     out = {
-        "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": None,
-        "machine": _machine(), "versions": _versions(), "settings": dict(settings),
-        "data": {"name": "scikit-learn digits", "source": "sklearn.datasets.load_digits "
-                 "(ships inside scikit-learn; UCI optical recognition of handwritten digits)",
-                 "n_train": len(data["y_train"]), "n_test": len(data["y_test"]),
-                 "n_search_train": len(data["y_search"]), "n_val": len(data["y_val"]),
-                 "n_features": data["x_train"].shape[1],
-                 "n_classes": int(data["y_train"].max()) + 1,
-                 "scaling": "pixel / 16, in [0, 1]",
-                 "split": "stratified 80/20 train/test; train stratified 80/20 again into "
-                          "search-train/validation for the lr search"},
-        "experiments": {}}
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": None,
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": dict(settings),
+        "data": {
+            "name": "scikit-learn digits",
+            "source": "sklearn.datasets.load_digits "
+            "(ships inside scikit-learn; UCI optical recognition of handwritten digits)",
+            "n_train": len(data["y_train"]),
+            "n_test": len(data["y_test"]),
+            "n_search_train": len(data["y_search"]),
+            "n_val": len(data["y_val"]),
+            "n_features": data["x_train"].shape[1],
+            "n_classes": int(data["y_train"].max()) + 1,
+            "scaling": "pixel / 16, in [0, 1]",
+            "split": "stratified 80/20 train/test; train stratified 80/20 again into "
+            "search-train/validation for the lr search",
+        },
+        "experiments": {},
+    }
     for exp in settings["experiments"]:
         epochs = settings["epochs"][exp]
         model = _make_model(exp, data, settings)
-        rec = {"title": EXPERIMENTS[exp], "model": model.description,
-               "n_params": int(sum(p.size for p in model.params)),
-               "lr_schedule": "InverseSqrtDecay" if exp == "logreg" else "constant",
-               "epochs": epochs,
-               "iterations_per_epoch": math.ceil(len(data["y_train"]) / settings["batch_size"]),
-               "optimizers": {}}
+        rec = {
+            "title": EXPERIMENTS[exp],
+            "model": model.description,
+            "n_params": int(sum(p.size for p in model.params)),
+            "lr_schedule": "InverseSqrtDecay" if exp == "logreg" else "constant",
+            "epochs": epochs,
+            "iterations_per_epoch": math.ceil(len(data["y_train"]) / settings["batch_size"]),
+            "optimizers": {},
+        }
         for key in settings["optimizers"]:
             cls_name, label, fixed = OPTIMIZERS[key]
             if settings["search"]:
                 lr, tried = _search(exp, key, data, settings, epochs, log, before_run)
                 src = "search"
                 vals = [r["lr"] for r in tried]
-                reason = (f"lowest validation loss of the lrs tried ({min(vals):g} ... "
-                          f"{max(vals):g}), searched from {SEARCH_START[key]:g}")
+                reason = (
+                    f"lowest validation loss of the lrs tried ({min(vals):g} ... "
+                    f"{max(vals):g}), searched from {SEARCH_START[key]:g}"
+                )
             else:
                 lr, tried, src = DEFAULT_LRS[exp][key], [], "default"
                 reason = "documented default (what the default run's search chose)"
             if before_run:
                 before_run()
-            r = train(exp, key, lr, data, settings, data["x_train"], data["y_train"], epochs,
-                      eval_sets=[("test", data["x_test"], data["y_test"])])
-            log(f"{exp} {label:<12} lr {lr:<6g} final training cost "
+            r = train(
+                exp,
+                key,
+                lr,
+                data,
+                settings,
+                data["x_train"],
+                data["y_train"],
+                epochs,
+                eval_sets=[("test", data["x_test"], data["y_test"])],
+            )
+            log(
+                f"{exp} {label:<12} lr {lr:<6g} final training cost "
                 f"{_fmt_loss(r['train_loss'][-1])}, test accuracy "
-                f"{100 * r['test_final_accuracy']:.2f}%  ({r['seconds']:.1f} s)")
+                f"{100 * r['test_final_accuracy']:.2f}%  ({r['seconds']:.1f} s)"
+            )
             cls = optimizer_class(key)
             rec["optimizers"][key] = {
-                "label": label, "class": cls_name,
+                "label": label,
+                "class": cls_name,
                 "implementation": f"{cls.__module__}.{cls.__qualname__}",
-                "options": dict(fixed), "lr": lr,
-                "lr_source": src, "lr_reason": reason, "search": tried,
+                "options": dict(fixed),
+                "lr": lr,
+                "lr_source": src,
+                "lr_reason": reason,
+                "search": tried,
                 "train_loss": r["train_loss"],
                 "test_accuracy_per_epoch": r["test_accuracy"],
                 "test_accuracy": r["test_final_accuracy"],
-                "test_loss": r["test_final_loss"], "final_train_loss": r["train_loss"][-1],
-                "diverged": r["diverged"], "iterations": r["iterations"],
-                "seconds": r["seconds"], "optimizer_seconds": r["optimizer_seconds"]}
+                "test_loss": r["test_final_loss"],
+                "final_train_loss": r["train_loss"][-1],
+                "diverged": r["diverged"],
+                "iterations": r["iterations"],
+                "seconds": r["seconds"],
+                "optimizer_seconds": r["optimizer_seconds"],
+            }
         out["experiments"][exp] = rec
     out["elapsed_s"] = time.time() - t0
     out["machine"]["loadavg_end"] = _loadavg()
@@ -935,33 +1118,48 @@ def main(argv=None, prog=None):
         exps = [t.strip().lower() for t in args.experiments.split(",") if t.strip()]
         bad = [t for t in exps if t not in EXPERIMENTS]
         if bad or not exps:
-            raise ValueError(f"--experiments: unknown {', '.join(map(repr, bad)) or 'none'} "
-                             "(choose from logreg, mlp)")
+            raise ValueError(
+                f"--experiments: unknown {', '.join(map(repr, bad)) or 'none'} "
+                "(choose from logreg, mlp)"
+            )
         if not 0 <= args.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
         for opt in ("l2_logreg", "l2_mlp"):
             if not getattr(args, opt) >= 0:
-                raise ValueError(f"--{opt.replace('_', '-')} must be >= 0, got "
-                                 f"{getattr(args, opt)}")
+                raise ValueError(
+                    f"--{opt.replace('_', '-')} must be >= 0, got {getattr(args, opt)}"
+                )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     q = QUICK if args.quick else DEFAULTS
     settings = {
-        "argv": argv, "quick": args.quick, "search": not (args.quick or args.no_search),
-        "seed": args.seed, "dtype": args.dtype, "batch_size": DEFAULTS["batch_size"],
-        "l2": {"logreg": args.l2_logreg, "mlp": args.l2_mlp}, "dropout": args.dropout,
-        "hidden": args.hidden, "blas_threads": args.blas_threads,
-        "optimizers": opts, "experiments": list(dict.fromkeys(exps)),
-        "epochs": {"logreg": args.epochs_logreg or q["epochs_logreg"],
-                   "mlp": args.epochs_mlp or q["epochs_mlp"]},
-        "lr_grid": list(LR_GRID), "search_start": dict(SEARCH_START), "criterion": CRITERION}
+        "argv": argv,
+        "quick": args.quick,
+        "search": not (args.quick or args.no_search),
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "batch_size": DEFAULTS["batch_size"],
+        "l2": {"logreg": args.l2_logreg, "mlp": args.l2_mlp},
+        "dropout": args.dropout,
+        "hidden": args.hidden,
+        "blas_threads": args.blas_threads,
+        "optimizers": opts,
+        "experiments": list(dict.fromkeys(exps)),
+        "epochs": {
+            "logreg": args.epochs_logreg or q["epochs_logreg"],
+            "mlp": args.epochs_mlp or q["epochs_mlp"],
+        },
+        "lr_grid": list(LR_GRID),
+        "search_start": dict(SEARCH_START),
+        "criterion": CRITERION,
+    }
     try:
         _require_sklearn()
         if args.plot:
             _check_matplotlib()
         for key in opts:
-            optimizer_class(key)              # every class named before anything runs
+            optimizer_class(key)  # every class named before anything runs
         with BlasThreads(args.blas_threads, log) as blas:
             data = run(settings, log, blas.before_run)
             data["settings"]["blas_threads_used"] = blas.used or None

@@ -11,6 +11,7 @@ DeepSpeed is imported when a function here is called, never by ``import fastadam
 with DeepSpeed 0.19.8 (it uses helpers of ``zero_to_fp32`` whose names start with an
 underscore); docs/engines.md has the recipe.
 """
+
 import contextlib
 import io
 import os
@@ -24,8 +25,10 @@ def _deepspeed():
         from deepspeed.checkpoint import constants
         from deepspeed.utils import zero_to_fp32
     except ImportError as e:  # a clear message rather than a bare ModuleNotFoundError
-        raise ImportError("fastadam.deepspeed needs DeepSpeed (pip install deepspeed; "
-                          "docs/engines.md says how without replacing torch)") from e
+        raise ImportError(
+            "fastadam.deepspeed needs DeepSpeed (pip install deepspeed; "
+            "docs/engines.md says how without replacing torch)"
+        ) from e
     return zero_to_fp32, constants
 
 
@@ -53,18 +56,20 @@ def _lean(state, padding, numel, where):
     for k, v in state.items():
         if hasattr(v, "dim") and v.dim() > 0:
             v = v.reshape(-1)
-            v = v[:v.numel() - padding]
+            v = v[: v.numel() - padding]
             if v.numel() != numel:
                 raise ValueError(
                     f"{where}: state[{k!r}] has {v.numel()} elements, its partition {numel}: "
                     f"only elementwise state (Adam's moments, not 8-bit blocks' absmax) can "
-                    f"be consolidated")
+                    f"be consolidated"
+                )
         out[k] = v
     return out
 
 
 def _load(files):
     import torch
+
     return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
 
 
@@ -101,22 +106,30 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
     world = optims[0][C.PARTITION_COUNT]
     world = max(world) if isinstance(world, (list, tuple)) else int(world)
     if world != len(optims):
-        raise ValueError(f"{folder} holds {len(optims)} optimizer files, written by "
-                         f"{world} ranks")
+        raise ValueError(f"{folder} holds {len(optims)} optimizer files, written by {world} ranks")
     shapes = models[0].param_shapes  # one {name: shape} per flat group (stage 3: sub-group)
 
     if stage <= 2:
         if isinstance(optims[0][C.BASE_OPTIMIZER_STATE], list):
             raise NotImplementedError(
                 "an elastic ZeRO checkpoint (zero_optimization.elastic_checkpoint) does not "
-                "keep the optimizer's param_groups: save with elastic_checkpoint false")
+                "keep the optimizer's param_groups: save with elastic_checkpoint false"
+            )
         fp32 = [o[C.SINGLE_PARTITION_OF_FP32_GROUPS] for o in optims]
         inner = [o[C.BASE_OPTIMIZER_STATE] for o in optims]
         flat = []  # flat[r][i]: rank r's state of its partition of group i
         for r, (o, sd) in enumerate(zip(optims, inner)):
-            flat.append([_lean(sd["state"].get(g["params"][0], {}), o[C.GROUP_PADDINGS][i],
-                               fp32[r][i].numel(), f"rank {r}, group {i}")
-                         for i, g in enumerate(sd["param_groups"])])
+            flat.append(
+                [
+                    _lean(
+                        sd["state"].get(g["params"][0], {}),
+                        o[C.GROUP_PADDINGS][i],
+                        fp32[r][i].numel(),
+                        f"rank {r}, group {i}",
+                    )
+                    for i, g in enumerate(sd["param_groups"])
+                ]
+            )
         groups = [[i] for i in range(len(shapes))]  # param group i <- flat group i
         paddings = optims[0].get(C.PARAM_ALIGNMENT_PADDINGS)
 
@@ -133,10 +146,16 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
             # sub-group order (DeepSpeed's _set_fp32_optimizer_param_groups)
             ids = [i for g in sd["param_groups"] for i in g["params"]]
             if len(ids) != len(fp32[r]):
-                raise ValueError(f"rank {r}: {len(ids)} flat tensors in the optimizer's groups, "
-                                 f"{len(fp32[r])} fp32 sub-groups")
-            flat.append([_lean(sd["state"].get(i, {}), 0, fp32[r][k].numel(),
-                               f"rank {r}, sub-group {k}") for k, i in enumerate(ids)])
+                raise ValueError(
+                    f"rank {r}: {len(ids)} flat tensors in the optimizer's groups, "
+                    f"{len(fp32[r])} fp32 sub-groups"
+                )
+            flat.append(
+                [
+                    _lean(sd["state"].get(i, {}), 0, fp32[r][k].numel(), f"rank {r}, sub-group {k}")
+                    for k, i in enumerate(ids)
+                ]
+            )
         groups, k = [], 0
         for g in inner[0]["param_groups"]:
             groups.append(list(range(k, k + len(g["params"]))))
@@ -149,8 +168,9 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
     else:
         raise ValueError(f"unknown ZeRO stage {stage} in {folder}")
 
-    tensor_keys = [k for k, v in flat[0][0].items() if hasattr(v, "dim") and v.dim() > 0] \
-        if flat[0] else []
+    tensor_keys = (
+        [k for k, v in flat[0][0].items() if hasattr(v, "dim") and v.dim() > 0] if flat[0] else []
+    )
     # zero_to_fp32 prints its progress (stdout) and draws tqdm bars (stderr)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         params = merge(fp32)
@@ -167,8 +187,10 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
                 i = len(names)
                 names.append(name)
                 ids.append(i)
-                st = {key: v.detach().clone() if torch.is_tensor(v) else v
-                      for key, v in scalars.items()}
+                st = {
+                    key: v.detach().clone() if torch.is_tensor(v) else v
+                    for key, v in scalars.items()
+                }
                 for key, merged in per_key.items():
                     st[key] = merged[name].detach().clone()
                 if master_weights:
@@ -180,11 +202,15 @@ def consolidate_zero_checkpoint(checkpoint_dir, tag=None, *, master_weights=Fals
     formats = inner[0].get("formats")
     if master_weights:
         from ._formats import Formats
+
         formats = dict(formats or Formats().as_dict(), master_weights=True)
     if formats is not None:
         sd["formats"] = formats
-    return {"optimizer": sd, "param_names": names,
-            "params": {n: params[n].detach().clone() for n in names}}
+    return {
+        "optimizer": sd,
+        "param_names": names,
+        "params": {n: params[n].detach().clone() for n in names},
+    }
 
 
 def load_zero_state(engine, consolidated):
@@ -197,8 +223,12 @@ def load_zero_state(engine, consolidated):
     what ZeRO's copy of the masters gives). Options and state keys are the saved ones;
     the state the engine's optimizer already has is overwritten in place."""
     import torch
-    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
 
     zero = engine.optimizer
     inner = zero.optimizer
@@ -243,8 +273,11 @@ def load_zero_state(engine, consolidated):
         g.update({k: v for k, v in saved.items() if k != "params"})
     for n in names:  # stages 1 and 2 gather: every rank, the same order
         p, saved = module[n], sd["state"].get(index[n], {})
-        values = {k: v for k, v in saved.items()
-                  if k != "master_param" and torch.is_tensor(v) and v.dim() > 0}
+        values = {
+            k: v
+            for k, v in saved.items()
+            if k != "master_param" and torch.is_tensor(v) and v.dim() > 0
+        }
         master = consolidated["params"][n].to(torch.float32)
         if stage3:
             # DeepSpeed 0.19.8's set_full_hp_param slices the unpadded value (an error on
@@ -272,4 +305,4 @@ def _local_slice(p, value):
     flat = value.reshape(-1)
     if flat.numel() < n * size:
         flat = torch.cat([flat, flat.new_zeros(n * size - flat.numel())])
-    return flat[rank * n:(rank + 1) * n]
+    return flat[rank * n : (rank + 1) * n]

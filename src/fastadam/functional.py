@@ -1,4 +1,5 @@
 """The functional step: one fused C pass over one parameter tensor."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -16,20 +17,48 @@ ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 def adam_plan_options(o, eps_root=0.0, ema_decay=None):
     """_Plan.set_options' arguments (after the group index) for checked Adam options:
     csrc/rules/adam.h's hyperparameter order."""
-    return (o.lr, o.weight_decay, o.maximize, ema_decay,
-            (o.beta1, o.beta2, o.eps, o.decoupled_weight_decay, o.amsgrad, o.bias_correction,
-             o.eps_mode, eps_root))
+    return (
+        o.lr,
+        o.weight_decay,
+        o.maximize,
+        ema_decay,
+        (
+            o.beta1,
+            o.beta2,
+            o.eps,
+            o.decoupled_weight_decay,
+            o.amsgrad,
+            o.bias_correction,
+            o.eps_mode,
+            eps_root,
+        ),
+    )
+
 
 __all__ = ["adam_step"]
 
 
-def adam_step(param: ArrayLike, grad: ArrayLike, exp_avg: ArrayLike, exp_avg_sq: ArrayLike, *,
-              step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-              eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-              amsgrad: bool = False, max_exp_avg_sq: ArrayLike | None = None,
-              maximize: bool = False, bias_correction: bool = True, eps_mode: str = "paper",
-              num_threads: int | None = None, grad_scale: float = 1.0,
-              skip_nonfinite: bool = False) -> bool:
+def adam_step(
+    param: ArrayLike,
+    grad: ArrayLike,
+    exp_avg: ArrayLike,
+    exp_avg_sq: ArrayLike,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sq: ArrayLike | None = None,
+    maximize: bool = False,
+    bias_correction: bool = True,
+    eps_mode: str = "paper",
+    num_threads: int | None = None,
+    grad_scale: float = 1.0,
+    skip_nonfinite: bool = False,
+) -> bool:
     r"""One Adam step, in place, in a single fused pass (GIL released).
 
     With alpha = ``lr``, (beta1, beta2) = ``betas``, epsilon = ``eps``, lambda =
@@ -70,25 +99,66 @@ def adam_step(param: ArrayLike, grad: ArrayLike, exp_avg: ArrayLike, exp_avg_sq:
         naming the argument, before any buffer is written.
     """
     if grad is None:
-        raise TypeError("grad must be a float32 or float64 array, got None (None skips a "
-                        "parameter only in Adam.step)")
-    options = check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
-                            maximize, bias_correction, eps_mode, grad_scale)
+        raise TypeError(
+            "grad must be a float32 or float64 array, got None (None skips a "
+            "parameter only in Adam.step)"
+        )
+    options = check_options(
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        decoupled_weight_decay,
+        amsgrad,
+        maximize,
+        bias_correction,
+        eps_mode,
+        grad_scale,
+    )
     step = check_step(step)
     nt = check_threads(num_threads)
-    return _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, nt,
-                 skip_nonfinite=check_flag("skip_nonfinite", skip_nonfinite))
+    return _step(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+        options,
+        step,
+        nt,
+        skip_nonfinite=check_flag("skip_nonfinite", skip_nonfinite),
+    )
 
 
-def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options, step, num_threads,
-          isa=-1, chunk=0, skip_nonfinite=False, prefetch=-1):
+def _step(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    options,
+    step,
+    num_threads,
+    isa=-1,
+    chunk=0,
+    skip_nonfinite=False,
+    prefetch=-1,
+):
     """adam_step after argument checks; isa, chunk and prefetch let tests force a path,
     a split and software prefetching (-1 auto, 0 off, 1 on)."""
-    plan = _core._Plan(RULE_ADAM, ADAM_STATE, [param],
-                       [(exp_avg, exp_avg_sq, max_exp_avg_sq if options.amsgrad else None)],
-                       None, [0], 1, True)
+    plan = _core._Plan(
+        RULE_ADAM,
+        ADAM_STATE,
+        [param],
+        [(exp_avg, exp_avg_sq, max_exp_avg_sq if options.amsgrad else None)],
+        None,
+        [0],
+        1,
+        True,
+    )
     plan.set_options(0, *adam_plan_options(options))
     plan.set_step(0, step - 1)
-    stepped, _ = plan.step([grad], num_threads, chunk, isa, options.grad_scale, skip_nonfinite,
-                           0.0, prefetch)
+    stepped, _ = plan.step(
+        [grad], num_threads, chunk, isa, options.grad_scale, skip_nonfinite, 0.0, prefetch
+    )
     return stepped

@@ -1,4 +1,5 @@
 """The NumPy optimizers (Adam, AdamW, SGD, ... Lion): a thin class around one fused C call."""
+
 from __future__ import annotations
 
 import math
@@ -8,11 +9,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from . import _core
-from . import _formats
-from . import _sync  # after _core: see _sync's docstring
-from ._options import (_real, changed, check_count, check_ema_decay, check_flag,
-                       check_grad_scale, check_max_norm, check_threads, clip_coefficient)
+from . import (
+    _core,
+    _formats,
+    _sync,  # after _core: see _sync's docstring
+)
+from ._options import (
+    _real,
+    changed,
+    check_count,
+    check_ema_decay,
+    check_flag,
+    check_grad_scale,
+    check_max_norm,
+    check_threads,
+    clip_coefficient,
+)
 from ._rules import RULES
 
 if TYPE_CHECKING:
@@ -22,14 +34,28 @@ if TYPE_CHECKING:
 
     from ._rules import Rule
 
-__all__ = ["Optimizer", "Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam",
-           "RAdam", "Lion", "InverseSqrtDecay", "aligned_zeros", "clip_grad_norm_"]
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "InverseSqrtDecay",
+    "Lion",
+    "NAdam",
+    "Optimizer",
+    "RAdam",
+    "RMSprop",
+    "aligned_zeros",
+    "clip_grad_norm_",
+]
 
 _ALIGN = 64
 
 
-def aligned_zeros(shape: int | Sequence[int], dtype: DTypeLike = np.float32,
-                  align: int = _ALIGN) -> NDArray[Any]:
+def aligned_zeros(
+    shape: int | Sequence[int], dtype: DTypeLike = np.float32, align: int = _ALIGN
+) -> NDArray[Any]:
     """A zero-filled C-contiguous array whose data starts on an `align`-byte boundary.
 
     shape: an int or a sequence of ints >= 0; align: an int in [1, 2**20]."""
@@ -64,7 +90,7 @@ def aligned_zeros(shape: int | Sequence[int], dtype: DTypeLike = np.float32,
         raise ValueError(f"shape {dims} of {dtype} is too large ({nbytes} bytes)")
     raw = np.zeros(nbytes + align, dtype=np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + nbytes].view(dtype).reshape(dims)
+    return raw[offset : offset + nbytes].view(dtype).reshape(dims)
 
 
 def _staggered_zeros(shape, dtype, page_offset):
@@ -76,7 +102,7 @@ def _staggered_zeros(shape, dtype, page_offset):
     want = -(-page_offset // _ALIGN) * _ALIGN % 4096
     raw = np.zeros(nbytes + 4096, dtype=np.uint8)
     offset = (want - raw.ctypes.data) % 4096
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _bfloat16(params=()):
@@ -89,8 +115,9 @@ def _bfloat16(params=()):
     try:
         import ml_dtypes
     except ImportError:
-        raise ImportError("state_dtype=bfloat16 needs the ml_dtypes package "
-                          "(pip install ml_dtypes)") from None
+        raise ImportError(
+            "state_dtype=bfloat16 needs the ml_dtypes package (pip install ml_dtypes)"
+        ) from None
     return np.dtype(ml_dtypes.bfloat16)
 
 
@@ -98,6 +125,7 @@ def _constant_state(value, n, fmt):
     """(codes fill, absmax fill) of an n-element 8-bit stream that holds `value`
     everywhere: every block of a constant is quantized alike, so one block says it."""
     from .reference import formats as ref
+
     x = np.full(min(n, _formats.Q8_BLOCK), value, np.float32)
     codes, absmax = ref.quantize_blockwise(x, fmt == _formats.FMT_Q8_SIGNED)
     return codes.reshape(-1)[0], np.asarray(absmax, np.float32).reshape(-1)[0]
@@ -218,10 +246,19 @@ class Optimizer:
 
     _rule: ClassVar[Rule] = None  # type: ignore[assignment]  # each subclass sets its Rule
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any],
-                 num_threads: int | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, *, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        *,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
         self._lock = _sync.new_lock(self)
         self._formats = _formats.check_formats(master_weights, state_dtype, rounding, seed)
         # state_dict entries hold 'step' where torch keeps one, and for every rule under
@@ -239,14 +276,16 @@ class Optimizer:
         self.max_grad_norm = check_max_norm(max_grad_norm)
         self.skip_nonfinite = check_flag("skip_nonfinite", skip_nonfinite)
         if isinstance(params, (np.ndarray, dict)) or not hasattr(params, "__iter__"):
-            raise TypeError("params must be a list of arrays or of param-group dicts, "
-                            f"got {type(params).__name__}")
+            raise TypeError(
+                "params must be a list of arrays or of param-group dicts, "
+                f"got {type(params).__name__}"
+            )
         params = list(params)
         if not params:
             raise ValueError("params is an empty list")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups: list[dict[str, Any]] = []
-        self._params: list[Any] = []   # the parameters the plan was built from, in group order
+        self._params: list[Any] = []  # the parameters the plan was built from, in group order
         self._states: list[dict[str, Any]] = []  # their state dicts (streams, param_ema, scalar)
         self._group_of: list[int] = []
         # tests force a SIMD path, a split and prefetching on/off through these
@@ -333,9 +372,12 @@ class Optimizer:
             raise ValueError("a param group must have a 'params' entry")
         params = group["params"]
         if isinstance(params, (str, bytes, dict)) or not (
-                isinstance(params, np.ndarray) or hasattr(params, "__iter__")):
-            raise TypeError(f"a param group's 'params' must be an array or a list of arrays, "
-                            f"got {type(params).__name__}")
+            isinstance(params, np.ndarray) or hasattr(params, "__iter__")
+        ):
+            raise TypeError(
+                f"a param group's 'params' must be an array or a list of arrays, "
+                f"got {type(params).__name__}"
+            )
         params = [params] if isinstance(params, np.ndarray) else list(params)
         if not params:
             raise ValueError("a param group has an empty 'params' list")
@@ -343,8 +385,9 @@ class Optimizer:
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         for i, p in enumerate(params):
             if id(p) in seen:
-                raise ValueError(f"duplicate parameters: an array appears twice "
-                                 f"(param group {gi}, index {i})")
+                raise ValueError(
+                    f"duplicate parameters: an array appears twice (param group {gi}, index {i})"
+                )
             seen.add(id(p))
             _as_param(p, f"param group {gi}, params[{i}]")
         new = {k: group.get(k, self.defaults[k]) for k in self._group_keys}
@@ -382,8 +425,7 @@ class Optimizer:
                 s[k] = _staggered_zeros(a.shape, dtype, page + 1024 * (j % 3 + 1))
                 init = rule.initial(k, o) if k != "param_ema" else 0.0
                 if _formats.is_q8(fmt):
-                    s[k + "_absmax"] = aligned_zeros(-(-a.size // _formats.Q8_BLOCK),
-                                                     np.float32)
+                    s[k + "_absmax"] = aligned_zeros(-(-a.size // _formats.Q8_BLOCK), np.float32)
                     code, absmax = _constant_state(init, a.size, fmt)
                     s[k][...] = code
                     s[k + "_absmax"][...] = absmax
@@ -421,8 +463,9 @@ class Optimizer:
         s: Any
         c: Any
         if old is not None:
-            for p, s, c, e, dt in zip(self._params, self._states, old.get_steps(),
-                                      old.get_ema_steps(), self._dtypes):
+            for p, s, c, e, dt in zip(
+                self._params, self._states, old.get_steps(), old.get_ema_steps(), self._dtypes
+            ):
                 known[id(p)] = (s, (c, e), dt)
         params: list[Any] = []
         new_states: list[dict[str, Any]] = []
@@ -434,14 +477,17 @@ class Optimizer:
         seen = set()
         for gi, g in enumerate(self.param_groups):
             if not isinstance(g, dict) or not isinstance(g.get("params"), list):
-                raise TypeError(f"param_groups[{gi}] must be a dict whose 'params' is a list "
-                                f"of arrays")
+                raise TypeError(
+                    f"param_groups[{gi}] must be a dict whose 'params' is a list of arrays"
+                )
             try:
                 o, ema = self._check_group(g, f"param group {gi}")
             except KeyError:
-                raise ValueError("every param group must be a dict with every option "
-                                 f"({', '.join(self._group_keys)}); add groups with "
-                                 f"add_param_group") from None
+                raise ValueError(
+                    "every param group must be a dict with every option "
+                    f"({', '.join(self._group_keys)}); add groups with "
+                    f"add_param_group"
+                ) from None
             for j, p in enumerate(g["params"]):
                 where = f"param group {gi}, params[{j}]"
                 a = _as_param(p, where)
@@ -456,7 +502,8 @@ class Optimizer:
                         f"{where} is {a.dtype} but {compute[1]} is not (or the reverse): "
                         f"float64 parameters cannot share an optimizer with float32, "
                         f"float16 or bfloat16 ones (they are computed in float32); use "
-                        f"one optimizer for each")
+                        f"one optimizer for each"
+                    )
                 if states is not None:
                     s, c = states[len(params)], steps[len(params)]
                 elif id(p) in known:
@@ -466,19 +513,27 @@ class Optimizer:
                         if v.ndim == 0:
                             continue  # the rule's scalar
                         want = layout.get(k, (None,))[0]
-                        if (dt != a.dtype or v.dtype.name != want
-                                or v.size != math.prod(layout[k][1])):
+                        if (
+                            dt != a.dtype
+                            or v.dtype.name != want
+                            or v.size != math.prod(layout[k][1])
+                        ):
                             raise ValueError(
                                 f"{where} is {_what(a)}, but its state {k!r} is {_what(v)}"
                                 f"{'' if dt == a.dtype else f' (made for {dt})'}: a "
                                 f"parameter and its state are updated in place and may not "
                                 f"change their size or dtype (put a new array in the param "
-                                f"group instead: it starts with fresh state)")
-                    if any(v.ndim and v.shape != a.shape and not k.endswith("_absmax")
-                           for k, v in s.items()):
+                                f"group instead: it starts with fresh state)"
+                            )
+                    if any(
+                        v.ndim and v.shape != a.shape and not k.endswith("_absmax")
+                        for k, v in s.items()
+                    ):
                         # same elements, new shape: follow it
-                        s = {k: v.reshape(a.shape) if v.ndim and not k.endswith("_absmax")
-                             else v for k, v in s.items()}
+                        s = {
+                            k: v.reshape(a.shape) if v.ndim and not k.endswith("_absmax") else v
+                            for k, v in s.items()
+                        }
                 else:
                     s, c = None, (0, 0)
                 full = self._streams_for(a, o, ema, pf, s)
@@ -497,24 +552,36 @@ class Optimizer:
         kw: dict[str, Any] = {}
         if not all(pf.native for pf in pfs):
             # (all native: every buffer float32, or every one float64, the plan of old)
-            kw = dict(formats=[pf.plan_tuple() for pf in pfs],
-                      masters=[s.get("master_param") for s in new_states],
-                      absmaxes=[tuple(s.get(k + "_absmax") for k in rule.state)
-                                for s in new_states],
-                      stochastic=fm.stochastic, seed=fm.seed, indices=list(range(len(pfs))))
-        plan = _core._Plan(rule.index, rule.state, params,
-                           [tuple(s.get(k) for k in rule.state) for s in new_states],
-                           [s.get("param_ema") for s in new_states], group_of,
-                           max(len(self.param_groups), 1),
-                           scalar_mirrors=[s[scalar] for s in new_states] if scalar else None,
-                           **kw)
+            kw = dict(
+                formats=[pf.plan_tuple() for pf in pfs],
+                masters=[s.get("master_param") for s in new_states],
+                absmaxes=[tuple(s.get(k + "_absmax") for k in rule.state) for s in new_states],
+                stochastic=fm.stochastic,
+                seed=fm.seed,
+                indices=list(range(len(pfs))),
+            )
+        plan = _core._Plan(
+            rule.index,
+            rule.state,
+            params,
+            [tuple(s.get(k) for k in rule.state) for s in new_states],
+            [s.get("param_ema") for s in new_states],
+            group_of,
+            max(len(self.param_groups), 1),
+            scalar_mirrors=[s[scalar] for s in new_states] if scalar else None,
+            **kw,
+        )
         for i, (c, e) in enumerate(counts):
             plan.set_step(i, c, e)
         if old is not None:
             plan.step_count = old.step_count
             plan.last_grad_norm = old.last_grad_norm
         self._params, self._states, self._group_of, self._plan = (
-            params, new_states, group_of, plan)
+            params,
+            new_states,
+            group_of,
+            plan,
+        )
         self._dtypes: list[Any] = dtypes
         # masters of parameters that have not stepped yet are refreshed before each step
         self._unsynced = [i for i, pf in enumerate(pfs) if pf.master and counts[i][0] == 0]
@@ -551,9 +618,11 @@ class Optimizer:
             try:
                 keys = [self._group_key(g) for g in self.param_groups]
             except (KeyError, TypeError):
-                raise ValueError("every param group must be a dict with every option "
-                                 f"({', '.join(self._group_keys)}); add groups with "
-                                 f"add_param_group") from None
+                raise ValueError(
+                    "every param group must be a dict with every option "
+                    f"({', '.join(self._group_keys)}); add groups with "
+                    f"add_param_group"
+                ) from None
             for i, k in enumerate(keys):
                 if callable(k[0]):  # an lr schedule: evaluate it for this step
                     keys[i] = (k[0](plan.step_count + 1),) + k[1:]
@@ -563,43 +632,64 @@ class Optimizer:
                 self._apply(keys)
             if self._unsynced:
                 self._sync_masters()
-            r = self._plan.step(grads, self._num_threads, self._chunk, self._isa, grad_scale,
-                                self._skip_nonfinite, self._max_grad_norm or 0.0,
-                                self._prefetch, self.param_groups)
+            r = self._plan.step(
+                grads,
+                self._num_threads,
+                self._chunk,
+                self._isa,
+                grad_scale,
+                self._skip_nonfinite,
+                self._max_grad_norm or 0.0,
+                self._prefetch,
+                self.param_groups,
+            )
             if r is None:
                 # The parameters (or a state array) changed since the plan was built:
                 # rebuild (or refuse), as torch.optim re-reads its param_groups.
-                for attempt in range(3):
+                for _attempt in range(3):
                     self._rebuild()
                     self._apply(keys)
                     if self._unsynced:
                         self._sync_masters()
-                    r = self._plan.step(grads, self._num_threads, self._chunk, self._isa,
-                                        grad_scale, self.skip_nonfinite,
-                                        self.max_grad_norm or 0.0, self._prefetch,
-                                        self.param_groups)
+                    r = self._plan.step(
+                        grads,
+                        self._num_threads,
+                        self._chunk,
+                        self._isa,
+                        grad_scale,
+                        self.skip_nonfinite,
+                        self.max_grad_norm or 0.0,
+                        self._prefetch,
+                        self.param_groups,
+                    )
                     if r is not None:
                         break
                 else:
-                    raise RuntimeError("fastadam: the parameters kept changing while a step "
-                                       "was being prepared (another thread?)")
+                    raise RuntimeError(
+                        "fastadam: the parameters kept changing while a step "
+                        "was being prepared (another thread?)"
+                    )
             return r[0]
 
     def _apply(self, keys):
         """Check every group's options, then hand them to the plan (all or nothing)."""
         rule = self._rule
-        options = [self._check_group(dict(zip(self._group_keys, k)), f"param group {gi}")
-                   for gi, k in enumerate(keys)]
+        options = [
+            self._check_group(dict(zip(self._group_keys, k)), f"param group {gi}")
+            for gi, k in enumerate(keys)
+        ]
         if len(options) != self._ngroups or any(
-                any(k not in s for k in rule.needs(options[gi][0]))
-                or (options[gi][1] is not None and "param_ema" not in s)
-                for s, gi in zip(self._states, self._group_of)):
+            any(k not in s for k in rule.needs(options[gi][0]))
+            or (options[gi][1] is not None and "param_ema" not in s)
+            for s, gi in zip(self._states, self._group_of)
+        ):
             # groups added, or options that need a new stream (amsgrad switched on, say):
             # allocate it (at the rule's initial value)
             self._rebuild()
         for gi, (o, ema) in enumerate(options):
-            self._plan.set_options(gi, o["lr"], o["weight_decay"], o["maximize"], ema,
-                                   rule.c_hyper(o))
+            self._plan.set_options(
+                gi, o["lr"], o["weight_decay"], o["maximize"], ema, rule.c_hyper(o)
+            )
         self._applied = keys
 
     # ------------------------------------------------------------------- state
@@ -645,13 +735,18 @@ class Optimizer:
             for i, (p, s) in enumerate(zip(self._params, self._states)):
                 d = self.param_groups[self._group_of[i]].get("ema_decay")
                 if d is None or "param_ema" not in s:
-                    raise ValueError(f"param group {self._group_of[i]} has no ema_decay: "
-                                     f"set ema_decay (in [0, 1)) to keep temporal averages")
+                    raise ValueError(
+                        f"param group {self._group_of[i]} has no ema_decay: "
+                        f"set ema_decay (in [0, 1)) to keep temporal averages"
+                    )
                 a = np.asarray(p)
                 t = counts[i]
                 if t == 0:
-                    out.append(s["master_param"].copy() if "master_param" in s else
-                               a.astype(s["param_ema"].dtype))
+                    out.append(
+                        s["master_param"].copy()
+                        if "master_param" in s
+                        else a.astype(s["param_ema"].dtype)
+                    )
                     continue
                 ema_arr = s["param_ema"]
                 correction = 1.0 - float(d) ** t
@@ -678,8 +773,12 @@ class Optimizer:
                 d["params"] = list(range(i, i + len(g["params"])))
                 i += len(g["params"])
                 groups.append(d)
-            return {"state": state, "param_groups": groups, "step_count": self._plan.step_count,
-                    "formats": self._formats.as_dict()}
+            return {
+                "state": state,
+                "param_groups": groups,
+                "step_count": self._plan.step_count,
+                "formats": self._formats.as_dict(),
+            }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict() of an optimizer over parameters of the same shapes and dtype.
@@ -712,18 +811,22 @@ class Optimizer:
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing the key {key!r}")
-        unknown = [k for k in state_dict
-                   if k not in ("state", "param_groups", "step_count", "formats")]
+        unknown = [
+            k for k in state_dict if k not in ("state", "param_groups", "step_count", "formats")
+        ]
         if unknown:
             raise ValueError(f"state_dict has unknown keys {_keys(unknown)}")
         self._check_saved_formats(state_dict.get("formats"))
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, (list, tuple)):
-            raise TypeError(f"state_dict['param_groups'] must be a list, got "
-                            f"{type(saved_groups).__name__}")
+            raise TypeError(
+                f"state_dict['param_groups'] must be a list, got {type(saved_groups).__name__}"
+            )
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer "
-                             f"has {len(self.param_groups)}")
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer "
+                f"has {len(self.param_groups)}"
+            )
         new_groups: list[dict[str, Any]] = []
         id_of: dict[int, int] = {}
         checked = []
@@ -732,8 +835,9 @@ class Optimizer:
             where = f"state_dict['param_groups'][{gi}]"
             if not isinstance(saved, dict):
                 raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
-            missing = [k for k in self._group_keys + ("params",)
-                       if k not in saved and k not in optional]
+            missing = [
+                k for k in self._group_keys + ("params",) if k not in saved and k not in optional
+            ]
             if missing:
                 raise ValueError(f"{where} is missing {missing}")
             unknown = [k for k in saved if k not in self._group_keys and k != "params"]
@@ -741,11 +845,14 @@ class Optimizer:
                 raise ValueError(f"{where} has unknown keys {_keys(unknown)}")
             ids = saved["params"]
             if not isinstance(ids, (list, tuple)):
-                raise TypeError(f"{where}['params'] must be a list of parameter ids, got "
-                                f"{type(ids).__name__}")
+                raise TypeError(
+                    f"{where}['params'] must be a list of parameter ids, got {type(ids).__name__}"
+                )
             if len(ids) != len(mine["params"]):
-                raise ValueError(f"param group {gi} has {len(mine['params'])} parameters, the "
-                                 f"state_dict's has {len(ids)}")
+                raise ValueError(
+                    f"param group {gi} has {len(mine['params'])} parameters, the "
+                    f"state_dict's has {len(ids)}"
+                )
             for j, k in enumerate(ids):
                 if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
                     raise TypeError(f"{where}['params'][{j}] must be an int id, got {k!r}")
@@ -760,14 +867,18 @@ class Optimizer:
             new_groups.append(g)
         saved_state = state_dict["state"]
         if not isinstance(saved_state, dict):
-            raise TypeError(f"state_dict['state'] must be a dict, got "
-                            f"{type(saved_state).__name__}")
-        extra = [k for k in saved_state
-                 if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer))
-                 or int(k) not in id_of]
+            raise TypeError(f"state_dict['state'] must be a dict, got {type(saved_state).__name__}")
+        extra = [
+            k
+            for k in saved_state
+            if isinstance(k, (bool, np.bool_))
+            or not isinstance(k, (int, np.integer))
+            or int(k) not in id_of
+        ]
         if extra:
-            raise ValueError(f"state_dict['state'] has entries for unknown parameters "
-                             f"{_keys(extra)}")
+            raise ValueError(
+                f"state_dict['state'] has entries for unknown parameters {_keys(extra)}"
+            )
         entries = {id_of[int(k)]: (k, v) for k, v in saved_state.items()}
         new_states: list[dict[str, Any]] = []
         steps: list[tuple[Any, Any]] = []
@@ -775,12 +886,16 @@ class Optimizer:
             for p in g["params"]:
                 pos = len(new_states)
                 a = _as_param(p, f"parameter {pos}")
-                pf = _formats.param_format(rule, a.dtype.name, a.size, self._formats,
-                                           f"parameter {pos}")
+                pf = _formats.param_format(
+                    rule, a.dtype.name, a.size, self._formats, f"parameter {pos}"
+                )
                 layout = _formats.state_layout(rule, pf, a.shape, ema=True)
-                known = set(layout) | {"param_ema_step"} | (
-                    {"step"} if self._counted else set()) | (
-                    {rule.scalar[0]} if rule.scalar else set())
+                known = (
+                    set(layout)
+                    | {"param_ema_step"}
+                    | ({"step"} if self._counted else set())
+                    | ({rule.scalar[0]} if rule.scalar else set())
+                )
                 s = {}
                 step = ema_step = 0
                 if pos in entries:
@@ -789,7 +904,8 @@ class Optimizer:
                     if not isinstance(entry, dict):
                         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
                     need = (["step"] if self._counted else []) + list(
-                        _formats.state_layout(rule, pf, a.shape, names=rule.needs(o)))
+                        _formats.state_layout(rule, pf, a.shape, names=rule.needs(o))
+                    )
                     if rule.scalar:
                         need.append(rule.scalar[0])
                     missing = [k for k in need if k not in entry]
@@ -803,8 +919,9 @@ class Optimizer:
                     elif any(k in entry for k in rule.needs(o)) or not rule.needs(o):
                         step = 1  # the buffers exist: not a first step (SGD)
                     if "param_ema" in entry:
-                        ema_step = check_count(f"{where}['param_ema_step']",
-                                               entry.get("param_ema_step", 0))
+                        ema_step = check_count(
+                            f"{where}['param_ema_step']", entry.get("param_ema_step", 0)
+                        )
                     for k, (dname, shape) in layout.items():
                         if k not in entry:
                             continue
@@ -815,7 +932,8 @@ class Optimizer:
                         if v.shape != shape or v.dtype != want:
                             raise ValueError(
                                 f"{where}[{k!r}] must have shape {shape} and dtype "
-                                f"{want}; got {v.shape} {v.dtype}")
+                                f"{want}; got {v.shape} {v.dtype}"
+                            )
                         s[k] = v
                     for k in rule.state:
                         if k in s and k + "_absmax" in layout and k + "_absmax" not in s:
@@ -832,8 +950,7 @@ class Optimizer:
                         full[k] = v  # the rule's scalar
                         continue
                     if k not in full:  # saved, not needed now (amsgrad off, say): kept
-                        full[k] = _staggered_zeros(v.shape, v.dtype,
-                                                   a.ctypes.data % 4096 + 3072)
+                        full[k] = _staggered_zeros(v.shape, v.dtype, a.ctypes.data % 4096 + 3072)
                     full[k][...] = v
                 new_states.append(full)
                 steps.append((step, ema_step))
@@ -861,11 +978,16 @@ class Optimizer:
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}: {e}") from None
         if got != self._formats:
-            diff = [f"{k}={getattr(got, k)!r} (this optimizer: {getattr(self._formats, k)!r})"
-                    for k in got._fields if getattr(got, k) != getattr(self._formats, k)]
-            raise ValueError(f"{where} differs from this optimizer's formats: "
-                             f"{', '.join(diff)}; make the optimizer with the same "
-                             f"master_weights, state_dtype, rounding and seed")
+            diff = [
+                f"{k}={getattr(got, k)!r} (this optimizer: {getattr(self._formats, k)!r})"
+                for k in got._fields
+                if getattr(got, k) != getattr(self._formats, k)
+            ]
+            raise ValueError(
+                f"{where} differs from this optimizer's formats: "
+                f"{', '.join(diff)}; make the optimizer with the same "
+                f"master_weights, state_dtype, rounding and seed"
+            )
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -890,14 +1012,18 @@ def _as_param(p, where):
     try:
         a = np.asarray(p)
     except Exception as e:  # an object whose __array__ or buffer raises
-        raise TypeError(f"{where} must be a float32 or float64 array (or float16 or "
-                        f"bfloat16), got {type(p).__name__} ({type(e).__name__}: {e})"
-                        ) from None
+        raise TypeError(
+            f"{where} must be a float32 or float64 array (or float16 or "
+            f"bfloat16), got {type(p).__name__} ({type(e).__name__}: {e})"
+        ) from None
     if a.dtype not in (np.float32, np.float64, np.float16) and not (
-            a.dtype.name == "bfloat16" and a.dtype.isnative):
-        raise TypeError(f"{where}: params must have dtype float32 or float64 (or float16 or "
-                        f"bfloat16, native byte order), got {type(p).__name__} of dtype "
-                        f"{a.dtype}")
+        a.dtype.name == "bfloat16" and a.dtype.isnative
+    ):
+        raise TypeError(
+            f"{where}: params must have dtype float32 or float64 (or float16 or "
+            f"bfloat16, native byte order), got {type(p).__name__} of dtype "
+            f"{a.dtype}"
+        )
     return a
 
 
@@ -905,8 +1031,9 @@ def _as_saved_array(v, where):
     try:
         return np.asarray(v)
     except Exception as e:
-        raise TypeError(f"{where} must be an array, got {type(v).__name__} "
-                        f"({type(e).__name__}: {e})") from None
+        raise TypeError(
+            f"{where} must be an array, got {type(v).__name__} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _what(a):
@@ -949,25 +1076,54 @@ class Adam(Optimizer):
     _rule = RULES["adam"]
     _decoupled_default = False
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-                 decoupled_weight_decay: bool | None = None, bias_correction: bool = True,
-                 eps_mode: str = "paper", num_threads: int | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 eps_root: float = 0.0, ema_decay: float | None = None, *,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        decoupled_weight_decay: bool | None = None,
+        bias_correction: bool = True,
+        eps_mode: str = "paper",
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        eps_root: float = 0.0,
+        ema_decay: float | None = None,
+        *,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      bias_correction=bias_correction, eps_mode=eps_mode,
-                                      eps_root=eps_root, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                decoupled_weight_decay=decoupled_weight_decay,
+                bias_correction=bias_correction,
+                eps_mode=eps_mode,
+                eps_root=eps_root,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class AdamW(Adam):
@@ -976,23 +1132,50 @@ class AdamW(Adam):
 
     _decoupled_default = True
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
-                 decoupled_weight_decay: bool = True, bias_correction: bool = True,
-                 eps_mode: str = "paper", num_threads: int | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 eps_root: float = 0.0, ema_decay: float | None = None, *,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize,
-                         decoupled_weight_decay=decoupled_weight_decay,
-                         bias_correction=bias_correction, eps_mode=eps_mode,
-                         num_threads=num_threads, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, eps_root=eps_root,
-                         ema_decay=ema_decay, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = True,
+        bias_correction: bool = True,
+        eps_mode: str = "paper",
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        eps_root: float = 0.0,
+        ema_decay: float | None = None,
+        *,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            bias_correction=bias_correction,
+            eps_mode=eps_mode,
+            num_threads=num_threads,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            eps_root=eps_root,
+            ema_decay=ema_decay,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class SGD(Optimizer):
@@ -1014,18 +1197,44 @@ class SGD(Optimizer):
 
     _rule = RULES["sgd"]
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
-                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False, maximize: bool = False, *, ema_decay: float | None = None,
-                 num_threads: int | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class Adagrad(Optimizer):
@@ -1042,19 +1251,44 @@ class Adagrad(Optimizer):
 
     _rule = RULES["adagrad"]
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
-                 lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False,
-                 *, ema_decay: float | None = None, num_threads: int | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                lr_decay=lr_decay,
+                weight_decay=weight_decay,
+                initial_accumulator_value=initial_accumulator_value,
+                eps=eps,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class RMSprop(Optimizer):
@@ -1074,19 +1308,46 @@ class RMSprop(Optimizer):
 
     _rule = RULES["rmsprop"]
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-2,
-                 alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-                 momentum: float = 0.0, centered: bool = False, maximize: bool = False, *,
-                 ema_decay: float | None = None, num_threads: int | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered, maximize=maximize,
-                                      ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                alpha=alpha,
+                eps=eps,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                centered=centered,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class Adamax(Optimizer):
@@ -1102,18 +1363,42 @@ class Adamax(Optimizer):
 
     _rule = RULES["adamax"]
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, maximize: bool = False, *,
-                 ema_decay: float | None = None, num_threads: int | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class NAdam(Optimizer):
@@ -1133,21 +1418,46 @@ class NAdam(Optimizer):
 
     _rule = RULES["nadam"]
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 2e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum_decay: float = 4e-3,
-                 decoupled_weight_decay: bool = False, maximize: bool = False, *,
-                 ema_decay: float | None = None, num_threads: int | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      momentum_decay=momentum_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                momentum_decay=momentum_decay,
+                decoupled_weight_decay=decoupled_weight_decay,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class RAdam(Optimizer):
@@ -1162,19 +1472,44 @@ class RAdam(Optimizer):
 
     _rule = RULES["radam"]
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                 maximize: bool = False, *, ema_decay: float | None = None,
-                 num_threads: int | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                decoupled_weight_decay=decoupled_weight_decay,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class Lion(Optimizer):
@@ -1192,21 +1527,45 @@ class Lion(Optimizer):
 
     _rule = RULES["lion"]
 
-    def __init__(self, params: Iterable[Any], lr: float | Callable[[int], float] = 1e-4,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
-                 maximize: bool = False, *, ema_decay: float | None = None,
-                 num_threads: int | None = None, max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize, ema_decay=ema_decay),
-                         num_threads, max_grad_norm, skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Callable[[int], float] = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
+        num_threads: int | None = None,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            num_threads,
+            max_grad_norm,
+            skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
-def clip_grad_norm_(grads: NDArray[Any] | Iterable[Any], max_norm: float,
-                    num_threads: int | None = None) -> float:
+def clip_grad_norm_(
+    grads: NDArray[Any] | Iterable[Any], max_norm: float, num_threads: int | None = None
+) -> float:
     """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``, as
     ``torch.nn.utils.clip_grad_norm_``: coefficient max_norm / (norm + 1e-6), applied only
     when below 1. Returns the norm before clipping (a float).
@@ -1220,16 +1579,18 @@ def clip_grad_norm_(grads: NDArray[Any] | Iterable[Any], max_norm: float,
     max_norm = check_max_norm(max_norm, "max_norm", allow_none=False)
     nt = check_threads(num_threads)
     if isinstance(grads, (str, bytes, dict)) or not (
-            isinstance(grads, np.ndarray) or hasattr(grads, "__iter__")):
-        raise TypeError(f"grads must be an array or a list of arrays, got "
-                        f"{type(grads).__name__}")
+        isinstance(grads, np.ndarray) or hasattr(grads, "__iter__")
+    ):
+        raise TypeError(f"grads must be an array or a list of arrays, got {type(grads).__name__}")
     grads = [grads] if isinstance(grads, np.ndarray) else list(grads)
-    fmts = [_formats.grad_format(g.dtype.name) if isinstance(g, np.ndarray) else
-            _formats.FMT_NATIVE for g in grads]
+    fmts = [
+        _formats.grad_format(g.dtype.name) if isinstance(g, np.ndarray) else _formats.FMT_NATIVE
+        for g in grads
+    ]
     if any(f != _formats.FMT_NATIVE for f in fmts):  # 16-bit gradients
-        sumsq, nonfinite = _core.grad_stats(grads, nt, formats=fmts)
+        sumsq, _nonfinite = _core.grad_stats(grads, nt, formats=fmts)
     else:  # checks dtype, contiguity, alignment
-        sumsq, nonfinite = _core.grad_stats(grads, nt)
+        sumsq, _nonfinite = _core.grad_stats(grads, nt)
     arrays = [np.asarray(g) for g in grads]
     extents = []
     for i, a in enumerate(arrays):
@@ -1243,9 +1604,11 @@ def clip_grad_norm_(grads: NDArray[Any] | Iterable[Any], max_norm: float,
         if s1 < e0:
             i0, i1 = sorted((i0, i1))
             what = "is given twice" if (s0, e0) == (s1, e1) else "overlap"
-            raise ValueError(f"grads[{i0}] and grads[{i1}] share memory ({what}): "
-                             f"clip_grad_norm_ would scale that memory twice; pass each "
-                             f"gradient once")
+            raise ValueError(
+                f"grads[{i0}] and grads[{i1}] share memory ({what}): "
+                f"clip_grad_norm_ would scale that memory twice; pass each "
+                f"gradient once"
+            )
     norm = math.sqrt(sumsq)
     coef = clip_coefficient(norm, max_norm)
     if coef < 1.0:

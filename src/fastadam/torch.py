@@ -21,6 +21,7 @@ float16 and bfloat16 parameters (with float32 master weights or not) and bfloat1
 
 ``import fastadam`` never imports torch; this module does.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,13 @@ import torch as _torch
 from torch.optim import Optimizer as _Optimizer
 
 from fastadam import _core, _formats, _sync
-from fastadam._options import (changed, check_ema_decay, check_grad_scale, check_max_norm,
-                               check_threads)
+from fastadam._options import (
+    changed,
+    check_ema_decay,
+    check_grad_scale,
+    check_max_norm,
+    check_threads,
+)
 from fastadam._rules import RULES
 
 if TYPE_CHECKING:
@@ -46,22 +52,43 @@ if TYPE_CHECKING:
 
     from fastadam._rules import Rule
 
-__all__ = ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Lion",
-           "full_optim_state_dict", "load_full_optim_state_dict"]
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Lion",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "full_optim_state_dict",
+    "load_full_optim_state_dict",
+]
 
 _Tensor = _torch.Tensor
 _STRIDED = _torch.strided
 # parameter dtype -> (the dtype of the plan that updates it, viewed as real?)
-_SUPPORTED = {_torch.float32: ("float32", False), _torch.float64: ("float64", False),
-              _torch.complex64: ("float32", True), _torch.complex128: ("float64", True),
-              _torch.float16: ("float32", False), _torch.bfloat16: ("float32", False)}
+_SUPPORTED = {
+    _torch.float32: ("float32", False),
+    _torch.float64: ("float64", False),
+    _torch.complex64: ("float32", True),
+    _torch.complex128: ("float64", True),
+    _torch.float16: ("float32", False),
+    _torch.bfloat16: ("float32", False),
+}
 # 16-bit parameters: their float32-compute plan sees them (and their 16-bit gradients and
 # state) as int16 views, since torch cannot .numpy() a bfloat16 tensor
 _HALF = {_torch.float16: "float16", _torch.bfloat16: "bfloat16"}
 # the dtype name _formats decides a parameter's storage from (complex: its real view)
-_NAMES = {_torch.float32: "float32", _torch.float64: "float64", _torch.complex64: "float32",
-          _torch.complex128: "float64", _torch.float16: "float16",
-          _torch.bfloat16: "bfloat16"}
+_NAMES = {
+    _torch.float32: "float32",
+    _torch.float64: "float64",
+    _torch.complex64: "float32",
+    _torch.complex128: "float64",
+    _torch.float16: "float16",
+    _torch.bfloat16: "bfloat16",
+}
 _FMT_DTYPES = {"bfloat16": _torch.bfloat16, "float16": _torch.float16, "uint8": _torch.uint8}
 _DEFAULT_FORMATS = _formats.Formats()
 _COUNT_DTYPES = (_torch.float32, _torch.float64, _torch.int64)  # what a count mirror may be
@@ -71,8 +98,7 @@ def _scalar(x):
     """A hyperparameter as a Python number (torch allows 1-element tensors). Other
     tensors (several elements, complex, meta) are returned as they are, for the checks
     to refuse."""
-    if (isinstance(x, _Tensor) and x.numel() == 1 and not x.is_complex()
-            and x.device.type != "meta"):
+    if isinstance(x, _Tensor) and x.numel() == 1 and not x.is_complex() and x.device.type != "meta":
         return x.item()
     return x
 
@@ -93,8 +119,10 @@ def _step_dtype():
 
 def _describe(p):
     if _is_dtensor(p):
-        return (f"a {tuple(p.shape)} {str(p.dtype).replace('torch.', '')} DTensor "
-                f"({_placements(p)}, local shard {tuple(p._local_tensor.shape)}) on {p.device}")
+        return (
+            f"a {tuple(p.shape)} {str(p.dtype).replace('torch.', '')} DTensor "
+            f"({_placements(p)}, local shard {tuple(p._local_tensor.shape)}) on {p.device}"
+        )
     return f"a {tuple(p.shape)} {str(p.dtype).replace('torch.', '')} tensor on {p.device}"
 
 
@@ -141,27 +169,38 @@ def _check_param(p, where):
         raise TypeError(f"{where}: optimizer can only optimize Tensors, got {type(p).__name__}")
     if _is_dtensor(p):
         if any(pl.is_partial() for pl in p.placements):
-            raise ValueError(f"{where} is {_describe(p)}: a parameter cannot have a Partial "
-                             f"placement (its local shards are not its values)")
+            raise ValueError(
+                f"{where} is {_describe(p)}: a parameter cannot have a Partial "
+                f"placement (its local shards are not its values)"
+            )
         if not p._local_tensor.is_contiguous():
-            raise ValueError(f"{where} is {_describe(p)} whose local shard is not contiguous "
-                             f"(strides {p._local_tensor.stride()}); fastadam.torch updates "
-                             f"contiguous shards in place")
+            raise ValueError(
+                f"{where} is {_describe(p)} whose local shard is not contiguous "
+                f"(strides {p._local_tensor.stride()}); fastadam.torch updates "
+                f"contiguous shards in place"
+            )
     if p.layout is not _STRIDED:
-        raise ValueError(f"{where} is a {p.layout} tensor; fastadam.torch updates dense "
-                         f"(strided) CPU tensors")
+        raise ValueError(
+            f"{where} is a {p.layout} tensor; fastadam.torch updates dense (strided) CPU tensors"
+        )
     if p.device.type != "cpu":
-        raise ValueError(f"{where} is {_describe(p)}; fastadam.torch updates parameters in "
-                         f"CPU memory (keep the model, or an fp32 master copy of its "
-                         f"parameters, on the CPU)")
+        raise ValueError(
+            f"{where} is {_describe(p)}; fastadam.torch updates parameters in "
+            f"CPU memory (keep the model, or an fp32 master copy of its "
+            f"parameters, on the CPU)"
+        )
     if p.dtype not in _SUPPORTED:
-        raise TypeError(f"{where} is {_describe(p)}; fastadam.torch supports float32, "
-                        f"float64, float16 and bfloat16 parameters (and complex64/"
-                        f"complex128, viewed as real)")
+        raise TypeError(
+            f"{where} is {_describe(p)}; fastadam.torch supports float32, "
+            f"float64, float16 and bfloat16 parameters (and complex64/"
+            f"complex128, viewed as real)"
+        )
     if not _local(p).is_contiguous():
-        raise ValueError(f"{where} is {_describe(p)} that is not contiguous (strides "
-                         f"{p.stride()}); fastadam.torch updates contiguous parameters in "
-                         f"place (make it contiguous before building the optimizer)")
+        raise ValueError(
+            f"{where} is {_describe(p)} that is not contiguous (strides "
+            f"{p.stride()}); fastadam.torch updates contiguous parameters in "
+            f"place (make it contiguous before building the optimizer)"
+        )
 
 
 def _number(name, x):
@@ -169,8 +208,9 @@ def _number(name, x):
     Python number; anything else is a TypeError naming the argument."""
     if isinstance(x, _Tensor):
         if x.numel() != 1 or x.is_complex() or x.device.type == "meta":
-            raise TypeError(f"{name} must be a number or a 1-element real tensor, got "
-                            f"{_describe(x)}")
+            raise TypeError(
+                f"{name} must be a number or a 1-element real tensor, got {_describe(x)}"
+            )
         return x.item()
     if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
         return x
@@ -193,25 +233,34 @@ def _view(t):
 def _is_mirror(t, dtypes):
     """t can be a count or scalar mirror as it is: a 0-dim contiguous dense CPU tensor of
     one of `dtypes`, outside autograd."""
-    return (isinstance(t, _Tensor) and t.dim() == 0 and t.device.type == "cpu"
-            and t.layout is _STRIDED and t.dtype in dtypes and not t.requires_grad
-            and t.is_contiguous())
+    return (
+        isinstance(t, _Tensor)
+        and t.dim() == 0
+        and t.device.type == "cpu"
+        and t.layout is _STRIDED
+        and t.dtype in dtypes
+        and not t.requires_grad
+        and t.is_contiguous()
+    )
 
 
 def _state_number(v, key, where):
     """The value of a per-parameter number of the state (``step``, ``mu_product``,
     ``param_ema_step``) as a float: a number or a 1-element real dense CPU tensor."""
     if isinstance(v, _Tensor):
-        if v.numel() != 1 or v.is_complex() or v.device.type != "cpu" \
-                or v.layout is not _STRIDED:
-            raise ValueError(f"state[{key!r}] of {where} must be a number or a 1-element "
-                             f"real dense CPU tensor, got {_describe(v)}")
+        if v.numel() != 1 or v.is_complex() or v.device.type != "cpu" or v.layout is not _STRIDED:
+            raise ValueError(
+                f"state[{key!r}] of {where} must be a number or a 1-element "
+                f"real dense CPU tensor, got {_describe(v)}"
+            )
         value = v.item()
     elif isinstance(v, (numbers.Real, np.generic)) and not isinstance(v, (bool, np.bool_)):
         value = v
     else:
-        raise TypeError(f"state[{key!r}] of {where} must be a number or a 1-element tensor, "
-                        f"got {type(v).__name__}")
+        raise TypeError(
+            f"state[{key!r}] of {where} must be a number or a 1-element tensor, "
+            f"got {type(v).__name__}"
+        )
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
@@ -239,8 +288,9 @@ def _count_value(v, key, where):
     """A count of the state (param_ema_step): a whole number, 0 <= count < 2**62 - 1."""
     value = _state_number(v, key, where)
     if not (0.0 <= value < 2.0**62 - 1 and value == math.floor(value)):
-        raise ValueError(f"state[{key!r}] of {where} must be a whole number >= 0 and "
-                         f"< 2**62 - 1, got {value}")
+        raise ValueError(
+            f"state[{key!r}] of {where} must be a whole number >= 0 and < 2**62 - 1, got {value}"
+        )
     return int(value)
 
 
@@ -251,32 +301,61 @@ class _Cache:
     one data_ptr() per tensor (the storages are held, so an address cannot be reused
     by another allocation while the plans point at it)."""
 
-    __slots__ = ("ids", "tensors", "ptrs", "storages", "slots", "plans", "needs", "state",
-                 "state_ids", "inner_ids", "shapes", "unsynced", "dtensors", "reduce")
+    __slots__ = (
+        "dtensors",
+        "ids",
+        "inner_ids",
+        "needs",
+        "plans",
+        "ptrs",
+        "reduce",
+        "shapes",
+        "slots",
+        "state",
+        "state_ids",
+        "storages",
+        "tensors",
+        "unsynced",
+    )
 
     def __init__(self):
-        self.ids = []        # id() of every parameter, in param-group order
-        self.tensors = []    # every parameter, then every state tensor the plans use
-        self.ptrs = []       # their data_ptr() when the plans were built
-        self.storages = []   # their storages, held so that their memory stays put
-        self.slots = []      # (plan, block, complex), or None for a parameter without state
-        self.plans = []      # one _core._Plan per element dtype
-        self.needs = ()      # each group's (state streams its options need, ema?) when built
-        self.state = None    # the optimizer's state dict object
+        self.ids = []  # id() of every parameter, in param-group order
+        self.tensors = []  # every parameter, then every state tensor the plans use
+        self.ptrs = []  # their data_ptr() when the plans were built
+        self.storages = []  # their storages, held so that their memory stays put
+        self.slots = []  # (plan, block, complex), or None for a parameter without state
+        self.plans = []  # one _core._Plan per element dtype
+        self.needs = ()  # each group's (state streams its options need, ema?) when built
+        self.state = None  # the optimizer's state dict object
         self.state_ids = []  # id() of each per-parameter state dict, in order
         self.inner_ids = []  # id() of every value in them (the state tensors), in order
-        self.shapes = []     # every parameter's shape when built
-        self.unsynced = []   # (parameter, master_param, step) of masters not stepped yet
+        self.shapes = []  # every parameter's shape when built
+        self.unsynced = []  # (parameter, master_param, step) of masters not stepped yet
         self.dtensors = False  # some tensor is a DTensor: pointers are its local shard's
-        self.reduce = []     # global norm: [(mesh, sharded mesh dims, [(plan, block, fmt)])]
+        self.reduce = []  # global norm: [(mesh, sharded mesh dims, [(plan, block, fmt)])]
 
 
 class _Lists:
     """The _Plan arguments of one dtype, gathered parameter by parameter."""
 
-    __slots__ = ("params", "states", "emas", "groups", "labels", "steps", "scalars",
-                 "ema_steps", "counts", "slots", "fresh", "formats", "masters", "absmaxes",
-                 "indices", "plain")
+    __slots__ = (
+        "absmaxes",
+        "counts",
+        "ema_steps",
+        "emas",
+        "formats",
+        "fresh",
+        "groups",
+        "indices",
+        "labels",
+        "masters",
+        "params",
+        "plain",
+        "scalars",
+        "slots",
+        "states",
+        "steps",
+    )
 
     def __init__(self):
         for k in self.__slots__:
@@ -284,15 +363,19 @@ class _Lists:
         self.plain = True  # every block float32/float64 with native state: formats=None
 
 
-
 _MISSING = object()
+
+
 def _quantize(x, signed):
     """The 8-bit blockwise (codes, absmax) of the float32 values x, as
     fastadam.reference.formats specifies (imported when 8-bit state is made)."""
     from fastadam.reference import formats
+
     codes, absmax = formats.quantize_blockwise(x, signed)
-    return (np.ascontiguousarray(codes, np.uint8).reshape(-1),
-            np.ascontiguousarray(absmax, np.float32).reshape(-1))
+    return (
+        np.ascontiguousarray(codes, np.uint8).reshape(-1),
+        np.ascontiguousarray(absmax, np.float32).reshape(-1),
+    )
 
 
 def _blocks(n):
@@ -319,6 +402,7 @@ def _q8_layout(p):
     of 1000 both need 4 entries), which would pair codes with the wrong blocks' scales.
     Returns (L, global length world * (L + 1), placements, stamp)."""
     from torch.distributed.tensor import Replicate, Shard
+
     shape, world, placements = list(p.shape), 1, []
     for i, pl in enumerate(p.placements):
         if pl.is_shard():
@@ -338,7 +422,7 @@ def _absmax_view(a, p):
     """The NumPy view of the absmax the C core uses for p: of a DTensor parameter, the
     first ceil(n_local / 256) entries of the local absmax (a contiguous view)."""
     if _is_dtensor(p):
-        return _view(a)[:_blocks(_local(p).numel())]
+        return _view(a)[: _blocks(_local(p).numel())]
     return _view(a)
 
 
@@ -346,7 +430,8 @@ def _holds_dtensor(state):
     """Some value of some entry of a state_dict's 'state' is a DTensor."""
     return isinstance(state, dict) and any(
         isinstance(entry, dict) and any(map(_is_dtensor, entry.values()))
-        for entry in state.values())
+        for entry in state.values()
+    )
 
 
 def _clipped_scale(norm, max_norm, scale):
@@ -369,8 +454,8 @@ def _sum_over_mesh(mesh, dims, sumsq, nonfinite):
     every rank), in a tensor on the mesh's device type, which its process group expects
     (a CUDA mesh with CPU-offloaded shards talks NCCL; tested on CPU meshes only)."""
     import torch.distributed as dist
-    t = _torch.tensor([sumsq, float(nonfinite)], dtype=_torch.float64,
-                      device=mesh.device_type)
+
+    t = _torch.tensor([sumsq, float(nonfinite)], dtype=_torch.float64, device=mesh.device_type)
     for d in dims:
         group = mesh.get_group(d)
         parts = [_torch.empty_like(t) for _ in range(dist.get_world_size(group))]
@@ -539,16 +624,24 @@ class Optimizer(_Optimizer):
     _step_supports_amp_scaling = True
     _rule: ClassVar[Rule] = None  # type: ignore[assignment]  # each subclass sets its Rule
     _extras: dict[str, Any] = {"ema_decay": None}  # fastadam's group options: only when set
-    _fixed: dict[str, Any] = {}        # rule options this class does not expose, at their values
+    _fixed: dict[str, Any] = {}  # rule options this class does not expose, at their values
     _setdefaults: dict[str, Any] = {}  # the keys torch's __setstate__ fills in, with its values
-    _forced: dict[str, Any] = {}       # group options __setstate__ forces (AdamW's decoupled decay)
-    _eager = False        # state made by the constructor (torch's Adagrad)
+    _forced: dict[str, Any] = {}  # group options __setstate__ forces (AdamW's decoupled decay)
+    _eager = False  # state made by the constructor (torch's Adagrad)
     _sparse: str | None = None  # the message for a sparse gradient (torch's where it has one)
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any],
-                 max_grad_norm: float | None = None, num_threads: int | None = None, *,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        *,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
         name = type(self).__name__
         self._lock = _sync.new_lock(self)
         # first: add_param_group (run by torch's constructor) checks parameters against it
@@ -556,11 +649,13 @@ class Optimizer(_Optimizer):
         if defaults.get("capturable"):
             raise NotImplementedError(
                 f"fastadam.torch.{name} does not support capturable=True (CUDA graph "
-                f"capture); it updates CPU tensors. Use torch.optim.{name} for that.")
+                f"capture); it updates CPU tensors. Use torch.optim.{name} for that."
+            )
         if defaults.get("differentiable"):
             raise NotImplementedError(
                 f"fastadam.torch.{name} does not support differentiable=True: the step runs "
-                f"in C, outside autograd. Use torch.optim.{name} to differentiate through it.")
+                f"in C, outside autograd. Use torch.optim.{name} to differentiate through it."
+            )
         for k, d in self._extras.items():
             if k in defaults and _unset(defaults[k], d):
                 del defaults[k]
@@ -573,8 +668,9 @@ class Optimizer(_Optimizer):
         self._applied = None
         self._fresh: dict[Any, Any] = {}
         super().__init__(params, defaults)
-        _formats.check_master_needed(self._fmt, [_NAMES[p.dtype] for g in self.param_groups
-                                                 for p in g["params"]])
+        _formats.check_master_needed(
+            self._fmt, [_NAMES[p.dtype] for g in self.param_groups for p in g["params"]]
+        )
         if self._eager:
             self._make_eager_state()
 
@@ -584,9 +680,10 @@ class Optimizer(_Optimizer):
         """The rule's options that torch's param groups hold."""
         keys = cls.__dict__.get("_torch_keys_")
         if keys is None:
-            keys = tuple(k for k in cls._rule.defaults
-                         if k not in cls._extras and k not in cls._fixed)
-            setattr(cls, "_torch_keys_", keys)
+            keys = tuple(
+                k for k in cls._rule.defaults if k not in cls._extras and k not in cls._fixed
+            )
+            cls._torch_keys_ = keys
         return keys
 
     def _gather(self, group):
@@ -620,8 +717,9 @@ class Optimizer(_Optimizer):
                 numbers_.append((name, x))
         for label, v in numbers_:
             if isinstance(v, _Tensor) and (v.is_complex() or v.device.type == "meta"):
-                raise TypeError(f"{label} must be a real number or a real 1-element "
-                                f"tensor, got {_describe(v)}")
+                raise TypeError(
+                    f"{label} must be a real number or a real 1-element tensor, got {_describe(v)}"
+                )
         self._rule.torch_check(g)
 
     def _fastadam_checks(self, g):
@@ -655,9 +753,12 @@ class Optimizer(_Optimizer):
         spec = cls.__dict__.get("_key_spec_")
         if spec is None:
             keys = cls._torch_keys()
-            spec = (operator.itemgetter(*keys), keys.index("betas") if "betas" in keys else -1,
-                    tuple(cls._extras.items()))
-            setattr(cls, "_key_spec_", spec)
+            spec = (
+                operator.itemgetter(*keys),
+                keys.index("betas") if "betas" in keys else -1,
+                tuple(cls._extras.items()),
+            )
+            cls._key_spec_ = spec
         return spec
 
     def _keys(self, groups):
@@ -702,8 +803,9 @@ class Optimizer(_Optimizer):
             group = self.param_groups[-1]
             try:
                 if group.get("capturable") or group.get("differentiable"):
-                    raise NotImplementedError("fastadam.torch: capturable and differentiable "
-                                              "must be False")
+                    raise NotImplementedError(
+                        "fastadam.torch: capturable and differentiable must be False"
+                    )
                 self._options_of(group)
             except BaseException:
                 self.param_groups.pop()
@@ -720,29 +822,38 @@ class Optimizer(_Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_fastadam"] = {"max_grad_norm": self.max_grad_norm,
-                              "num_threads": self.num_threads, "_fmt": self._fmt}
+        state["_fastadam"] = {
+            "max_grad_norm": self.max_grad_norm,
+            "num_threads": self.num_threads,
+            "_fmt": self._fmt,
+        }
         return state
 
     def __setstate__(self, state):
         if "_lock" not in self.__dict__:  # unpickling: __init__ did not run
             self._lock = _sync.new_lock(self)
         with self._lock:
-            if isinstance(state, dict) and "param_groups" in self.__dict__ \
-                    and "state" in state and "param_groups" in state:
+            if (
+                isinstance(state, dict)
+                and "param_groups" in self.__dict__
+                and "state" in state
+                and "param_groups" in state
+            ):
                 # load_state_dict: check everything before anything is replaced
                 loading = self.__dict__.get("_loading")
                 if loading and "state_dict" in loading:
-                    self._uncast(state["state"], state["param_groups"],
-                                 loading["state_dict"])
+                    self._uncast(state["state"], state["param_groups"], loading["state_dict"])
                 self._check_loaded(state["state"], state["param_groups"])
             extra = state.pop("_fastadam", None) if isinstance(state, dict) else None
             super().__setstate__(state)
             if extra is not None:
                 self.__dict__.update(extra)
-            for name, default in (("max_grad_norm", None), ("num_threads", None),
-                                  ("last_grad_norm", None),
-                                  ("_fmt", _DEFAULT_FORMATS)):
+            for name, default in (
+                ("max_grad_norm", None),
+                ("num_threads", None),
+                ("last_grad_norm", None),
+                ("_fmt", _DEFAULT_FORMATS),
+            ):
                 self.__dict__.setdefault(name, default)
             rule = self._rule
             for group in self.param_groups:
@@ -758,12 +869,11 @@ class Optimizer(_Optimizer):
                     # param_ema_step as an exact count (torch's load casts it to the
                     # parameter's dtype)
                     v = s.get("param_ema_step")
-                    if v is not None and not (isinstance(v, _Tensor)
-                                              and v.dtype == _torch.int64):
+                    if v is not None and not (isinstance(v, _Tensor) and v.dtype == _torch.int64):
                         s["param_ema_step"] = _torch.tensor(
-                            _count_value(v, "param_ema_step", "a parameter"),
-                            dtype=_torch.int64)
-            self._cache = None   # state or groups were replaced: rebuild the plans
+                            _count_value(v, "param_ema_step", "a parameter"), dtype=_torch.int64
+                        )
+            self._cache = None  # state or groups were replaced: rebuild the plans
             self._applied = None
             self._fresh = {}
 
@@ -796,31 +906,38 @@ class Optimizer(_Optimizer):
             # keeps only 'state' and 'param_groups': a state of DTensors without 'formats'
             # is taken to be in this optimizer's (every tensor's dtype, shape and layout is
             # still checked against them below)
-            saved = (self.formats if _holds_dtensor(state_dict["state"])
-                     else _DEFAULT_FORMATS.as_dict())
+            saved = (
+                self.formats if _holds_dtensor(state_dict["state"]) else _DEFAULT_FORMATS.as_dict()
+            )
         if not isinstance(saved, dict):
             raise TypeError(f"state_dict['formats'] must be a dict, got {type(saved).__name__}")
         if saved != self.formats:
-            raise ValueError(f"state_dict['formats'] is {saved}, this optimizer's are "
-                             f"{self.formats}: a state_dict loads only into an optimizer with "
-                             f"the same master_weights, state_dtype, rounding and seed")
+            raise ValueError(
+                f"state_dict['formats'] is {saved}, this optimizer's are "
+                f"{self.formats}: a state_dict loads only into an optimizer with "
+                f"the same master_weights, state_dtype, rounding and seed"
+            )
         if not isinstance(state_dict["state"], dict):
             raise TypeError("state_dict['state'] must be a dict")
         groups = state_dict["param_groups"]
         if not isinstance(groups, (list, tuple)) or not all(
-                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
-                for g in groups):
-            raise TypeError("state_dict['param_groups'] must be a list of dicts, each with "
-                            "a 'params' list")
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups
+        ):
+            raise TypeError(
+                "state_dict['param_groups'] must be a list of dicts, each with a 'params' list"
+            )
         for key, entry in state_dict["state"].items():
             if not isinstance(entry, dict):
-                raise TypeError(f"state_dict['state'][{key!r}] must be a dict, got "
-                                f"{type(entry).__name__}")
+                raise TypeError(
+                    f"state_dict['state'][{key!r}] must be a dict, got {type(entry).__name__}"
+                )
             for k, t in entry.items():
                 # torch's load_state_dict copies tensors to the parameter's device first
                 if isinstance(t, _Tensor) and (t.device.type != "cpu" or t.layout is not _STRIDED):
-                    raise ValueError(f"state_dict['state'][{key!r}][{k!r}] is {_describe(t)} "
-                                     f"({t.layout}); fastadam.torch's state is dense CPU tensors")
+                    raise ValueError(
+                        f"state_dict['state'][{key!r}][{k!r}] is {_describe(t)} "
+                        f"({t.layout}); fastadam.torch's state is dense CPU tensors"
+                    )
         with self._lock:
             # torch casts every state tensor but 'step' to its parameter's dtype: a hook
             # run last hands the dict it loads to __setstate__, which keeps the saved
@@ -828,7 +945,8 @@ class Optimizer(_Optimizer):
             # 8-bit moments)
             loading: dict[str, Any] = {}
             hook = self.register_load_state_dict_pre_hook(
-                lambda _, sd: loading.__setitem__("state_dict", sd))
+                lambda _, sd: loading.__setitem__("state_dict", sd)
+            )
             self._loading: dict[str, Any] | None = loading
             try:
                 super().load_state_dict(state_dict)
@@ -852,7 +970,7 @@ class Optimizer(_Optimizer):
             rule = cls._rule
             core = rule.needs(rule.check(dict(rule.defaults)))
             keys = ((rule.scalar[0],) if rule.scalar else ()) + tuple(core)
-            setattr(cls, "_required_", keys)
+            cls._required_ = keys
         return (("step",) if self._counted else ()) + keys
 
     def _known(self):
@@ -861,10 +979,14 @@ class Optimizer(_Optimizer):
         keys = cls.__dict__.get("_known_")
         if keys is None:
             rule = cls._rule
-            keys = (((rule.scalar[0],) if rule.scalar else ()) + ("master_param",)
-                    + tuple(rule.state) + tuple(k + "_absmax" for k in rule.state)
-                    + ("param_ema", "param_ema_step"))
-            setattr(cls, "_known_", keys)
+            keys = (
+                ((rule.scalar[0],) if rule.scalar else ())
+                + ("master_param",)
+                + tuple(rule.state)
+                + tuple(k + "_absmax" for k in rule.state)
+                + ("param_ema", "param_ema_step")
+            )
+            cls._known_ = keys
         return (("step",) if self._counted else ()) + keys
 
     # ------------------------------------------------------------------ formats
@@ -884,15 +1006,20 @@ class Optimizer(_Optimizer):
             # (_q8_layout) follows torch.chunk's split, which is what Shard means; other
             # placements (_StridedShard, say) split otherwise
             from torch.distributed.tensor import Replicate, Shard
+
             odd = [pl for pl in p.placements if type(pl) not in (Shard, Replicate)]
             if odd:
-                raise TypeError(f"{where} is {_describe(p)}: state_dtype='8bit' supports "
-                                f"DTensor parameters placed by Shard and Replicate only, "
-                                f"not {odd[0]}; use state_dtype='bfloat16' or None")
+                raise TypeError(
+                    f"{where} is {_describe(p)}: state_dtype='8bit' supports "
+                    f"DTensor parameters placed by Shard and Replicate only, "
+                    f"not {odd[0]}; use state_dtype='bfloat16' or None"
+                )
         if p.is_complex() and not pf.native:
-            raise TypeError(f"{where} is {_describe(p)}: complex parameters keep their "
-                            f"state in their own dtype (state_dtype must be None or "
-                            f"float32, got {self._fmt.state_dtype!r})")
+            raise TypeError(
+                f"{where} is {_describe(p)}: complex parameters keep their "
+                f"state in their own dtype (state_dtype must be None or "
+                f"float32, got {self._fmt.state_dtype!r})"
+            )
         return pf
 
     @staticmethod
@@ -916,8 +1043,9 @@ class Optimizer(_Optimizer):
         live = {id(p) for g in self.param_groups for p in g["params"]}
         state = self.state
         if any(id(p) not in live for p in state):
-            self.state = type(state)(state.default_factory,
-                                     {p: s for p, s in state.items() if id(p) in live})
+            self.state = type(state)(
+                state.default_factory, {p: s for p, s in state.items() if id(p) in live}
+            )
         try:
             sd = super().state_dict()
         finally:
@@ -941,8 +1069,12 @@ class Optimizer(_Optimizer):
             return  # malformed: _check_loaded says why
         for i, p in zip(ids, params):
             entry, s = raw.get(i), state.get(p)
-            if not (isinstance(entry, dict) and isinstance(s, dict)
-                    and isinstance(p, _Tensor) and p.dtype in _NAMES):
+            if not (
+                isinstance(entry, dict)
+                and isinstance(s, dict)
+                and isinstance(p, _Tensor)
+                and p.dtype in _NAMES
+            ):
                 continue
             half = p.dtype in _HALF
             fmts = {} if half else dict(zip(self._rule.state, self._layout(p).states))
@@ -958,22 +1090,25 @@ class Optimizer(_Optimizer):
         p's formats pf (the streams themselves are checked by the caller)."""
         if pf.master:
             if "master_param" not in s:
-                raise ValueError(f"the state of {where} lacks ['master_param'] "
-                                 f"(master_weights=True)")
+                raise ValueError(
+                    f"the state of {where} lacks ['master_param'] (master_weights=True)"
+                )
             self._fit(s["master_param"], p, "master_param", _torch.float32, where)
         elif "master_param" in s:
-            raise ValueError(f"the state of {where} has 'master_param', but this optimizer "
-                             f"keeps no master weights for {_describe(p)}")
+            raise ValueError(
+                f"the state of {where} has 'master_param', but this optimizer "
+                f"keeps no master weights for {_describe(p)}"
+            )
         for k, fmt in zip(self._rule.state, pf.states):
             a = s.get(k + "_absmax")
             if _formats.is_q8(fmt) and s.get(k) is not None:
                 if a is None:
-                    raise ValueError(f"the state of {where} lacks ['{k}_absmax'] (8-bit "
-                                     f"state)")
+                    raise ValueError(f"the state of {where} lacks ['{k}_absmax'] (8-bit state)")
                 self._fit_absmax(a, p, k + "_absmax", where)
             elif a is not None:
-                raise ValueError(f"the state of {where} has '{k}_absmax', but its {k!r} is "
-                                 f"not 8-bit here")
+                raise ValueError(
+                    f"the state of {where} has '{k}_absmax', but its {k!r} is not 8-bit here"
+                )
 
     def _check_loaded(self, state, groups):
         """Raise unless (state, groups), as torch's load_state_dict is about to install
@@ -1002,9 +1137,11 @@ class Optimizer(_Optimizer):
                 raise TypeError(f"the state of {where} must be a dict, got {type(s).__name__}")
             unknown = [k for k in s if k not in known]
             if unknown:
-                raise ValueError(f"the state of {where} has unknown keys "
-                                 f"{sorted(map(repr, unknown))} (not a state of "
-                                 f"{rule.title}?)")
+                raise ValueError(
+                    f"the state of {where} has unknown keys "
+                    f"{sorted(map(repr, unknown))} (not a state of "
+                    f"{rule.title}?)"
+                )
             if not s:
                 continue
             missing = [k for k in required if k not in s]
@@ -1043,28 +1180,42 @@ class Optimizer(_Optimizer):
         if dtype == p.dtype:
             if init == 0.0:
                 return {key: _torch.zeros_like(p, memory_format=_torch.preserve_format)}
-            return {key: _torch.full_like(p, complex(init, init) if p.is_complex() else init,
-                                          memory_format=_torch.preserve_format)}
+            return {
+                key: _torch.full_like(
+                    p,
+                    complex(init, init) if p.is_complex() else init,
+                    memory_format=_torch.preserve_format,
+                )
+            }
         if _formats.is_q8(fmt):
             local = _local(p)
-            codes, absmax = _quantize(np.full(local.numel(), init, np.float32),
-                                      fmt == _core.FMT_Q8_SIGNED)
+            codes, absmax = _quantize(
+                np.full(local.numel(), init, np.float32), fmt == _core.FMT_Q8_SIGNED
+            )
             codes = _torch.from_numpy(codes).reshape(local.shape)
             absmax = _torch.from_numpy(absmax)
             if not _is_dtensor(p):
                 return {key: codes, key + "_absmax": absmax}
             # codes laid out like p; the absmax as _q8_layout says (unused entries 0)
             from torch.distributed.tensor import DTensor
+
             L, length, placements, stamp = _q8_layout(p)
             padded = _torch.zeros(L + 1, dtype=_torch.float32)
-            padded[:absmax.numel()] = absmax
+            padded[: absmax.numel()] = absmax
             padded[L] = stamp
-            return {key: DTensor.from_local(codes, p.device_mesh, p.placements,
-                                            run_check=False, shape=p.shape,
-                                            stride=p.stride()),
-                    key + "_absmax": DTensor.from_local(padded, p.device_mesh, placements,
-                                                        run_check=False, shape=(length,),
-                                                        stride=(1,))}
+            return {
+                key: DTensor.from_local(
+                    codes,
+                    p.device_mesh,
+                    p.placements,
+                    run_check=False,
+                    shape=p.shape,
+                    stride=p.stride(),
+                ),
+                key + "_absmax": DTensor.from_local(
+                    padded, p.device_mesh, placements, run_check=False, shape=(length,), stride=(1,)
+                ),
+            }
         # float32, or the float32 value rounded to nearest once (bfloat16, float16)
         if _is_dtensor(p):  # a DTensor laid out like p
             return {key: _torch.full_like(p, init, dtype=_torch.float32).to(dtype)}
@@ -1093,27 +1244,36 @@ class Optimizer(_Optimizer):
         """Raise unless t can be the state tensor `key` of p; returns t, or a contiguous
         copy of it (kept as the state from then on)."""
         if not isinstance(t, _Tensor):
-            raise TypeError(f"state[{key!r}] of {where} must be a tensor, got "
-                            f"{type(t).__name__}")
+            raise TypeError(f"state[{key!r}] of {where} must be a tensor, got {type(t).__name__}")
         shape = p.shape if shape is None else shape
-        if (t.shape != shape or t.dtype != dtype or t.device != p.device
-                or t.layout is not _STRIDED):
-            raise ValueError(f"state[{key!r}] of {where} is {_describe(t)} ({t.layout}); it "
-                             f"must be a dense {str(dtype).replace('torch.', '')} tensor of "
-                             f"shape {tuple(shape)} on {p.device} (the parameter is "
-                             f"{_describe(p)})")
+        if t.shape != shape or t.dtype != dtype or t.device != p.device or t.layout is not _STRIDED:
+            raise ValueError(
+                f"state[{key!r}] of {where} is {_describe(t)} ({t.layout}); it "
+                f"must be a dense {str(dtype).replace('torch.', '')} tensor of "
+                f"shape {tuple(shape)} on {p.device} (the parameter is "
+                f"{_describe(p)})"
+            )
         dt = _is_dtensor(p)
-        if dt != _is_dtensor(t) or dt and (
-                t.placements != p.placements or t.device_mesh != p.device_mesh
-                or t._local_tensor.shape != p._local_tensor.shape):
+        if dt != _is_dtensor(t) or (
+            dt
+            and (
+                t.placements != p.placements
+                or t.device_mesh != p.device_mesh
+                or t._local_tensor.shape != p._local_tensor.shape
+            )
+        ):
             raise ValueError(
                 f"state[{key!r}] of {where} is {_describe(t)}; the parameter is "
-                f"{_describe(p)}: " + (
+                f"{_describe(p)}: "
+                + (
                     "the state of a DTensor parameter is a DTensor laid out like it (same "
                     "mesh, placements and local shape; load a full state_dict with "
                     "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict or "
-                    "fastadam.torch.load_full_optim_state_dict)" if dt else
-                    "the state of a plain tensor is a plain tensor"))
+                    "fastadam.torch.load_full_optim_state_dict)"
+                    if dt
+                    else "the state of a plain tensor is a plain tensor"
+                )
+            )
         return t if _local(t).is_contiguous() else t.contiguous()
 
     def _fit_absmax(self, a, p, key, where):
@@ -1124,24 +1284,32 @@ class Optimizer(_Optimizer):
         if not _is_dtensor(p):
             return self._fit(a, p, key, _torch.float32, where, (_blocks(p.numel()),))
         L, length, placements, stamp = _q8_layout(p)
-        if not (_is_dtensor(a) and a.dtype == _torch.float32 and a.device == p.device
-                and a.layout is _STRIDED and tuple(a.shape) == (length,)
-                and a.device_mesh == p.device_mesh and tuple(a.placements) == placements
-                and tuple(a._local_tensor.shape) == (L + 1,)):
+        if not (
+            _is_dtensor(a)
+            and a.dtype == _torch.float32
+            and a.device == p.device
+            and a.layout is _STRIDED
+            and tuple(a.shape) == (length,)
+            and a.device_mesh == p.device_mesh
+            and tuple(a.placements) == placements
+            and tuple(a._local_tensor.shape) == (L + 1,)
+        ):
             raise ValueError(
                 f"state[{key!r}] of {where} is {_describe(a)}; the parameter is "
                 f"{_describe(p)}, whose 8-bit state needs a float32 DTensor of global shape "
                 f"({length},) ({', '.join(map(str, placements))}: {L + 1} per rank) on this mesh: "
                 f"8-bit state cannot be resharded (its absmax is one per 256 elements of "
                 f"each rank's local shard); load an 8-bit checkpoint on the mesh that saved "
-                f"it (docs/engines.md, FSDP2)")
+                f"it (docs/engines.md, FSDP2)"
+            )
         saved = float(a._local_tensor[L])
         if saved != stamp:
             raise ValueError(
                 f"state[{key!r}] of {where} was saved for another layout (its layout stamp "
                 f"{saved!r} is not {stamp!r}, this mesh's): 8-bit state cannot be resharded "
                 f"(its absmax is one per 256 elements of each rank's local shard); load an "
-                f"8-bit checkpoint on the mesh that saved it (docs/engines.md, FSDP2)")
+                f"8-bit checkpoint on the mesh that saved it (docs/engines.md, FSDP2)"
+            )
         return a if a._local_tensor.is_contiguous() else a.contiguous()
 
     def _state_updates(self, p, s, o, needs, pf, where):
@@ -1151,8 +1319,7 @@ class Optimizer(_Optimizer):
         state tensors. Raises if s cannot be used."""
         rule = self._rule
         required = self._required()
-        missing = [k for k in required + (("master_param",) if pf.master else ())
-                   if k not in s]
+        missing = [k for k in required + (("master_param",) if pf.master else ()) if k not in s]
         if missing:
             raise ValueError(f"state of {where} lacks {missing}")
         updates = {}
@@ -1172,8 +1339,7 @@ class Optimizer(_Optimizer):
             u = self._fit(t, p, "master_param", _torch.float32, where)
             if u is not t:
                 updates["master_param"] = u
-        for k, fmt in zip(tuple(rule.state) + ("param_ema",),
-                          pf.states + (_core.FMT_NATIVE,)):
+        for k, fmt in zip(tuple(rule.state) + ("param_ema",), pf.states + (_core.FMT_NATIVE,)):
             t = s.get(k)
             if t is None and k not in required:
                 if k in needs:  # switched on after the state was made: start it
@@ -1226,7 +1392,7 @@ class Optimizer(_Optimizer):
         known = self._known()
         c = _Cache()
         per_dtype = {}  # plan dtype -> _Lists
-        pending = []    # (p, new state dict or None, updates)
+        pending = []  # (p, new state dict or None, updates)
         state_tensors = []
         index = -1  # the parameter's position over all groups (stochastic rounding's key)
         counted = self._counted
@@ -1244,8 +1410,7 @@ class Optimizer(_Optimizer):
                 c.shapes.append(_local(p).shape)
                 s = self.state.get(p)
                 if s is not None and not isinstance(s, dict):
-                    raise TypeError(f"the state of {where} must be a dict, got "
-                                    f"{type(s).__name__}")
+                    raise TypeError(f"the state of {where} must be a dict, got {type(s).__name__}")
                 made = ()
                 if not s:
                     if stateless:
@@ -1268,18 +1433,27 @@ class Optimizer(_Optimizer):
                 if lists is None:
                     lists = per_dtype[key] = _Lists()
                 lists.params.append(_view(p))
-                lists.states.append(tuple(None if s.get(k) is None else _view(s[k])
-                                          for k in rule.state))
+                lists.states.append(
+                    tuple(None if s.get(k) is None else _view(s[k]) for k in rule.state)
+                )
                 half = p.dtype if p.dtype in _HALF else None
                 # a stream the state lacks is given as native (a new one means a new plan)
-                lists.formats.append((pf.param,) + tuple(
-                    _core.FMT_NATIVE if s.get(k) is None else f
-                    for k, f in zip(rule.state, pf.states)))
+                lists.formats.append(
+                    (pf.param,)
+                    + tuple(
+                        _core.FMT_NATIVE if s.get(k) is None else f
+                        for k, f in zip(rule.state, pf.states)
+                    )
+                )
                 lists.masters.append(_view(s["master_param"]) if pf.master else None)
-                lists.absmaxes.append(tuple(
-                    _absmax_view(s[k + "_absmax"], p) if _formats.is_q8(f)
-                    and s.get(k) is not None
-                    else None for k, f in zip(rule.state, pf.states)))
+                lists.absmaxes.append(
+                    tuple(
+                        _absmax_view(s[k + "_absmax"], p)
+                        if _formats.is_q8(f) and s.get(k) is not None
+                        else None
+                        for k, f in zip(rule.state, pf.states)
+                    )
+                )
                 lists.indices.append(index)
                 lists.plain = lists.plain and pf.native
                 ema_t = s.get("param_ema")
@@ -1294,25 +1468,49 @@ class Optimizer(_Optimizer):
                 if pf.master and counted and float(s["step"]) == 0.0:
                     c.unsynced.append((p, s["master_param"], s["step"]))
                 if not counted:
-                    new = [s[k] for k in needs if k != "param_ema" and s.get(k) is not None
-                           and (k in made or fresh.get(id(s[k])) is s[k])]
+                    new = [
+                        s[k]
+                        for k in needs
+                        if k != "param_ema"
+                        and s.get(k) is not None
+                        and (k in made or fresh.get(id(s[k])) is s[k])
+                    ]
                     lists.counts.append(0 if new else 1)
                     lists.fresh.append(new)
-                lists.slots.append((len(c.slots), cplx, half,
-                                    p.placements if _is_dtensor(p) else None))
+                lists.slots.append(
+                    (len(c.slots), cplx, half, p.placements if _is_dtensor(p) else None)
+                )
                 state_tensors += [s[k] for k in known if isinstance(s.get(k), _Tensor)]
                 c.slots.append(None)
         ngroups = max(len(self.param_groups), 1)
         new_fresh = {}
         for lists in per_dtype.values():
-            fmt = {} if lists.plain else dict(
-                formats=lists.formats, masters=lists.masters, absmaxes=lists.absmaxes,
-                indices=lists.indices, stochastic=self._fmt.stochastic, seed=self._fmt.seed)
-            plan = _core._Plan(rule.index, tuple(rule.state), lists.params, lists.states,
-                               lists.emas, lists.groups, ngroups, labels=lists.labels,
-                               step_mirrors=lists.steps if counted else None,
-                               scalar_mirrors=lists.scalars if rule.scalar else None,
-                               ema_mirrors=lists.ema_steps, **fmt)
+            fmt = (
+                {}
+                if lists.plain
+                else dict(
+                    formats=lists.formats,
+                    masters=lists.masters,
+                    absmaxes=lists.absmaxes,
+                    indices=lists.indices,
+                    stochastic=self._fmt.stochastic,
+                    seed=self._fmt.seed,
+                )
+            )
+            plan = _core._Plan(
+                rule.index,
+                tuple(rule.state),
+                lists.params,
+                lists.states,
+                lists.emas,
+                lists.groups,
+                ngroups,
+                labels=lists.labels,
+                step_mirrors=lists.steps if counted else None,
+                scalar_mirrors=lists.scalars if rule.scalar else None,
+                ema_mirrors=lists.ema_steps,
+                **fmt,
+            )
             if not counted:
                 for bi, (count, new) in enumerate(zip(lists.counts, lists.fresh)):
                     plan.set_step(bi, count)
@@ -1374,9 +1572,12 @@ class Optimizer(_Optimizer):
         c = self._cache
         flat = [p for g in self.param_groups for p in g["params"]]
         state = self.state
-        if (list(map(id, flat)) != c.ids or state is not c.state
-                or _ptrs(c.tensors, c.dtensors) != c.ptrs
-                or _state_ids(state) != (c.state_ids, c.inner_ids)):
+        if (
+            list(map(id, flat)) != c.ids
+            or state is not c.state
+            or _ptrs(c.tensors, c.dtensors) != c.ptrs
+            or _state_ids(state) != (c.state_ids, c.inner_ids)
+        ):
             return None
         grads = [[None] * len(plan) for plan in c.plans]
         active = False
@@ -1386,13 +1587,17 @@ class Optimizer(_Optimizer):
                 continue
             if slot is None:
                 return None  # first gradient of this parameter: create its state
-            if slot[4] is not None or c.dtensors and _is_dtensor(g):
+            if slot[4] is not None or (c.dtensors and _is_dtensor(g)):
                 g = self._local_grad(p, g, slot[4])
             if g.layout is not _STRIDED:
                 name = type(self).__name__
-                raise _SparseGradientError(self._sparse or (
-                    f"fastadam.torch.{name} does not support sparse gradients "
-                    f"(torch.optim.{name} does: use it for sparse gradients)"))
+                raise _SparseGradientError(
+                    self._sparse
+                    or (
+                        f"fastadam.torch.{name} does not support sparse gradients "
+                        f"(torch.optim.{name} does: use it for sparse gradients)"
+                    )
+                )
             if g.is_conj():
                 g = g.resolve_conj()  # read only: a copy of a lazily conjugated view
             if g.is_neg():
@@ -1401,25 +1606,29 @@ class Optimizer(_Optimizer):
                 g = g.contiguous()  # read only; a copy only for odd layouts
             if slot[2]:
                 if not g.is_complex():
-                    raise TypeError(f"the gradient of a complex parameter must be complex, "
-                                    f"got {_describe(g)}")
+                    raise TypeError(
+                        f"the gradient of a complex parameter must be complex, got {_describe(g)}"
+                    )
                 g = _torch.view_as_real(g)
             elif slot[3] is not None:  # a 16-bit parameter: its gradient has its dtype
                 if p.dtype is not slot[3]:
                     return None  # p.data reinterpreted in place (same memory, new dtype)
                 if g.dtype is not p.dtype:
-                    raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; the "
-                                    f"gradient of a {str(p.dtype)[6:]} parameter must be "
-                                    f"{str(p.dtype)[6:]} (torch's rule)")
+                    raise TypeError(
+                        f"the gradient of {self._where(p)} is {_describe(g)}; the "
+                        f"gradient of a {str(p.dtype)[6:]} parameter must be "
+                        f"{str(p.dtype)[6:]} (torch's rule)"
+                    )
                 g = g.view(_torch.int16)
             try:
                 grads[slot[0]][slot[1]] = g.numpy()
             except RuntimeError:  # a gradient that requires grad (create_graph=True)
                 grads[slot[0]][slot[1]] = g.detach().numpy()
             except TypeError:  # a dtype NumPy lacks (bfloat16) on a float32 parameter
-                raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; it "
-                                f"must have the parameter's dtype, {str(p.dtype)[6:]}"
-                                ) from None
+                raise TypeError(
+                    f"the gradient of {self._where(p)} is {_describe(g)}; it "
+                    f"must have the parameter's dtype, {str(p.dtype)[6:]}"
+                ) from None
             active = True
         return grads, active
 
@@ -1428,13 +1637,18 @@ class Optimizer(_Optimizer):
         options = [self._options_of(g) for g in self.param_groups]
         for plan in self._cache.plans:
             for gi, (o, ema) in enumerate(options):
-                plan.set_options(gi, o["lr"], o["weight_decay"], o["maximize"], ema,
-                                 rule.c_hyper(o))
+                plan.set_options(
+                    gi, o["lr"], o["weight_decay"], o["maximize"], ema, rule.c_hyper(o)
+                )
         self._applied = keys
 
     # --------------------------------------------------------------------- step
-    def step(self, closure: Callable[[], Any] | None = None,
-             grad_scale: _Tensor | float | None = None, found_inf: _Tensor | None = None) -> Any:
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        grad_scale: _Tensor | float | None = None,
+        found_inf: _Tensor | None = None,
+    ) -> Any:
         """One step for every parameter whose ``.grad`` is not None.
 
         Args:
@@ -1476,7 +1690,7 @@ class Optimizer(_Optimizer):
             options = [self._options_of(g) for g in self.param_groups]
         undo = []
         marks = None  # the plans' step counts before the C pass: did it run?
-        norm = None   # the global gradient norm of a step over DTensors, once computed
+        norm = None  # the global gradient norm of a step over DTensors, once computed
         try:
             c = self._cache
             if c is None or (options is not None and c.needs != self._needs_of(options)):
@@ -1504,18 +1718,24 @@ class Optimizer(_Optimizer):
                         # also when this rank retries below) and folded into the scale
                         if norm is None:
                             norm = self._global_norm(c, all_grads, threads, scale)
-                        _core.step_plans(c.plans, all_grads, threads,
-                                         _clipped_scale(norm, max_norm, scale), False, 0.0)
+                        _core.step_plans(
+                            c.plans,
+                            all_grads,
+                            threads,
+                            _clipped_scale(norm, max_norm, scale),
+                            False,
+                            0.0,
+                        )
                         self.last_grad_norm = norm
                         return
-                    _, self.last_grad_norm = _core.step_plans(c.plans, all_grads, threads,
-                                                              scale, False, max_norm)
+                    _, self.last_grad_norm = _core.step_plans(
+                        c.plans, all_grads, threads, scale, False, max_norm
+                    )
                     return
                 except ValueError:
                     # p.data replaced by a tensor of another shape at the same address: the
                     # gradients no longer fit the plans. Rebuild once and check again.
-                    if attempt or [_local(t).shape for t in c.tensors[:len(c.ids)]] \
-                            == c.shapes:
+                    if attempt or [_local(t).shape for t in c.tensors[: len(c.ids)]] == c.shapes:
                         raise
                     self._cache = None
                     undo += self._rebuild(init=True, options=options)
@@ -1533,12 +1753,16 @@ class Optimizer(_Optimizer):
         """The local shard of the gradient g of p (placed: p's placements, or None for a
         plain tensor): a DTensor parameter's gradient is a DTensor laid out like it."""
         if placed is None:
-            raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; the "
-                            f"gradient of a plain tensor must be a plain tensor")
+            raise TypeError(
+                f"the gradient of {self._where(p)} is {_describe(g)}; the "
+                f"gradient of a plain tensor must be a plain tensor"
+            )
         if not _is_dtensor(g) or g.placements != placed:
-            raise TypeError(f"the gradient of {self._where(p)} is {_describe(g)}; the "
-                            f"gradient of {_describe(p)} must be a DTensor with its "
-                            f"placements")
+            raise TypeError(
+                f"the gradient of {self._where(p)} is {_describe(g)}; the "
+                f"gradient of {_describe(p)} must be a DTensor with its "
+                f"placements"
+            )
         return g._local_tensor
 
     def _reductions(self, c):
@@ -1622,29 +1846,46 @@ class Optimizer(_Optimizer):
             for gi, group in enumerate(self.param_groups):
                 d = group.get("ema_decay")
                 if d is None:
-                    raise ValueError(f"param group {gi} has no ema_decay: set ema_decay (in "
-                                     f"[0, 1)) to keep temporal averages")
+                    raise ValueError(
+                        f"param group {gi} has no ema_decay: set ema_decay (in "
+                        f"[0, 1)) to keep temporal averages"
+                    )
                 d = check_ema_decay(_scalar(d))
                 for i, p in enumerate(group["params"]):
                     s: Any = self.state.get(p)
                     ema: Any = s.get("param_ema") if isinstance(s, dict) else None
-                    t = 0 if ema is None else _count_value(
-                        s.get("param_ema_step", 0), "param_ema_step",
-                        f"param group {gi}, parameter {i}")
+                    t = (
+                        0
+                        if ema is None
+                        else _count_value(
+                            s.get("param_ema_step", 0),
+                            "param_ema_step",
+                            f"param group {gi}, parameter {i}",
+                        )
+                    )
                     if t == 0:
                         m = s.get("master_param") if isinstance(s, dict) else None
-                        out.append(m.clone() if isinstance(m, _Tensor) else
-                                   p.detach().to(_torch.float32) if p.dtype in _HALF
-                                   else p.detach().clone())
+                        out.append(
+                            m.clone()
+                            if isinstance(m, _Tensor)
+                            else p.detach().to(_torch.float32)
+                            if p.dtype in _HALF
+                            else p.detach().clone()
+                        )
                         continue
                     a = _view(ema)
-                    avg = (a / a.dtype.type(1.0 - d ** t)).astype(a.dtype)
+                    avg = (a / a.dtype.type(1.0 - d**t)).astype(a.dtype)
                     r = _torch.from_numpy(avg)
                     r = _torch.view_as_complex(r) if p.is_complex() else r
                     if _is_dtensor(ema):  # laid out like the parameter, as param_ema
-                        r = type(ema).from_local(r, ema.device_mesh, ema.placements,
-                                                 run_check=False, shape=ema.shape,
-                                                 stride=ema.stride())
+                        r = type(ema).from_local(
+                            r,
+                            ema.device_mesh,
+                            ema.placements,
+                            run_check=False,
+                            shape=ema.shape,
+                            stride=ema.stride(),
+                        )
                     out.append(r)
             return out
 
@@ -1681,27 +1922,65 @@ class Adam(Optimizer):
     _rule = RULES["adam"]
     _extras = {"eps_root": 0.0, "ema_decay": None}
     _fixed = {"bias_correction": True, "eps_mode": "paper"}
-    _setdefaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                    "differentiable": False, "fused": None, "decoupled_weight_decay": False}
+    _setdefaults = {
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
+        "decoupled_weight_decay": False,
+    }
     _sparse = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
-                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 max_grad_norm: float | None = None, num_threads: int | None = None,
-                 eps_root: float = 0.0, ema_decay: float | None = None,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-                                      capturable=capturable, differentiable=differentiable,
-                                      fused=fused,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      eps_root=eps_root, ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        eps_root: float = 0.0,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                foreach=foreach,
+                capturable=capturable,
+                differentiable=differentiable,
+                fused=fused,
+                decoupled_weight_decay=decoupled_weight_decay,
+                eps_root=eps_root,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
     def _check_defaults(self, defaults):
         betas = defaults["betas"]
@@ -1720,7 +1999,8 @@ class Adam(Optimizer):
         if isinstance(beta_pair[0], _Tensor) != isinstance(beta_pair[1], _Tensor):
             raise ValueError("betas must be either both floats or both Tensors")
         defaults["betas"] = g["betas"] = tuple(
-            b.squeeze() if isinstance(b, _Tensor) and b.dim() else b for b in beta_pair)
+            b.squeeze() if isinstance(b, _Tensor) and b.dim() else b for b in beta_pair
+        )
         self._fastadam_checks(g)
         return defaults
 
@@ -1732,22 +2012,51 @@ class AdamW(Adam):
     _forced = {"decoupled_weight_decay": True}
     _setdefaults = dict(Adam._setdefaults, decoupled_weight_decay=True)
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None,
-                 max_grad_norm: float | None = None, num_threads: int | None = None,
-                 eps_root: float = 0.0, ema_decay: float | None = None,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
-                         num_threads=num_threads, eps_root=eps_root, ema_decay=ema_decay,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        eps_root: float = 0.0,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            max_grad_norm=max_grad_norm,
+            num_threads=num_threads,
+            eps_root=eps_root,
+            ema_decay=ema_decay,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class SGD(Optimizer):
@@ -1764,23 +2073,56 @@ class SGD(Optimizer):
     """
 
     _rule = RULES["sgd"]
-    _setdefaults = {"nesterov": False, "maximize": False, "foreach": None,
-                    "differentiable": False, "fused": False}
+    _setdefaults = {
+        "nesterov": False,
+        "maximize": False,
+        "foreach": None,
+        "differentiable": False,
+        "fused": False,
+    }
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3, momentum: float = 0,
-                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
-                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, max_grad_norm: float | None = None,
-                 num_threads: int | None = None, ema_decay: float | None = None,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable, fused=fused,
-                                      ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                maximize=maximize,
+                foreach=foreach,
+                differentiable=differentiable,
+                fused=fused,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class Adagrad(Optimizer):
@@ -1796,25 +2138,51 @@ class Adagrad(Optimizer):
     """
 
     _rule = RULES["adagrad"]
-    _setdefaults = {"foreach": None, "maximize": False, "differentiable": False,
-                    "fused": None}
+    _setdefaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
     _eager = True
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-2, lr_decay: float = 0,
-                 weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
-                 foreach: bool | None = None, *, maximize: bool = False,
-                 differentiable: bool = False, fused: bool | None = None,
-                 max_grad_norm: float | None = None, num_threads: int | None = None,
-                 ema_decay: float | None = None, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, eps=eps,
-                                      weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value,
-                                      foreach=foreach, maximize=maximize,
-                                      differentiable=differentiable, fused=fused,
-                                      ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                lr_decay=lr_decay,
+                eps=eps,
+                weight_decay=weight_decay,
+                initial_accumulator_value=initial_accumulator_value,
+                foreach=foreach,
+                maximize=maximize,
+                differentiable=differentiable,
+                fused=fused,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
     def _initial(self, key, o):
         # torch.optim.Adagrad starts every sum at the constructor's value, whatever the
@@ -1841,24 +2209,60 @@ class RMSprop(Optimizer):
     """
 
     _rule = RULES["rmsprop"]
-    _setdefaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
-                    "differentiable": False, "capturable": False}
+    _setdefaults = {
+        "momentum": 0,
+        "centered": False,
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
     _sparse = "RMSprop does not support sparse gradients"
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-2, alpha: float = 0.99,
-                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
-                 centered: bool = False, capturable: bool = False, foreach: bool | None = None,
-                 maximize: bool = False, differentiable: bool = False, *,
-                 max_grad_norm: float | None = None, num_threads: int | None = None,
-                 ema_decay: float | None = None, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps,
-                                      centered=centered, weight_decay=weight_decay,
-                                      capturable=capturable, foreach=foreach,
-                                      maximize=maximize, differentiable=differentiable,
-                                      ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                alpha=alpha,
+                eps=eps,
+                centered=centered,
+                weight_decay=weight_decay,
+                capturable=capturable,
+                foreach=foreach,
+                maximize=maximize,
+                differentiable=differentiable,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class Adamax(Optimizer):
@@ -1869,23 +2273,54 @@ class Adamax(Optimizer):
     """
 
     _rule = RULES["adamax"]
-    _setdefaults = {"foreach": None, "maximize": False, "differentiable": False,
-                    "capturable": False}
+    _setdefaults = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
     _sparse = "Adamax does not support sparse gradients"
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 2e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, foreach: bool | None = None, *, maximize: bool = False,
-                 differentiable: bool = False, capturable: bool = False,
-                 max_grad_norm: float | None = None, num_threads: int | None = None,
-                 ema_decay: float | None = None, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      foreach=foreach, maximize=maximize,
-                                      differentiable=differentiable, capturable=capturable,
-                                      ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                foreach=foreach,
+                maximize=maximize,
+                differentiable=differentiable,
+                capturable=capturable,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class NAdam(Optimizer):
@@ -1897,26 +2332,59 @@ class NAdam(Optimizer):
     """
 
     _rule = RULES["nadam"]
-    _setdefaults = {"maximize": False, "foreach": None, "capturable": False,
-                    "differentiable": False, "decoupled_weight_decay": False}
+    _setdefaults = {
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+    }
     _sparse = "NAdam does not support sparse gradients"
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 2e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, momentum_decay: float = 4e-3,
-                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
-                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 max_grad_norm: float | None = None, num_threads: int | None = None,
-                 ema_decay: float | None = None, master_weights: bool = False,
-                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      momentum_decay=momentum_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      maximize=maximize, foreach=foreach,
-                                      capturable=capturable, differentiable=differentiable,
-                                      ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                momentum_decay=momentum_decay,
+                decoupled_weight_decay=decoupled_weight_decay,
+                maximize=maximize,
+                foreach=foreach,
+                capturable=capturable,
+                differentiable=differentiable,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class RAdam(Optimizer):
@@ -1926,25 +2394,57 @@ class RAdam(Optimizer):
     """
 
     _rule = RULES["radam"]
-    _setdefaults = {"foreach": None, "maximize": False, "differentiable": False,
-                    "decoupled_weight_decay": False, "capturable": False}
+    _setdefaults = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "decoupled_weight_decay": False,
+        "capturable": False,
+    }
     _sparse = "RAdam does not support sparse gradients"
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
-                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, max_grad_norm: float | None = None,
-                 num_threads: int | None = None, ema_decay: float | None = None,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize, foreach=foreach,
-                                      capturable=capturable,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      differentiable=differentiable, ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                foreach=foreach,
+                capturable=capturable,
+                decoupled_weight_decay=decoupled_weight_decay,
+                differentiable=differentiable,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 class Lion(Optimizer):
@@ -1964,16 +2464,38 @@ class Lion(Optimizer):
     _setdefaults = {"maximize": False}
     _sparse = "Lion does not support sparse gradients"
 
-    def __init__(self, params: ParamsT, lr: float | _Tensor = 1e-4,
-                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
-                 maximize: bool = False, *, max_grad_norm: float | None = None,
-                 num_threads: int | None = None, ema_decay: float | None = None,
-                 master_weights: bool = False, state_dtype: str | None = None,
-                 rounding: str = "nearest", seed: int = 0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize, ema_decay=ema_decay),
-                         max_grad_norm, num_threads, master_weights=master_weights,
-                         state_dtype=state_dtype, rounding=rounding, seed=seed)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | _Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        *,
+        max_grad_norm: float | None = None,
+        num_threads: int | None = None,
+        ema_decay: float | None = None,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                ema_decay=ema_decay,
+            ),
+            max_grad_norm,
+            num_threads,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+        )
 
 
 # ============================================================ FSDP2: full state_dicts
@@ -1987,8 +2509,10 @@ def _fqn_order(model, optimizer):
     for gi, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             if id(p) not in names:
-                raise ValueError(f"param group {gi}, parameter {i} of the optimizer is not a "
-                                 f"parameter of the model")
+                raise ValueError(
+                    f"param group {gi}, parameter {i} of the optimizer is not a "
+                    f"parameter of the model"
+                )
             out.append(names[id(p)])
     return out
 
@@ -2008,11 +2532,13 @@ def _no_full_q8(optimizer, name):
                     f"state (state_dtype='8bit'), whose absmax is one per 256 elements of "
                     f"each rank's local shard: it has no full-tensor form (8-bit state "
                     f"cannot be resharded); checkpoint it with torch.distributed.checkpoint "
-                    f"and resume on the same mesh (docs/engines.md, FSDP2)")
+                    f"and resume on the same mesh (docs/engines.md, FSDP2)"
+                )
 
 
-def full_optim_state_dict(model: _torch.nn.Module, optimizer: Optimizer, *,
-                          rank0_only: bool = True) -> dict[str, Any] | None:
+def full_optim_state_dict(
+    model: _torch.nn.Module, optimizer: Optimizer, *, rank0_only: bool = True
+) -> dict[str, Any] | None:
     """The state of an optimizer over DTensor (FSDP2) parameters as an ordinary
     ``fastadam.torch`` state_dict: every state tensor gathered into a full, plain CPU
     tensor, keyed as ``optimizer.state_dict()`` keys them (0, 1, ... over the param
@@ -2028,35 +2554,46 @@ def full_optim_state_dict(model: _torch.nn.Module, optimizer: Optimizer, *,
     Built on ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which
     first takes a step with lr 0 and zero gradients if the optimizer has no state yet."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a fastadam.torch optimizer, got "
-                        f"{type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer must be a fastadam.torch optimizer, got {type(optimizer).__name__}"
+        )
     _no_full_q8(optimizer, "full_optim_state_dict")
     fqns = _fqn_order(model, optimizer)
-    sd: dict[str, Any] = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=bool(rank0_only)))
+    sd: dict[str, Any] = get_optimizer_state_dict(
+        model,
+        optimizer,
+        options=StateDictOptions(full_state_dict=True, cpu_offload=bool(rank0_only)),
+    )
     if rank0_only and dist.is_initialized() and dist.get_rank() != 0:
         return None
     index = {name: i for i, name in enumerate(fqns)}
     # the gathered DTensors are new tensors; the others (step counts, the state of plain
     # parameters) are the optimizer's own, which its next step would change under the dict
     live = {id(v) for s in optimizer.state.values() if isinstance(s, dict) for v in s.values()}
-    own = {k: {key: v.clone() if id(v) in live else v for key, v in entry.items()}
-           if isinstance(entry, dict) else entry for k, entry in sd["state"].items()}
+    own = {
+        k: {key: v.clone() if id(v) in live else v for key, v in entry.items()}
+        if isinstance(entry, dict)
+        else entry
+        for k, entry in sd["state"].items()
+    }
     out: dict[str, Any] = {
         "state": {index[k]: v for k, v in own.items()},
-        "param_groups": [dict(g, params=[index[k] for k in g["params"]])
-                         for g in sd["param_groups"]]}
+        "param_groups": [
+            dict(g, params=[index[k] for k in g["params"]]) for g in sd["param_groups"]
+        ],
+    }
     out["state"] = dict(sorted(out["state"].items()))
     if optimizer._fmt != _DEFAULT_FORMATS:
         out["formats"] = optimizer.formats
     return out
 
 
-def load_full_optim_state_dict(model: _torch.nn.Module, optimizer: Optimizer,
-                               state_dict: dict[str, Any]) -> None:
+def load_full_optim_state_dict(
+    model: _torch.nn.Module, optimizer: Optimizer, state_dict: dict[str, Any]
+) -> None:
     """Load an ordinary ``fastadam.torch`` (or, with the default formats, torch.optim)
     state_dict -- one of :func:`full_optim_state_dict`, or of an optimizer built on the
     unsharded model -- into an optimizer over DTensor (FSDP2) parameters: each rank keeps
@@ -2065,33 +2602,42 @@ def load_full_optim_state_dict(model: _torch.nn.Module, optimizer: Optimizer,
     ``"formats"`` must be this optimizer's (ValueError otherwise, before anything
     changes). Built on ``set_optimizer_state_dict(..., StateDictOptions(full_state_dict=
     True))``."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a fastadam.torch optimizer, got "
-                        f"{type(optimizer).__name__}")
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
-            or not isinstance(state_dict.get("param_groups"), (list, tuple)):
-        raise TypeError("state_dict must be a dict with a 'state' dict and a "
-                        "'param_groups' list")
+        raise TypeError(
+            f"optimizer must be a fastadam.torch optimizer, got {type(optimizer).__name__}"
+        )
+    if (
+        not isinstance(state_dict, dict)
+        or not isinstance(state_dict.get("state"), dict)
+        or not isinstance(state_dict.get("param_groups"), (list, tuple))
+    ):
+        raise TypeError("state_dict must be a dict with a 'state' dict and a 'param_groups' list")
     saved = state_dict.get("formats", _DEFAULT_FORMATS.as_dict())
     if saved != optimizer.formats:
-        raise ValueError(f"state_dict['formats'] is {saved}, this optimizer's are "
-                         f"{optimizer.formats}: a state_dict loads only into an optimizer "
-                         f"with the same master_weights, state_dtype, rounding and seed")
+        raise ValueError(
+            f"state_dict['formats'] is {saved}, this optimizer's are "
+            f"{optimizer.formats}: a state_dict loads only into an optimizer "
+            f"with the same master_weights, state_dtype, rounding and seed"
+        )
     _no_full_q8(optimizer, "load_full_optim_state_dict")
     fqns = _fqn_order(model, optimizer)
     try:
         keys = [i for g in state_dict["param_groups"] for i in g["params"]]
-        if sorted(keys) != list(range(len(fqns))) or any(k not in range(len(fqns))
-                                                         for k in state_dict["state"]):
+        if sorted(keys) != list(range(len(fqns))) or any(
+            k not in range(len(fqns)) for k in state_dict["state"]
+        ):
             raise ValueError
     except (TypeError, ValueError, KeyError):
-        raise ValueError(f"state_dict must number the {len(fqns)} parameters of this "
-                         f"optimizer 0 to {len(fqns) - 1} over its param groups") from None
+        raise ValueError(
+            f"state_dict must number the {len(fqns)} parameters of this "
+            f"optimizer 0 to {len(fqns) - 1} over its param groups"
+        ) from None
     sd: dict[str, Any] = {
         "state": {fqns[k]: v for k, v in state_dict["state"].items()},
-        "param_groups": [dict(g, params=[fqns[i] for i in g["params"]])
-                         for g in state_dict["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, sd,
-                             options=StateDictOptions(full_state_dict=True))
+        "param_groups": [
+            dict(g, params=[fqns[i] for i in g["params"]]) for g in state_dict["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, optimizer, sd, options=StateDictOptions(full_state_dict=True))

@@ -34,8 +34,10 @@ static uint64_t next64(void) /* splitmix64 */
 static double rnd(int nonneg)
 {
     int64_t k = (int64_t)(next64() >> 40); /* [0, 2^24) */
-    if (!nonneg) k -= (int64_t)1 << 23;
-    else k >>= 1;
+    if (!nonneg)
+        k -= (int64_t)1 << 23;
+    else
+        k >>= 1;
     return (double)k * (1.0 / 8388608.0);
 }
 static uint16_t rnd_bf16(void) /* a float in [-1, 1), truncated to bfloat16 */
@@ -73,7 +75,14 @@ typedef struct optset {
 static const optset OPTS[] = {
     /* Adam: beta1 beta2 eps decoupled amsgrad bias_correction eps_mode eps_root */
     {FA_RULE_ADAM, "adam", 1e-3, 0, 1, 0, 0, 0, {0.9, 0.999, 1e-8, 0, 0, 1, 0, 0}},
-    {FA_RULE_ADAM, "adam-l2-max-scale-ema", 1e-2, 0.01, 3.0, 0.99, 1, 1,
+    {FA_RULE_ADAM,
+     "adam-l2-max-scale-ema",
+     1e-2,
+     0.01,
+     3.0,
+     0.99,
+     1,
+     1,
      {0.8, 0.99, 1e-6, 0, 0, 1, 0, 0}},
     {FA_RULE_ADAM, "adamw-amsgrad", 1e-3, 0.1, 1, 0, 0, 0, {0.9, 0.999, 1e-8, 1, 1, 1, 0, 0}},
     {FA_RULE_ADAM, "adam-hat", 3e-3, 0, 1, 0, 0, 0, {0.9, 0.95, 1e-8, 0, 0, 1, 1, 0}},
@@ -88,8 +97,7 @@ static const optset OPTS[] = {
     /* RMSprop: alpha eps momentum centered */
     {FA_RULE_RMSPROP, "rmsprop", 0.01, 0, 1, 0, 0, 0, {0.99, 1e-8, 0, 0}},
     {FA_RULE_RMSPROP, "rmsprop-momentum", 0.01, 0, 1, 0, 0, 0, {0.9, 1e-8, 0.9, 0}},
-    {FA_RULE_RMSPROP, "rmsprop-centered-momentum-l2", 0.01, 0.01, 1, 0, 0, 0,
-     {0.99, 1e-8, 0.5, 1}},
+    {FA_RULE_RMSPROP, "rmsprop-centered-momentum-l2", 0.01, 0.01, 1, 0, 0, 0, {0.99, 1e-8, 0.5, 1}},
     /* Adamax: beta1 beta2 eps */
     {FA_RULE_ADAMAX, "adamax", 2e-3, 0, 1, 0, 0, 0, {0.9, 0.999, 1e-8}},
     {FA_RULE_ADAMAX, "adamax-l2-max", 2e-3, 0.01, 1, 0, 1, 0, {0.9, 0.999, 1e-8}},
@@ -133,13 +141,20 @@ static const fmtcfg FMTS[] = {
 static unsigned nonneg_states(fa_rule r)
 {
     switch (r) {
-    case FA_RULE_ADAM: return 2u | 4u;
-    case FA_RULE_ADAGRAD: return 1u;
-    case FA_RULE_RMSPROP: return 1u;
-    case FA_RULE_ADAMAX: return 2u;
-    case FA_RULE_NADAM: return 2u;
-    case FA_RULE_RADAM: return 2u;
-    default: return 0u;
+    case FA_RULE_ADAM:
+        return 2u | 4u;
+    case FA_RULE_ADAGRAD:
+        return 1u;
+    case FA_RULE_RMSPROP:
+        return 1u;
+    case FA_RULE_ADAMAX:
+        return 2u;
+    case FA_RULE_NADAM:
+        return 2u;
+    case FA_RULE_RADAM:
+        return 2u;
+    default:
+        return 0u;
     }
 }
 
@@ -149,14 +164,18 @@ static const size_t SIZES[] = {1, 7, 33, 1000, 4099};
  * except the 1000-element block, which is aligned. */
 static const size_t OFFS[] = {1, 1, 1, 0, 1};
 #define NSTEPS 3
-#define CHUNK 64
+#define CHUNK  64
 
 static size_t esize(const fmtcfg *f, int fmt)
 {
     switch (fmt) {
-    case FA_FMT_NATIVE: return f->dtype == FA_FLOAT64 ? 8 : 4;
-    case FA_FMT_BF16: case FA_FMT_F16: return 2;
-    default: return 1;
+    case FA_FMT_NATIVE:
+        return f->dtype == FA_FLOAT64 ? 8 : 4;
+    case FA_FMT_BF16:
+    case FA_FMT_F16:
+        return 2;
+    default:
+        return 1;
     }
 }
 
@@ -189,8 +208,10 @@ static void fill(void *p, const fmtcfg *f, int fmt, size_t n, int nonneg, int gr
         } else if (fmt == FA_FMT_NATIVE) {
             double v = rnd(nonneg);
             if (grad && i % 17 == 5) v = 0.0;
-            if (f->dtype == FA_FLOAT64) ((double *)p)[i] = v;
-            else ((float *)p)[i] = (float)v;
+            if (f->dtype == FA_FLOAT64)
+                ((double *)p)[i] = v;
+            else
+                ((float *)p)[i] = (float)v;
         }
     }
 }
@@ -223,8 +244,10 @@ static size_t count_nan(const void *p, const fmtcfg *f, int fmt, size_t n)
 {
     size_t c = 0;
     for (size_t i = 0; i < n; i++) {
-        if (fmt == FA_FMT_BF16) c += (((const uint16_t *)p)[i] & 0x7FFF) > 0x7F80;
-        else if (fmt == FA_FMT_F16) c += (((const uint16_t *)p)[i] & 0x7FFF) > 0x7C00;
+        if (fmt == FA_FMT_BF16)
+            c += (((const uint16_t *)p)[i] & 0x7FFF) > 0x7F80;
+        else if (fmt == FA_FMT_F16)
+            c += (((const uint16_t *)p)[i] & 0x7FFF) > 0x7C00;
         else if (fmt == FA_FMT_NATIVE && f->dtype == FA_FLOAT64) {
             uint64_t u;
             memcpy(&u, (const double *)p + i, 8);
@@ -239,8 +262,8 @@ static size_t count_nan(const void *p, const fmtcfg *f, int fmt, size_t n)
 }
 
 /* One run of a case: set up the blocks, NSTEPS steps, digest of every output byte. */
-static uint64_t run_case(const optset *o_, const fmtcfg *f, fa_isa isa, int threads,
-                         int prefetch, size_t *nans)
+static uint64_t run_case(const optset *o_, const fmtcfg *f, fa_isa isa, int threads, int prefetch,
+                         size_t *nans)
 {
     fa_options o;
     memset(&o, 0, sizeof o);
@@ -271,8 +294,10 @@ static uint64_t run_case(const optset *o_, const fmtcfg *f, fa_isa isa, int thre
         for (int k = 0; k < FA_MAX_STREAMS; k++) {
             int fmt;
             int nn = 0;
-            if (k == FA_PARAM) fmt = f->param;
-            else if (k == FA_GRAD) fmt = f->grad;
+            if (k == FA_PARAM)
+                fmt = f->param;
+            else if (k == FA_GRAD)
+                fmt = f->grad;
             else if (k == FA_EMA) {
                 if (!o.ema) continue;
                 fmt = FA_FMT_NATIVE;
@@ -355,8 +380,8 @@ int main(void)
     static const int PREFETCH[] = {FA_PREFETCH_AUTO, FA_PREFETCH_OFF, FA_PREFETCH_ON};
 
     fa_init(FA_ISA_AUTO);
-    printf("# fastadam %s, openmp %d, thread cap %d, default path %s\n", FA_VERSION,
-           fa_openmp(), fa_thread_cap(), fa_isa_name(fa_isa_current()));
+    printf("# fastadam %s, openmp %d, thread cap %d, default path %s\n", FA_VERSION, fa_openmp(),
+           fa_thread_cap(), fa_isa_name(fa_isa_current()));
     for (int isa = 0; isa < FA_ISA_COUNT; isa++) {
         if (!fa_isa_usable((fa_isa)isa)) continue;
         have[isa] = 1;
@@ -370,12 +395,13 @@ int main(void)
                 for (int ti = 0; ti < 3; ti++) {
                     uint64_t d = run_case(&OPTS[oi], &FMTS[fi], (fa_isa)isa, THREADS[ti],
                                           PREFETCH[ti], &nans);
-                    if (ti == 0) d0 = d;
+                    if (ti == 0)
+                        d0 = d;
                     else if (d != d0) {
                         printf("MISMATCH threads %s %s/%s: 1 thread %016llx, %d threads "
-                               "%016llx\n", fa_isa_name((fa_isa)isa), OPTS[oi].name,
-                               FMTS[fi].name, (unsigned long long)d0, THREADS[ti],
-                               (unsigned long long)d);
+                               "%016llx\n",
+                               fa_isa_name((fa_isa)isa), OPTS[oi].name, FMTS[fi].name,
+                               (unsigned long long)d0, THREADS[ti], (unsigned long long)d);
                         bad = 1;
                     }
                 }
@@ -395,14 +421,15 @@ int main(void)
         if (!have[isa] || isa == first) continue;
         for (size_t c = 0; c < NCASES; c++) {
             if (dig[isa][c] != dig[first][c]) {
-                printf("MISMATCH paths %s/%s: %s %016llx, %s %016llx\n",
-                       OPTS[c / NFMTS].name, FMTS[c % NFMTS].name, fa_isa_name((fa_isa)first),
+                printf("MISMATCH paths %s/%s: %s %016llx, %s %016llx\n", OPTS[c / NFMTS].name,
+                       FMTS[c % NFMTS].name, fa_isa_name((fa_isa)first),
                        (unsigned long long)dig[first][c], fa_isa_name((fa_isa)isa),
                        (unsigned long long)dig[isa][c]);
                 bad = 1;
             }
         }
     }
-    printf(bad ? "FAIL: digests differ\n" : "OK: every path and thread count gives the same digests\n");
+    printf(bad ? "FAIL: digests differ\n"
+               : "OK: every path and thread count gives the same digests\n");
     return bad ? 1 : 0;
 }

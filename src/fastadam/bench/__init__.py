@@ -44,6 +44,7 @@ lion-pytorch, and a foreach version), see _torch_lion_class. Without ``--sizes``
 ``--models`` those rules run the workloads of their targets only (1e6, 1e8 and 1000 x
 1000; ``--quick``: Adam's quick set). The Adam rows are what they were without the flag.
 """
+
 # The package: workloads.py (what is stepped), rules.py (the rules of --optimizer), impls.py
 # (the implementations compared and the roofline), measure.py (the interleaved timing and the
 # loop over cells), machine.py (machine and versions), report.py (table, JSON, plot), cli.py
@@ -51,29 +52,93 @@ lion-pytorch, and a foreach version), see _torch_lion_class. Without ``--sizes``
 # when the benchmark was one module, and stays importable from here.
 from . import cli, impls, machine, measure, report, rules, workloads  # noqa: F401
 from .cli import (  # noqa: F401
-    Settings, _parse_list, _size, build_parser, main, resolve,
+    Settings,
+    _parse_list,
+    _size,
+    build_parser,
+    main,
+    resolve,
 )
 from .impls import (  # noqa: F401
-    IMPL_ORDER, PEERS, SLOW_IMPLS, TORCH_IMPLS, FastAdam, NumpyInplace, Reference, Roofline,
-    TorchForeach, TorchForloop, TorchFused, _Impl, _Torch, _import_torch, _step_scalars,
+    IMPL_ORDER,
+    PEERS,
+    SLOW_IMPLS,
+    TORCH_IMPLS,
+    FastAdam,
+    NumpyInplace,
+    Reference,
+    Roofline,
+    TorchForeach,
+    TorchForloop,
+    TorchFused,
+    _Impl,
+    _import_torch,
+    _step_scalars,
+    _Torch,
     _torch_lion_class,
 )
 from .machine import (  # noqa: F401
-    _mem_available, _read, machine_info, versions,
+    _mem_available,
+    _read,
+    machine_info,
+    versions,
 )
 from .measure import (  # noqa: F401
-    CpuMonitor, Progress, _base, _label_of, _paired, _plan_groups, _quartiles, _record,
-    _timing_settings, measure_interleaved, run,
+    CpuMonitor,
+    Progress,
+    _base,
+    _label_of,
+    _paired,
+    _plan_groups,
+    _quartiles,
+    _record,
+    _timing_settings,
+    measure_interleaved,
+    run,
 )
 from .report import (  # noqa: F401
-    BUSY, ROOF_TARGET, SCHEMA, SPEED_TARGET, TARGET_FAST, TARGET_ROOF, _ISA_ORDER, _TORCH_KEYS,
-    _fmt_sci, _fmt_time, _json_default, _row_order, _rule_of, _scaling, _table,
-    check_matplotlib, format_summary, format_table, rule_summary, write_plot,
+    _ISA_ORDER,
+    _TORCH_KEYS,
+    BUSY,
+    ROOF_TARGET,
+    SCHEMA,
+    SPEED_TARGET,
+    TARGET_FAST,
+    TARGET_ROOF,
+    _fmt_sci,
+    _fmt_time,
+    _json_default,
+    _row_order,
+    _rule_of,
+    _scaling,
+    _table,
+    check_matplotlib,
+    format_summary,
+    format_table,
+    rule_summary,
+    write_plot,
 )
 from .rules import (  # noqa: F401
-    ADAM, RULE_MODELS, RULE_ORDER, RULE_SIZES, RULE_SPECS, _B, RuleSpec,
+    _B,
+    ADAM,
+    RULE_MODELS,
+    RULE_ORDER,
+    RULE_SIZES,
+    RULE_SPECS,
+    RuleSpec,
 )
 from .workloads import (  # noqa: F401
-    BETAS, BYTES_PER_ELEM, EPS, LR, MODELS, Workload, _Filler, _aligned, _array, _fmt_count,
-    gpt2_small_shapes, many_small_shapes, resnet50_shapes,
+    BETAS,
+    BYTES_PER_ELEM,
+    EPS,
+    LR,
+    MODELS,
+    Workload,
+    _aligned,
+    _array,
+    _Filler,
+    _fmt_count,
+    gpt2_small_shapes,
+    many_small_shapes,
+    resnet50_shapes,
 )

@@ -1,4 +1,5 @@
 """``python -m fastadam.bench``: the same as ``python -m fastadam bench``."""
+
 import sys
 
 from .cli import main

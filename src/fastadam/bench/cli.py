@@ -1,6 +1,7 @@
 """``python -m fastadam bench`` / ``fastadam-bench``: the arguments (build_parser), their
 defaults and validation (resolve), and main.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ from .measure import _timing_settings, run
 from .report import SCHEMA, _json_default, check_matplotlib, format_table, rule_summary, write_plot
 from .rules import RULE_MODELS, RULE_ORDER, RULE_SIZES, RULE_SPECS
 from .workloads import BETAS, BYTES_PER_ELEM, EPS, LR, MODELS
-
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -43,79 +43,138 @@ def build_parser(prog=None):
     p = argparse.ArgumentParser(
         prog=prog or "python -m fastadam bench",
         description="Time one Adam step of fastadam against the NumPy reference, an in-place "
-                    "NumPy Adam and torch.optim.Adam (when installed), interleaved, with the "
-                    "memory roofline of this machine for the Adam access pattern; "
-                    "--optimizer does the same for SGD, Adagrad, RMSprop, Adamax, NAdam, "
-                    "RAdam and Lion.",
+        "NumPy Adam and torch.optim.Adam (when installed), interleaved, with the "
+        "memory roofline of this machine for the Adam access pattern; "
+        "--optimizer does the same for SGD, Adagrad, RMSprop, Adamax, NAdam, "
+        "RAdam and Lion.",
         epilog="examples:\n"
-               "  %(prog)s                  # the default (about a minute on 2 cores)\n"
-               "  %(prog)s --optimizer all  # every rule (Adam's sweep + 1e6, 1e8, 1000 x 1000)\n"
-               "  %(prog)s --sizes 1e3,1e6 --models none --threads 1\n"
-               "  %(prog)s --dtype float32,float64 --simd all --threads all\n"
-               "  %(prog)s --json out.json --plot out.png\n"
-               "  %(prog)s --load out.json --plot out.png   # re-print / re-plot a run\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=None,
-                   help="single-tensor sizes, comma separated (default 1e3,1e4,1e5,1e6,1e7,1e8; "
-                        "'none' for no single tensors)")
-    p.add_argument("--models", default=None,
-                   help="model-shaped workloads: gpt2_small, resnet50, many_small (1000 tensors "
-                        "x 1000), 'all' or 'none' (default all)")
+        "  %(prog)s                  # the default (about a minute on 2 cores)\n"
+        "  %(prog)s --optimizer all  # every rule (Adam's sweep + 1e6, 1e8, 1000 x 1000)\n"
+        "  %(prog)s --sizes 1e3,1e6 --models none --threads 1\n"
+        "  %(prog)s --dtype float32,float64 --simd all --threads all\n"
+        "  %(prog)s --json out.json --plot out.png\n"
+        "  %(prog)s --load out.json --plot out.png   # re-print / re-plot a run\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="single-tensor sizes, comma separated (default 1e3,1e4,1e5,1e6,1e7,1e8; "
+        "'none' for no single tensors)",
+    )
+    p.add_argument(
+        "--models",
+        default=None,
+        help="model-shaped workloads: gpt2_small, resnet50, many_small (1000 tensors "
+        "x 1000), 'all' or 'none' (default all)",
+    )
     p.add_argument("--dtype", default=None, help="float32, float64 or both (default float32)")
-    p.add_argument("--threads", default=None,
-                   help="thread counts, comma separated; 'max' = OpenMP's maximum, 'all' = "
-                        "1..max (default 1,max)")
-    p.add_argument("--simd", default=None,
-                   help="fastadam SIMD paths: 'auto' (the one in use, default), 'all' (every "
-                        "path usable here, one row each) or a list such as sse2,avx2")
-    p.add_argument("--optimizer", default=None, metavar="LIST",
-                   help="update rules, comma separated: " + ", ".join(RULE_ORDER) +
-                        " or 'all' (default adam). Each runs fastadam's class, torch.optim's "
-                        "for-loop, foreach and (SGD, Adagrad, Adam) fused, the NumPy reference "
-                        "and a roofline over the rule's own streams; without --sizes/--models "
-                        "rules other than Adam run 1e6, 1e8 and 1000 x 1000 only")
-    p.add_argument("--impls", default=None,
-                   help="implementations besides the roofline: fastadam, reference, numpy, "
-                        "torch (= torch_fused,torch_foreach,torch_forloop) or any of those "
-                        "(default: all that can run)")
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="thread counts, comma separated; 'max' = OpenMP's maximum, 'all' = "
+        "1..max (default 1,max)",
+    )
+    p.add_argument(
+        "--simd",
+        default=None,
+        help="fastadam SIMD paths: 'auto' (the one in use, default), 'all' (every "
+        "path usable here, one row each) or a list such as sse2,avx2",
+    )
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        metavar="LIST",
+        help="update rules, comma separated: "
+        + ", ".join(RULE_ORDER)
+        + " or 'all' (default adam). Each runs fastadam's class, torch.optim's "
+        "for-loop, foreach and (SGD, Adagrad, Adam) fused, the NumPy reference "
+        "and a roofline over the rule's own streams; without --sizes/--models "
+        "rules other than Adam run 1e6, 1e8 and 1000 x 1000 only",
+    )
+    p.add_argument(
+        "--impls",
+        default=None,
+        help="implementations besides the roofline: fastadam, reference, numpy, "
+        "torch (= torch_fused,torch_foreach,torch_forloop) or any of those "
+        "(default: all that can run)",
+    )
     p.add_argument("--no-roofline", action="store_true", help="skip the roofline rows")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed batches per implementation and cell (default 7)")
-    p.add_argument("--batch-time", type=float, default=None,
-                   help="seconds per timed batch; sets the steps per batch (default 0.02)")
-    p.add_argument("--max-time", type=float, default=None,
-                   help="seconds of timed batches per implementation and cell, after which a "
-                        "slow implementation stops at >= 3 batches (default 1.5)")
-    p.add_argument("--slow-limit", type=float, default=None,
-                   help="run the slow implementations (torch for-loop and foreach, both NumPy "
-                        "ones) only up to this many elements per workload, to keep the default "
-                        "run short (default 3e7: 1e8 and GPT-2 small run fastadam, torch fused "
-                        "and the roofline only; 0 = no limit)")
-    p.add_argument("--numpy-all-threads", action="store_true",
-                   help="measure the single-threaded NumPy implementations at every thread "
-                        "count (default: at the first one only)")
-    p.add_argument("--max-memory", type=float, default=None,
-                   help="GiB the buffers of one group of implementations may take (default "
-                        "min(6, 60%% of available memory))")
-    p.add_argument("--aligned", action="store_true",
-                   help="allocate parameters and gradients 64-byte aligned (default: as NumPy "
-                        "allocates them, usually 16-byte aligned, as users pass them; torch "
-                        "allocates its parameters itself, 64-byte aligned)")
-    p.add_argument("--quick", action="store_true",
-                   help="a few seconds: sizes 1e3,1e5, no models, 1 thread, 3 short batches")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed batches per implementation and cell (default 7)",
+    )
+    p.add_argument(
+        "--batch-time",
+        type=float,
+        default=None,
+        help="seconds per timed batch; sets the steps per batch (default 0.02)",
+    )
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="seconds of timed batches per implementation and cell, after which a "
+        "slow implementation stops at >= 3 batches (default 1.5)",
+    )
+    p.add_argument(
+        "--slow-limit",
+        type=float,
+        default=None,
+        help="run the slow implementations (torch for-loop and foreach, both NumPy "
+        "ones) only up to this many elements per workload, to keep the default "
+        "run short (default 3e7: 1e8 and GPT-2 small run fastadam, torch fused "
+        "and the roofline only; 0 = no limit)",
+    )
+    p.add_argument(
+        "--numpy-all-threads",
+        action="store_true",
+        help="measure the single-threaded NumPy implementations at every thread "
+        "count (default: at the first one only)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        help="GiB the buffers of one group of implementations may take (default "
+        "min(6, 60%% of available memory))",
+    )
+    p.add_argument(
+        "--aligned",
+        action="store_true",
+        help="allocate parameters and gradients 64-byte aligned (default: as NumPy "
+        "allocates them, usually 16-byte aligned, as users pass them; torch "
+        "allocates its parameters itself, 64-byte aligned)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds: sizes 1e3,1e5, no models, 1 thread, 3 short batches",
+    )
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
-    p.add_argument("--load", metavar="PATH",
-                   help="do not measure: print (and --plot) the results of an earlier --json")
+    p.add_argument(
+        "--load",
+        metavar="PATH",
+        help="do not measure: print (and --plot) the results of an earlier --json",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--formats", nargs="?", const="all", default=None, metavar="LIST",
-                   help="storage formats instead (docs/formats.md): fastadam's AdamW in "
-                        "fp32, fp32 + 8-bit state, bf16 + bf16 state, bf16 + fp32 master (+ "
-                        "8-bit state) against torch fused, DeepSpeed CPUAdam (fp32, bf16, its "
-                        "engine path) and bitsandbytes' 8-bit AdamW where installed, with "
-                        "each format's bytes and own roofline (default workloads 1e8 and "
-                        "gpt2_small; --sizes shrinks them). LIST: rows (see fastadam.bench."
-                        "formats.DISPLAY_ORDER) or 'all' (the default)")
+    p.add_argument(
+        "--formats",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="LIST",
+        help="storage formats instead (docs/formats.md): fastadam's AdamW in "
+        "fp32, fp32 + 8-bit state, bf16 + bf16 state, bf16 + fp32 master (+ "
+        "8-bit state) against torch fused, DeepSpeed CPUAdam (fp32, bf16, its "
+        "engine path) and bitsandbytes' 8-bit AdamW where installed, with "
+        "each format's bytes and own roofline (default workloads 1e8 and "
+        "gpt2_small; --sizes shrinks them). LIST: rows (see fastadam.bench."
+        "formats.DISPLAY_ORDER) or 'all' (the default)",
+    )
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -155,8 +214,9 @@ def resolve(args):
         want = _parse_list(opt, str, "--optimizer")
         bad = [x for x in want if x not in RULE_SPECS]
         if bad or not want:
-            raise SystemExit(f"--optimizer: unknown {bad}; choose from "
-                             f"{', '.join(RULE_ORDER)} or all")
+            raise SystemExit(
+                f"--optimizer: unknown {bad}; choose from {', '.join(RULE_ORDER)} or all"
+            )
         s.optimizers = list(dict.fromkeys(want))
     # rules other than Adam: the workloads of their targets unless --sizes/--models say
     s.rule_sizes = s.sizes if (args.sizes is not None or q) else list(RULE_SIZES)
@@ -195,8 +255,9 @@ def resolve(args):
             want += sorted(TORCH_IMPLS) if x == "torch" else [x]
         bad = [x for x in want if x not in IMPL_ORDER]
         if bad:
-            raise SystemExit(f"--impls: unknown {bad}; choose from "
-                             f"{', '.join(IMPL_ORDER + ['torch'])}")
+            raise SystemExit(
+                f"--impls: unknown {bad}; choose from {', '.join(IMPL_ORDER + ['torch'])}"
+            )
         s.impls = [x for x in IMPL_ORDER if x in want]
     _timing_settings(s, args, pick, q)
     s.slow_limit = pick(args.slow_limit, 3e7, 3e7)
@@ -252,28 +313,55 @@ def main(argv=None, prog=None):
             msg = str(e) if str(e) else "bad arguments"
             print(f"error: {msg}", file=sys.stderr)
             return 2
-        if not s.sizes and not s.models and (s.optimizers == ["adam"] or (
-                not s.rule_sizes and not s.rule_models)):
-            print("error: nothing to measure (--sizes none and --models none)",
-                  file=sys.stderr)
+        if (
+            not s.sizes
+            and not s.models
+            and (s.optimizers == ["adam"] or (not s.rule_sizes and not s.rule_models))
+        ):
+            print("error: nothing to measure (--sizes none and --models none)", file=sys.stderr)
             return 2
         torch_mod = _import_torch() if any(i in TORCH_IMPLS for i in s.impls) else None
         t0 = time.time()
         machine = machine_info()
         records, notes = run(s, torch_mod, progress_enabled=not args.quiet)
         machine["loadavg_end"] = _read("/proc/loadavg").strip()
-        settings = {k: getattr(s, k) for k in (
-            "sizes", "models", "dtypes", "threads", "simd", "simd_in_use", "impls",
-            "roofline", "repeats", "batch_time", "max_time", "warm_time", "slow_limit",
-            "numpy_all_threads", "max_memory", "aligned", "quick", "seed")}
+        settings = {
+            k: getattr(s, k)
+            for k in (
+                "sizes",
+                "models",
+                "dtypes",
+                "threads",
+                "simd",
+                "simd_in_use",
+                "impls",
+                "roofline",
+                "repeats",
+                "batch_time",
+                "max_time",
+                "warm_time",
+                "slow_limit",
+                "numpy_all_threads",
+                "max_memory",
+                "aligned",
+                "quick",
+                "seed",
+            )
+        }
         settings["argv"] = argv
         settings["hyperparameters"] = {"lr": LR, "betas": list(BETAS), "eps": EPS}
         settings["optimizers"] = s.optimizers
-        data = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "elapsed_s": time.time() - t0, "machine": machine,
-                "versions": versions(torch_mod), "settings": settings, "notes": notes,
-                "results": records}
-        if s.optimizers != ["adam"]:      # the other rules: new keys, Adam's stay as they were
+        data = {
+            "schema": SCHEMA,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "elapsed_s": time.time() - t0,
+            "machine": machine,
+            "versions": versions(torch_mod),
+            "settings": settings,
+            "notes": notes,
+            "results": records,
+        }
+        if s.optimizers != ["adam"]:  # the other rules: new keys, Adam's stay as they were
             settings["rule_sizes"], settings["rule_models"] = s.rule_sizes, s.rule_models
             settings["rules"] = {o: RULE_SPECS[o].as_json() for o in s.optimizers}
             data["rules_summary"] = rule_summary(records)

@@ -41,6 +41,7 @@ each group holding the two baselines (torch fused and DeepSpeed float32) and who
 families of rows when they fit (a format beside the peers of its target), so that every
 ratio is measured within one group.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,10 +60,10 @@ from .. import bench
 from .workloads import BETAS, EPS, LR
 
 SCHEMA = "fastadam-bench-formats/1"
-WD = 1e-2                 # AdamW's weight decay (torch's default) for every row
+WD = 1e-2  # AdamW's weight decay (torch's default) for every row
 Q8_BLOCK, Q8_MIN_NUMEL = 256, 4096
-ROOF_TARGET = 90.0        # % of its own roofline, every format, out of cache
-ANCHORS = ("torch_fused", "deepspeed")   # the float32 baseline of the speed targets
+ROOF_TARGET = 90.0  # % of its own roofline, every format, out of cache
+ANCHORS = ("torch_fused", "deepspeed")  # the float32 baseline of the speed targets
 
 
 # ----------------------------------------------------------------------------- rows
@@ -77,8 +78,9 @@ class Format:
 
     kind = "fastadam"
 
-    def __init__(self, key, label, param, grad, master=False, state=None,
-                 rounding="nearest", roof=None):
+    def __init__(
+        self, key, label, param, grad, master=False, state=None, rounding="nearest", roof=None
+    ):
         self.key, self.label = key, label
         self.param, self.grad, self.master, self.state = param, grad, master, state
         self.rounding = rounding
@@ -123,7 +125,7 @@ class Format:
     def bytes_per_elem(self):
         b = sum(size * (r + w) for _, size, r, w in self.streams())
         if self.state == "8bit":
-            b += 2 * 2 * 4 / Q8_BLOCK            # two absmax streams, read and written
+            b += 2 * 2 * 4 / Q8_BLOCK  # two absmax streams, read and written
         return b
 
     @property
@@ -149,30 +151,58 @@ class Format:
         return _ITEMSIZE[self.param] + 4 * self.master + 2 * self.state_size(1 << 30)
 
     def as_json(self):
-        return {"kind": "fastadam", "label": self.label, "param": self.param,
-                "grad": self.grad, "master_weights": self.master,
-                "state_dtype": self.state, "rounding": self.rounding,
-                "options": self.options(), "bytes_per_elem": self.bytes_per_elem,
-                "roofline_bytes_per_elem": self.roof_bytes_per_elem,
-                "roofline_streams": self.roof_sizes, "roofline_of": self.roof,
-                "streams": [dict(name=n, bytes=s, read=r, written=w)
-                            for n, s, r, w in self.streams()]}
+        return {
+            "kind": "fastadam",
+            "label": self.label,
+            "param": self.param,
+            "grad": self.grad,
+            "master_weights": self.master,
+            "state_dtype": self.state,
+            "rounding": self.rounding,
+            "options": self.options(),
+            "bytes_per_elem": self.bytes_per_elem,
+            "roofline_bytes_per_elem": self.roof_bytes_per_elem,
+            "roofline_streams": self.roof_sizes,
+            "roofline_of": self.roof,
+            "streams": [dict(name=n, bytes=s, read=r, written=w) for n, s, r, w in self.streams()],
+        }
 
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-FORMATS = {f.key: f for f in (
-    Format("fastadam_f32", "fastadam fp32", "float32", "float32"),
-    Format("fastadam_f32_8bit", "fastadam fp32 + 8-bit state", "float32", "float32",
-           state="8bit"),
-    Format("fastadam_bf16", "fastadam bf16 + bf16 state", "bfloat16", "bfloat16"),
-    Format("fastadam_bf16_sr", "fastadam bf16 + bf16 state, stochastic", "bfloat16",
-           "bfloat16", rounding="stochastic", roof="fastadam_bf16"),
-    Format("fastadam_bf16_master", "fastadam bf16 + fp32 master + fp32 state", "bfloat16",
-           "bfloat16", master=True),
-    Format("fastadam_bf16_master_8bit", "fastadam bf16 + fp32 master + 8-bit state",
-           "bfloat16", "bfloat16", master=True, state="8bit"),
-)}
+FORMATS = {
+    f.key: f
+    for f in (
+        Format("fastadam_f32", "fastadam fp32", "float32", "float32"),
+        Format(
+            "fastadam_f32_8bit", "fastadam fp32 + 8-bit state", "float32", "float32", state="8bit"
+        ),
+        Format("fastadam_bf16", "fastadam bf16 + bf16 state", "bfloat16", "bfloat16"),
+        Format(
+            "fastadam_bf16_sr",
+            "fastadam bf16 + bf16 state, stochastic",
+            "bfloat16",
+            "bfloat16",
+            rounding="stochastic",
+            roof="fastadam_bf16",
+        ),
+        Format(
+            "fastadam_bf16_master",
+            "fastadam bf16 + fp32 master + fp32 state",
+            "bfloat16",
+            "bfloat16",
+            master=True,
+        ),
+        Format(
+            "fastadam_bf16_master_8bit",
+            "fastadam bf16 + fp32 master + 8-bit state",
+            "bfloat16",
+            "bfloat16",
+            master=True,
+            state="8bit",
+        ),
+    )
+}
 
 
 class PeerSpec:
@@ -187,28 +217,88 @@ class PeerSpec:
         self.how, self.needs, self.grad = how, needs, grad
 
     def as_json(self):
-        return {"kind": "peer", "label": self.label, "bytes_per_elem": self.bytes_per_elem,
-                "traffic": self.how, "needs": self.needs}
+        return {
+            "kind": "peer",
+            "label": self.label,
+            "bytes_per_elem": self.bytes_per_elem,
+            "traffic": self.how,
+            "needs": self.needs,
+        }
 
 
-PEER_SPECS = {p.key: p for p in (
-    PeerSpec("torch_fused", "torch fused AdamW fp32", "torch fp32", 28, 12,
-             "R p,g,m,v 4x4 + W p,m,v 3x4", "torch"),
-    PeerSpec("deepspeed", "DeepSpeed CPUAdam fp32", "DS fp32", 28, 12,
-             "R p,g,m,v 4x4 + W p,m,v 3x4", "deepspeed"),
-    PeerSpec("bnb_8bit", "bitsandbytes AdamW8bit (CPU)", "bnb 8-bit", 16 + 16 / Q8_BLOCK, 28,
-             "R p,g 4+4, m,v 1+1 + W p 4, m,v 1+1 (+ absmax); its CPU path runs many "
-             "torch ops with float32 temporaries", "bitsandbytes"),
-    PeerSpec("torch_fused_bf16", "torch fused AdamW bf16 (bf16 state)", "torch bf16", 14, 6,
-             "R p,g,m,v 4x2 + W p,m,v 3x2", "torch", "bfloat16"),
-    PeerSpec("deepspeed_bf16_bf16state", "DeepSpeed CPUAdam bf16, bf16 state", "DS bf16/bf16",
-             14, 6, "R p,g,m,v 4x2 + W p,m,v 3x2", "deepspeed", "bfloat16"),
-    PeerSpec("deepspeed_bf16", "DeepSpeed CPUAdam bf16, fp32 state", "DS bf16/fp32", 22, 10,
-             "R p,g 2+2, m,v 4+4 + W p 2, m,v 4+4", "deepspeed", "bfloat16"),
-    PeerSpec("deepspeed_engine", "DeepSpeed engine: g->fp32, fp32 step, copy-back", "DS engine",
-             40, 18, "R g16 2 + W g32 4; R p32,g32,m,v 4x4 + W p32,m,v 3x4; R p32 4 + W p16 2",
-             "deepspeed", "bfloat16"),
-)}
+PEER_SPECS = {
+    p.key: p
+    for p in (
+        PeerSpec(
+            "torch_fused",
+            "torch fused AdamW fp32",
+            "torch fp32",
+            28,
+            12,
+            "R p,g,m,v 4x4 + W p,m,v 3x4",
+            "torch",
+        ),
+        PeerSpec(
+            "deepspeed",
+            "DeepSpeed CPUAdam fp32",
+            "DS fp32",
+            28,
+            12,
+            "R p,g,m,v 4x4 + W p,m,v 3x4",
+            "deepspeed",
+        ),
+        PeerSpec(
+            "bnb_8bit",
+            "bitsandbytes AdamW8bit (CPU)",
+            "bnb 8-bit",
+            16 + 16 / Q8_BLOCK,
+            28,
+            "R p,g 4+4, m,v 1+1 + W p 4, m,v 1+1 (+ absmax); its CPU path runs many "
+            "torch ops with float32 temporaries",
+            "bitsandbytes",
+        ),
+        PeerSpec(
+            "torch_fused_bf16",
+            "torch fused AdamW bf16 (bf16 state)",
+            "torch bf16",
+            14,
+            6,
+            "R p,g,m,v 4x2 + W p,m,v 3x2",
+            "torch",
+            "bfloat16",
+        ),
+        PeerSpec(
+            "deepspeed_bf16_bf16state",
+            "DeepSpeed CPUAdam bf16, bf16 state",
+            "DS bf16/bf16",
+            14,
+            6,
+            "R p,g,m,v 4x2 + W p,m,v 3x2",
+            "deepspeed",
+            "bfloat16",
+        ),
+        PeerSpec(
+            "deepspeed_bf16",
+            "DeepSpeed CPUAdam bf16, fp32 state",
+            "DS bf16/fp32",
+            22,
+            10,
+            "R p,g 2+2, m,v 4+4 + W p 2, m,v 4+4",
+            "deepspeed",
+            "bfloat16",
+        ),
+        PeerSpec(
+            "deepspeed_engine",
+            "DeepSpeed engine: g->fp32, fp32 step, copy-back",
+            "DS engine",
+            40,
+            18,
+            "R g16 2 + W g32 4; R p32,g32,m,v 4x4 + W p32,m,v 3x4; R p32 4 + W p16 2",
+            "deepspeed",
+            "bfloat16",
+        ),
+    )
+}
 
 # Rows measured together when memory allows: a format beside the peers of its target.
 FAMILIES = [
@@ -238,7 +328,7 @@ TARGETS = {
 def _label(key):
     if key.startswith("roofline:"):
         f = FORMATS[key.split(":", 1)[1]]
-        return f"  roofline of {f.label[len('fastadam '):]} ({f.roof_bytes_per_elem:g} B)"
+        return f"  roofline of {f.label[len('fastadam ') :]} ({f.roof_bytes_per_elem:g} B)"
     return SPECS[key].label if key in SPECS else key
 
 
@@ -272,9 +362,11 @@ class Data:
         self.torch = torch
         filler = bench._Filler(np.float32, 1.0, seed + 1, aligned)
         self.g32 = [filler.new(shape) for shape in wl.shapes]
-        self.g16 = ([_to_bf16_bits(g, torch) for g in self.g32]
-                    if need_bf16 and (torch is not None or _bf16_dtype() is not None)
-                    else None)
+        self.g16 = (
+            [_to_bf16_bits(g, torch) for g in self.g32]
+            if need_bf16 and (torch is not None or _bf16_dtype() is not None)
+            else None
+        )
 
     def numpy(self, dtype):
         if dtype == "float32":
@@ -313,18 +405,27 @@ class FastAdamFormat(bench._Impl):
             if fmt.param != "float32":
                 bf16 = _bf16_dtype()
                 if bf16 is None:
-                    raise RuntimeError("bfloat16 NumPy arrays need ml_dtypes "
-                                       "(pip install ml_dtypes)")
+                    raise RuntimeError(
+                        "bfloat16 NumPy arrays need ml_dtypes (pip install ml_dtypes)"
+                    )
                 p = p.astype(bf16)
             params.append(p)
         self.params = params
-        self.opt = fastadam.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                                  num_threads=threads, **fmt.options())
+        self.opt = fastadam.AdamW(
+            params,
+            lr=LR,
+            betas=BETAS,
+            eps=EPS,
+            weight_decay=WD,
+            num_threads=threads,
+            **fmt.options(),
+        )
         self.call = (self.opt.step, (data.numpy(fmt.grad),))
 
     def resident(self):
-        return sum(v.nbytes for st in self.opt.state for v in st.values()
-                   if isinstance(v, np.ndarray))
+        return sum(
+            v.nbytes for st in self.opt.state for v in st.values() if isinstance(v, np.ndarray)
+        )
 
     def values(self):
         """The parameters, as float64 (for the tests)."""
@@ -357,11 +458,10 @@ class FormatRoofline(bench._Impl):
             self.exact = True
             self.call = (_core.traffic, (arrays, threads))
         else:
-            m = max(1, int(round(n * fmt.roof_bytes_per_elem / 28)))
+            m = max(1, round(n * fmt.roof_bytes_per_elem / 28))
             arrays = [filler.fill(bench._aligned((m,), np.float32)) for _ in range(4)]
             self.exact = False
-            self.call = (_core.traffic_f32, ([arrays[0], arrays[3], arrays[1], arrays[2]],
-                                             threads))
+            self.call = (_core.traffic_f32, ([arrays[0], arrays[3], arrays[1], arrays[2]], threads))
         self._keep = arrays
 
     @staticmethod
@@ -370,7 +470,7 @@ class FormatRoofline(bench._Impl):
 
         if hasattr(_core, "traffic"):
             return sum(fmt.roof_sizes)
-        return fmt.roof_bytes_per_elem / 28 * 16         # the traffic_f32 stand-in
+        return fmt.roof_bytes_per_elem / 28 * 16  # the traffic_f32 stand-in
 
 
 class _TorchRow(bench._Impl):
@@ -385,14 +485,18 @@ class _TorchRow(bench._Impl):
             with torch.no_grad():
                 p.copy_(torch.from_numpy(_param_values(shape, seed + i, aligned)))
             p.requires_grad_(True)
-            p.grad = g                                   # shared, read only
+            p.grad = g  # shared, read only
             params.append(p)
         return params
 
     def resident(self):
         torch = self.torch
-        return sum(v.numel() * v.element_size() for st in self.opt.state.values()
-                   for v in st.values() if torch.is_tensor(v))
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.opt.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
 
     def values(self):
         return [p.detach().double().numpy().reshape(-1) for p in self.params]
@@ -406,8 +510,9 @@ class TorchFusedAdamW(_TorchRow):
         self.key, self.label = key, _label(key)
         self.dtype = "bfloat16" if key.endswith("bf16") else "float32"
         self.params = self._params(wl, data, seed, aligned)
-        self.opt = self.torch.optim.AdamW(self.params, lr=LR, betas=BETAS, eps=EPS,
-                                          weight_decay=WD, fused=True)
+        self.opt = self.torch.optim.AdamW(
+            self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True
+        )
         self.call = (self.opt.step, ())
 
 
@@ -422,6 +527,7 @@ def _deepspeed_cpuadam():
         import functools
 
         import cpuinfo
+
         if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
             cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
     except ImportError:
@@ -440,9 +546,16 @@ class DeepSpeedRow(_TorchRow):
         self.params = self._params(wl, data, seed, aligned)
         cls = _deepspeed_cpuadam()
         with contextlib.redirect_stdout(sys.stderr):
-            self.opt = cls(self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                           bias_correction=True, adamw_mode=True,
-                           fp32_optimizer_states=key != "deepspeed_bf16_bf16state")
+            self.opt = cls(
+                self.params,
+                lr=LR,
+                betas=BETAS,
+                eps=EPS,
+                weight_decay=WD,
+                bias_correction=True,
+                adamw_mode=True,
+                fp32_optimizer_states=key != "deepspeed_bf16_bf16state",
+            )
         self.call = (self.opt.step, ())
 
 
@@ -469,14 +582,21 @@ class DeepSpeedEngine(_TorchRow):
         with torch.no_grad():
             for i, (shape, sz) in enumerate(zip(wl.shapes, wl.sizes)):
                 v = torch.from_numpy(_param_values(shape, seed + i, aligned)).reshape(-1)
-                self.flat16[off:off + sz].copy_(v)
-                self.grad_views.append(self.master.grad[off:off + sz])
+                self.flat16[off : off + sz].copy_(v)
+                self.grad_views.append(self.master.grad[off : off + sz])
                 off += sz
             self.master.copy_(self.flat16)
         cls = _deepspeed_cpuadam()
         with contextlib.redirect_stdout(sys.stderr):
-            self.opt = cls([self.master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                           bias_correction=True, adamw_mode=True)
+            self.opt = cls(
+                [self.master],
+                lr=LR,
+                betas=BETAS,
+                eps=EPS,
+                weight_decay=WD,
+                bias_correction=True,
+                adamw_mode=True,
+            )
         self.call = (self.step, ())
 
     def step(self):
@@ -487,7 +607,7 @@ class DeepSpeedEngine(_TorchRow):
             self.flat16.copy_(self.master)
 
     def resident(self):
-        return super().resident() + 8 * self.master.numel()    # master + fp32 grads
+        return super().resident() + 8 * self.master.numel()  # master + fp32 grads
 
     def values(self):
         flat = self.flat16.double().numpy()
@@ -504,18 +624,22 @@ class BnbAdamW8bit(_TorchRow):
 
         self.key, self.label = key, _label(key)
         self.params = self._params(wl, data, seed, aligned)
-        self.opt = bnb.optim.AdamW8bit(self.params, lr=LR, betas=BETAS, eps=EPS,
-                                       weight_decay=WD)
+        self.opt = bnb.optim.AdamW8bit(self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
         self.call = (self.opt.step, ())
 
 
 def _make(key, wl, data, threads, seed, aligned):
     if key in FORMATS:
         return FastAdamFormat(FORMATS[key], wl, data, threads, seed, aligned)
-    cls = {"torch_fused": TorchFusedAdamW, "torch_fused_bf16": TorchFusedAdamW,
-           "deepspeed": DeepSpeedRow, "deepspeed_bf16": DeepSpeedRow,
-           "deepspeed_bf16_bf16state": DeepSpeedRow, "deepspeed_engine": DeepSpeedEngine,
-           "bnb_8bit": BnbAdamW8bit}[key]
+    cls = {
+        "torch_fused": TorchFusedAdamW,
+        "torch_fused_bf16": TorchFusedAdamW,
+        "deepspeed": DeepSpeedRow,
+        "deepspeed_bf16": DeepSpeedRow,
+        "deepspeed_bf16_bf16state": DeepSpeedRow,
+        "deepspeed_engine": DeepSpeedEngine,
+        "bnb_8bit": BnbAdamW8bit,
+    }[key]
     return cls(key, wl, data, threads, seed, aligned)
 
 
@@ -574,9 +698,12 @@ def plan_groups(keys, n, budget, shared):
 
     def cost(ks, with_anchors=True):
         roofs = {FORMATS[k].roof for k in ks if k in FORMATS}
-        return (shared + a_bytes * with_anchors
-                + n * sum(SPECS[k].mem() if k in FORMATS else SPECS[k].mem for k in ks)
-                + n * sum(FormatRoofline.mem(FORMATS[r]) for r in roofs))
+        return (
+            shared
+            + a_bytes * with_anchors
+            + n * sum(SPECS[k].mem() if k in FORMATS else SPECS[k].mem for k in ks)
+            + n * sum(FormatRoofline.mem(FORMATS[r]) for r in roofs)
+        )
 
     groups, cur, cur_a = [], [], True
 
@@ -598,7 +725,7 @@ def plan_groups(keys, n, budget, shared):
             cur = list(members)
         elif fam[0] in NO_ANCHORS_OK and cost(members, False) <= budget:
             cur, cur_a = list(members), False
-        else:                                     # the family does not fit: split it
+        else:  # the family does not fit: split it
             for k in members:
                 if cost([k]) > budget:
                     too_big.append(k)
@@ -616,41 +743,69 @@ def plan_groups(keys, n, budget, shared):
 
 def _paired_min(nums, den):
     """Median over the rounds all ran of min(nums' times) / den's time, or None."""
-    if not den or "samples" not in den or not nums or any(
-            not r or "samples" not in r for r in nums):
+    if (
+        not den
+        or "samples" not in den
+        or not nums
+        or any(not r or "samples" not in r for r in nums)
+    ):
         return None
     by = [dict(zip(r["rounds"], r["samples"])) for r in nums]
-    ratios = [min(b[rd] for b in by) / x for rd, x in zip(den["rounds"], den["samples"])
-              if x > 0 and all(rd in b for b in by)]
+    ratios = [
+        min(b[rd] for b in by) / x
+        for rd, x in zip(den["rounds"], den["samples"])
+        if x > 0 and all(rd in b for b in by)
+    ]
     return statistics.median(ratios) if ratios else None
 
 
 def _stats(wl, threads, key, r, group, ngroups):
     spec = SPECS.get(key) or FORMATS[key.split(":", 1)[1]]
-    bpe = (spec.roof_bytes_per_elem if key.startswith("roofline:") else spec.bytes_per_elem)
-    rec = {"workload": wl.name, "workload_label": wl.label, "kind": wl.kind,
-           "n_tensors": wl.n_tensors, "n_elems": wl.n_elems, "threads": threads,
-           "impl": key, "label": _label(key),
-           "row_kind": "roofline" if key.startswith("roofline:") else spec.kind,
-           "bytes_per_elem": bpe, "group": group, "groups": ngroups}
+    bpe = spec.roof_bytes_per_elem if key.startswith("roofline:") else spec.bytes_per_elem
+    rec = {
+        "workload": wl.name,
+        "workload_label": wl.label,
+        "kind": wl.kind,
+        "n_tensors": wl.n_tensors,
+        "n_elems": wl.n_elems,
+        "threads": threads,
+        "impl": key,
+        "label": _label(key),
+        "row_kind": "roofline" if key.startswith("roofline:") else spec.kind,
+        "bytes_per_elem": bpe,
+        "group": group,
+        "groups": ngroups,
+    }
     if "error" in r:
         rec.update(status="error", note=r["error"])
         return rec
     v = r["samples"]
     q1, med, q3 = bench._quartiles(v)
-    rec.update(status="ok", sec_per_step=med, sec_q1=q1, sec_q3=q3, sec_min=min(v),
-               sec_max=max(v), iqr_rel=(q3 - q1) / med if med > 0 else None,
-               batches=len(v), steps_per_batch=r["steps_per_batch"],
-               warmup_steps=r["warmup_steps"], capped=r["capped"], samples=v,
-               rounds=r["rounds"], elems_per_s=wl.n_elems / med,
-               gbps=bpe * wl.n_elems / med / 1e9)
+    rec.update(
+        status="ok",
+        sec_per_step=med,
+        sec_q1=q1,
+        sec_q3=q3,
+        sec_min=min(v),
+        sec_max=max(v),
+        iqr_rel=(q3 - q1) / med if med > 0 else None,
+        batches=len(v),
+        steps_per_batch=r["steps_per_batch"],
+        warmup_steps=r["warmup_steps"],
+        capped=r["capped"],
+        samples=v,
+        rounds=r["rounds"],
+        elems_per_s=wl.n_elems / med,
+        gbps=bpe * wl.n_elems / med / 1e9,
+    )
     return rec
 
 
 def run(s, torch, avail, progress_enabled=True):
     """Measure every cell (workload x threads); returns (records, notes)."""
-    workloads = [bench.Workload.tensor(n) for n in s.sizes] + \
-        [bench.Workload.model(m) for m in s.models]
+    workloads = [bench.Workload.tensor(n) for n in s.sizes] + [
+        bench.Workload.model(m) for m in s.models
+    ]
     keys = [k for k in ROW_ORDER if k in avail and avail[k] is None]
     notes = []
     cells = [(t, w) for t in s.threads for w in workloads]
@@ -669,8 +824,9 @@ def run(s, torch, avail, progress_enabled=True):
             need16 = any(SPECS[k].grad != "float32" for k in keys)
             shared = wl.n_elems * (4 + 2 * need16)
             groups, too_big, anchors = plan_groups(keys, wl.n_elems, s.max_memory, shared)
-            skipped = {k: f"needs more than --max-memory {s.max_memory / 2**30:.1f} GiB"
-                       for k in too_big}
+            skipped = {
+                k: f"needs more than --max-memory {s.max_memory / 2**30:.1f} GiB" for k in too_big
+            }
             data = Data(wl, s.seed, s.aligned, torch, need16)
             by_key = {}
             for gi, (group, with_anchors) in enumerate(groups):
@@ -685,8 +841,7 @@ def run(s, torch, avail, progress_enabled=True):
                 roofs = []
                 if s.roofline:
                     for key in group:
-                        if key in FORMATS and key not in skipped \
-                                and FORMATS[key].roof not in roofs:
+                        if key in FORMATS and key not in skipped and FORMATS[key].roof not in roofs:
                             roofs.append(FORMATS[key].roof)
                     for r in roofs:
                         try:
@@ -696,8 +851,13 @@ def run(s, torch, avail, progress_enabled=True):
                         except Exception as e:
                             skipped[f"roofline:{r}"] = f"error: {type(e).__name__}: {e}"
                 res = bench.measure_interleaved(
-                    objs, repeats=s.repeats, batch_time=s.batch_time, warm_time=s.warm_time,
-                    max_time=s.max_time, progress=prog)
+                    objs,
+                    repeats=s.repeats,
+                    batch_time=s.batch_time,
+                    warm_time=s.warm_time,
+                    max_time=s.max_time,
+                    progress=prog,
+                )
                 resident = {}
                 for o in objs:
                     if hasattr(o, "resident"):
@@ -719,9 +879,14 @@ def run(s, torch, avail, progress_enabled=True):
                         roof = res.get(f"roofline:{FORMATS[key].roof}")
                         pr = bench._paired(roof, r)
                         rec["pct_roofline"] = 100.0 * pr if pr else None
-                        rec["vs"] = {k: bench._paired(res[k], r) for k in res
-                                     if not k.startswith("roofline:") and k != key
-                                     and k not in FORMATS and "samples" in res[k]}
+                        rec["vs"] = {
+                            k: bench._paired(res[k], r)
+                            for k in res
+                            if not k.startswith("roofline:")
+                            and k != key
+                            and k not in FORMATS
+                            and "samples" in res[k]
+                        }
                         base = [k for k in ANCHORS if k in res and "samples" in res[k]]
                         rec["fp32_best_of"] = base
                         rec["vs_fp32_best"] = _paired_min([res[k] for k in base], r)
@@ -734,16 +899,30 @@ def run(s, torch, avail, progress_enabled=True):
                     records.append(runs[0])
                     continue
                 # measured in several groups (the anchors, a shared roofline): the median run
-                ok = sorted([r for r in runs if r["status"] == "ok"],
-                            key=lambda r: r["sec_per_step"]) or runs
+                ok = (
+                    sorted(
+                        [r for r in runs if r["status"] == "ok"], key=lambda r: r["sec_per_step"]
+                    )
+                    or runs
+                )
                 rec = dict(ok[len(ok) // 2])
                 rec["group_sec_per_step"] = [r.get("sec_per_step") for r in runs]
                 records.append(rec)
             for key, why in skipped.items():
-                records.append({"workload": wl.name, "workload_label": wl.label,
-                                "kind": wl.kind, "n_tensors": wl.n_tensors,
-                                "n_elems": wl.n_elems, "threads": threads, "impl": key,
-                                "label": _label(key), "status": "skipped", "note": why})
+                records.append(
+                    {
+                        "workload": wl.name,
+                        "workload_label": wl.label,
+                        "kind": wl.kind,
+                        "n_tensors": wl.n_tensors,
+                        "n_elems": wl.n_elems,
+                        "threads": threads,
+                        "impl": key,
+                        "label": _label(key),
+                        "status": "skipped",
+                        "note": why,
+                    }
+                )
             del data
             gc.collect()
             others = mon.others()
@@ -755,8 +934,10 @@ def run(s, torch, avail, progress_enabled=True):
         if torch is not None and threads0:
             torch.set_num_threads(threads0)
     if stand_in:
-        notes.append("roofline: this fastadam has no _core.traffic yet; traffic_f32 over "
-                     "four float32 streams moving the format's bytes per element stands in")
+        notes.append(
+            "roofline: this fastadam has no _core.traffic yet; traffic_f32 over "
+            "four float32 streams moving the format's bytes per element stands in"
+        )
     return records, notes
 
 
@@ -767,25 +948,46 @@ def targets(records):
     for r in records:
         if r["impl"] not in FORMATS:
             continue
-        base = dict(impl=r["impl"], label=r["label"], workload=r["workload"],
-                    workload_label=r["workload_label"], threads=r["threads"],
-                    others_cpu=r.get("others_cpu"))
+        base = dict(
+            impl=r["impl"],
+            label=r["label"],
+            workload=r["workload"],
+            workload_label=r["workload_label"],
+            threads=r["threads"],
+            others_cpu=r.get("others_cpu"),
+        )
         ok = r["status"] == "ok"
         for kind, arg, thr in TARGETS.get(r["impl"], []):
             if kind == "speedup":
                 val = r.get("vs_fp32_best") if ok else None
                 what = f">= {thr:g}x the faster of " + " and ".join(
-                    PEER_SPECS[k].short for k in (r.get("fp32_best_of") or ANCHORS))
+                    PEER_SPECS[k].short for k in (r.get("fp32_best_of") or ANCHORS)
+                )
             else:
                 val = (r.get("vs") or {}).get(arg) if ok else None
                 what = f"faster than {PEER_SPECS[arg].short}"
             met = None if val is None else (val >= thr if kind == "speedup" else val > thr)
-            rows.append(dict(base, metric="speedup" if kind == "speedup" else f"vs {arg}",
-                             value=val, target=what, threshold=thr, met=met))
+            rows.append(
+                dict(
+                    base,
+                    metric="speedup" if kind == "speedup" else f"vs {arg}",
+                    value=val,
+                    target=what,
+                    threshold=thr,
+                    met=met,
+                )
+            )
         val = r.get("pct_roofline") if ok else None
-        rows.append(dict(base, metric="pct_roofline", value=val,
-                         target=f">= {ROOF_TARGET:g}% of its own roofline", threshold=ROOF_TARGET,
-                         met=None if val is None else val >= ROOF_TARGET))
+        rows.append(
+            dict(
+                base,
+                metric="pct_roofline",
+                value=val,
+                target=f">= {ROOF_TARGET:g}% of its own roofline",
+                threshold=ROOF_TARGET,
+                met=None if val is None else val >= ROOF_TARGET,
+            )
+        )
     return rows
 
 
@@ -794,24 +996,42 @@ def targets(records):
 
 def format_report(data):
     m, v, st = data["machine"], data["versions"], data["settings"]
-    out = [f"fastadam {v.get('fastadam')} bench --formats - {m.get('cpu_model')}, "
-           f"{m.get('usable_cpus')} CPUs usable, caches {m.get('caches_per_cpu0') or '?'}",
-           "python {python}, numpy {numpy}, torch {t}, deepspeed {ds}, bitsandbytes {bnb}, "
-           "ml_dtypes {ml}".format(python=v.get("python"), numpy=v.get("numpy"),
-                                   t=v.get("torch") or "-", ds=v.get("deepspeed") or "-",
-                                   bnb=v.get("bitsandbytes") or "-",
-                                   ml=v.get("ml_dtypes") or "-")]
+    out = [
+        (
+            f"fastadam {v.get('fastadam')} bench --formats - {m.get('cpu_model')}, "
+            f"{m.get('usable_cpus')} CPUs usable, caches {m.get('caches_per_cpu0') or '?'}"
+        ),
+        "python {python}, numpy {numpy}, torch {t}, deepspeed {ds}, bitsandbytes {bnb}, "
+        "ml_dtypes {ml}".format(
+            python=v.get("python"),
+            numpy=v.get("numpy"),
+            t=v.get("torch") or "-",
+            ds=v.get("deepspeed") or "-",
+            bnb=v.get("bitsandbytes") or "-",
+            ml=v.get("ml_dtypes") or "-",
+        ),
+    ]
     if m.get("loadavg_start"):
         out.append(f"load average at start: {m['loadavg_start']}")
     hp = st.get("hyperparameters", {})
-    out.append(f"AdamW lr={hp.get('lr')} betas={tuple(hp.get('betas', ()))} eps={hp.get('eps')} "
-               f"weight_decay={hp.get('weight_decay')}; time per step: median over "
-               f"{st.get('repeats')} interleaved batches; B/elem: bytes moved per element and "
-               f"step; opt B/param: optimizer state (moments, master, absmax) per parameter; "
-               f"% roof: the format's own roofline time / time; vs fp32: the faster of torch "
-               f"fused and DeepSpeed fp32 / this row (per round)")
-    cols = ["implementation", "B/elem", "opt B/param", "time/step", "IQR", "GB/s", "% roof",
-            "vs fp32"]
+    out.append(
+        f"AdamW lr={hp.get('lr')} betas={tuple(hp.get('betas', ()))} eps={hp.get('eps')} "
+        f"weight_decay={hp.get('weight_decay')}; time per step: median over "
+        f"{st.get('repeats')} interleaved batches; B/elem: bytes moved per element and "
+        f"step; opt B/param: optimizer state (moments, master, absmax) per parameter; "
+        f"% roof: the format's own roofline time / time; vs fp32: the faster of torch "
+        f"fused and DeepSpeed fp32 / this row (per round)"
+    )
+    cols = [
+        "implementation",
+        "B/elem",
+        "opt B/param",
+        "time/step",
+        "IQR",
+        "GB/s",
+        "% roof",
+        "vs fp32",
+    ]
     recs = data["results"]
     cells = list(dict.fromkeys((r["workload"], r["threads"]) for r in recs))
     order = {k: i for i, k in enumerate(DISPLAY_ORDER)}
@@ -823,8 +1043,7 @@ def format_report(data):
         return (order.get(k, 99), 0)
 
     for w, th in cells:
-        rs = sorted([r for r in recs if r["workload"] == w and r["threads"] == th],
-                    key=key_order)
+        rs = sorted([r for r in recs if r["workload"] == w and r["threads"] == th], key=key_order)
         busy = max((r.get("others_cpu") or 0.0) for r in rs)
         rows = []
         for r in rs:
@@ -833,27 +1052,48 @@ def format_report(data):
                 continue
             res = r.get("resident_bytes_per_param")
             pct, x = r.get("pct_roofline"), r.get("vs_fp32_best")
-            rows.append([r["label"] + (" (capped)" if r.get("capped") else ""),
-                         f"{r['bytes_per_elem']:.4g}", "" if res is None else f"{res:.2f}",
-                         bench._fmt_time(r["sec_per_step"]),
-                         f"{100 * r['iqr_rel']:.1f}%" if r.get("iqr_rel") is not None else "-",
-                         f"{r['gbps']:.1f}", "" if pct is None else f"{pct:.0f}%",
-                         "" if x is None else f"{x:.2f}x"])
+            rows.append(
+                [
+                    r["label"] + (" (capped)" if r.get("capped") else ""),
+                    f"{r['bytes_per_elem']:.4g}",
+                    "" if res is None else f"{res:.2f}",
+                    bench._fmt_time(r["sec_per_step"]),
+                    f"{100 * r['iqr_rel']:.1f}%" if r.get("iqr_rel") is not None else "-",
+                    f"{r['gbps']:.1f}",
+                    "" if pct is None else f"{pct:.0f}%",
+                    "" if x is None else f"{x:.2f}x",
+                ]
+            )
         out.append("")
-        out.append(f"== {rs[0]['workload_label']}{' !' if busy > bench.BUSY else ''}, "
-                   f"{th} thread{'s' if th != 1 else ''}")
+        out.append(
+            f"== {rs[0]['workload_label']}{' !' if busy > bench.BUSY else ''}, "
+            f"{th} thread{'s' if th != 1 else ''}"
+        )
         out.append(bench._table(cols, rows, right={1, 2, 3, 4, 5, 6, 7}))
         vs_rows = [r for r in rs if r["impl"] in FORMATS and r.get("vs")]
         if vs_rows:
-            peers = [k for k in DISPLAY_ORDER if k in PEER_SPECS
-                     and any(k in (r.get("vs") or {}) for r in vs_rows)]
+            peers = [
+                k
+                for k in DISPLAY_ORDER
+                if k in PEER_SPECS and any(k in (r.get("vs") or {}) for r in vs_rows)
+            ]
             vcols = ["fastadam format"] + [PEER_SPECS[k].short for k in peers]
-            vrows = [[r["label"]] + [f"{r['vs'][k]:.2f}x" if r["vs"].get(k) else ""
-                                     for k in peers] for r in vs_rows]
-            out.append("   peer time / fastadam time (same group, per round; DS = DeepSpeed "
-                       "CPUAdam, params/state):")
-            out.append("\n".join("   " + ln for ln in bench._table(
-                vcols, vrows, right=set(range(1, len(vcols)))).splitlines()))
+            vrows = [
+                [r["label"]] + [f"{r['vs'][k]:.2f}x" if r["vs"].get(k) else "" for k in peers]
+                for r in vs_rows
+            ]
+            out.append(
+                "   peer time / fastadam time (same group, per round; DS = DeepSpeed "
+                "CPUAdam, params/state):"
+            )
+            out.append(
+                "\n".join(
+                    "   " + ln
+                    for ln in bench._table(
+                        vcols, vrows, right=set(range(1, len(vcols)))
+                    ).splitlines()
+                )
+            )
     tg = data.get("targets") or []
     if tg:
         out.append("")
@@ -861,21 +1101,37 @@ def format_report(data):
         trows = []
         for t in tg:
             val = t["value"]
-            shown = ("-" if val is None else f"{val:.0f}%" if t["metric"] == "pct_roofline"
-                     else f"{val:.2f}x")
-            trows.append([t["label"], t["workload_label"]
-                          + (" !" if (t.get("others_cpu") or 0) > bench.BUSY else ""),
-                          t["threads"], shown, t["target"],
-                          "-" if t["met"] is None else ("yes" if t["met"] else "NO")])
-        out.append(bench._table(["format", "workload", "threads", "measured", "target", "met"],
-                                trows, right={2, 3}))
+            shown = (
+                "-"
+                if val is None
+                else f"{val:.0f}%"
+                if t["metric"] == "pct_roofline"
+                else f"{val:.2f}x"
+            )
+            trows.append(
+                [
+                    t["label"],
+                    t["workload_label"] + (" !" if (t.get("others_cpu") or 0) > bench.BUSY else ""),
+                    t["threads"],
+                    shown,
+                    t["target"],
+                    "-" if t["met"] is None else ("yes" if t["met"] else "NO"),
+                ]
+            )
+        out.append(
+            bench._table(
+                ["format", "workload", "threads", "measured", "target", "met"], trows, right={2, 3}
+            )
+        )
     notes = list(data.get("notes") or [])
     for k, why in (data.get("peers") or {}).items():
         if why is not None:
             notes.append(f"{_label(k)}: not measured: {why}")
     if any((r.get("others_cpu") or 0) > bench.BUSY for r in recs):
-        notes.append("!: other processes used the CPUs while this cell was measured: rerun "
-                     "on a quiet machine")
+        notes.append(
+            "!: other processes used the CPUs while this cell was measured: rerun "
+            "on a quiet machine"
+        )
     if notes:
         out.append("")
         out += [f"note: {n}" for n in notes]
@@ -892,13 +1148,18 @@ def resolve(args):
     """The settings of --formats (raises SystemExit with a message)."""
     import fastadam
 
-    bad = [f"--{k.replace('_', '-')}" for k in NOT_FOR_FORMATS
-           if getattr(args, k, None) not in (None, False)]
+    bad = [
+        f"--{k.replace('_', '-')}"
+        for k in NOT_FOR_FORMATS
+        if getattr(args, k, None) not in (None, False)
+    ]
     if args.simd not in (None, "auto"):
         bad.append("--simd")
     if bad:
-        raise SystemExit(f"--formats: {', '.join(bad)} do(es) not apply (the rows are "
-                         f"chosen with --formats LIST)")
+        raise SystemExit(
+            f"--formats: {', '.join(bad)} do(es) not apply (the rows are "
+            f"chosen with --formats LIST)"
+        )
     cfg = fastadam.config()
     s = bench.Settings()
     q = args.quick
@@ -913,15 +1174,22 @@ def resolve(args):
         want = bench._parse_list(sel, str, "--formats")
         unknown = [k for k in want if k not in SPECS]
         if unknown or not want:
-            raise SystemExit(f"--formats: unknown {unknown}; choose from "
-                             f"{', '.join(DISPLAY_ORDER)} or all")
+            raise SystemExit(
+                f"--formats: unknown {unknown}; choose from {', '.join(DISPLAY_ORDER)} or all"
+            )
         s.rows = [k for k in ROW_ORDER if k in want or k in ANCHORS]
     sizes = pick(args.sizes, "1e8", "1e5")
-    s.sizes = [] if sizes.strip().lower() == "none" else \
-        bench._parse_list(sizes, bench._size, "--sizes")
+    s.sizes = (
+        [] if sizes.strip().lower() == "none" else bench._parse_list(sizes, bench._size, "--sizes")
+    )
     models = pick(args.models, "gpt2_small", "none").strip().lower()
-    s.models = ([] if models in ("none", "") else list(bench.MODELS) if models == "all"
-                else bench._parse_list(models, str, "--models"))
+    s.models = (
+        []
+        if models in ("none", "")
+        else list(bench.MODELS)
+        if models == "all"
+        else bench._parse_list(models, str, "--models")
+    )
     s.models = ["gpt2_small" if m in ("gpt2", "gpt-2") else m for m in s.models]
     unknown = [m for m in s.models if m not in bench.MODELS]
     if unknown:
@@ -930,14 +1198,20 @@ def resolve(args):
         raise SystemExit("nothing to measure (--sizes none and --models none)")
     maxt = cfg["max_threads"] if cfg["openmp"] else 1
     th = pick(args.threads, "1,max", "1").strip().lower()
-    s.threads = (list(range(1, maxt + 1)) if th == "all" else
-                 bench._parse_list(th, lambda t: maxt if t == "max" else int(t), "--threads"))
+    s.threads = (
+        list(range(1, maxt + 1))
+        if th == "all"
+        else bench._parse_list(th, lambda t: maxt if t == "max" else int(t), "--threads")
+    )
     if any(t < 1 for t in s.threads):
         raise SystemExit("--threads: thread counts must be >= 1")
     s.threads = list(dict.fromkeys(s.threads))
     bench._timing_settings(s, args, pick, q)
-    gib = (args.max_memory if args.max_memory is not None
-           else min(6.0, 0.6 * bench._mem_available() / 2**30))
+    gib = (
+        args.max_memory
+        if args.max_memory is not None
+        else min(6.0, 0.6 * bench._mem_available() / 2**30)
+    )
     s.max_memory = int(gib * 2**30)
     s.quick, s.aligned, s.seed = q, args.aligned, args.seed
     return s
@@ -968,21 +1242,44 @@ def main(args, argv):
     avail = {k: probe(k, torch) for k in s.rows}
     records, notes = run(s, torch, avail, progress_enabled=not args.quiet)
     machine["loadavg_end"] = bench._read("/proc/loadavg").strip()
-    settings = {k: getattr(s, k) for k in (
-        "rows", "sizes", "models", "threads", "roofline", "repeats", "batch_time",
-        "max_time", "warm_time", "max_memory", "aligned", "quick", "seed")}
+    settings = {
+        k: getattr(s, k)
+        for k in (
+            "rows",
+            "sizes",
+            "models",
+            "threads",
+            "roofline",
+            "repeats",
+            "batch_time",
+            "max_time",
+            "warm_time",
+            "max_memory",
+            "aligned",
+            "quick",
+            "seed",
+        )
+    }
     settings["argv"] = argv
-    settings["hyperparameters"] = {"lr": LR, "betas": list(BETAS), "eps": EPS,
-                                   "weight_decay": WD}
-    notes.append("DeepSpeed engine: ZeRO-Offload's CPU step for a bf16 model, flat buffers "
-                 "(16-bit grads -> float32 buffer, CPUAdam on the float32 master, master -> "
-                 "16-bit params)")
-    data = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "elapsed_s": time.time() - t0, "machine": machine, "versions": _versions(torch),
-            "settings": settings, "notes": notes,
-            "rows": {k: SPECS[k].as_json() for k in s.rows},
-            "peers": {k: avail[k] for k in s.rows}, "results": records,
-            "targets": targets(records)}
+    settings["hyperparameters"] = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}
+    notes.append(
+        "DeepSpeed engine: ZeRO-Offload's CPU step for a bf16 model, flat buffers "
+        "(16-bit grads -> float32 buffer, CPUAdam on the float32 master, master -> "
+        "16-bit params)"
+    )
+    data = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": time.time() - t0,
+        "machine": machine,
+        "versions": _versions(torch),
+        "settings": settings,
+        "notes": notes,
+        "rows": {k: SPECS[k].as_json() for k in s.rows},
+        "peers": {k: avail[k] for k in s.rows},
+        "results": records,
+        "targets": targets(records),
+    }
     print(format_report(data), flush=True)
     if args.json:
         tmp = args.json + ".tmp"

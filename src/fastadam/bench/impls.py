@@ -5,6 +5,7 @@ rows are written here), and the roofline (``fastadam._core.traffic_f32``).
 The peers of ``--formats`` (DeepSpeed, bitsandbytes, the storage formats) are in
 formats.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ from .workloads import BETAS, EPS, LR, _aligned, _array
 
 def _step_scalars(t):
     b1, b2 = BETAS
-    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+    bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
     return b1, 1.0 - b1, b2, 1.0 - b2, EPS * math.sqrt(bc2), LR * math.sqrt(bc2) / bc1
 
 
@@ -38,12 +39,14 @@ def _torch_lion_class(torch):
         return cached[1]
 
     class TorchLion(torch.optim.Optimizer):
-        def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
-                     foreach=False, fused=False):
+        def __init__(
+            self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, foreach=False, fused=False
+        ):
             if fused:
                 raise TypeError("Lion has no fused torch implementation")
-            super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                          foreach=foreach))
+            super().__init__(
+                params, dict(lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
+            )
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -93,9 +96,9 @@ def _torch_lion_class(torch):
 
 class _Impl:
     key = label = ""
-    thread_independent = False   # runs single-threaded whatever the thread count
+    thread_independent = False  # runs single-threaded whatever the thread count
     kind = "peer"
-    prime_steps = 0              # untimed steps before the warm-up (see RuleSpec)
+    prime_steps = 0  # untimed steps before the warm-up (see RuleSpec)
 
     def before_batch(self):
         pass
@@ -137,7 +140,7 @@ class FastAdam(_Impl):
 
     @staticmethod
     def mem_units(wl, rule=ADAM):
-        return rule.streams - 1          # params and state (the gradients are shared)
+        return rule.streams - 1  # params and state (the gradients are shared)
 
     def before_batch(self):
         self.shared.opt._isa = self.isa
@@ -158,7 +161,7 @@ class Roofline(_Impl):
         k = np.dtype(dtype).itemsize // 4
         bufs = [filler.fill(_aligned((n,), dtype)) for _ in range(rule.streams)]
         views = [b.view(np.float32) for b in bufs]
-        p, state, g = views[0], views[1:-1], views[-1]     # Adam: p, m, v, g as before
+        p, state, g = views[0], views[1:-1], views[-1]  # Adam: p, m, v, g as before
         assert p.size == k * n
         self._keep = (bufs, g)
         self.call = (_core.traffic_f32, ([p, g] + state, threads))
@@ -184,9 +187,11 @@ class Reference(_Impl):
         self.options = rule.options
         a = filler.aligned
         k = rule.streams - 2
-        self.views = [(filler.new(shape), g) + tuple(_array(shape, dtype, a) for _ in range(k))
-                      for shape, g in zip(wl.shapes, grads)]
-        self.mu = [1.0] * len(self.views)       # NAdam's per-parameter mu_product
+        self.views = [
+            (filler.new(shape), g) + tuple(_array(shape, dtype, a) for _ in range(k))
+            for shape, g in zip(wl.shapes, grads)
+        ]
+        self.mu = [1.0] * len(self.views)  # NAdam's per-parameter mu_product
         self.t = 0
         self.call = (self.step, ())
 
@@ -225,8 +230,9 @@ class NumpyInplace(_Impl):
         for shape, g, n in zip(wl.shapes, grads, wl.sizes):
             p = filler.new(shape)
             m, v = _array(shape, dtype, a), _array(shape, dtype, a)
-            self.views.append((p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-                               scratch[:n]))
+            self.views.append(
+                (p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), scratch[:n])
+            )
         self.t = 0
         self.call = (self.step, ())
 
@@ -237,11 +243,11 @@ class NumpyInplace(_Impl):
         for p, g, m, v, s in self.views:
             mul(m, b1, out=m)
             mul(g, c1, out=s)
-            add(m, s, out=m)          # m = b1*m + (1-b1)*g
+            add(m, s, out=m)  # m = b1*m + (1-b1)*g
             mul(v, b2, out=v)
             mul(g, g, out=s)
             mul(s, c2, out=s)
-            add(v, s, out=v)          # v = b2*v + (1-b2)*g*g
+            add(v, s, out=v)  # v = b2*v + (1-b2)*g*g
             sqrt(v, out=s)
             add(s, eps_hat, out=s)
             div(m, s, out=s)
@@ -265,16 +271,16 @@ class _Torch(_Impl):
             p = torch.empty(shape, dtype=tdtype)
             filler.fill(p.numpy())
             p.requires_grad_(True)
-            p.grad = torch.from_numpy(g)          # shared, read only
+            p.grad = torch.from_numpy(g)  # shared, read only
             self.params.append(p)
         if rule is ADAM:
-            self.opt = torch.optim.Adam(self.params, lr=LR, betas=BETAS, eps=EPS,
-                                        **self.kwargs)
+            self.opt = torch.optim.Adam(self.params, lr=LR, betas=BETAS, eps=EPS, **self.kwargs)
         else:
-            cls = (getattr(torch.optim, rule.torch_cls) if rule.torch_cls
-                   else _torch_lion_class(torch))
+            cls = (
+                getattr(torch.optim, rule.torch_cls) if rule.torch_cls else _torch_lion_class(torch)
+            )
             kw = dict(self.kwargs)
-            if not rule.fused:       # torch.optim.RMSprop & co. take no fused argument
+            if not rule.fused:  # torch.optim.RMSprop & co. take no fused argument
                 kw.pop("fused", None)
             self.opt = cls(self.params, **rule.options, **kw)
         self.prime_steps = rule.prime_steps
@@ -317,8 +323,7 @@ class TorchForloop(_Torch):
 
 
 PEERS = {c.key: c for c in (Reference, NumpyInplace, TorchFused, TorchForeach, TorchForloop)}
-IMPL_ORDER = ["fastadam", "torch_fused", "torch_foreach", "torch_forloop", "numpy",
-              "reference"]
+IMPL_ORDER = ["fastadam", "torch_fused", "torch_foreach", "torch_forloop", "numpy", "reference"]
 TORCH_IMPLS = {"torch_fused", "torch_foreach", "torch_forloop"}
 # 5x..50x slower than the memory limit: skipped above --slow-limit elements by default
 SLOW_IMPLS = ["torch_foreach", "torch_forloop", "numpy", "reference"]

@@ -1,13 +1,13 @@
 """The machine and the software measured on: CPU, caches, memory, load
 (machine_info) and versions (recorded in the JSON and printed in the report).
 """
+
 from __future__ import annotations
 
 import os
 import platform
 
 import numpy as np
-
 
 # ----------------------------------------------------------------------------- machine
 
@@ -21,8 +21,11 @@ def _read(path):
 
 
 def machine_info():
-    info = {"platform": platform.platform(), "machine": platform.machine(),
-            "logical_cpus": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+    }
     cpuinfo = _read("/proc/cpuinfo")
     model, phys = None, set()
     cur = {}
@@ -77,13 +80,22 @@ def _mem_available():
 def versions(torch_mod):
     import fastadam
 
-    v = {"python": platform.python_version(), "numpy": np.__version__,
-         "fastadam": fastadam.__version__, "fastadam_config": fastadam.config(),
-         "torch": getattr(torch_mod, "__version__", None)}
+    v = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "fastadam": fastadam.__version__,
+        "fastadam_config": fastadam.config(),
+        "torch": getattr(torch_mod, "__version__", None),
+    }
     if torch_mod is not None:
         v["torch_num_threads_default"] = torch_mod.get_num_threads()
-    for k in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-              "FASTADAM_SIMD"):
+    for k in (
+        "OMP_NUM_THREADS",
+        "OMP_PROC_BIND",
+        "OMP_WAIT_POLICY",
+        "GOMP_SPINCOUNT",
+        "FASTADAM_SIMD",
+    ):
         if os.environ.get(k) is not None:
             v.setdefault("environment", {})[k] = os.environ[k]
     return v

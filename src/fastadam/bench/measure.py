@@ -3,6 +3,7 @@
 monitor of other processes' CPU use, and the loop over cells (run) that packs the
 implementations into memory groups and turns timings into result records.
 """
+
 from __future__ import annotations
 
 import gc
@@ -18,7 +19,6 @@ from .impls import PEERS, SLOW_IMPLS, TORCH_IMPLS, FastAdam, Roofline
 from .machine import _read
 from .rules import ADAM, RULE_SPECS
 from .workloads import Workload, _Filler, _fmt_count
-
 
 # ----------------------------------------------------------------------------- timing
 
@@ -41,8 +41,9 @@ class Progress:
         self.i += 1
         self.cell = text
         if self.enabled and not self.tty:
-            print(f"[{self.i:>3}/{self.total}] {self._elapsed()} {text}", file=self.stream,
-                  flush=True)
+            print(
+                f"[{self.i:>3}/{self.total}] {self._elapsed()} {text}", file=self.stream, flush=True
+            )
         self.update("")
 
     def _elapsed(self):
@@ -67,8 +68,7 @@ class Progress:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
         if self.enabled:
-            print(f"done in {time.perf_counter() - self.t0:.1f} s", file=self.stream,
-                  flush=True)
+            print(f"done in {time.perf_counter() - self.t0:.1f} s", file=self.stream, flush=True)
 
 
 def _quartiles(v):
@@ -79,8 +79,9 @@ def _quartiles(v):
     return q[0], statistics.median(v), q[2]
 
 
-def measure_interleaved(impls, *, repeats, batch_time, warm_time, max_time, progress,
-                        min_batches=3):
+def measure_interleaved(
+    impls, *, repeats, batch_time, warm_time, max_time, progress, min_batches=3
+):
     """Warm up and calibrate every implementation, then time them round-robin.
 
     Returns {key: dict(samples=[seconds per step, one per batch], steps_per_batch=...,
@@ -94,7 +95,7 @@ def measure_interleaved(impls, *, repeats, batch_time, warm_time, max_time, prog
             imp.before_batch()
             for _ in range(imp.prime_steps):
                 fn(*args)
-            fn(*args)                      # the first step may allocate state: untimed
+            fn(*args)  # the first step may allocate state: untimed
             k, t0 = 0, perf()
             while True:
                 fn(*args)
@@ -106,9 +107,10 @@ def measure_interleaved(impls, *, repeats, batch_time, warm_time, max_time, prog
         except Exception as e:
             out[imp.key] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
             continue
-        reps = max(1, int(math.ceil(batch_time / max(one, 1e-9))))
-        cal[imp.key] = dict(reps=reps, rewarm=one < 0.02, warmup_steps=k + 1, spent=0.0,
-                            samples=[], rounds=[])
+        reps = max(1, math.ceil(batch_time / max(one, 1e-9)))
+        cal[imp.key] = dict(
+            reps=reps, rewarm=one < 0.02, warmup_steps=k + 1, spent=0.0, samples=[], rounds=[]
+        )
     live = [imp for imp in impls if imp.key in cal]
     was_enabled = gc.isenabled()
     gc.disable()
@@ -143,10 +145,14 @@ def measure_interleaved(impls, *, repeats, batch_time, warm_time, max_time, prog
             gc.enable()
     for key, c in cal.items():
         if key not in out:
-            out[key] = {"samples": c["samples"], "rounds": c["rounds"],
-                        "steps_per_batch": c["reps"],
-                        "warmup_steps": c["warmup_steps"], "rewarm": c["rewarm"],
-                        "capped": bool(c.get("stop")) and len(c["samples"]) < repeats}
+            out[key] = {
+                "samples": c["samples"],
+                "rounds": c["rounds"],
+                "steps_per_batch": c["reps"],
+                "warmup_steps": c["warmup_steps"],
+                "rewarm": c["rewarm"],
+                "capped": bool(c.get("stop")) and len(c["samples"]) < repeats,
+            }
     return out
 
 
@@ -164,7 +170,7 @@ class CpuMonitor:
             v = [int(x) for x in _read("/proc/stat").splitlines()[0].split()[1:9]]
         except (IndexError, ValueError):
             return None
-        t = os.times()   # this process's threads and its finished children are ours
+        t = os.times()  # this process's threads and its finished children are ours
         return sum(v), v[3] + v[4], t[0] + t[1] + t[2] + t[3]
 
     def others(self, reset=True):
@@ -223,39 +229,57 @@ def run(s, torch_mod, progress_enabled=True, log=None):
     optimizers = getattr(s, "optimizers", ["adam"])
     by_rule = {}
     for name in optimizers:
-        sizes, models = ((s.sizes, s.models) if name == "adam" else
-                         (getattr(s, "rule_sizes", s.sizes), getattr(s, "rule_models", s.models)))
+        sizes, models = (
+            (s.sizes, s.models)
+            if name == "adam"
+            else (getattr(s, "rule_sizes", s.sizes), getattr(s, "rule_models", s.models))
+        )
         by_rule[name] = [Workload.tensor(n) for n in sizes] + [Workload.model(m) for m in models]
     workloads = [w for ws in by_rule.values() for w in ws]
     records, notes = [], []
     torch_threads0 = torch_mod.get_num_threads() if torch_mod is not None else None
     impls = list(s.impls)
     if torch_mod is None and any(i in TORCH_IMPLS for i in impls):
-        notes.append("torch is not importable here: the torch.optim.Adam rows are skipped "
-                     "(pip install torch to compare)")
+        notes.append(
+            "torch is not importable here: the torch.optim.Adam rows are skipped "
+            "(pip install torch to compare)"
+        )
         impls = [i for i in impls if i not in TORCH_IMPLS]
     slow = [k for k in SLOW_IMPLS if k in impls]
     if s.slow_limit and slow and any(w.n_elems > s.slow_limit for w in workloads):
-        notes.append(f"{', '.join(_label_of(k) for k in slow)}: skipped above "
-                     f"{_fmt_count(s.slow_limit)} elements to keep the run short "
-                     f"(--slow-limit 0 to include them)")
+        notes.append(
+            f"{', '.join(_label_of(k) for k in slow)}: skipped above "
+            f"{_fmt_count(s.slow_limit)} elements to keep the run short "
+            f"(--slow-limit 0 to include them)"
+        )
     if not s.numpy_all_threads and len(s.threads) > 1 and ({"numpy", "reference"} & set(impls)):
-        notes.append(f"the NumPy implementations are single-threaded: measured at "
-                     f"{s.threads[0]} thread(s) only (--numpy-all-threads to repeat them)")
+        notes.append(
+            f"the NumPy implementations are single-threaded: measured at "
+            f"{s.threads[0]} thread(s) only (--numpy-all-threads to repeat them)"
+        )
     others = [RULE_SPECS[o] for o in optimizers if o != "adam"]
     if others and "numpy" in impls:
         notes.append("NumPy in-place: Adam only (the other rules have the NumPy reference)")
     if others and torch_mod is not None and any(i in TORCH_IMPLS for i in impls):
         nofused = [r.title for r in others if not r.fused]
         if nofused:
-            notes.append(f"torch fused: torch {torch_mod.__version__} has no fused CPU kernel "
-                         f"for {', '.join(nofused)}")
+            notes.append(
+                f"torch fused: torch {torch_mod.__version__} has no fused CPU kernel "
+                f"for {', '.join(nofused)}"
+            )
         for r in others:
-            notes.append(f"{r.title}: {r.options_text()}; {r.streams} streams, "
-                         f"{r.bytes_per_elem('float32')} B/element (float32)"
-                         + (f"; {r.note}" if r.note else ""))
-    cells = [(RULE_SPECS[o], d, t, w) for o in optimizers for d in s.dtypes
-             for t in s.threads for w in by_rule[o]]
+            notes.append(
+                f"{r.title}: {r.options_text()}; {r.streams} streams, "
+                f"{r.bytes_per_elem('float32')} B/element (float32)"
+                + (f"; {r.note}" if r.note else "")
+            )
+    cells = [
+        (RULE_SPECS[o], d, t, w)
+        for o in optimizers
+        for d in s.dtypes
+        for t in s.threads
+        for w in by_rule[o]
+    ]
     prog = Progress(len(cells), enabled=progress_enabled)
     grouped_note = False
     mon = CpuMonitor()
@@ -264,8 +288,9 @@ def run(s, torch_mod, progress_enabled=True, log=None):
             first_rec, t_cell = len(records), time.perf_counter()
             mon.others()
             itemsize = np.dtype(dtype).itemsize
-            prog.start_cell(("" if rule is ADAM else f"{rule.title} ") +
-                            f"{dtype} {threads}T {wl.label}")
+            prog.start_cell(
+                ("" if rule is ADAM else f"{rule.title} ") + f"{dtype} {threads}T {wl.label}"
+            )
             if torch_mod is not None:
                 torch_mod.set_num_threads(threads)
             unit = wl.n_elems * itemsize
@@ -275,29 +300,37 @@ def run(s, torch_mod, progress_enabled=True, log=None):
                     continue
                 if key == "torch_fused" and not rule.fused:
                     continue
-                if key in ("numpy", "reference") and threads != s.threads[0] \
-                        and not s.numpy_all_threads:
+                if (
+                    key in ("numpy", "reference")
+                    and threads != s.threads[0]
+                    and not s.numpy_all_threads
+                ):
                     continue
                 if key in SLOW_IMPLS and s.slow_limit and wl.n_elems > s.slow_limit:
-                    skipped[key] = f"skipped above {_fmt_count(s.slow_limit)} elements " \
-                                   f"(--slow-limit)"
+                    skipped[key] = (
+                        f"skipped above {_fmt_count(s.slow_limit)} elements (--slow-limit)"
+                    )
                     continue
                 want.append(key)
             entries = []
             if s.roofline:
                 entries.append(("roofline", Roofline.mem_units(wl, rule) * unit))
             for key in want:
-                units = (FastAdam.mem_units(wl, rule) if key == "fastadam"
-                         else PEERS[key].mem_units(wl, rule))
+                units = (
+                    FastAdam.mem_units(wl, rule)
+                    if key == "fastadam"
+                    else PEERS[key].mem_units(wl, rule)
+                )
                 entries.append((key, int(units * unit)))
             groups, too_big = _plan_groups(entries, s.max_memory, unit)
             for key in too_big:
-                skipped[key] = (f"needs more than --max-memory "
-                                f"{s.max_memory / 2**30:.1f} GiB")
+                skipped[key] = f"needs more than --max-memory {s.max_memory / 2**30:.1f} GiB"
             if len(groups) > 1 and not grouped_note:
-                notes.append("large workloads: implementations were measured in groups that "
-                             "fit in --max-memory; the roofline was re-measured in each group "
-                             "and % roof uses the one of the same group")
+                notes.append(
+                    "large workloads: implementations were measured in groups that "
+                    "fit in --max-memory; the roofline was re-measured in each group "
+                    "and % roof uses the one of the same group"
+                )
                 grouped_note = True
             filler_g = _Filler(dtype, 1.0, s.seed + 1, s.aligned)
             grads = [filler_g.new(shape) for shape in wl.shapes]
@@ -310,30 +343,39 @@ def run(s, torch_mod, progress_enabled=True, log=None):
                         if key == "roofline":
                             objs.append(Roofline(wl, grads, dtype, threads, filler, rule))
                         elif key == "fastadam":
-                            shared = FastAdam.make_shared(wl, grads, dtype, threads, filler,
-                                                          rule)
+                            shared = FastAdam.make_shared(wl, grads, dtype, threads, filler, rule)
                             for isa in s.simd:
                                 objs.append(FastAdam(shared, isa, isa == s.simd_in_use))
                         else:
-                            objs.append(PEERS[key](wl, grads, dtype, threads, filler,
-                                                   rule=rule))
+                            objs.append(PEERS[key](wl, grads, dtype, threads, filler, rule=rule))
                     except Exception as e:  # e.g. MemoryError, a torch dtype it lacks
                         skipped[key] = f"error: {type(e).__name__}: {e}".splitlines()[0][:200]
-                res = measure_interleaved(objs, repeats=s.repeats, batch_time=s.batch_time,
-                                          warm_time=s.warm_time, max_time=s.max_time,
-                                          progress=prog)
+                res = measure_interleaved(
+                    objs,
+                    repeats=s.repeats,
+                    batch_time=s.batch_time,
+                    warm_time=s.warm_time,
+                    max_time=s.max_time,
+                    progress=prog,
+                )
                 labels = {o.key: o for o in objs}
                 objs = shared = None
                 gc.collect()
                 roof = res.get("roofline")
-                roof_med = (statistics.median(roof["samples"])
-                            if roof and "samples" in roof else None)
-                fa_key = next((o.key for o in labels.values() if o.key == "fastadam"
-                               or (o.kind == "fastadam" and o.isa == -1)), None)
+                roof_med = (
+                    statistics.median(roof["samples"]) if roof and "samples" in roof else None
+                )
+                fa_key = next(
+                    (
+                        o.key
+                        for o in labels.values()
+                        if o.key == "fastadam" or (o.kind == "fastadam" and o.isa == -1)
+                    ),
+                    None,
+                )
                 for key, r in res.items():
                     o = labels[key]
-                    rec = _record(wl, dtype, threads, key, o, r, gi, roof_med, len(groups),
-                                  rule)
+                    rec = _record(wl, dtype, threads, key, o, r, gi, roof_med, len(groups), rule)
                     if rec["status"] == "ok":
                         pr = _paired(roof, r)
                         if pr is not None and key != "roofline":
@@ -350,8 +392,15 @@ def run(s, torch_mod, progress_enabled=True, log=None):
                 rec["group_sec_per_step"] = [r.get("sec_per_step") for r in roof_runs]
                 records.append(rec)
             for key, why in skipped.items():
-                records.append(dict(_base(wl, dtype, threads, rule), impl=key,
-                                    label=_label_of(key, rule), status="skipped", note=why))
+                records.append(
+                    dict(
+                        _base(wl, dtype, threads, rule),
+                        impl=key,
+                        label=_label_of(key, rule),
+                        status="skipped",
+                        note=why,
+                    )
+                )
             del grads
             gc.collect()
             others = mon.others()
@@ -388,31 +437,56 @@ def _label_of(key, rule=ADAM):
 
 
 def _base(wl, dtype, threads, rule=ADAM):
-    b = {"workload": wl.name, "workload_label": wl.label, "kind": wl.kind,
-         "n_tensors": wl.n_tensors, "n_elems": wl.n_elems, "dtype": dtype,
-         "threads": threads, "optimizer": rule.name}
+    b = {
+        "workload": wl.name,
+        "workload_label": wl.label,
+        "kind": wl.kind,
+        "n_tensors": wl.n_tensors,
+        "n_elems": wl.n_elems,
+        "dtype": dtype,
+        "threads": threads,
+        "optimizer": rule.name,
+    }
     if rule is not ADAM:
         b.update(streams=rule.streams, bytes_per_elem=rule.bytes_per_elem(dtype))
     return b
 
 
 def _record(wl, dtype, threads, key, obj, r, group, roof_med, ngroups, rule=ADAM):
-    rec = dict(_base(wl, dtype, threads, rule), impl=key, label=obj.label,
-               simd=getattr(obj, "isa_name", None), group=group, groups=ngroups)
+    rec = dict(
+        _base(wl, dtype, threads, rule),
+        impl=key,
+        label=obj.label,
+        simd=getattr(obj, "isa_name", None),
+        group=group,
+        groups=ngroups,
+    )
     if hasattr(obj, "offsets"):
-        rec["buffer_offsets_mod64"] = obj.offsets   # of the params and grads passed in
+        rec["buffer_offsets_mod64"] = obj.offsets  # of the params and grads passed in
     if "error" in r:
         rec.update(status="error", note=r["error"])
         return rec
     v = r["samples"]
     q1, med, q3 = _quartiles(v)
     nbytes = rule.bytes_per_elem(dtype) * wl.n_elems
-    rec.update(status="ok", sec_per_step=med, sec_q1=q1, sec_q3=q3, sec_min=min(v),
-               sec_max=max(v), iqr_rel=(q3 - q1) / med if med > 0 else None,
-               batches=len(v), steps_per_batch=r["steps_per_batch"],
-               warmup_steps=r["warmup_steps"], rewarm=r["rewarm"], capped=r["capped"],
-               samples=v, rounds=r["rounds"], elems_per_s=wl.n_elems / med,
-               gbps=nbytes / med / 1e9,
-               roofline_sec_per_step=roof_med,
-               pct_roofline=(100.0 * roof_med / med) if roof_med else None)
+    rec.update(
+        status="ok",
+        sec_per_step=med,
+        sec_q1=q1,
+        sec_q3=q3,
+        sec_min=min(v),
+        sec_max=max(v),
+        iqr_rel=(q3 - q1) / med if med > 0 else None,
+        batches=len(v),
+        steps_per_batch=r["steps_per_batch"],
+        warmup_steps=r["warmup_steps"],
+        rewarm=r["rewarm"],
+        capped=r["capped"],
+        samples=v,
+        rounds=r["rounds"],
+        elems_per_s=wl.n_elems / med,
+        gbps=nbytes / med / 1e9,
+        roofline_sec_per_step=roof_med,
+        pct_roofline=(100.0 * roof_med / med) if roof_med else None,
+    )
     return rec

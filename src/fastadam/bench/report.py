@@ -1,6 +1,7 @@
 """The report: the terminal table (format_table), the per-rule summary, the JSON
 schema name and encoder, and the PNG plot (write_plot).
 """
+
 from __future__ import annotations
 
 import math
@@ -10,9 +11,8 @@ import numpy as np
 from .impls import IMPL_ORDER
 from .rules import RULE_SPECS
 
-
 SCHEMA = "fastadam-bench/1"
-BUSY = 0.05   # other processes' share of all CPUs above which a cell is marked disturbed
+BUSY = 0.05  # other processes' share of all CPUs above which a cell is marked disturbed
 
 
 # ----------------------------------------------------------------------------- output
@@ -31,8 +31,8 @@ def _fmt_time(sec):
 def _fmt_sci(x):
     if x is None:
         return "-"
-    e = int(math.floor(math.log10(x))) if x > 0 else 0
-    return f"{x / 10 ** e:.2f}e{e}"
+    e = math.floor(math.log10(x)) if x > 0 else 0
+    return f"{x / 10**e:.2f}e{e}"
 
 
 _ISA_ORDER = ["avx512", "avx2", "sse2", "neon", "scalar"]
@@ -42,9 +42,12 @@ def _row_order(rec):
     key = rec["impl"]
     base = "fastadam" if key.startswith("fastadam") else key
     order = ["roofline"] + IMPL_ORDER
-    isa = key[len("fastadam["):-1] if key.startswith("fastadam[") else ""
-    return (order.index(base) if base in order else 99,
-            _ISA_ORDER.index(isa) if isa in _ISA_ORDER else -1, key)
+    isa = key[len("fastadam[") : -1] if key.startswith("fastadam[") else ""
+    return (
+        order.index(base) if base in order else 99,
+        _ISA_ORDER.index(isa) if isa in _ISA_ORDER else -1,
+        key,
+    )
 
 
 def format_table(data):
@@ -53,46 +56,71 @@ def format_table(data):
     recs = data["results"]
     out = []
     cfg = v.get("fastadam_config", {})
-    out.append(f"fastadam {v.get('fastadam')} bench - {m.get('cpu_model')}, "
-               f"{m.get('usable_cpus')} CPUs usable, caches {m.get('caches_per_cpu0') or '?'}")
-    out.append(f"python {v.get('python')}, numpy {v.get('numpy')}, torch "
-               f"{v.get('torch') or 'not installed'}; fastadam SIMD in use {cfg.get('simd')} "
-               f"(usable: {', '.join(cfg.get('simd_available', []))}), OpenMP "
-               f"{'yes' if cfg.get('openmp') else 'no'}")
+    out.append(
+        f"fastadam {v.get('fastadam')} bench - {m.get('cpu_model')}, "
+        f"{m.get('usable_cpus')} CPUs usable, caches {m.get('caches_per_cpu0') or '?'}"
+    )
+    out.append(
+        f"python {v.get('python')}, numpy {v.get('numpy')}, torch "
+        f"{v.get('torch') or 'not installed'}; fastadam SIMD in use {cfg.get('simd')} "
+        f"(usable: {', '.join(cfg.get('simd_available', []))}), OpenMP "
+        f"{'yes' if cfg.get('openmp') else 'no'}"
+    )
     if m.get("loadavg_start"):
         out.append(f"load average at start: {m['loadavg_start']}")
-    out.append("parameters and gradients: " + (
-        "64-byte aligned (--aligned)" if st.get("aligned") else
-        "allocated by NumPy as users pass them (--aligned: 64-byte aligned); fastadam's "
-        "moments and the roofline's buffers are 64-byte aligned"))
-    out.append(f"time per step: median over {st.get('repeats')} interleaved batches "
-               f"(IQR: interquartile range / median); GB/s at 28 B/element (float32), "
-               f"56 (float64); % roof = roofline time / time and 'fastadam is' = this row's "
-               f"time / fastadam's, both medians of the ratios within each round")
-    cols = ["workload", "implementation", "time/step", "IQR", "elem/s", "GB/s", "% roof",
-            "fastadam is"]
+    out.append(
+        "parameters and gradients: "
+        + (
+            "64-byte aligned (--aligned)"
+            if st.get("aligned")
+            else "allocated by NumPy as users pass them (--aligned: 64-byte aligned); fastadam's "
+            "moments and the roofline's buffers are 64-byte aligned"
+        )
+    )
+    out.append(
+        f"time per step: median over {st.get('repeats')} interleaved batches "
+        f"(IQR: interquartile range / median); GB/s at 28 B/element (float32), "
+        f"56 (float64); % roof = roofline time / time and 'fastadam is' = this row's "
+        f"time / fastadam's, both medians of the ratios within each round"
+    )
+    cols = [
+        "workload",
+        "implementation",
+        "time/step",
+        "IQR",
+        "elem/s",
+        "GB/s",
+        "% roof",
+        "fastadam is",
+    ]
     keyset = []
     for r in recs:
         k = (_rule_of(r), r["dtype"], r["threads"])
         if k not in keyset:
             keyset.append(k)
     if any(k[0] != "adam" for k in keyset):
-        out.append("other rules (--optimizer): the same columns; GB/s and the roofline count "
-                   "the rule's own streams (each read once, all but grad written once), "
-                   "given in the section title; options as in the notes below")
+        out.append(
+            "other rules (--optimizer): the same columns; GB/s and the roofline count "
+            "the rule's own streams (each read once, all but grad written once), "
+            "given in the section title; options as in the notes below"
+        )
     in_use = cfg.get("simd")
     for rule, dtype, threads in keyset:
         rows = []
-        sec = [r for r in recs if r["dtype"] == dtype and r["threads"] == threads
-               and _rule_of(r) == rule]
+        sec = [
+            r
+            for r in recs
+            if r["dtype"] == dtype and r["threads"] == threads and _rule_of(r) == rule
+        ]
         wls = []
         for r in sec:
             if r["workload"] not in wls:
                 wls.append(r["workload"])
         for w in wls:
             rs = sorted([r for r in sec if r["workload"] == w], key=_row_order)
-            fa = [r for r in rs if r["impl"] == "fastadam" and r["status"] == "ok"] or \
-                 [r for r in rs if r["impl"] == f"fastadam[{in_use}]" and r["status"] == "ok"]
+            fa = [r for r in rs if r["impl"] == "fastadam" and r["status"] == "ok"] or [
+                r for r in rs if r["impl"] == f"fastadam[{in_use}]" and r["status"] == "ok"
+            ]
             fa_t = fa[0]["sec_per_step"] if fa else None
             first = True
             busy = max((r.get("others_cpu") or 0.0) for r in rs)
@@ -100,35 +128,39 @@ def format_table(data):
                 wl = r["workload_label"] + (" !" if busy > BUSY else "") if first else ""
                 first = False
                 if r["status"] != "ok":
-                    rows.append([wl, r["label"], r["status"], "", "", "", "",
-                                 r.get("note", "")])
+                    rows.append([wl, r["label"], r["status"], "", "", "", "", r.get("note", "")])
                     continue
                 t = r["sec_per_step"]
                 x = r.get("vs_fastadam") or (t / fa_t if fa_t else None)
-                if r["impl"] == "roofline" or r["impl"] == (fa[0]["impl"] if fa else None) \
-                        or not x:
+                if r["impl"] == "roofline" or r["impl"] == (fa[0]["impl"] if fa else None) or not x:
                     rel = ""
                 else:
                     rel = f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.2f}x slower"
                 pct = r.get("pct_roofline")
-                rows.append([wl, r["label"] + (" (capped)" if r.get("capped") else ""),
-                             _fmt_time(t),
-                             f"{100 * r['iqr_rel']:.1f}%" if r.get("iqr_rel") is not None
-                             else "-",
-                             _fmt_sci(r["elems_per_s"]), f"{r['gbps']:.1f}",
-                             f"{pct:.0f}%" if pct is not None and r["impl"] != "roofline"
-                             else "", rel])
+                rows.append(
+                    [
+                        wl,
+                        r["label"] + (" (capped)" if r.get("capped") else ""),
+                        _fmt_time(t),
+                        f"{100 * r['iqr_rel']:.1f}%" if r.get("iqr_rel") is not None else "-",
+                        _fmt_sci(r["elems_per_s"]),
+                        f"{r['gbps']:.1f}",
+                        f"{pct:.0f}%" if pct is not None and r["impl"] != "roofline" else "",
+                        rel,
+                    ]
+                )
         out.append("")
         head = f"{dtype}, {threads} thread{'s' if threads != 1 else ''}"
         if rule != "adam":
             spec = RULE_SPECS.get(rule)
-            head = (f"{spec.title if spec else rule}: {head}"
-                    + (f", {spec.streams} streams = {spec.bytes_per_elem(dtype)} B/element"
-                       if spec else ""))
+            head = f"{spec.title if spec else rule}: {head}" + (
+                f", {spec.streams} streams = {spec.bytes_per_elem(dtype)} B/element" if spec else ""
+            )
         out.append(f"== {head}")
         out.append(_table(cols, rows, right={2, 3, 4, 5, 6}))
-    summ = data.get("rules_summary") or (rule_summary(recs) if any(
-        k[0] != "adam" for k in keyset) else None)
+    summ = data.get("rules_summary") or (
+        rule_summary(recs) if any(k[0] != "adam" for k in keyset) else None
+    )
     if summ:
         out.append("")
         out += format_summary(summ)
@@ -140,13 +172,17 @@ def format_table(data):
     notes = data.get("notes") or []
     marks = []
     if any(r.get("capped") for r in recs):
-        marks.append("(capped): a slow implementation stopped after --max-time seconds of "
-                     "batches (>= 3 batches)")
+        marks.append(
+            "(capped): a slow implementation stopped after --max-time seconds of "
+            "batches (>= 3 batches)"
+        )
     busy = [r.get("others_cpu") or 0.0 for r in recs]
     if busy and max(busy) > BUSY:
-        marks.append(f"!: other processes used up to {100 * max(busy):.0f}% of the CPUs "
-                     f"while this workload was measured: its timings are disturbed (threaded "
-                     f"ones most); rerun on a quiet machine")
+        marks.append(
+            f"!: other processes used up to {100 * max(busy):.0f}% of the CPUs "
+            f"while this workload was measured: its timings are disturbed (threaded "
+            f"ones most); rerun on a quiet machine"
+        )
     if any(str(r.get("label", "")).endswith(" *") for r in recs):
         marks.append("*: the SIMD path fastadam uses by default here")
     if notes or marks:
@@ -167,18 +203,22 @@ def _scaling(recs):
     rows = []
     rules = list(dict.fromkeys(_rule_of(r) for r in fa))
     for rule, dtype in dict.fromkeys((_rule_of(r), r["dtype"]) for r in fa):
-        for w in dict.fromkeys(r["workload"] for r in fa if r["dtype"] == dtype
-                               and _rule_of(r) == rule):
-            by = {r["threads"]: r for r in fa if r["dtype"] == dtype and r["workload"] == w
-                  and _rule_of(r) == rule}
+        for w in dict.fromkeys(
+            r["workload"] for r in fa if r["dtype"] == dtype and _rule_of(r) == rule
+        ):
+            by = {
+                r["threads"]: r
+                for r in fa
+                if r["dtype"] == dtype and r["workload"] == w and _rule_of(r) == rule
+            }
             if 1 not in by:
                 continue
             title = RULE_SPECS[rule].title if rule in RULE_SPECS else rule
-            row = [(f"{title}: " if rules != ["adam"] else "") + by[1]["workload_label"],
-                   dtype]
+            row = [(f"{title}: " if rules != ["adam"] else "") + by[1]["workload_label"], dtype]
             for t in threads[1:]:
-                row.append(f"{by[1]['sec_per_step'] / by[t]['sec_per_step']:.2f}x"
-                           if t in by else "-")
+                row.append(
+                    f"{by[1]['sec_per_step'] / by[t]['sec_per_step']:.2f}x" if t in by else "-"
+                )
             rows.append(row)
     return ["workload", "dtype"] + [f"{t} threads" for t in threads[1:]], rows
 
@@ -200,8 +240,7 @@ def rule_summary(recs):
     ok = [r for r in recs if r.get("status") == "ok"]
     cells = {}
     for r in ok:
-        cells.setdefault((_rule_of(r), r["dtype"], r["workload"], r["threads"]), {})[
-            r["impl"]] = r
+        cells.setdefault((_rule_of(r), r["dtype"], r["workload"], r["threads"]), {})[r["impl"]] = r
     rows = []
     for (rule, dtype, w, th), cell in cells.items():
         fa = cell.get("fastadam")
@@ -209,13 +248,21 @@ def rule_summary(recs):
             continue
         t_fa = fa["sec_per_step"]
 
-        def vs(rec):
+        def vs(rec, t_fa=t_fa):
             return rec.get("vs_fastadam") or rec["sec_per_step"] / t_fa
 
-        row = dict(optimizer=rule, dtype=dtype, workload=w, workload_label=fa["workload_label"],
-                   threads=th, n_elems=fa["n_elems"], fastadam=t_fa,
-                   fastadam_gbps=fa.get("gbps"), pct_roofline=fa.get("pct_roofline"),
-                   others_cpu=max((r.get("others_cpu") or 0.0) for r in cell.values()))
+        row = dict(
+            optimizer=rule,
+            dtype=dtype,
+            workload=w,
+            workload_label=fa["workload_label"],
+            threads=th,
+            n_elems=fa["n_elems"],
+            fastadam=t_fa,
+            fastadam_gbps=fa.get("gbps"),
+            pct_roofline=fa.get("pct_roofline"),
+            others_cpu=max((r.get("others_cpu") or 0.0) for r in cell.values()),
+        )
         for k in _TORCH_KEYS + ("reference", "roofline"):
             row[k] = cell[k]["sec_per_step"] if k in cell else None
         if "roofline" in cell:
@@ -232,8 +279,11 @@ def rule_summary(recs):
                 met = None if row["vs_torch_fused"] is None else row["vs_torch_fused"] >= 1.0
             else:
                 target = f">= {SPEED_TARGET:g}x torch fastest"
-                met = (None if row["vs_torch_fastest"] is None
-                       else row["vs_torch_fastest"] >= SPEED_TARGET)
+                met = (
+                    None
+                    if row["vs_torch_fastest"] is None
+                    else row["vs_torch_fastest"] >= SPEED_TARGET
+                )
         elif w in TARGET_ROOF:
             target = f">= {ROOF_TARGET:g}% roofline"
             met = None if row["pct_roofline"] is None else row["pct_roofline"] >= ROOF_TARGET
@@ -244,31 +294,58 @@ def rule_summary(recs):
 
 def format_summary(rows):
     """The per-rule summary table (a list of lines)."""
-    cols = ["rule", "workload", "threads", "fastadam", "torch fused", "torch foreach",
-            "torch for-loop", "vs fused", "vs fastest", "% roof", "target", "met"]
+    cols = [
+        "rule",
+        "workload",
+        "threads",
+        "fastadam",
+        "torch fused",
+        "torch foreach",
+        "torch for-loop",
+        "vs fused",
+        "vs fastest",
+        "% roof",
+        "target",
+        "met",
+    ]
     out_rows = []
     for r in rows:
         spec = RULE_SPECS.get(r["optimizer"])
         x = r.get("vs_torch_fastest")
-        fastest = {"torch_fused": "fused", "torch_foreach": "foreach",
-                   "torch_forloop": "loop"}.get(r.get("torch_fastest"), "")
+        fastest = {"torch_fused": "fused", "torch_foreach": "foreach", "torch_forloop": "loop"}.get(
+            r.get("torch_fastest"), ""
+        )
         met = r.get("target_met")
-        out_rows.append([
-            spec.title if spec else r["optimizer"],
-            r["workload_label"] + ("" if r["dtype"] == "float32" else f" {r['dtype']}")
-            + (" !" if (r.get("others_cpu") or 0.0) > BUSY else ""),
-            r["threads"], _fmt_time(r["fastadam"]),
-            _fmt_time(r["torch_fused"]) if r.get("torch_fused") else "n/a"
-            if spec is not None and not spec.fused else "-",
-            _fmt_time(r.get("torch_foreach")), _fmt_time(r.get("torch_forloop")),
-            f"{r['vs_torch_fused']:.2f}x" if r.get("vs_torch_fused") else "-",
-            f"{x:.2f}x ({fastest})" if x else "-",
-            f"{r['pct_roofline']:.0f}%" if r.get("pct_roofline") else "-",
-            r.get("target") or "", "" if met is None else ("yes" if met else "NO")])
-    return [f"== summary: fastadam against torch per rule (vs = torch time / fastadam time, "
-            f"median of per-round ratios; > 1: fastadam faster; n/a: torch has no fused "
-            f"CPU kernel for the rule; -: not measured; !: disturbed by other processes)",
-            _table(cols, out_rows, right={2, 3, 4, 5, 6, 7, 8, 9})]
+        out_rows.append(
+            [
+                spec.title if spec else r["optimizer"],
+                r["workload_label"]
+                + ("" if r["dtype"] == "float32" else f" {r['dtype']}")
+                + (" !" if (r.get("others_cpu") or 0.0) > BUSY else ""),
+                r["threads"],
+                _fmt_time(r["fastadam"]),
+                _fmt_time(r["torch_fused"])
+                if r.get("torch_fused")
+                else "n/a"
+                if spec is not None and not spec.fused
+                else "-",
+                _fmt_time(r.get("torch_foreach")),
+                _fmt_time(r.get("torch_forloop")),
+                f"{r['vs_torch_fused']:.2f}x" if r.get("vs_torch_fused") else "-",
+                f"{x:.2f}x ({fastest})" if x else "-",
+                f"{r['pct_roofline']:.0f}%" if r.get("pct_roofline") else "-",
+                r.get("target") or "",
+                "" if met is None else ("yes" if met else "NO"),
+            ]
+        )
+    return [
+        (
+            "== summary: fastadam against torch per rule (vs = torch time / fastadam time, "
+            "median of per-round ratios; > 1: fastadam faster; n/a: torch has no fused "
+            "CPU kernel for the rule; -: not measured; !: disturbed by other processes)"
+        ),
+        _table(cols, out_rows, right={2, 3, 4, 5, 6, 7, 8, 9}),
+    ]
 
 
 def _table(cols, rows, right=()):
@@ -289,8 +366,10 @@ def check_matplotlib():
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return ("--plot needs matplotlib, which is not installed: pip install matplotlib "
-                "(or pip install 'fastadam[bench]')")
+        return (
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or pip install 'fastadam[bench]')"
+        )
     return None
 
 
@@ -312,8 +391,7 @@ def write_plot(data, path):
     if not keys:
         raise ValueError("nothing to plot: no successful measurements")
     fig, axes = plt.subplots(len(keys), 2, figsize=(13, 4.2 * len(keys)), squeeze=False)
-    impls = sorted(dict.fromkeys(r["impl"] for r in recs),
-                   key=lambda k: _row_order({"impl": k}))
+    impls = sorted(dict.fromkeys(r["impl"] for r in recs), key=lambda k: _row_order({"impl": k}))
     labels = {r["impl"]: r["label"] for r in recs}
     cmap = plt.get_cmap("tab10")
     color = {k: cmap(i % 10) for i, k in enumerate(impls)}
@@ -322,31 +400,64 @@ def write_plot(data, path):
         ax_t, ax_p = axes[row]
         sec = [r for r in recs if r["dtype"] == dtype and r["threads"] == threads]
         for k in impls:
-            rs = sorted([r for r in sec if r["impl"] == k and r["kind"] == "tensor"],
-                        key=lambda r: r["n_elems"])
-            style = dict(color=color[k], lw=2.2 if k.startswith("fastadam") else 1.4,
-                         ls="--" if k == "roofline" else "-")
+            rs = sorted(
+                [r for r in sec if r["impl"] == k and r["kind"] == "tensor"],
+                key=lambda r: r["n_elems"],
+            )
+            style = dict(
+                color=color[k],
+                lw=2.2 if k.startswith("fastadam") else 1.4,
+                ls="--" if k == "roofline" else "-",
+            )
             if rs:
                 x = [r["n_elems"] for r in rs]
-                ax_t.plot(x, [r["sec_per_step"] for r in rs], marker="o", ms=4,
-                          label=labels[k], **style)
+                ax_t.plot(
+                    x, [r["sec_per_step"] for r in rs], marker="o", ms=4, label=labels[k], **style
+                )
                 if k != "roofline":
-                    ax_p.plot(x, [r["pct_roofline"] or float("nan") for r in rs],
-                              marker="o", ms=4, label=labels[k], **style)
+                    ax_p.plot(
+                        x,
+                        [r["pct_roofline"] or float("nan") for r in rs],
+                        marker="o",
+                        ms=4,
+                        label=labels[k],
+                        **style,
+                    )
             for r in sec:
                 if r["impl"] == k and r["kind"] == "model":
                     mk = markers.get(r["workload"], "x")
-                    ax_t.scatter([r["n_elems"]], [r["sec_per_step"]], marker=mk,
-                                 color=color[k], s=40, zorder=3)
+                    ax_t.scatter(
+                        [r["n_elems"]],
+                        [r["sec_per_step"]],
+                        marker=mk,
+                        color=color[k],
+                        s=40,
+                        zorder=3,
+                    )
                     if k != "roofline" and r.get("pct_roofline"):
-                        ax_p.scatter([r["n_elems"]], [r["pct_roofline"]], marker=mk,
-                                     color=color[k], s=40, zorder=3)
+                        ax_p.scatter(
+                            [r["n_elems"]],
+                            [r["pct_roofline"]],
+                            marker=mk,
+                            color=color[k],
+                            s=40,
+                            zorder=3,
+                        )
         title = f"{dtype}, {threads} thread{'s' if threads != 1 else ''}"
-        ax_t.set(xscale="log", yscale="log", xlabel="elements per step",
-                 ylabel="time per step [s]", title=f"time per {title_rule} step ({title})")
-        ax_p.set(xscale="log", yscale="log", xlabel="elements per step",
-                 ylabel="% of roofline (roofline time / time)",
-                 title=f"% of the memory roofline ({title})")
+        ax_t.set(
+            xscale="log",
+            yscale="log",
+            xlabel="elements per step",
+            ylabel="time per step [s]",
+            title=f"time per {title_rule} step ({title})",
+        )
+        ax_p.set(
+            xscale="log",
+            yscale="log",
+            xlabel="elements per step",
+            ylabel="% of roofline (roofline time / time)",
+            title=f"% of the memory roofline ({title})",
+        )
         ax_p.axhline(100, color="grey", lw=0.8, ls=":")
         for ax in (ax_t, ax_p):
             ax.grid(True, which="both", alpha=0.3)
@@ -355,16 +466,28 @@ def write_plot(data, path):
         if present:
             from matplotlib.lines import Line2D
 
-            names = {"gpt2_small": "GPT-2 small", "resnet50": "ResNet-50",
-                     "many_small": "1000 x 1000"}
-            ax_p.legend(handles=[Line2D([], [], color="k", marker=markers[w], ls="",
-                                        label=names[w]) for w in present],
-                        fontsize=8, loc="lower left", title="model-shaped sets",
-                        title_fontsize=8)
+            names = {
+                "gpt2_small": "GPT-2 small",
+                "resnet50": "ResNet-50",
+                "many_small": "1000 x 1000",
+            }
+            ax_p.legend(
+                handles=[
+                    Line2D([], [], color="k", marker=markers[w], ls="", label=names[w])
+                    for w in present
+                ],
+                fontsize=8,
+                loc="lower left",
+                title="model-shaped sets",
+                title_fontsize=8,
+            )
     m, v = data["machine"], data["versions"]
-    fig.suptitle(f"fastadam {v.get('fastadam')} - {m.get('cpu_model')}, "
-                 f"{m.get('usable_cpus')} CPUs; numpy {v.get('numpy')}, "
-                 f"torch {v.get('torch') or '-'}", fontsize=10)
+    fig.suptitle(
+        f"fastadam {v.get('fastadam')} - {m.get('cpu_model')}, "
+        f"{m.get('usable_cpus')} CPUs; numpy {v.get('numpy')}, "
+        f"torch {v.get('torch') or '-'}",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)

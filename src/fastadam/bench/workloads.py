@@ -2,12 +2,12 @@
 workloads (single tensors of n elements and model-shaped sets: GPT-2 small, ResNet-50,
 1000 x 1000) and the buffers they are filled into.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
-
 
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 BYTES_PER_ELEM = {"float32": 28, "float64": 56}
@@ -19,32 +19,48 @@ def gpt2_small_shapes():
     """Parameter shapes of GPT-2 small (Hugging Face GPT2LMHeadModel; lm_head is tied to
     wte): 148 tensors, 124,439,808 parameters."""
     d, n_layer, vocab, n_ctx = 768, 12, 50257, 1024
-    shapes = [(vocab, d), (n_ctx, d)]                    # wte, wpe
+    shapes = [(vocab, d), (n_ctx, d)]  # wte, wpe
     for _ in range(n_layer):
-        shapes += [(d,), (d,),                           # ln_1 weight, bias
-                   (d, 3 * d), (3 * d,),                 # attn.c_attn (Conv1D: in x out)
-                   (d, d), (d,),                         # attn.c_proj
-                   (d,), (d,),                           # ln_2
-                   (d, 4 * d), (4 * d,),                 # mlp.c_fc
-                   (4 * d, d), (d,)]                     # mlp.c_proj
-    return shapes + [(d,), (d,)]                         # ln_f
+        shapes += [
+            (d,),
+            (d,),  # ln_1 weight, bias
+            (d, 3 * d),
+            (3 * d,),  # attn.c_attn (Conv1D: in x out)
+            (d, d),
+            (d,),  # attn.c_proj
+            (d,),
+            (d,),  # ln_2
+            (d, 4 * d),
+            (4 * d,),  # mlp.c_fc
+            (4 * d, d),
+            (d,),
+        ]  # mlp.c_proj
+    return shapes + [(d,), (d,)]  # ln_f
 
 
 def resnet50_shapes():
     """Parameter shapes of torchvision's resnet50 (Bottleneck blocks [3, 4, 6, 3]; BatchNorm
     weight and bias are parameters, running statistics are not): 161 tensors, 25,557,032
     parameters."""
-    shapes = [(64, 3, 7, 7), (64,), (64,)]               # conv1, bn1
+    shapes = [(64, 3, 7, 7), (64,), (64,)]  # conv1, bn1
     inplanes = 64
     for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
         for b in range(blocks):
-            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
-                       (planes, planes, 3, 3), (planes,), (planes,),
-                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
-            if b == 0:                                   # downsample: 1x1 conv + bn
+            shapes += [
+                (planes, inplanes, 1, 1),
+                (planes,),
+                (planes,),
+                (planes, planes, 3, 3),
+                (planes,),
+                (planes,),
+                (planes * 4, planes, 1, 1),
+                (planes * 4,),
+                (planes * 4,),
+            ]
+            if b == 0:  # downsample: 1x1 conv + bn
                 shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
             inplanes = planes * 4
-    return shapes + [(1000, 2048), (1000,)]              # fc
+    return shapes + [(1000, 2048), (1000,)]  # fc
 
 
 def many_small_shapes():
@@ -84,9 +100,9 @@ def _fmt_count(n):
     """1000 -> '1e3', 2500 -> '2500', 3000000 -> '3e6'."""
     n = int(n)
     if n >= 1000:
-        e = int(math.floor(math.log10(n)))
+        e = math.floor(math.log10(n))
         for ee in (e, e - 1):
-            mant = n / 10 ** ee
+            mant = n / 10**ee
             if mant == int(mant) and mant < 10:
                 return f"{int(mant)}e{ee}" if mant != 1 else f"1e{ee}"
     return str(n)
@@ -128,10 +144,10 @@ class _Filler:
         T = self.TILE
         o = (self.k * 7919) % T
         self.k += 1
-        pat = self.tile2[o:o + T]
+        pat = self.tile2[o : o + T]
         n = flat.size
         head = n // T * T
         if head:
             flat[:head].reshape(-1, T)[...] = pat
-        flat[head:] = pat[:n - head]
+        flat[head:] = pat[: n - head]
         return a

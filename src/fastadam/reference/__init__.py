@@ -5,6 +5,7 @@ operations, in exactly the order, that the C kernels perform, so that the kernel
 be tested against it bit for bit (``numpy.array_equal``) on every SIMD path and thread
 count. Speed is not a goal here.
 """
+
 from .adagrad import AdagradConstants, adagrad_constants, adagrad_step
 from .adam import StepConstants, adam_step, step_constants
 from .adamax import AdamaxConstants, adamax_constants, adamax_step
@@ -15,12 +16,30 @@ from .radam import RAdamConstants, radam_constants, radam_step
 from .rmsprop import RMSpropConstants, rmsprop_constants, rmsprop_step
 from .sgd import SGDConstants, sgd_constants, sgd_step
 
-__all__ = ["adam_step", "step_constants", "StepConstants",
-           "sgd_step", "sgd_constants", "SGDConstants",
-           "adagrad_step", "adagrad_constants", "AdagradConstants",
-           "rmsprop_step", "rmsprop_constants", "RMSpropConstants",
-           "adamax_step", "adamax_constants", "AdamaxConstants",
-           "nadam_step", "nadam_constants", "NAdamConstants",
-           "radam_step", "radam_constants", "RAdamConstants",
-           "lion_step", "lion_constants", "LionConstants",
-           "ema_update"]
+__all__ = [
+    "AdagradConstants",
+    "AdamaxConstants",
+    "LionConstants",
+    "NAdamConstants",
+    "RAdamConstants",
+    "RMSpropConstants",
+    "SGDConstants",
+    "StepConstants",
+    "adagrad_constants",
+    "adagrad_step",
+    "adam_step",
+    "adamax_constants",
+    "adamax_step",
+    "ema_update",
+    "lion_constants",
+    "lion_step",
+    "nadam_constants",
+    "nadam_step",
+    "radam_constants",
+    "radam_step",
+    "rmsprop_constants",
+    "rmsprop_step",
+    "sgd_constants",
+    "sgd_step",
+    "step_constants",
+]

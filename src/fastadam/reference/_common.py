@@ -3,6 +3,7 @@
 Every check raises TypeError (wrong kind of value) or ValueError (value out of range)
 naming the argument, before any array is touched.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,17 @@ import numpy as np
 
 from .._options import _flag, _real, check_grad_scale, check_step
 
-__all__ = ["check_arrays", "check_beta", "check_betas", "check_finite", "check_flag",
-           "check_grad_scale", "check_nonneg", "check_step", "grad_mul"]
+__all__ = [
+    "check_arrays",
+    "check_beta",
+    "check_betas",
+    "check_finite",
+    "check_flag",
+    "check_grad_scale",
+    "check_nonneg",
+    "check_step",
+    "grad_mul",
+]
 
 
 def check_finite(name, value) -> float:
@@ -46,8 +56,10 @@ def check_betas(betas, *, closed=False):
         beta1, beta2 = betas
     except (TypeError, ValueError):
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-    return (check_beta("betas[0] (beta1)", beta1, closed=closed),
-            check_beta("betas[1] (beta2)", beta2, closed=closed))
+    return (
+        check_beta("betas[0] (beta1)", beta1, closed=closed),
+        check_beta("betas[1] (beta2)", beta2, closed=closed),
+    )
 
 
 def check_flag(name, value) -> bool:
@@ -70,23 +82,29 @@ def check_arrays(param, grad, **state):
     variant needs it). T is the element type (numpy.float32 or numpy.float64).
     """
     if not isinstance(param, np.ndarray):
-        raise TypeError(f"param must be a numpy.ndarray (updated in place), "
-                        f"got {type(param).__name__}")
+        raise TypeError(
+            f"param must be a numpy.ndarray (updated in place), got {type(param).__name__}"
+        )
     if param.dtype not in (np.float32, np.float64):
         raise TypeError(f"param must have dtype float32 or float64, got {param.dtype}")
     grad = np.asarray(grad)
     if grad.dtype != param.dtype or grad.shape != param.shape:
-        raise ValueError(f"grad must match param's dtype and shape ({param.dtype}, "
-                         f"{param.shape}), got {grad.dtype}, {grad.shape}")
+        raise ValueError(
+            f"grad must match param's dtype and shape ({param.dtype}, "
+            f"{param.shape}), got {grad.dtype}, {grad.shape}"
+        )
     for name, a in state.items():
         if a is None:
             continue
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray (updated in place), "
-                            f"got {type(a).__name__}")
+            raise TypeError(
+                f"{name} must be a numpy.ndarray (updated in place), got {type(a).__name__}"
+            )
         if a.dtype != param.dtype or a.shape != param.shape:
-            raise ValueError(f"{name} must match param's dtype and shape ({param.dtype}, "
-                             f"{param.shape}), got {a.dtype}, {a.shape}")
+            raise ValueError(
+                f"{name} must match param's dtype and shape ({param.dtype}, "
+                f"{param.shape}), got {a.dtype}, {a.shape}"
+            )
     for name, a in (("param", param), *state.items()):
         if a is not None and not a.flags.writeable:
             raise ValueError(f"{name} must be writeable (it is updated in place)")

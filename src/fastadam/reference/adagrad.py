@@ -28,6 +28,7 @@ ulp of s per step), and for L2 decay ``add(p, alpha=lambda)`` is fma(lambda, p, 
 ulp of g). The C kernels must not fuse: they give the same bits on every SIMD path.
 ``addcdiv_(g, std, value=-clr)`` is ``p + ((-clr)*g)/std``, exactly this order.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -39,7 +40,7 @@ from ._common import check_arrays, check_nonneg, check_step, grad_mul
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["adagrad_step", "adagrad_constants", "AdagradConstants"]
+__all__ = ["AdagradConstants", "adagrad_constants", "adagrad_step"]
 
 
 class AdagradConstants(NamedTuple):
@@ -59,8 +60,9 @@ class AdagradConstants(NamedTuple):
     l2: bool
 
 
-def adagrad_constants(step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-                      maximize=False, grad_scale=1.0) -> AdagradConstants:
+def adagrad_constants(
+    step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, grad_scale=1.0
+) -> AdagradConstants:
     """Check the hyperparameters (torch's rules) and compute the per-step constants."""
     t = check_step(step)
     lr = check_nonneg("lr", lr)
@@ -77,10 +79,19 @@ def adagrad_constants(step, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-1
     )
 
 
-def adagrad_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-                 state_sum: NDArray[np.floating[Any]], *, step: int, lr: float = 1e-2,
-                 lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
-                 maximize: bool = False, grad_scale: float = 1.0):
+def adagrad_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    state_sum: NDArray[np.floating[Any]],
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+):
     """One Adagrad step in place (param and state_sum, torch's state ``sum``).
 
     state_sum: ``np.full_like(param, initial_accumulator_value)`` before step 1. step: the
@@ -94,8 +105,15 @@ def adagrad_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
         d = sqrt(s) + T(eps)
         p = p - (T(clr) * g) / d
     """
-    c = adagrad_constants(step, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                          maximize=maximize, grad_scale=grad_scale)
+    c = adagrad_constants(
+        step,
+        lr=lr,
+        lr_decay=lr_decay,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+        grad_scale=grad_scale,
+    )
     T, param, grad, _ = check_arrays(param, grad, state_sum=state_sum)
     if state_sum is None:
         raise ValueError("state_sum is required")

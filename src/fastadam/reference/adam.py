@@ -36,6 +36,7 @@ per element, at most about one ulp of the denominator per step.
 Non-finite gradients follow IEEE arithmetic: an inf or NaN gradient makes m, v and p
 inf/NaN for that element, exactly as in torch; nothing is skipped or clamped.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ from .._options import check_eps_root, check_options, check_step
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["adam_step", "step_constants", "StepConstants"]
+__all__ = ["StepConstants", "adam_step", "step_constants"]
 
 
 class StepConstants(NamedTuple):
@@ -71,16 +72,37 @@ class StepConstants(NamedTuple):
     amsgrad: bool
 
 
-def step_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                   decoupled_weight_decay=False, amsgrad=False, maximize=False,
-                   bias_correction=True, eps_mode="paper", grad_scale=1.0,
-                   eps_root=0.0) -> StepConstants:
-    o = check_options(lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-                      bias_correction, eps_mode, grad_scale)
+def step_constants(
+    step,
+    *,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    amsgrad=False,
+    maximize=False,
+    bias_correction=True,
+    eps_mode="paper",
+    grad_scale=1.0,
+    eps_root=0.0,
+) -> StepConstants:
+    o = check_options(
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        decoupled_weight_decay,
+        amsgrad,
+        maximize,
+        bias_correction,
+        eps_mode,
+        grad_scale,
+    )
     eps_root = check_eps_root(eps_root)
     t = float(check_step(step))
-    bias_correction1 = 1.0 - o.beta1 ** t if o.bias_correction else 1.0
-    bias_correction2 = 1.0 - o.beta2 ** t if o.bias_correction else 1.0
+    bias_correction1 = 1.0 - o.beta1**t if o.bias_correction else 1.0
+    bias_correction2 = 1.0 - o.beta2**t if o.bias_correction else 1.0
     l2 = not o.decoupled_weight_decay and o.weight_decay != 0.0
     decoupled = o.decoupled_weight_decay and o.weight_decay != 0.0
     if o.eps_mode == 1:  # "hat"
@@ -107,24 +129,48 @@ def step_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=
     )
 
 
-def adam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-              exp_avg: NDArray[np.floating[Any]], exp_avg_sq: NDArray[np.floating[Any]], *,
-              step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-              eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-              amsgrad: bool = False, max_exp_avg_sq: NDArray[np.floating[Any]] | None = None,
-              maximize: bool = False, bias_correction: bool = True, eps_mode: str = "paper",
-              num_threads: int | None = None, grad_scale: float = 1.0, skip_nonfinite: bool = False,
-              eps_root: float = 0.0):
+def adam_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    exp_avg: NDArray[np.floating[Any]],
+    exp_avg_sq: NDArray[np.floating[Any]],
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sq: NDArray[np.floating[Any]] | None = None,
+    maximize: bool = False,
+    bias_correction: bool = True,
+    eps_mode: str = "paper",
+    num_threads: int | None = None,
+    grad_scale: float = 1.0,
+    skip_nonfinite: bool = False,
+    eps_root: float = 0.0,
+):
     """One Adam step in place, in plain NumPy: the specification of fastadam.adam_step.
 
     Same signature and results (bit for bit) as :func:`fastadam.adam_step`;
     ``num_threads`` is accepted and ignored. Returns False, changing nothing, when
     ``skip_nonfinite`` and grad holds an inf or NaN; True otherwise.
     """
-    c = step_constants(step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                       decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                       maximize=maximize, bias_correction=bias_correction, eps_mode=eps_mode,
-                       grad_scale=grad_scale, eps_root=eps_root)
+    c = step_constants(
+        step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        bias_correction=bias_correction,
+        eps_mode=eps_mode,
+        grad_scale=grad_scale,
+        eps_root=eps_root,
+    )
     param, exp_avg, exp_avg_sq = np.asarray(param), np.asarray(exp_avg), np.asarray(exp_avg_sq)
     grad = np.asarray(grad)
     T = param.dtype.type

@@ -35,6 +35,7 @@ Deliberate differences from torch's single-tensor code:
 * the rest (``u*beta2``, ``|g| + eps``, ``p + ((-clr)*m)/u``, torch's addcdiv) is torch's
   order exactly.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -46,7 +47,7 @@ from ._common import check_arrays, check_betas, check_nonneg, check_step, grad_m
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["adamax_step", "adamax_constants", "AdamaxConstants"]
+__all__ = ["AdamaxConstants", "adamax_constants", "adamax_step"]
 
 
 class AdamaxConstants(NamedTuple):
@@ -70,8 +71,9 @@ class AdamaxConstants(NamedTuple):
     l2: bool
 
 
-def adamax_constants(step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                     maximize=False, grad_scale=1.0) -> AdamaxConstants:
+def adamax_constants(
+    step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False, grad_scale=1.0
+) -> AdamaxConstants:
     """Check the hyperparameters (torch's rules) and compute the per-step constants."""
     t = float(check_step(step))
     lr = check_nonneg("lr", lr)
@@ -85,16 +87,25 @@ def adamax_constants(step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_deca
         one_minus_beta1=1.0 - beta1,
         beta2=beta2,
         eps=eps,
-        clr=lr / (1.0 - beta1 ** t),
+        clr=lr / (1.0 - beta1**t),
         l2=weight_decay != 0.0,
     )
 
 
-def adamax_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-                exp_avg: NDArray[np.floating[Any]], exp_inf: NDArray[np.floating[Any]], *,
-                step: int, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
-                eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
-                grad_scale: float = 1.0):
+def adamax_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    exp_avg: NDArray[np.floating[Any]],
+    exp_inf: NDArray[np.floating[Any]],
+    *,
+    step: int,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+):
     """One Adamax step in place (param, exp_avg, exp_inf; both states zero before step 1).
 
     The exact per-element operations, in T (each constant rounded once to T)::
@@ -107,8 +118,15 @@ def adamax_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
         u = a >= b ? a : b                        (select; see the module on NaN)
         p = p - (T(clr) * m) / u
     """
-    c = adamax_constants(step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         maximize=maximize, grad_scale=grad_scale)
+    c = adamax_constants(
+        step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+    )
     if exp_avg is None or exp_inf is None:
         raise ValueError("exp_avg and exp_inf are required")
     T, param, grad, _ = check_arrays(param, grad, exp_avg=exp_avg, exp_inf=exp_inf)

@@ -10,6 +10,7 @@ The paper's bias-corrected average after t updates is ``param_ema / (1 - d**t)``
 (``averaged_params()``). The average is only written, never read by the rule: it cannot
 change the optimizer's trajectory.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -31,6 +31,7 @@ sign is the select ``c > 0 ? 1 : (c < 0 ? -1 : c)``:
   for good); this is a deliberate difference;
 * sign(+-inf) = +-1.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -42,7 +43,7 @@ from ._common import check_arrays, check_betas, check_nonneg, check_step, grad_m
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["lion_step", "lion_constants", "LionConstants"]
+__all__ = ["LionConstants", "lion_constants", "lion_step"]
 
 
 class LionConstants(NamedTuple):
@@ -68,8 +69,9 @@ class LionConstants(NamedTuple):
     decoupled: bool
 
 
-def lion_constants(step, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
-                   grad_scale=1.0) -> LionConstants:
+def lion_constants(
+    step, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, grad_scale=1.0
+) -> LionConstants:
     """Check the hyperparameters (betas in [0, 1], as lion-pytorch) and compute the
     per-step constants (none depends on the step; it is checked all the same)."""
     check_step(step)
@@ -90,10 +92,18 @@ def lion_constants(step, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximi
     )
 
 
-def lion_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-              exp_avg: NDArray[np.floating[Any]], *, step: int, lr: float = 1e-4,
-              betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
-              maximize: bool = False, grad_scale: float = 1.0):
+def lion_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    exp_avg: NDArray[np.floating[Any]],
+    *,
+    step: int,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.99),
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+):
     """One Lion step in place (param and exp_avg, zero before step 1). Returns None.
 
     The exact per-element operations, in T (each constant rounded once to T)::
@@ -105,8 +115,14 @@ def lion_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
         p = p - T(lr) * s
         m = m * T(beta2) + T(one_minus_beta2) * g
     """
-    c = lion_constants(step, lr=lr, betas=betas, weight_decay=weight_decay,
-                       maximize=maximize, grad_scale=grad_scale)
+    c = lion_constants(
+        step,
+        lr=lr,
+        betas=betas,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+    )
     if exp_avg is None:
         raise ValueError("exp_avg is required")
     T, param, grad, _ = check_arrays(param, grad, exp_avg=exp_avg)

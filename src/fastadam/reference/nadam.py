@@ -50,20 +50,20 @@ Deliberate differences from torch's single-tensor code:
   C kernels must not fuse): half an ulp of m, v or g per step.
 * the two addcdiv updates are torch's ``p + ((-c)*x)/d``, in torch's order.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ._common import (check_arrays, check_betas, check_flag, check_nonneg, check_step,
-                      grad_mul)
 from .._options import _real
+from ._common import check_arrays, check_betas, check_flag, check_nonneg, check_step, grad_mul
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["nadam_step", "nadam_constants", "NAdamConstants"]
+__all__ = ["NAdamConstants", "nadam_constants", "nadam_step"]
 
 
 class NAdamConstants(NamedTuple):
@@ -103,9 +103,19 @@ class NAdamConstants(NamedTuple):
     decoupled: bool
 
 
-def nadam_constants(step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                    momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False,
-                    grad_scale=1.0, mu_product) -> NAdamConstants:
+def nadam_constants(
+    step,
+    *,
+    lr=2e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum_decay=4e-3,
+    decoupled_weight_decay=False,
+    maximize=False,
+    grad_scale=1.0,
+    mu_product,
+) -> NAdamConstants:
     """Check the hyperparameters (torch's rules) and compute the per-step constants.
 
     mu_product: the per-parameter product of the mu's before this step (1.0 before step
@@ -123,7 +133,7 @@ def nadam_constants(step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
         raise ValueError(f"mu_product must be in [0, 1] (1.0 before step 1), got {prev}")
     gm = grad_mul(maximize, grad_scale)
     # torch's expressions, in torch's order (Python evaluates left to right).
-    bias_correction2 = 1.0 - beta2 ** t
+    bias_correction2 = 1.0 - beta2**t
     mu = beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((t + 1.0) * momentum_decay)))
     mu_product_new = prev * mu
@@ -152,13 +162,23 @@ def nadam_constants(step, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
     )
 
 
-def nadam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-               exp_avg: NDArray[np.floating[Any]], exp_avg_sq: NDArray[np.floating[Any]], *,
-               step: int, mu_product: float, lr: float = 2e-3,
-               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-               weight_decay: float = 0.0, momentum_decay: float = 4e-3,
-               decoupled_weight_decay: bool = False, maximize: bool = False,
-               grad_scale: float = 1.0) -> float:
+def nadam_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    exp_avg: NDArray[np.floating[Any]],
+    exp_avg_sq: NDArray[np.floating[Any]],
+    *,
+    step: int,
+    mu_product: float,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+) -> float:
     """One NAdam step in place (param, exp_avg, exp_avg_sq; both zero before step 1).
 
     mu_product: the parameter's product of mu's before this step (1.0 before step 1).
@@ -176,10 +196,18 @@ def nadam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
         p = p - (T(grad_step) * g) / d
         p = p - (T(avg_step) * m) / d
     """
-    c = nadam_constants(step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        momentum_decay=momentum_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-                        grad_scale=grad_scale, mu_product=mu_product)
+    c = nadam_constants(
+        step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum_decay=momentum_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        mu_product=mu_product,
+    )
     if exp_avg is None or exp_avg_sq is None:
         raise ValueError("exp_avg and exp_avg_sq are required")
     T, param, grad, _ = check_arrays(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)

@@ -41,6 +41,7 @@ Deliberate differences from torch's single-tensor code:
   C kernels must not fuse): half an ulp of m, v or g per step. (``p.add_(u, alpha=-1)``
   is exact either way.)
 """
+
 from __future__ import annotations
 
 import math
@@ -48,13 +49,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ._common import (check_arrays, check_betas, check_flag, check_nonneg, check_step,
-                      grad_mul)
+from ._common import check_arrays, check_betas, check_flag, check_nonneg, check_step, grad_mul
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["radam_step", "radam_constants", "RAdamConstants"]
+__all__ = ["RAdamConstants", "radam_constants", "radam_step"]
 
 
 class RAdamConstants(NamedTuple):
@@ -91,9 +91,17 @@ class RAdamConstants(NamedTuple):
     rectified: bool
 
 
-def radam_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                    decoupled_weight_decay=False, maximize=False,
-                    grad_scale=1.0) -> RAdamConstants:
+def radam_constants(
+    step,
+    *,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+    grad_scale=1.0,
+) -> RAdamConstants:
     """Check the hyperparameters (torch's rules) and compute the per-step constants."""
     t = float(check_step(step))
     lr = check_nonneg("lr", lr)
@@ -102,15 +110,16 @@ def radam_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
     weight_decay = check_nonneg("weight_decay", weight_decay)
     decoupled = check_flag("decoupled_weight_decay", decoupled_weight_decay)
     gm = grad_mul(maximize, grad_scale)
-    bias_correction1 = 1.0 - beta1 ** t
-    bias_correction2 = 1.0 - beta2 ** t
+    bias_correction1 = 1.0 - beta1**t
+    bias_correction2 = 1.0 - beta2**t
     # torch's expressions, in torch's order (Python evaluates left to right).
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho_t = rho_inf - 2.0 * t * (beta2 ** t) / bias_correction2
+    rho_t = rho_inf - 2.0 * t * (beta2**t) / bias_correction2
     rectified = rho_t > 5.0
     if rectified:  # then rho_inf > rho_t > 5: every factor below is positive
-        rect = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
-                         / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+        rect = math.sqrt(
+            (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+        )
         step_size = lr * math.sqrt(bias_correction2) * rect / bias_correction1
     else:
         rect = 1.0
@@ -134,11 +143,21 @@ def radam_constants(step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay
     )
 
 
-def radam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-               exp_avg: NDArray[np.floating[Any]], exp_avg_sq: NDArray[np.floating[Any]], *,
-               step: int, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-               eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-               maximize: bool = False, grad_scale: float = 1.0):
+def radam_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    exp_avg: NDArray[np.floating[Any]],
+    exp_avg_sq: NDArray[np.floating[Any]],
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+):
     """One RAdam step in place (param, exp_avg, exp_avg_sq; both zero before step 1).
 
     The exact per-element operations, in T (each constant rounded once to T)::
@@ -151,9 +170,16 @@ def radam_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
         p = p - T(step_size) * (m / (sqrt(v) + T(eps)))     if rectified
         p = p - T(step_size) * m                            otherwise
     """
-    c = radam_constants(step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-                        grad_scale=grad_scale)
+    c = radam_constants(
+        step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+    )
     if exp_avg is None or exp_avg_sq is None:
         raise ValueError("exp_avg and exp_avg_sq are required")
     T, param, grad, _ = check_arrays(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)

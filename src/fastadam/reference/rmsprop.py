@@ -43,9 +43,10 @@ gradient has been nearly constant: with a constant g it is alpha^t (1 - alpha^t)
 the half ulp of a*a that torch's fused form does not round is amplified by
 a*a / (v - a*a) (about 20 after 300 steps with alpha = 0.99 and a constant g; with
 alpha = 0.9 it is all rounding noise after ~150 float32 or ~340 float64 steps, in torch
-too). It may even round below zero; the square root is then NaN, exactly as in torch (no clamping, so
-that both agree).
+too). It may even round below zero; the square root is then NaN, exactly as in torch (no
+clamping, so that both agree).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -57,7 +58,7 @@ from ._common import check_arrays, check_flag, check_nonneg, check_step, grad_mu
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["rmsprop_step", "rmsprop_constants", "RMSpropConstants"]
+__all__ = ["RMSpropConstants", "rmsprop_constants", "rmsprop_step"]
 
 
 class RMSpropConstants(NamedTuple):
@@ -87,9 +88,18 @@ class RMSpropConstants(NamedTuple):
     momentum: bool
 
 
-def rmsprop_constants(step, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                      momentum=0.0, centered=False, maximize=False,
-                      grad_scale=1.0) -> RMSpropConstants:
+def rmsprop_constants(
+    step,
+    *,
+    lr=1e-2,
+    alpha=0.99,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum=0.0,
+    centered=False,
+    maximize=False,
+    grad_scale=1.0,
+) -> RMSpropConstants:
     """Check the hyperparameters (torch's rules: every one finite and >= 0) and compute
     the per-step constants (none depends on the step; it is checked all the same)."""
     check_step(step)
@@ -114,13 +124,23 @@ def rmsprop_constants(step, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
     )
 
 
-def rmsprop_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-                 square_avg: NDArray[np.floating[Any]],
-                 momentum_buffer: NDArray[np.floating[Any]] | None = None,
-                 grad_avg: NDArray[np.floating[Any]] | None = None, *, step: int, lr: float = 1e-2,
-                 alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-                 momentum: float = 0.0, centered: bool = False, maximize: bool = False,
-                 grad_scale: float = 1.0):
+def rmsprop_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    square_avg: NDArray[np.floating[Any]],
+    momentum_buffer: NDArray[np.floating[Any]] | None = None,
+    grad_avg: NDArray[np.floating[Any]] | None = None,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+):
     """One RMSprop step in place (param, square_avg [, momentum_buffer] [, grad_avg]).
 
     All state arrays are zero before step 1. momentum_buffer is required when
@@ -142,9 +162,17 @@ def rmsprop_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
         else:
             p = p - (T(lr) * g) / d
     """
-    c = rmsprop_constants(step, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                          momentum=momentum, centered=centered, maximize=maximize,
-                          grad_scale=grad_scale)
+    c = rmsprop_constants(
+        step,
+        lr=lr,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        centered=centered,
+        maximize=maximize,
+        grad_scale=grad_scale,
+    )
     if square_avg is None:
         raise ValueError("square_avg is required")
     if c.momentum and momentum_buffer is None:
@@ -152,9 +180,12 @@ def rmsprop_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
     if c.centered and grad_avg is None:
         raise ValueError("grad_avg is required when centered=True")
     T, param, grad, _ = check_arrays(
-        param, grad, square_avg=square_avg,
+        param,
+        grad,
+        square_avg=square_avg,
         momentum_buffer=momentum_buffer if c.momentum else None,
-        grad_avg=grad_avg if c.centered else None)
+        grad_avg=grad_avg if c.centered else None,
+    )
     with np.errstate(all="ignore"):  # IEEE semantics for inf/NaN
         p = param
         g = grad * T(c.grad_mul)

@@ -36,19 +36,19 @@ each such operation may differ from torch's by half an ulp of its result: about 
 of p per step (two with L2 and momentum), and nothing when the product is exact
 (``(1 - 0) * g`` without dampening).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ._common import (check_arrays, check_finite, check_flag, check_nonneg, check_step,
-                      grad_mul)
+from ._common import check_arrays, check_finite, check_flag, check_nonneg, check_step, grad_mul
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["sgd_step", "sgd_constants", "SGDConstants"]
+__all__ = ["SGDConstants", "sgd_constants", "sgd_step"]
 
 
 class SGDConstants(NamedTuple):
@@ -76,8 +76,17 @@ class SGDConstants(NamedTuple):
     nesterov: bool
 
 
-def sgd_constants(step, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                  nesterov=False, maximize=False, grad_scale=1.0) -> SGDConstants:
+def sgd_constants(
+    step,
+    *,
+    lr=1e-3,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+    grad_scale=1.0,
+) -> SGDConstants:
     """Check the hyperparameters (torch's rules) and compute the per-step constants."""
     t = check_step(step)
     lr = check_nonneg("lr", lr)
@@ -86,8 +95,10 @@ def sgd_constants(step, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.
     weight_decay = check_nonneg("weight_decay", weight_decay)
     nesterov = check_flag("nesterov", nesterov)
     if nesterov and (momentum == 0.0 or dampening != 0.0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0, got "
-                         f"momentum={momentum}, dampening={dampening}")
+        raise ValueError(
+            "nesterov=True requires momentum > 0 and dampening == 0, got "
+            f"momentum={momentum}, dampening={dampening}"
+        )
     gm = grad_mul(maximize, grad_scale)
     use_momentum = momentum != 0.0
     return SGDConstants(
@@ -103,11 +114,20 @@ def sgd_constants(step, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.
     )
 
 
-def sgd_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
-             momentum_buffer: NDArray[np.floating[Any]] | None = None, *, step: int,
-             lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-             weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
-             grad_scale: float = 1.0):
+def sgd_step(
+    param: NDArray[np.floating[Any]],
+    grad: ArrayLike,
+    momentum_buffer: NDArray[np.floating[Any]] | None = None,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: float = 1.0,
+):
     """One SGD step in place (param and, with momentum, momentum_buffer).
 
     momentum_buffer: zero-initialised before step 1 (torch's ``momentum_buffer`` after
@@ -125,14 +145,23 @@ def sgd_step(param: NDArray[np.floating[Any]], grad: ArrayLike,
             u = g
         p = p - T(lr) * u
     """
-    c = sgd_constants(step, lr=lr, momentum=momentum, dampening=dampening,
-                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                      grad_scale=grad_scale)
+    c = sgd_constants(
+        step,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        grad_scale=grad_scale,
+    )
     if c.momentum and momentum_buffer is None:
-        raise ValueError("momentum_buffer is required when momentum != 0 "
-                         "(np.zeros_like(param) before step 1)")
+        raise ValueError(
+            "momentum_buffer is required when momentum != 0 (np.zeros_like(param) before step 1)"
+        )
     T, param, grad, st = check_arrays(
-        param, grad, momentum_buffer=momentum_buffer if c.momentum else None)
+        param, grad, momentum_buffer=momentum_buffer if c.momentum else None
+    )
     buf = st["momentum_buffer"]
     with np.errstate(all="ignore"):  # IEEE semantics for inf/NaN
         p = param
