@@ -40,6 +40,10 @@ def _run(selection):
     ]
     env = dict(os.environ)
     env.setdefault("FASTADAM_HOSTILE_WATCHDOG", str(max(TIMEOUT - 30, 30)))
+    # the draws are derandomized, yet they still depend on Python's hash seed (with
+    # PYTHONHASHSEED=6 the suite drew a case that seeds 0-5 did not): fix it, so that a run
+    # is the same every time
+    env.setdefault("PYTHONHASHSEED", "0")
     try:
         r = subprocess.run(
             cmd,
