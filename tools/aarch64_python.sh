@@ -74,7 +74,7 @@ if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   dpkg --add-architecture arm64
   rm -f "$CACHE/.apt-updated"
 fi
-if [ ! -e "$CACHE/.apt-updated" ] || [ "${#need_apt[@]}" -gt 0 ]; then
+if [ ! -e "$CACHE/.apt-updated" ] || [ ! -e "$CACHE/root/.done" ] || [ "${#need_apt[@]}" -gt 0 ]; then
   echo "== apt-get update"
   apt-get update -qq
   touch "$CACHE/.apt-updated"
@@ -144,6 +144,24 @@ unset PYTHONHOME
 # spinning threads make many short steps much slower)
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 A64PY="$BIN/python3.11"
+# dpkg -x runs no py3compile and PYTHONDONTWRITEBYTECODE is set (so that no .pyc is written
+# through qemu's path redirection): compile the sysroot's and the wheels' modules once, in
+# place, or every emulated python start (the tests start many) compiles them from source.
+# With the host python when it is 3.11 (the same bytecode), else with the emulated one.
+precompile() {  # <dir>...: .pyc with the paths the emulated python sees (ROOT stripped)
+  local py=("$A64PY")
+  if "$HOSTPY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+    py=("$HOSTPY")
+  fi
+  PYTHONDONTWRITEBYTECODE= "${py[@]}" -m compileall -q -j 2 -s "$ROOT" -p / "$@" >/dev/null || true
+}
+if [ ! -e "$ROOT/.compiled" ]; then
+  t1=$SECONDS
+  echo "== precompiling the sysroot's python modules"
+  precompile "$ROOT/usr/lib/python3.11" "$ROOT/usr/lib/python3/dist-packages"
+  touch "$ROOT/.compiled"
+  stage "precompile sysroot" "$t1"
+fi
 
 # --- test dependencies: aarch64 wheels (numpy stays Debian's) -----------------------------
 t0=$SECONDS
@@ -161,6 +179,7 @@ if [ ! -e "$SITE/.done" ]; then
       --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 \
       --platform manylinux_2_28_aarch64 --python-version 3.11 --implementation cp \
       --abi cp311 --only-binary=:all: "$CACHE"/wheels/*.whl
+  precompile "$SITE"
   touch "$SITE/.done"
 fi
 # NumPy >= 2 headers for compiling the extension (pyproject's build requirement: _core.pyx
